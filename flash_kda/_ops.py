@@ -1,0 +1,85 @@
+"""The torch.library operator ``flash_kda::kda_fwd`` and its routing to compiled kernels.
+
+One custom op for every device: its implementation looks up (building on first use) the
+specialisation for the tensors' backend, device arch, head dim and dtype, and calls that module's
+raw op. ``out`` and ``final_state`` are declared as mutated, and a fake implementation is
+registered, so torch.compile can trace through calls without running them.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from . import jit
+
+_kernels: dict[tuple, "jit.LoadedKernel"] = {}
+_kernels_lock = threading.Lock()
+
+
+def kernel_for(device: torch.device, head_dim: int, dtype: torch.dtype) -> "jit.LoadedKernel":
+    """The loaded kernel for this device/head dim/dtype (memoised: the hot path is one dict get)."""
+    variant = jit.env.kernel_variant()
+    key = (device.type, device.index, head_dim, dtype, variant)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        with _kernels_lock:
+            kernel = _kernels.get(key)
+            if kernel is None:
+                kernel = jit.build_and_load(jit.spec_for(device, head_dim, dtype))
+                _kernels[key] = kernel
+    return kernel
+
+
+def forget_kernels() -> None:
+    """Drop memoised kernels (tests that change the cache or environment)."""
+    with _kernels_lock:
+        _kernels.clear()
+    jit.clear_memo()
+
+
+@torch.library.custom_op("flash_kda::kda_fwd", mutates_args=("final_state", "out"))
+def kda_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    final_state: torch.Tensor | None,
+    out: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    scale: float,
+    lower_bound: float,
+    use_qk_l2norm: bool,
+    state_in_place: bool,
+) -> None:
+    """4-D token-major inputs (already validated). With state_in_place, final_state holds the
+    initial state on entry and initial_state is None."""
+    run_kernel(q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, out, cu_seqlens,
+               scale, lower_bound, use_qk_l2norm, state_in_place)
+
+
+@kda_fwd.register_fake
+def _kda_fwd_fake(q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, out, cu_seqlens,
+                  scale, lower_bound, use_qk_l2norm, state_in_place) -> None:
+    return None
+
+
+def run_kernel(q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, out, cu_seqlens,
+               scale, lower_bound, use_qk_l2norm, state_in_place) -> None:
+    kernel = kernel_for(q.device, q.shape[-1], q.dtype)
+    kernel.op(q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, out, cu_seqlens,
+              scale, lower_bound, use_qk_l2norm, state_in_place)
+
+
+def call(*args) -> None:
+    """Run the op: through the custom op when tracing (torch.compile sees it), directly otherwise
+    (the custom-op wrapper costs tens of microseconds of host time per call)."""
+    if torch.compiler.is_compiling():
+        torch.ops.flash_kda.kda_fwd(*args)
+    else:
+        run_kernel(*args)

@@ -1,0 +1,98 @@
+"""The public entry points: ``fwd`` and ``get_workspace_size`` (the FlashKDA surface) and
+``chunk_kda`` (the operator surface of the MUSA documents). See shared/CONTRACT.md."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ops
+from ._validate import (check_final_state, check_output, check_problem, p_inputs, require_tensor,
+                        same_view)
+
+
+def get_workspace_size(T_total: int, H: int, N: int) -> int:
+    """Bytes of workspace ``fwd`` may use for T_total tokens, H heads and N sequences.
+
+    flash_kda needs no workspace, so this is 0; ``fwd`` accepts and ignores a workspace tensor so
+    callers written for FlashKDA (vLLM) keep working.
+    """
+    for name, x in (("T_total", T_total), ("H", H), ("N", N)):
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {x!r}")
+    return 0
+
+
+def _run(p, out4, final_state, use_qk_l2norm: bool) -> None:
+    in_place = final_state is not None and p.initial_state is not None and \
+        same_view(final_state, p.initial_state)
+    _ops.call(p.q, p.k, p.v, p.g, p.beta, p.A_log, p.dt_bias,
+              None if in_place else p.initial_state, final_state, out4, p.cu_seqlens,
+              p.scale, p.lower_bound, use_qk_l2norm, in_place)
+
+
+def _as4d(t: torch.Tensor, packed: bool) -> torch.Tensor:
+    return t.unsqueeze(0) if packed else t
+
+
+def fwd(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound,
+        initial_state=None, final_state=None, cu_seqlens=None, workspace=None) -> None:
+    """KDA forward with FlashKDA's signature; writes ``out`` (and ``final_state``) in place.
+
+    Args:
+        q, k: ``[B, T, H, K]`` (varlen: ``[1, S, H, K]`` or ``[S, H, K]``), bf16 or fp16.
+        v: ``[B, T, Hv, V]``; g: like v (raw gate input); beta: ``[B, T, Hv]`` logits.
+        scale: float (None: K ** -0.5). out: preallocated like v.
+        A_log: fp32 ``[Hv]``; dt_bias: fp32 ``[Hv, K]``; lower_bound: float (FlashKDA uses -5.0).
+        initial_state / final_state: ``[N, Hv, V, K]`` fp32 or the input dtype; may be one tensor.
+        cu_seqlens: int32 or int64 ``[N + 1]`` (varlen, B == 1). workspace: ignored (see
+        ``get_workspace_size``).
+
+    q/k are L2-normalised in the kernel, the gate uses A_log/dt_bias, beta goes through sigmoid.
+    """
+    require_tensor(A_log, "A_log")
+    require_tensor(dt_bias, "dt_bias")
+    require_tensor(workspace, "workspace", optional=True)
+    p = check_problem(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_bias, lower_bound)
+    check_final_state(final_state, p)
+    out_inputs = dict(p_inputs(p), initial_state=p.initial_state, final_state=final_state)
+    check_output(out, "out", v.shape, v.dtype, v.device, out_inputs)
+    _run(p, _as4d(out, p.packed), final_state, use_qk_l2norm=True)
+
+
+def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+              cu_seqlens=None, A_log=None, dt_bias=None, lower_bound=-5.0,
+              use_qk_l2norm_in_kernel=True, output=None, final_state=None):
+    """Chunked KDA forward (operator surface). Returns ``output``, or ``(output, final_state)``
+    when ``output_final_state``.
+
+    Args:
+        q, k: ``[B, T, Hqk, K]`` dense, or ``[S, Hqk, K]`` / ``[1, S, Hqk, K]`` with cu_seqlens.
+        v, g: ``[B, T, Hv, V]`` (or varlen equivalents); Hv divisible by Hqk; K == V.
+        beta: ``[B, T, Hv]`` logits (sigmoid is applied in the kernel).
+        scale: defaults to K ** -0.5.
+        initial_state: ``[N, Hv, V, K]`` (value-major), fp32 or the input dtype.
+        output_final_state: return the final state (allocated as fp32, or as initial_state's
+            dtype, unless ``final_state`` is given).
+        cu_seqlens: int32/int64 ``[N + 1]`` for varlen.
+        A_log ``[Hv]`` fp32 and dt_bias ``[Hv, K]`` fp32: gate parameters (both or neither);
+            without them g is used as the log-decay directly.
+        lower_bound: gate lower bound when gate parameters are given.
+        use_qk_l2norm_in_kernel: L2-normalise q and k in the kernel.
+        output, final_state: optional destinations; when given they are written and returned
+            (a given final_state is always written).
+    """
+    if not isinstance(output_final_state, bool) or not isinstance(use_qk_l2norm_in_kernel, bool):
+        raise TypeError("output_final_state and use_qk_l2norm_in_kernel must be bool")
+    p = check_problem(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_bias, lower_bound)
+    check_final_state(final_state, p)
+    out_inputs = dict(p_inputs(p), initial_state=p.initial_state, final_state=final_state)
+    if output is not None:
+        check_output(output, "output", v.shape, v.dtype, v.device, out_inputs)
+    else:
+        output = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if final_state is None and output_final_state:
+        hv, K = p.v.shape[2], p.head_dim
+        state_dtype = p.initial_state.dtype if p.initial_state is not None else torch.float32
+        final_state = torch.empty(p.num_seqs, hv, K, K, dtype=state_dtype, device=v.device)
+    _run(p, _as4d(output, p.packed), final_state, use_qk_l2norm=use_qk_l2norm_in_kernel)
+    return (output, final_state) if output_final_state else output

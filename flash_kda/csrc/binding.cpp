@@ -1,0 +1,184 @@
+// binding.cpp: registers this specialisation's kernel as a torch operator and turns tensors into
+// KdaParams. Compiled by the host C++ compiler for every backend; it never sees device code.
+//
+// The Python front end (flash_kda/_validate.py) checks every argument before calling here; the
+// TORCH_CHECKs below are a cheap second line so that a direct call of the raw op cannot make a
+// kernel read or write outside its tensors.
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include "kda_params.h"
+
+#if defined(FLASH_KDA_BACKEND_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#define FLASH_KDA_DISPATCH_KEY CUDA
+#elif defined(FLASH_KDA_BACKEND_MUSA)
+#include "torch_musa/csrc/core/MUSAGuard.h"
+#include "torch_musa/csrc/core/MUSAStream.h"
+#define FLASH_KDA_DISPATCH_KEY PrivateUse1
+#elif defined(FLASH_KDA_BACKEND_CPU)
+#define FLASH_KDA_DISPATCH_KEY CPU
+#else
+#error "define one of FLASH_KDA_BACKEND_{CPU,CUDA,MUSA}"
+#endif
+
+#if !defined(FLASH_KDA_OP_NAME) || !defined(FLASH_KDA_HEAD_DIM)
+#error "FLASH_KDA_OP_NAME and FLASH_KDA_HEAD_DIM come from the JIT spec"
+#endif
+
+#if defined(FLASH_KDA_DTYPE_BF16)
+static constexpr c10::ScalarType kInputDtype = c10::ScalarType::BFloat16;
+#elif defined(FLASH_KDA_DTYPE_FP16)
+static constexpr c10::ScalarType kInputDtype = c10::ScalarType::Half;
+#elif defined(FLASH_KDA_DTYPE_FP32)
+static constexpr c10::ScalarType kInputDtype = c10::ScalarType::Float;
+#else
+#error "define one of FLASH_KDA_DTYPE_{BF16,FP16,FP32}"
+#endif
+
+#define FLASH_KDA_STR2(x) #x
+#define FLASH_KDA_STR(x) FLASH_KDA_STR2(x)
+
+namespace {
+
+using flash_kda::KdaParams;
+using flash_kda::StateStrides;
+using flash_kda::TokenStrides;
+
+// View a [B, T, H, D] (or [B, T, H] for beta) tensor as token-major strides.
+TokenStrides token_strides(const at::Tensor& t, const char* name, int64_t heads, int64_t dim) {
+  const bool has_dim = dim > 0;
+  TORCH_CHECK(t.dim() == (has_dim ? 4 : 3), name, ": expected ", (has_dim ? 4 : 3), " dims, got ",
+              t.sizes());
+  TORCH_CHECK(t.size(2) == heads, name, ": expected ", heads, " heads, got ", t.size(2));
+  if (has_dim) {
+    TORCH_CHECK(t.size(3) == dim && t.stride(3) == 1, name, ": last dim must be ", dim,
+                " and contiguous");
+  }
+  return TokenStrides{t.stride(0), t.stride(1), t.stride(2)};
+}
+
+StateStrides state_strides(const at::Tensor& s, const char* name, int64_t n, int64_t h, int64_t d) {
+  TORCH_CHECK(s.dim() == 4 && s.size(0) == n && s.size(1) == h && s.size(2) == d && s.size(3) == d,
+              name, ": expected [", n, ", ", h, ", ", d, ", ", d, "], got ", s.sizes());
+  TORCH_CHECK(s.stride(3) == 1, name, ": last dim must be contiguous");
+  return StateStrides{s.stride(0), s.stride(1), s.stride(2)};
+}
+
+void kda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+             const at::Tensor& beta, const std::optional<at::Tensor>& A_log,
+             const std::optional<at::Tensor>& dt_bias,
+             const std::optional<at::Tensor>& initial_state,
+             const std::optional<at::Tensor>& final_state, const at::Tensor& out,
+             const std::optional<at::Tensor>& cu_seqlens, double scale, double lower_bound,
+             bool use_qk_l2norm, bool state_in_place) {
+  constexpr int64_t D = FLASH_KDA_HEAD_DIM;
+  TORCH_CHECK(q.scalar_type() == kInputDtype && k.scalar_type() == kInputDtype &&
+                  v.scalar_type() == kInputDtype && out.scalar_type() == kInputDtype,
+              "q, k, v, out must be ", kInputDtype, " for this specialisation");
+  const int64_t B = q.size(0), T = q.size(1), hqk = q.size(2), hv = v.size(2);
+  TORCH_CHECK(hqk > 0 && hv % hqk == 0, "value heads must be a multiple of query/key heads");
+
+  KdaParams p{};
+  p.seq_len = T;
+  p.hqk = static_cast<int>(hqk);
+  p.hv = static_cast<int>(hv);
+  p.head_dim = static_cast<int>(D);
+
+  auto same_tokens = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.size(0) == B && t.size(1) == T, name, ": batch/token dims differ from q");
+  };
+  p.q = q.data_ptr();   p.q_strides = token_strides(q, "q", hqk, D);
+  p.k = k.data_ptr();   p.k_strides = token_strides(k, "k", hqk, D);     same_tokens(k, "k");
+  p.v = v.data_ptr();   p.v_strides = token_strides(v, "v", hv, D);      same_tokens(v, "v");
+  p.g = g.data_ptr();   p.g_strides = token_strides(g, "g", hv, D);      same_tokens(g, "g");
+  p.beta = beta.data_ptr(); p.beta_strides = token_strides(beta, "beta", hv, 0);
+  same_tokens(beta, "beta");
+  p.out = out.data_ptr(); p.out_strides = token_strides(out, "out", hv, D); same_tokens(out, "out");
+  TORCH_CHECK(g.scalar_type() == kInputDtype || g.scalar_type() == c10::ScalarType::Float,
+              "g must be the input dtype or float32");
+  TORCH_CHECK(beta.scalar_type() == kInputDtype || beta.scalar_type() == c10::ScalarType::Float,
+              "beta must be the input dtype or float32");
+  p.g_fp32 = g.scalar_type() == c10::ScalarType::Float;
+  p.beta_fp32 = beta.scalar_type() == c10::ScalarType::Float;
+
+  TORCH_CHECK(A_log.has_value() == dt_bias.has_value(), "A_log and dt_bias come together");
+  if (A_log.has_value()) {
+    TORCH_CHECK(A_log->scalar_type() == c10::ScalarType::Float && A_log->dim() == 1 &&
+                    A_log->size(0) == hv && A_log->stride(0) == 1,
+                "A_log must be float32 [hv] contiguous");
+    TORCH_CHECK(dt_bias->scalar_type() == c10::ScalarType::Float && dt_bias->dim() == 2 &&
+                    dt_bias->size(0) == hv && dt_bias->size(1) == D && dt_bias->stride(1) == 1,
+                "dt_bias must be float32 [hv, K] with a contiguous last dim");
+    p.A_log = A_log->data_ptr<float>();
+    p.dt_bias = dt_bias->data_ptr<float>();
+    p.dt_bias_head_stride = dt_bias->stride(0);
+  }
+  p.lower_bound = static_cast<float>(lower_bound);
+
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK(B == 1, "varlen needs batch size 1");
+    TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->size(0) >= 1 && cu_seqlens->is_contiguous(),
+                "cu_seqlens must be a contiguous 1-D tensor");
+    TORCH_CHECK(cu_seqlens->scalar_type() == c10::ScalarType::Int ||
+                    cu_seqlens->scalar_type() == c10::ScalarType::Long,
+                "cu_seqlens must be int32 or int64");
+    TORCH_CHECK(cu_seqlens->device() == q.device(), "cu_seqlens must be on q's device");
+    p.cu_seqlens = cu_seqlens->data_ptr();
+    p.cu_seqlens_int64 = cu_seqlens->scalar_type() == c10::ScalarType::Long;
+    p.num_seqs = static_cast<int>(cu_seqlens->size(0) - 1);
+  } else {
+    p.num_seqs = static_cast<int>(B);
+  }
+
+  const std::optional<at::Tensor>& h0 = state_in_place ? final_state : initial_state;
+  TORCH_CHECK(!state_in_place || final_state.has_value(), "state_in_place needs final_state");
+  c10::ScalarType state_dtype = c10::ScalarType::Undefined;
+  for (const auto* s : {&h0, &final_state}) {
+    if (!s->has_value()) continue;
+    TORCH_CHECK((*s)->scalar_type() == c10::ScalarType::Float || (*s)->scalar_type() == kInputDtype,
+                "states must be float32 or the input dtype");
+    TORCH_CHECK(state_dtype == c10::ScalarType::Undefined || state_dtype == (*s)->scalar_type(),
+                "initial_state and final_state dtypes differ");
+    state_dtype = (*s)->scalar_type();
+  }
+  p.state_fp32 = state_dtype == c10::ScalarType::Float;
+  if (h0.has_value()) {
+    p.initial_state = h0->data_ptr();
+    p.h0_strides = state_strides(*h0, "initial_state", p.num_seqs, hv, D);
+  }
+  if (final_state.has_value()) {
+    p.final_state = final_state->data_ptr();
+    p.ht_strides = state_strides(*final_state, "final_state", p.num_seqs, hv, D);
+  }
+  p.scale = static_cast<float>(scale);
+  p.use_qk_l2norm = use_qk_l2norm;
+
+  if (p.num_seqs == 0) return;  // no sequences: nothing to read or write
+
+#if defined(FLASH_KDA_BACKEND_CUDA)
+  const c10::cuda::CUDAGuard guard(q.device());
+  void* stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+#elif defined(FLASH_KDA_BACKEND_MUSA)
+  const c10::musa::MUSAGuard guard(q.device());
+  void* stream = c10::musa::getCurrentMUSAStream(q.device().index()).stream();
+#else
+  void* stream = nullptr;
+#endif
+  flash_kda::launch_kda(p, stream);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(flash_kda_kernels, m) {
+  m.def(FLASH_KDA_STR(FLASH_KDA_OP_NAME)
+        "(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor? A_log, Tensor? dt_bias, "
+        "Tensor? initial_state, Tensor(a!)? final_state, Tensor(b!) out, Tensor? cu_seqlens, "
+        "float scale, float lower_bound, bool use_qk_l2norm, bool state_in_place) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(flash_kda_kernels, FLASH_KDA_DISPATCH_KEY, m) {
+  m.impl(FLASH_KDA_STR(FLASH_KDA_OP_NAME), &kda_fwd);
+}

@@ -1,0 +1,190 @@
+// port.cuh: the small portability layer between the kernel bodies and the GPU toolkit.
+//
+// Kernel bodies (flash_kda/csrc/cuda/*.cuh) are written against this header only, so the same body
+// compiles with nvcc (FLASH_KDA_BACKEND_CUDA) and with Moore Threads' mcc (FLASH_KDA_BACKEND_MUSA).
+// Nothing here uses inline PTX. Everything toolkit-specific (headers, the 16-bit float types, the
+// runtime API, the warp width) lives in this file and nowhere else.
+//
+// A classic include guard (rather than #pragma once) lets a host-side test harness define the guard
+// and supply its own stand-ins for the few names below, to run a body on the CPU.
+#ifndef FLASH_KDA_PORT_CUH_
+#define FLASH_KDA_PORT_CUH_
+
+#include <stdint.h>
+
+#include <stdexcept>
+#include <string>
+
+#if defined(FLASH_KDA_BACKEND_MUSA)
+#include <musa_bf16.h>
+#include <musa_fp16.h>
+#include <musa_runtime.h>
+#elif defined(FLASH_KDA_BACKEND_CUDA)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#else
+#error "port.cuh: define FLASH_KDA_BACKEND_CUDA or FLASH_KDA_BACKEND_MUSA"
+#endif
+
+// Device-function qualifiers used by the bodies.
+#define FLASH_KDA_DEVICE __device__ __forceinline__
+#define FLASH_KDA_DEVICE_NOINLINE __device__ __noinline__
+
+namespace flash_kda {
+namespace port {
+
+// ---------------------------------------------------------------------------------------------
+// Types
+// ---------------------------------------------------------------------------------------------
+#if defined(FLASH_KDA_BACKEND_MUSA)
+using stream_t = musaStream_t;
+using error_t = musaError_t;
+using bf16_t = __mt_bfloat16;
+#else
+using stream_t = cudaStream_t;
+using error_t = cudaError_t;
+using bf16_t = __nv_bfloat16;
+#endif
+using fp16_t = __half;
+
+// The input element type of this specialisation (q, k, v, out; g, beta and the states may be fp32).
+#if defined(FLASH_KDA_DTYPE_BF16)
+using input_t = bf16_t;
+#elif defined(FLASH_KDA_DTYPE_FP16)
+using input_t = fp16_t;
+#else
+#error "port.cuh: define FLASH_KDA_DTYPE_BF16 or FLASH_KDA_DTYPE_FP16"
+#endif
+
+// Threads per hardware warp. Bodies may use it to lay out work, never to assume 32 lanes.
+// MUSA: 128 on MP21/MP22 (__MUSA_ARCH__ <= 220), 32 on MP31 and later. On the host pass of mcc
+// __MUSA_ARCH__ is undefined; host code must not depend on this value there.
+#if defined(FLASH_KDA_BACKEND_MUSA)
+#if defined(__MUSA_ARCH__) && __MUSA_ARCH__ <= 220
+constexpr int kWarpSize = 128;
+#else
+constexpr int kWarpSize = 32;
+#endif
+#else
+constexpr int kWarpSize = 32;
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Conversions (device)
+// ---------------------------------------------------------------------------------------------
+FLASH_KDA_DEVICE float to_float(float x) { return x; }
+FLASH_KDA_DEVICE float to_float(fp16_t x) { return __half2float(x); }
+FLASH_KDA_DEVICE float to_float(bf16_t x) { return __bfloat162float(x); }
+
+template <class T>
+FLASH_KDA_DEVICE T from_float(float x);
+template <>
+FLASH_KDA_DEVICE float from_float<float>(float x) { return x; }
+template <>
+FLASH_KDA_DEVICE fp16_t from_float<fp16_t>(float x) { return __float2half_rn(x); }
+template <>
+FLASH_KDA_DEVICE bf16_t from_float<bf16_t>(float x) { return __float2bfloat16_rn(x); }
+
+// Element `i` of a buffer that holds either fp32 or the input dtype (g, beta, states).
+FLASH_KDA_DEVICE float load_as_float(const void* base, int64_t i, bool is_fp32) {
+  return is_fp32 ? static_cast<const float*>(base)[i]
+                 : to_float(static_cast<const input_t*>(base)[i]);
+}
+FLASH_KDA_DEVICE void store_from_float(void* base, int64_t i, bool is_fp32, float x) {
+  if (is_fp32) {
+    static_cast<float*>(base)[i] = x;
+  } else {
+    static_cast<input_t*>(base)[i] = from_float<input_t>(x);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Math and synchronisation (device)
+// ---------------------------------------------------------------------------------------------
+// 2^x. Bodies keep cumulative log-decays in log2 units so that every decay factor is one exp2.
+FLASH_KDA_DEVICE float exp2(float x) { return exp2f(x); }
+FLASH_KDA_DEVICE float exp(float x) { return expf(x); }
+FLASH_KDA_DEVICE float sqrt(float x) { return sqrtf(x); }
+
+// Barrier for all threads of the block; also orders their shared-memory accesses.
+FLASH_KDA_DEVICE void block_sync() { __syncthreads(); }
+
+// ---------------------------------------------------------------------------------------------
+// Host side: errors, device queries, kernel attributes and launches
+// ---------------------------------------------------------------------------------------------
+#if defined(FLASH_KDA_BACKEND_MUSA)
+inline const char* error_string(error_t e) { return musaGetErrorString(e); }
+inline bool failed(error_t e) { return e != musaSuccess; }
+inline error_t last_error() { return musaGetLastError(); }
+#else
+inline const char* error_string(error_t e) { return cudaGetErrorString(e); }
+inline bool failed(error_t e) { return e != cudaSuccess; }
+inline error_t last_error() { return cudaGetLastError(); }
+#endif
+
+// Throws std::runtime_error (torch turns it into a Python RuntimeError) if `e` is an error.
+inline void check(error_t e, const char* what) {
+  if (failed(e)) {
+    throw std::runtime_error(std::string("flash_kda: ") + what + " failed: " + error_string(e));
+  }
+}
+
+struct DeviceInfo {
+  int multiprocessors;
+  int max_smem_per_block;  // bytes, opt-in limit (what a block may ask for after set_max_smem)
+  int major;               // compute capability (CUDA) / MUSA arch major
+  int minor;
+};
+
+inline DeviceInfo device_info() {
+  DeviceInfo d{};
+  int dev = 0;
+#if defined(FLASH_KDA_BACKEND_MUSA)
+  check(musaGetDevice(&dev), "musaGetDevice");
+  check(musaDeviceGetAttribute(&d.multiprocessors, musaDevAttrMultiProcessorCount, dev),
+        "musaDeviceGetAttribute(multiprocessors)");
+  check(musaDeviceGetAttribute(&d.max_smem_per_block, musaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+        "musaDeviceGetAttribute(max shared memory)");
+  check(musaDeviceGetAttribute(&d.major, musaDevAttrComputeCapabilityMajor, dev),
+        "musaDeviceGetAttribute(major)");
+  check(musaDeviceGetAttribute(&d.minor, musaDevAttrComputeCapabilityMinor, dev),
+        "musaDeviceGetAttribute(minor)");
+#else
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&d.multiprocessors, cudaDevAttrMultiProcessorCount, dev),
+        "cudaDeviceGetAttribute(multiprocessors)");
+  check(cudaDeviceGetAttribute(&d.max_smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+        "cudaDeviceGetAttribute(max shared memory)");
+  check(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev),
+        "cudaDeviceGetAttribute(major)");
+  check(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev),
+        "cudaDeviceGetAttribute(minor)");
+#endif
+  return d;
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory (needed above 48 KB).
+template <class Kernel>
+inline void set_max_dynamic_smem(Kernel kernel, int bytes) {
+#if defined(FLASH_KDA_BACKEND_MUSA)
+  check(musaFuncSetAttribute(kernel, musaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+        "musaFuncSetAttribute(max dynamic shared memory)");
+#else
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+        "cudaFuncSetAttribute(max dynamic shared memory)");
+#endif
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...) and throws if the launch failed.
+template <class Kernel, class... Args>
+inline void launch(const char* name, Kernel kernel, unsigned grid, unsigned block, int smem_bytes,
+                   stream_t stream, const Args&... args) {
+  kernel<<<grid, block, smem_bytes, stream>>>(args...);
+  check(last_error(), name);
+}
+
+}  // namespace port
+}  // namespace flash_kda
+
+#endif  // FLASH_KDA_PORT_CUH_

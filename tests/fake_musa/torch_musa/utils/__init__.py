@@ -1,0 +1,1 @@
+"""Fake torch_musa.utils: only ``musa_extension`` matters to flash_kda."""

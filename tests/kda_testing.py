@@ -1,0 +1,94 @@
+"""Shared helpers for the kernel tests: random problems, poisoning, error metrics, tolerances."""
+
+from __future__ import annotations
+
+import torch
+
+from flash_kda.reference import kda_reference
+
+# Relative L2 tolerances vs the float64 reference, per input dtype. Inputs are rounded to the input
+# dtype first and the reference is fed the *same* rounded tensors, so what remains is the kernel's
+# fp32 arithmetic plus the final rounding of `out` to the input dtype (bf16 has 8 mantissa bits:
+# ~2e-3 rel error per element from rounding alone).
+OUT_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
+# fp32 state: only arithmetic error; an input-dtype state is additionally rounded (input and output).
+STATE_TOL_FP32 = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 3e-3}
+STATE_TOL_LOWP = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+
+
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖x − ref‖ / ‖ref‖ in float64; NaN anywhere (or a NaN-free ref vs NaN x) gives inf."""
+    x = x.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    denom = ref.norm().item()
+    return (x - ref).norm().item() / max(denom, 1e-30)
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN so that any element the kernel forgets to write fails the check."""
+    return t.fill_(float("nan"))
+
+
+def make_problem(*, B=1, T=64, hqk=2, hv=2, D=64, dtype=torch.float32, device="cpu", seqlens=None,
+                 gate=True, state=False, state_dtype=torch.float32, seed=None, gen=None):
+    """Fresh random inputs (never zeros). With seqlens, a varlen problem [S, H, D] + cu_seqlens."""
+    g_ = gen or torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    varlen = seqlens is not None
+    S = sum(seqlens) if varlen else T
+    lead = (S,) if varlen else (B, T)
+    N = len(seqlens) if varlen else B
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g_) * scale)
+
+    q = rnd(*lead, hqk, D)
+    k = rnd(*lead, hqk, D)
+    v = rnd(*lead, hv, D)
+    beta = rnd(*lead, hv)
+    if gate:
+        g = rnd(*lead, hv, D)
+        A_log = torch.rand(hv, generator=g_) * 2 - 1          # exp(A_log) in (0.37, 2.7)
+        dt_bias = rnd(hv, D, scale=0.5)
+    else:
+        g = -5 * torch.rand(*lead, hv, D, generator=g_)       # a log-decay in (-5, 0]
+        A_log = dt_bias = None
+    h0 = rnd(N, hv, D, D, scale=0.5) if state else None
+    cu = torch.tensor([0] + list(torch.tensor(seqlens).cumsum(0).tolist()), dtype=torch.int32) \
+        if varlen else None
+
+    def to(t, dt):
+        return None if t is None else t.to(dtype=dt).to(device)
+
+    return dict(
+        q=to(q, dtype), k=to(k, dtype), v=to(v, dtype), g=to(g, dtype), beta=to(beta, dtype),
+        A_log=to(A_log, torch.float32), dt_bias=to(dt_bias, torch.float32),
+        initial_state=to(h0, state_dtype), cu_seqlens=None if cu is None else cu.to(device),
+    )
+
+
+def reference_of(p: dict, scale=None, use_qk_l2norm=True, lower_bound=-5.0):
+    return kda_reference(p["q"].cpu(), p["k"].cpu(), p["v"].cpu(), p["g"].cpu(), p["beta"].cpu(),
+                         scale=scale,
+                         initial_state=None if p["initial_state"] is None else p["initial_state"].cpu(),
+                         cu_seqlens=None if p["cu_seqlens"] is None else p["cu_seqlens"].cpu(),
+                         A_log=None if p["A_log"] is None else p["A_log"].cpu(),
+                         dt_bias=None if p["dt_bias"] is None else p["dt_bias"].cpu(),
+                         lower_bound=lower_bound, use_qk_l2norm=use_qk_l2norm)
+
+
+def snapshot(tensors: dict) -> dict:
+    """Bitwise copies (NaN-safe comparison via the raw bytes)."""
+    return {k: v.detach().clone() for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+
+
+def unchanged(before: dict, tensors: dict) -> list[str]:
+    changed = []
+    for k, old in before.items():
+        new = tensors[k]
+        a = old.contiguous().view(torch.uint8) if old.numel() else old
+        b = new.detach().contiguous().view(torch.uint8) if new.numel() else new
+        if not torch.equal(a, b):
+            changed.append(k)
+    return changed

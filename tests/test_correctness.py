@@ -1,0 +1,212 @@
+"""Kernels vs the float64 token-by-token reference (relative L2), on fresh random inputs, with
+poisoned outputs so that unwritten elements fail. Parametrised over devices: CPU always; CUDA when
+a GPU is present (skipped with a reason otherwise)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import flash_kda
+from conftest import DEVICES
+from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison,
+                         reference_of, rel_l2)
+
+GPU_DTYPES = (torch.bfloat16, torch.float16)
+ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def dtypes_for(device):
+    return ALL_DTYPES if device == "cpu" else GPU_DTYPES
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def run_chunk(p, *, output_final_state=True, final_state=None, use_qk_l2norm=True, scale=None,
+              lower_bound=-5.0):
+    out = poison(torch.empty_like(p["v"]))
+    res = flash_kda.chunk_kda(
+        p["q"], p["k"], p["v"], p["g"], p["beta"], scale=scale, initial_state=p["initial_state"],
+        output_final_state=output_final_state, cu_seqlens=p["cu_seqlens"], A_log=p["A_log"],
+        dt_bias=p["dt_bias"], lower_bound=lower_bound, use_qk_l2norm_in_kernel=use_qk_l2norm,
+        output=out, final_state=final_state)
+    return res if output_final_state else (res, None)
+
+
+def check(p, out, final, seed, *, use_qk_l2norm=True, scale=None, lower_bound=-5.0, what=""):
+    ref_out, ref_final = reference_of(p, scale=scale, use_qk_l2norm=use_qk_l2norm,
+                                      lower_bound=lower_bound)
+    dtype = p["v"].dtype
+    e_out = rel_l2(out, ref_out)
+    assert e_out <= OUT_TOL[dtype], f"{what} out rel-L2 {e_out:.3e} > {OUT_TOL[dtype]} (seed {seed})"
+    if final is not None:
+        tol = STATE_TOL_FP32[dtype] if final.dtype == torch.float32 else STATE_TOL_LOWP[dtype]
+        e_st = rel_l2(final, ref_final)
+        assert e_st <= tol, f"{what} final_state rel-L2 {e_st:.3e} > {tol} (seed {seed})"
+    return e_out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("D", [64, 128, 256], ids=lambda d: f"D{d}")
+def test_dtypes_and_head_dims(device, dtype, D):
+    if dtype not in dtypes_for(device):
+        pytest.skip(f"{dtype} inputs are CPU-only")
+    seed = fresh_seed()
+    p = make_problem(B=2, T=70, hqk=2, hv=4, D=D, dtype=dtype, device=device, state=True, seed=seed)
+    out, final = run_chunk(p)
+    check(p, out, final, seed, what=f"B2 T70 D{D} {dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_long(device):
+    seed = fresh_seed()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    T, H = (300, 4) if device == "cpu" else (1000, 4)
+    p = make_problem(B=2, T=T, hqk=H, hv=H, D=128, dtype=dtype, device=device, seed=seed)
+    out, final = run_chunk(p)
+    check(p, out, final, seed, what=f"dense T{T}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+def test_varlen_with_empty_and_single_token_sequences(device, cu_dtype):
+    seed = fresh_seed()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    seqlens = [0, 1, 17, 130, 0, 65] if device == "cpu" else [1, 17, 300, 1024, 0, 513]
+    p = make_problem(seqlens=seqlens, hqk=4, hv=8, D=128, dtype=dtype, device=device, state=True,
+                     seed=seed)
+    p["cu_seqlens"] = p["cu_seqlens"].to(cu_dtype)
+    out, final = run_chunk(p)
+    assert out.shape == p["v"].shape
+    check(p, out, final, seed, what=f"varlen {seqlens}")
+    # a [1, S, H, D] batch view gives the same result
+    p4 = dict(p, **{k: p[k].unsqueeze(0) for k in ("q", "k", "v", "g", "beta")})
+    out4, final4 = run_chunk(p4)
+    assert torch.equal(out4[0], out) and torch.equal(final4, final)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "nogate"])
+@pytest.mark.parametrize("l2norm", [True, False], ids=["l2norm", "nol2norm"])
+def test_grouped_heads_gate_l2norm(device, gate, l2norm):
+    seed = fresh_seed()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = make_problem(B=1, T=150, hqk=2, hv=8, D=64, dtype=dtype, device=device, gate=gate,
+                     state=True, seed=seed)
+    if not l2norm:  # keep the recurrence stable without normalisation: |k|² small enough
+        p["q"] = p["q"] / 8
+        p["k"] = p["k"] / 8
+    out, final = run_chunk(p, use_qk_l2norm=l2norm, scale=0.3, lower_bound=-3.0)
+    check(p, out, final, seed, use_qk_l2norm=l2norm, scale=0.3, lower_bound=-3.0,
+          what=f"Hqk2 Hv8 gate={gate} l2norm={l2norm}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("state_dtype", ["fp32", "input"])
+def test_states_in_out_and_in_place(device, state_dtype):
+    seed = fresh_seed()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    sdt = torch.float32 if state_dtype == "fp32" else (torch.bfloat16 if device != "cpu" else torch.float16)
+    if device == "cpu" and state_dtype == "input":
+        dtype = torch.float16
+    p = make_problem(seqlens=[33, 0, 90], hqk=2, hv=4, D=64, dtype=dtype, device=device, state=True,
+                     state_dtype=sdt, seed=seed)
+    out, final = run_chunk(p)
+    assert final.dtype == sdt
+    check(p, out, final, seed, what=f"states {sdt}")
+    # in place: the same tensor as initial and final state gives the out-of-place result
+    inplace = p["initial_state"].clone()
+    out2 = poison(torch.empty_like(p["v"]))
+    flash_kda.chunk_kda(p["q"], p["k"], p["v"], p["g"], p["beta"], initial_state=inplace,
+                        output_final_state=True, cu_seqlens=p["cu_seqlens"], A_log=p["A_log"],
+                        dt_bias=p["dt_bias"], output=out2, final_state=inplace)
+    assert torch.equal(out2, out)
+    assert torch.equal(inplace, final)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_initial_state_and_outputs_allocated(device):
+    seed = fresh_seed()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = make_problem(B=3, T=40, hqk=2, hv=2, D=64, dtype=dtype, device=device, seed=seed)
+    res = flash_kda.chunk_kda(p["q"], p["k"], p["v"], p["g"], p["beta"], A_log=p["A_log"],
+                              dt_bias=p["dt_bias"], output_final_state=True)
+    out, final = res
+    assert final.dtype == torch.float32 and final.shape == (3, 2, 64, 64)
+    check(p, out, final, seed, what="allocated outputs")
+    only_out = flash_kda.chunk_kda(p["q"], p["k"], p["v"], p["g"], p["beta"], A_log=p["A_log"],
+                                   dt_bias=p["dt_bias"])
+    assert isinstance(only_out, torch.Tensor) and torch.equal(only_out, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_views(device):
+    """Only the last dim must be contiguous: padded token strides and sliced heads work."""
+    seed = fresh_seed()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = make_problem(B=2, T=50, hqk=2, hv=4, D=64, dtype=dtype, device=device, state=True, seed=seed)
+    wide = {}
+    for name in ("q", "k", "v", "g"):
+        t = p[name]
+        big = torch.randn(t.shape[0], t.shape[1], t.shape[2] + 3, t.shape[3], device=device).to(dtype)
+        big[:, :, 1:1 + t.shape[2]] = t
+        wide[name] = big[:, :, 1:1 + t.shape[2]]
+        assert not wide[name].is_contiguous()
+    b = p["beta"]
+    bbig = torch.randn(b.shape[0], b.shape[1] * 2, b.shape[2], device=device).to(b.dtype)
+    bbig[:, ::2] = b
+    wide["beta"] = bbig[:, ::2]
+    ps = dict(p, **wide)
+    out, final = run_chunk(ps)
+    check(p, out, final, seed, what="strided")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fwd_writes_in_place_and_matches_chunk_kda(device):
+    seed = fresh_seed()
+    dtype = torch.bfloat16
+    p = make_problem(seqlens=[5, 64, 129], hqk=4, hv=4, D=128, dtype=dtype, device=device, state=True,
+                     seed=seed)
+    out = poison(torch.empty_like(p["v"]))
+    final = poison(torch.empty_like(p["initial_state"]))
+    ret = flash_kda.fwd(p["q"], p["k"], p["v"], p["g"], p["beta"], 128 ** -0.5, out, p["A_log"],
+                        p["dt_bias"], -5.0, initial_state=p["initial_state"], final_state=final,
+                        cu_seqlens=p["cu_seqlens"].to(torch.int64))
+    assert ret is None
+    check(p, out, final, seed, what="fwd")
+    out2, final2 = run_chunk(p)
+    assert torch.equal(out, out2) and torch.equal(final, final2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extreme_decay_stays_finite(device):
+    """Gate off with some g = -1000 (a log-decay that zeroes the state): no overflow, no NaN."""
+    seed = fresh_seed()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = make_problem(B=1, T=100, hqk=2, hv=2, D=64, dtype=dtype, device=device, gate=False,
+                     state=True, seed=seed)
+    g = p["g"].clone()
+    g[:, 10:12] = -1000.0
+    g[:, 50, :, :7] = -1000.0
+    p["g"] = g
+    out, final = run_chunk(p)
+    check(p, out, final, seed, what="g=-1000")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_propagates_like_the_reference(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = make_problem(B=2, T=20, hqk=1, hv=1, D=64, dtype=dtype, device=device, seed=1)
+    v = p["v"].clone()
+    v[1, 5, 0, 3] = float("nan")
+    p["v"] = v
+    out, final = run_chunk(p)
+    assert torch.isfinite(out[0]).all() and torch.isfinite(final[0]).all(), "NaN leaked across batch"
+    # From the poisoned token on, the affected value row is NaN, as in the reference. (Tokens of
+    # the same chunk before it may be NaN too: masked-out matrix entries are 0 · NaN.)
+    assert torch.isnan(out[1, 5:, 0, 3]).all() and torch.isnan(final[1]).any()

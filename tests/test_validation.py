@@ -1,0 +1,169 @@
+"""Bad input: a clear ValueError/TypeError naming the argument, raised before anything runs, with
+every caller tensor left bit-for-bit untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flash_kda
+from kda_testing import make_problem, snapshot, unchanged
+
+
+def good(dtype=torch.bfloat16, varlen=False):
+    p = make_problem(B=2 if not varlen else 1, T=16, hqk=2, hv=4, D=64, dtype=dtype, state=True,
+                     seqlens=[5, 11] if varlen else None, seed=0)
+    p["out"] = torch.full_like(p["v"], 7.0)
+    p["final_state"] = torch.full_like(p["initial_state"], 3.0)
+    return p
+
+
+def call_chunk(p, **over):
+    kw = dict(scale=None, initial_state=p["initial_state"], output_final_state=True,
+              cu_seqlens=p["cu_seqlens"], A_log=p["A_log"], dt_bias=p["dt_bias"], lower_bound=-5.0,
+              use_qk_l2norm_in_kernel=True, output=p["out"], final_state=p["final_state"])
+    kw.update(over)
+    return flash_kda.chunk_kda(p["q"], p["k"], p["v"], p["g"], p["beta"], **kw)
+
+
+def call_fwd(p, **over):
+    args = dict(q=p["q"], k=p["k"], v=p["v"], g=p["g"], beta=p["beta"], scale=0.125, out=p["out"],
+                A_log=p["A_log"], dt_bias=p["dt_bias"], lower_bound=-5.0,
+                initial_state=p["initial_state"], final_state=p["final_state"],
+                cu_seqlens=p["cu_seqlens"])
+    args.update(over)
+    return flash_kda.fwd(**args)
+
+
+# (id, how to break a good problem -> kwargs override, expected exception, text in the message)
+CASES = [
+    ("q-not-tensor", lambda p: dict(q=[1, 2]), TypeError, "q must be a torch.Tensor"),
+    ("q-int", lambda p: dict(q=p["q"].to(torch.int32)), TypeError, "q must be one of"),
+    ("k-dtype", lambda p: dict(k=p["k"].half()), TypeError, "k must have q's dtype"),
+    ("g-dtype", lambda p: dict(g=p["g"].double()), TypeError, "g must be"),
+    ("beta-dtype", lambda p: dict(beta=p["beta"].half()), TypeError, "beta must be"),
+    ("q-3d-dense", lambda p: dict(q=p["q"][0], k=p["k"][0]), ValueError, "q must be [B, T, H, K]"),
+    ("k-shape", lambda p: dict(k=p["k"][:, :8]), ValueError, "k.shape must equal q.shape"),
+    ("g-shape", lambda p: dict(g=p["g"][:, :, :2]), ValueError, "g.shape must equal v.shape"),
+    ("beta-shape", lambda p: dict(beta=p["beta"][:, :, :2]), ValueError, "beta.shape"),
+    ("v-tokens", lambda p: dict(v=p["v"][:, :8], g=p["g"][:, :8], beta=p["beta"][:, :8],
+                                output=p["out"][:, :8]), ValueError, "differ from q"),
+    ("heads-not-multiple", lambda p: dict(q=p["q"][:, :, :1].expand(-1, -1, 3, -1),
+                                          k=p["k"][:, :, :1].expand(-1, -1, 3, -1)),
+     ValueError, "multiple of query/key heads"),
+    ("head-dim-96", lambda p: dict(q=p["q"][..., :48], k=p["k"][..., :48], v=p["v"][..., :48],
+                                   g=p["g"][..., :48], output=p["out"][..., :48]),
+     ValueError, "head dim 48"),
+    ("k-ne-v", lambda p: dict(v=torch.cat([p["v"], p["v"]], -1), g=torch.cat([p["g"], p["g"]], -1),
+                              output=torch.cat([p["out"], p["out"]], -1)), ValueError, "K == V"),
+    ("last-dim-strided", lambda p: dict(q=torch.cat([p["q"], p["q"]], -1)[..., ::2]),
+     ValueError, "q: the last dimension must be contiguous"),
+    ("scale-nan", lambda p: dict(scale=float("nan")), TypeError, "scale"),
+    ("scale-str", lambda p: dict(scale="0.1"), TypeError, "scale"),
+    ("lower-bound-inf", lambda p: dict(lower_bound=float("inf")), TypeError, "lower_bound"),
+    ("A_log-alone", lambda p: dict(dt_bias=None), ValueError, "come together"),
+    ("A_log-shape", lambda p: dict(A_log=p["A_log"][:2]), ValueError, "A_log must be [Hv]"),
+    ("A_log-dtype", lambda p: dict(A_log=p["A_log"].bfloat16()), TypeError, "float32"),
+    ("dt_bias-shape", lambda p: dict(dt_bias=p["dt_bias"].reshape(-1)), ValueError, "dt_bias must be"),
+    ("state-shape", lambda p: dict(initial_state=p["initial_state"][:1]), ValueError, "initial_state must have shape"),
+    ("state-dtype", lambda p: dict(initial_state=p["initial_state"].double()), TypeError, "initial_state must be float32"),
+    ("state-dtypes-differ", lambda p: dict(final_state=p["final_state"].bfloat16()), TypeError, "dtypes differ"),
+    ("final-shape", lambda p: dict(final_state=p["final_state"][:, :2]), ValueError, "final_state must have shape"),
+    ("final-partial-overlap", lambda p: _overlapping_states(p["initial_state"]), ValueError, "partly overlaps"),
+    ("out-shape", lambda p: dict(output=p["out"][:, :4]), ValueError, "output must have shape"),
+    ("out-dtype", lambda p: dict(output=p["out"].float()), TypeError, "output must be"),
+    ("out-aliases-v", lambda p: dict(output=p["v"]), ValueError, "overlaps v"),
+    ("out-expanded", lambda p: dict(output=p["out"][:, :1].expand_as(p["out"])), ValueError, "overlapping elements"),
+    ("flag-not-bool", lambda p: dict(output_final_state=1), TypeError, "must be bool"),
+]
+
+
+def _overlapping_states(s):
+    """initial/final states of s's shape in one buffer, the final shifted by one element."""
+    big = torch.randn(s.numel() + 1).to(s.dtype)
+    return dict(initial_state=big[:-1].view(s.shape), final_state=big[1:].view(s.shape))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_chunk_kda_rejects_and_touches_nothing(case):
+    name, breaker, exc, text = case
+    p = good()
+    over = breaker(p)
+    tensors = dict(p, **{k: v for k, v in over.items() if isinstance(v, torch.Tensor)})
+    before = snapshot(tensors)
+    positional = {k: over.pop(k) for k in ("q", "k", "v", "g", "beta") if k in over}
+    q = dict(p, **positional)
+    with pytest.raises(exc) as info:
+        call_chunk(q, **over)
+    assert text in str(info.value), f"message {str(info.value)!r} should mention {text!r}"
+    assert unchanged(before, tensors) == []
+
+
+def test_final_state_aliasing_an_input():
+    p = good(dtype=torch.float32)
+    # final_state laid over the memory of g (same dtype family, enough bytes)
+    need = p["final_state"].numel()
+    g_big = torch.randn(need + 10)
+    p["g"] = g_big[: p["g"].numel()].view(p["g"].shape)
+    alias = g_big[:need].view(p["final_state"].shape)
+    before = snapshot(dict(p, alias=alias))
+    with pytest.raises(ValueError, match="final_state overlaps g"):
+        call_chunk(p, final_state=alias)
+    assert unchanged(before, dict(p, alias=alias)) == []
+
+
+@pytest.mark.parametrize("bad,text", [
+    ([0, 5, 4, 16], "non-decreasing"),
+    ([1, 5, 16], "start at 0"),
+    ([0, 5, 15], "end at the total token count 16"),
+    ([0, 5, 17], "end at the total token count 16"),
+])
+def test_bad_cu_seqlens(bad, text):
+    p = good(varlen=True)
+    p["initial_state"] = p["initial_state"][:1].expand(len(bad) - 1, -1, -1, -1).contiguous()
+    p["final_state"] = torch.full_like(p["initial_state"], 3.0)
+    p["cu_seqlens"] = torch.tensor(bad, dtype=torch.int64)
+    before = snapshot(p)
+    with pytest.raises(ValueError, match=text):
+        call_chunk(p)
+    assert unchanged(before, p) == []
+
+
+def test_cu_seqlens_dtype_and_batch():
+    p = good(varlen=True)
+    with pytest.raises(TypeError, match="cu_seqlens must be int32 or int64"):
+        call_chunk(p, cu_seqlens=p["cu_seqlens"].float())
+    q4 = {k: p[k].unsqueeze(0).expand(2, *p[k].shape) for k in ("q", "k", "v", "g", "beta")}
+    with pytest.raises(ValueError, match="batch size 2"):
+        call_chunk(dict(p, **q4))
+
+
+def test_fwd_requires_gate_parameters_and_checks_out():
+    p = good()
+    before = snapshot(p)
+    with pytest.raises(TypeError, match="A_log must be a torch.Tensor"):
+        call_fwd(p, A_log=None)
+    with pytest.raises(ValueError, match="out must have shape"):
+        call_fwd(p, out=p["out"][:1])
+    with pytest.raises(TypeError, match="workspace"):
+        call_fwd(p, workspace=123)
+    assert unchanged(before, p) == []
+
+
+def test_get_workspace_size():
+    assert flash_kda.get_workspace_size(8192, 96, 4) == 0
+    with pytest.raises(ValueError):
+        flash_kda.get_workspace_size(-1, 96, 1)
+
+
+def test_unsupported_device_type():
+    p = good()
+    meta = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in p.items()}
+    with pytest.raises(ValueError, match="CPU, CUDA and MUSA"):
+        call_chunk(meta)
+
+
+def test_mixed_devices_rejected():
+    p = good()
+    with pytest.raises(ValueError, match="put all tensors on one device"):
+        call_chunk(p, A_log=p["A_log"].to("meta"))
