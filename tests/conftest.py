@@ -27,9 +27,17 @@ def pytest_report_header(config):
             f"cache {jit.env.cache_root()}, torch {torch.__version__}, cuda available {cuda_ok()}"]
 
 
+def musa_ok() -> bool:
+    from flash_kda.jit.select import musa_present
+    return musa_present()
+
+
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda", marks=[
         pytest.mark.gpu,
         pytest.mark.skipif(not cuda_ok(), reason="no CUDA device on this machine (CPU-only CI)")]),
+    pytest.param("musa", id="musa", marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not musa_ok(), reason="no MUSA device (torch_musa) on this machine")]),
 ]

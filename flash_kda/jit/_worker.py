@@ -8,6 +8,7 @@ survive (or be killed during) a build without leaving anything half-done in its 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -18,7 +19,6 @@ def load_function(loader: str):
     if loader == "torch_musa":
         # torch_musa's build puts `-ccbin $CC` in front of every mcc command when CC is set, and
         # mcc (clang-based) is not known to accept -ccbin; the host compiler it uses is $CXX.
-        import os
         if os.environ.pop("CC", None) is not None:
             print("flash_kda build worker: CC unset for the MUSA build (torch_musa would pass it "
                   "to mcc as -ccbin); the host compiler is $CXX or c++", flush=True)

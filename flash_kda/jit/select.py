@@ -57,7 +57,9 @@ def default_spec(backend: str | None = None) -> KernelSpec:
     """The specialisation `import flash_kda` builds: head dim 128, bf16, for the present device."""
     backend = backend or default_backend()
     arch = get_toolchain(backend).arch_tag()
-    return KernelSpec(backend, arch, DEFAULT_HEAD_DIM, DEFAULT_DTYPE, _variant(backend))
+    # MP21 (MTT S80/S3000) has no native bf16: its default module is fp16 so the import works.
+    dtype = "fp16" if (backend, arch) == ("musa", "mp21") else DEFAULT_DTYPE
+    return KernelSpec(backend, arch, DEFAULT_HEAD_DIM, dtype, _variant(backend))
 
 
 def _variant(backend: str) -> str:

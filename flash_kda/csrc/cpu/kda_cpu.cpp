@@ -64,8 +64,11 @@ static_assert(D % (2 * kLanes) == 0, "head dim must be a multiple of 16");
 
 // Chunk length. The K·V work per token (K̃S0ᵀ, Q̃S0ᵀ, the state update) does not depend on it, the
 // intra-chunk work grows with it (~kChunk·(K+V) per token) while the per-chunk passes over the state
-// shrink with it; see the report in tools/dev_cpu_check.py for the measurements behind the choice.
-constexpr int kChunk = 32;
+// shrink with it. FLASH_KDA_CPU_CHUNK overrides it for tuning experiments only.
+#ifndef FLASH_KDA_CPU_CHUNK
+#define FLASH_KDA_CPU_CHUNK 32
+#endif
+constexpr int kChunk = FLASH_KDA_CPU_CHUNK;
 // Sub-block of the intra-chunk score matrices and of the triangular solve: pairs of tokens inside a
 // sub-block use exact running products, pairs across sub-blocks a GEMM (N = kSub columns).
 constexpr int kSub = 16;

@@ -277,7 +277,7 @@ class MusaToolchain(Toolchain):
             archs = archs_from_tag(spec.arch)
         except ValueError as e:
             raise UnsupportedToolchainError(str(e)) from e
-        pass
+        self._check_dtype_for_archs(spec, archs)
         torch_musa = import_torch_musa()
         musa_jit_load()  # raises if this torch_musa has no JIT load
         home = self.musa_home()
