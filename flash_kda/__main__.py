@@ -66,7 +66,7 @@ def main(argv=None) -> int:
 
     print(f"flash_kda {flash_kda.__version__}  (torch {torch.__version__})")
     print(f"  backend   {backend} ({spec.name}); device {device_name}")
-    print(f"  compiler  {plan.compiler.split('|')[0].strip()}")
+    print(f"  compiler  {plan.compiler_summary()}")
     print(f"  cache     {entry.dir}")
     print(f"  kernel    {'built' if kernel.built else 'loaded from cache'} in {kernel.seconds:.2f} s")
 

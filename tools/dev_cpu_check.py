@@ -37,18 +37,25 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MACROS = {"fp32": "FLASH_KDA_DTYPE_FP32", "bf16": "FLASH_KDA_DTYPE_BF16", "fp16": "FLASH_KDA_DTYPE_FP16"}
 
 
-def build(d: int, dt: str, tag: str = "dev"):
+def build(d: int, dt: str, chunk: int | None = None, poison: bool = False):
+    """chunk: override the kernel's chunk length (FLASH_KDA_CPU_CHUNK); None keeps its default.
+    poison: fill the kernel's scratch with NaN first, so that reading an unwritten element shows."""
     from torch.utils.cpp_extension import load
 
-    name = f"kda_{tag}_d{d}_{dt}"
+    name = f"kda_dev_d{d}_{dt}" + (f"_c{chunk}" if chunk else "") + ("_poison" if poison else "")
     bdir = f"/tmp/kda_cpu_build/{name}"
     os.makedirs(bdir, exist_ok=True)
+    flags = ["-O3", "-fopenmp", "-march=x86-64-v3", "-DFLASH_KDA_BACKEND_CPU",
+             f"-DFLASH_KDA_HEAD_DIM={d}", f"-D{MACROS[dt]}", f"-DFLASH_KDA_OP_NAME={name}"]
+    if chunk:
+        flags.append(f"-DFLASH_KDA_CPU_CHUNK={chunk}")
+    if poison:
+        flags.append("-DFLASH_KDA_CPU_POISON_SCRATCH")
     load(
         name=name,
         sources=[f"{ROOT}/flash_kda/csrc/binding.cpp", f"{ROOT}/flash_kda/csrc/cpu/kda_cpu.cpp"],
-        extra_cflags=["-O3", "-fopenmp", "-march=x86-64-v3", "-DFLASH_KDA_BACKEND_CPU",
-                      f"-DFLASH_KDA_HEAD_DIM={d}", f"-D{MACROS[dt]}", f"-DFLASH_KDA_OP_NAME={name}"],
-        extra_ldflags=["-fopenmp"], is_python_module=False, build_directory=bdir, verbose=False,
+        extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False, build_directory=bdir,
+        verbose=False,
     )
     return getattr(torch.ops.flash_kda_kernels, name)
 
@@ -91,8 +98,9 @@ def make_case(d, dt, lens=None, B=2, T=300, hqk=2, hv=8, gate=True, l2=True, g_m
         dt_bias = r(hv, d) * 0.5
     else:
         g = -5 * torch.rand(B, T, hv, d, generator=gen)
-        if g_mode == "m1000":
+        if g_mode == "m1000":  # scattered -1000s, and a run of them across chunk boundaries
             g[torch.rand(B, T, hv, d, generator=gen) < 0.05] = -1000.0
+            g[:, T // 3 : T // 3 + 40, :, : d // 2] = -1000.0
         A_log = dt_bias = None
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     g = g.float() if g_fp32 else g.to(dtype)
@@ -100,9 +108,12 @@ def make_case(d, dt, lens=None, B=2, T=300, hqk=2, hv=8, gate=True, l2=True, g_m
     return dict(q=q, k=k, v=v, g=g, beta=beta, A_log=A_log, dt_bias=dt_bias, cu=cu, l2=l2)
 
 
-def run_case(op, d, dt, case, state="none", strided=False, scale=None):
+def run_case(op, d, dt, case, state="none", strided=False, scale=None, lower_bound=-5.0, threads=None,
+             cu_int64=False):
     """state: none | fp32 | input | inplace_fp32 | inplace_input | alias_fp32 (initial is final)."""
-    c = case
+    c = dict(case)
+    if cu_int64 and c["cu"] is not None:
+        c["cu"] = c["cu"].long()
     dtype = DTYPES[dt]
     N = c["q"].shape[0] if c["cu"] is None else len(c["cu"]) - 1
     hv = c["v"].shape[2]
@@ -122,21 +133,28 @@ def run_case(op, d, dt, case, state="none", strided=False, scale=None):
         init, in_place = ht, False
     else:
         ht, init, in_place = torch.full((N, hv, d, d), float("nan"), dtype=sdtype), h0, False
-    op(q, c["k"], v, c["g"], beta, c["A_log"], c["dt_bias"], init, ht, out, c["cu"], scale, -5.0,
-       c["l2"], in_place)
+    saved_threads = torch.get_num_threads()
+    if threads:  # more threads than pairs of (sequence, head): the kernel splits V
+        torch.set_num_threads(threads)
+    try:
+        op(q, c["k"], v, c["g"], beta, c["A_log"], c["dt_bias"], init, ht, out, c["cu"], scale,
+           lower_bound, c["l2"], in_place)
+    finally:
+        torch.set_num_threads(saved_threads)
     ref_o, ref_s = kda_reference(c["q"], c["k"], c["v"], c["g"], c["beta"], scale=scale,
                                  initial_state=h0, cu_seqlens=c["cu"], A_log=c["A_log"],
-                                 dt_bias=c["dt_bias"], lower_bound=-5.0, use_qk_l2norm=c["l2"])
+                                 dt_bias=c["dt_bias"], lower_bound=lower_bound, use_qk_l2norm=c["l2"])
     return rel(out, ref_o), rel(ht, ref_s)
 
 
 def check(builds):
     tol = {"fp32": (2e-5, 2e-5), "bf16": (8e-3, 8e-3), "fp16": (2e-3, 2e-3)}
     worst = 0.0
-    for spec in builds:
-        d_s, dt = spec.split("_")
-        d = int(d_s[1:])
-        op = build(d, dt)
+    for spec in builds:  # d128_fp32; optional suffixes _c64 (chunk length), _poison (NaN scratch)
+        parts = spec.split("_")
+        d, dt = int(parts[0][1:]), parts[1]
+        chunk = next((int(x[1:]) for x in parts[2:] if x.startswith("c")), None)
+        op = build(d, dt, chunk, poison="poison" in parts[2:])
         cases = [
             ("dense B2 T300 gate l2", dict(), {}),
             ("dense gate-off l2-off", dict(gate=False, l2=False), {}),
@@ -152,6 +170,11 @@ def check(builds):
             ("g/beta fp32", dict(g_fp32=True, beta_fp32=True), {"state": "fp32"}),
             ("Hqk=Hv=1 long T=700", dict(B=1, T=700, hqk=1, hv=1), {"state": "fp32"}),
             ("Hqk=1 Hv=3 T=37", dict(B=1, T=37, hqk=1, hv=3, gate=False), {"state": "fp32"}),
+            ("V split (5 threads)", dict(B=1, T=200, hqk=1, hv=1), {"state": "fp32", "threads": 5}),
+            ("varlen V split (3 thr)", dict(lens=[250, 3, 0, 9], hqk=1, hv=2),
+             {"state": "inplace_fp32", "threads": 3}),
+            ("cu_seqlens int64", dict(lens=[0, 1, 17, 130, 0, 65]), {"cu_int64": True}),
+            ("scale 0.3, lower_bound -2", dict(), {"scale": 0.3, "lower_bound": -2.0}),
         ]
         for label, ck, rk in cases:
             case = make_case(d, dt, **ck)
@@ -159,7 +182,7 @@ def check(builds):
             to, ts = tol[dt]
             ok = eo < to and es < ts
             worst = max(worst, eo / to, es / ts)
-            print(f"{spec:10s} {label:28s} out {eo:.2e}  state {es:.2e}  {'ok' if ok else 'FAIL'}",
+            print(f"{spec:14s} {label:28s} out {eo:.2e}  state {es:.2e}  {'ok' if ok else 'FAIL'}",
                   flush=True)
         nan_check(op, d, dt)
     print("worst error / tolerance:", f"{worst:.2f}")
@@ -184,7 +207,7 @@ def nan_check(op, d, dt):
               f"finite part rel err {rel(out[fin], ref_o[fin]):.1e}")
 
 
-def bench(reps=5, chunk_tag="dev"):
+def bench(reps=5):
     # fla's package __init__ imports triton; its naive.py needs only torch and einops.
     import importlib.util
 
@@ -195,7 +218,7 @@ def bench(reps=5, chunk_tag="dev"):
 
     torch.set_num_threads(os.cpu_count())
     B, T, H, D = 1, 4096, 8, 128
-    op = build(D, "fp32", chunk_tag)
+    op = build(D, "fp32")
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
     g = torch.randn(B, T, H, D, generator=gen)
@@ -231,8 +254,10 @@ def bench(reps=5, chunk_tag="dev"):
     x, y = torch.randn(4096, 4096), torch.randn(4096, 4096)
     t_mm = timeit(lambda: torch.mm(x, y), 3)
     rate = 2 * 4096 ** 3 / t_mm
-    C = 32  # keep in sync with kChunk
-    per_token = 3 * D * D + C * (D + D) // 2 + C * D  # FMAs: K̃S/Q̃S/state, solve+A_qk·U, scores
+    C = 16  # keep in sync with kChunk
+    # FMAs per token and head: K̃S0ᵀ, Q̃S0ᵀ, state update (3·K·V); triangular solve and A_qk·U
+    # (C/2 · V each); the two score matrices (C/2 · K each).
+    per_token = 3 * D * D + C * D + C * D
     flops = 2 * per_token * B * T * H
     print(f"ours                 {t_ours * 1e3:8.2f} ms")
     print(f"naive_recurrent_kda  {t_rec * 1e3:8.2f} ms   ({t_rec / t_ours:.1f}x ours)")

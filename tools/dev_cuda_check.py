@@ -2,14 +2,20 @@
 """Scratch checks for the CUDA kernels (flash_kda/csrc/cuda): build, compare with the float64
 reference, time. A developer tool, not part of the package or its tests.
 
-    # here (no GPU, torch not importable is fine): compile the ops into .devbuild/*.so
-    python3 tools/dev_cuda_check.py prebuild --torch-dir /path/to/site-packages/torch
-    # on the GPU machine: load .devbuild/*.so (or JIT-build what is missing), check, time
+    # here (no GPU needed): compile the ops into .devbuild/*.so, so that no device time goes to
+    # compiling. Needs the headers and libraries of the torch the GPU machine runs (2.11.0, CUDA 13):
+    #   pip download --no-deps --only-binary=:all: torch==2.11.0 -d /tmp/whl
+    #   python3 -m venv /tmp/tenv && /tmp/tenv/bin/pip install --no-deps /tmp/whl/torch-2.11.0-*.whl
+    # (it need not import: only include/ and lib/ are used), then
+    python3 tools/dev_cuda_check.py prebuild --torch-dir /tmp/tenv/lib/python3.11/site-packages/torch
+    # on the GPU machine (carry .devbuild): load .devbuild/*.so, or JIT-build what is missing; check
     python3 tools/dev_cuda_check.py check [--bench] [--specs d128_bf16,...]
     # a tiny case for compute-sanitizer
     compute-sanitizer --tool racecheck python3 tools/dev_cuda_check.py tiny --specs d128_bf16
 
 Each spec is d<head dim>_<dtype>[_portable]; its op is torch.ops.flash_kda_kernels.kda_dev_cuda_<spec>.
+The prebuilt objects carry the -D defines of the JIT (binding.cpp and kda_cuda.cu) and nvcc's torch
+flags (-D__CUDA_NO_HALF_OPERATORS__ ...), for sm_90a.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "flash_kda" / "csrc"
 DEFAULT_LIB = ROOT / ".devbuild"
+# KDA_DEV_FAKE=1: no GPU, no build; the "op" is the reference itself on the CPU. Only for dry runs
+# of this script's own plumbing (every error should then be ~0).
+FAKE = os.environ.get("KDA_DEV_FAKE") == "1"
+DEVICE = "cpu" if FAKE else "cuda"
 ALL_SPECS = ["d128_bf16", "d128_bf16_portable", "d64_bf16", "d256_bf16", "d128_fp16",
              "d64_bf16_portable", "d256_bf16_portable", "d128_fp16_portable"]
 GENCODE = ["-gencode=arch=compute_90a,code=sm_90a"]
@@ -102,8 +112,19 @@ def prebuild(args):
 # ------------------------------------------------------------------------------------------------
 # device side
 # ------------------------------------------------------------------------------------------------
+def fake_op(q, k, v, g, beta, A_log, dt_bias, h0, ht, out, cu, scale, lb, l2, in_place):
+    """Stand-in with the op's signature, computed by the reference (KDA_DEV_FAKE=1)."""
+    o, s = reference(dict(q=q, k=k, v=v, g=g, beta=beta, A_log=A_log, dt_bias=dt_bias,
+                          h0=ht.clone() if in_place else h0, cu=cu, scale=scale, l2=l2))
+    out.copy_(o)
+    if ht is not None:
+        ht.copy_(s)
+
+
 def load_ops(specs, lib: Path):
     import torch
+    if FAKE:
+        return {s: fake_op for s in specs}
     for spec in specs:
         so = lib / f"{op_name(spec)}.so"
         if so.exists():
@@ -126,7 +147,7 @@ def make_inputs(D, dtype, *, B=1, T=64, hqk=2, hv=2, cu=None, cu64=False, gate=T
                 strided=False, seed=0):
     """Random inputs of one case. h0/ht: None, 'fp32' or 'in' (input dtype)."""
     import torch
-    dev = "cuda"
+    dev = DEVICE
     gen = torch.Generator(device=dev).manual_seed(seed)
     if cu is not None:
         B, T = 1, cu[-1]
@@ -186,9 +207,16 @@ def rel_l2(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+def _reference_fn():
+    """flash_kda/reference.py loaded by path: importing the package would build kernels on import."""
+    spec = importlib.util.spec_from_file_location("_kda_reference", ROOT / "flash_kda" / "reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.kda_reference
+
+
 def reference(x):
-    sys.path.insert(0, str(ROOT))
-    from flash_kda.reference import kda_reference
+    kda_reference = _reference_fn()
     return kda_reference(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=x["scale"],
                          initial_state=x["h0"], cu_seqlens=x["cu"], A_log=x["A_log"],
                          dt_bias=x["dt_bias"], lower_bound=-5.0, use_qk_l2norm=x["l2"])
@@ -198,7 +226,11 @@ def cases_for(D):
     """(name, kwargs) of every check of one head dim."""
     full = D == 128
     vl = [0, 1, 18, 318, 1342, 1342, 1855]  # lengths 1, 17, 300, 1024, 0, 513
+    # enough sequences x heads that the launcher picks the wide V slice (few heads pick the narrow)
+    many = {64: dict(B=8, T=100, hqk=8, hv=64), 128: dict(B=2, T=200, hqk=4, hv=60),
+            256: dict(B=2, T=100, hqk=4, hv=48)}[D]
     c = [("dense B2 T1000 H4 ht32", dict(B=2, T=1000, hqk=4, hv=4, ht="fp32")),
+         ("many heads (wide slice) h0/ht32", dict(many, h0="fp32", ht="fp32")),
          ("varlen i32 H8 h0/ht fp32", dict(cu=vl, hqk=8, hv=8, h0="fp32", ht="fp32")),
          ("varlen i64 H8 h0/ht bf16|fp16", dict(cu=vl, cu64=True, hqk=8, hv=8, h0="in", ht="in"))]
     if full:
@@ -230,7 +262,8 @@ def check(args):
         for i, (name, kw) in enumerate(cases_for(D)):
             x = make_inputs(D, dtype, seed=1000 * D + i, **kw)
             out, ht = call_op(ops[spec], x)
-            torch.cuda.synchronize()
+            if not FAKE:
+                torch.cuda.synchronize()
             ro, rs = reference(x)
             eo = rel_l2(out, ro) if out.numel() else 0.0
             nan_o = int(out.isnan().sum() - ro.isnan().sum())
@@ -290,7 +323,8 @@ def tiny(args):
                    dict(cu=[0, 5, 40, 40, 100], hqk=1, hv=1, h0="in", inplace=True)):
             x = make_inputs(D, dtype, **kw)
             out, ht = call_op(ops[spec], x)
-            torch.cuda.synchronize()
+            if not FAKE:
+                torch.cuda.synchronize()
             ro, rs = reference(x)
             print(f"tiny {spec} out {rel_l2(out, ro):.2e} state {rel_l2(ht, rs):.2e}", flush=True)
 

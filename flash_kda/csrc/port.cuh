@@ -15,6 +15,9 @@
 #include <stdexcept>
 #include <string>
 
+// MUSA names below follow the CUDA -> MUSA renaming (cudaX -> musaX, __nv_bfloat16 -> __mt_bfloat16;
+// conversion intrinsics keep their CUDA names); see shared/research/musa.md section 2. Not yet
+// compiled with mcc: check them on the first MUSA build.
 #if defined(FLASH_KDA_BACKEND_MUSA)
 #include <musa_bf16.h>
 #include <musa_fp16.h>
@@ -133,6 +136,7 @@ inline void check(error_t e, const char* what) {
 struct DeviceInfo {
   int multiprocessors;
   int max_smem_per_block;  // bytes, opt-in limit (what a block may ask for after set_max_smem)
+  int smem_per_multiprocessor;  // bytes
   int major;               // compute capability (CUDA) / MUSA arch major
   int minor;
 };
@@ -146,6 +150,9 @@ inline DeviceInfo device_info() {
         "musaDeviceGetAttribute(multiprocessors)");
   check(musaDeviceGetAttribute(&d.max_smem_per_block, musaDevAttrMaxSharedMemoryPerBlockOptin, dev),
         "musaDeviceGetAttribute(max shared memory)");
+  check(musaDeviceGetAttribute(&d.smem_per_multiprocessor,
+                              musaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
+        "musaDeviceGetAttribute(shared memory per multiprocessor)");
   check(musaDeviceGetAttribute(&d.major, musaDevAttrComputeCapabilityMajor, dev),
         "musaDeviceGetAttribute(major)");
   check(musaDeviceGetAttribute(&d.minor, musaDevAttrComputeCapabilityMinor, dev),
@@ -156,6 +163,9 @@ inline DeviceInfo device_info() {
         "cudaDeviceGetAttribute(multiprocessors)");
   check(cudaDeviceGetAttribute(&d.max_smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
         "cudaDeviceGetAttribute(max shared memory)");
+  check(cudaDeviceGetAttribute(&d.smem_per_multiprocessor,
+                               cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
+        "cudaDeviceGetAttribute(shared memory per multiprocessor)");
   check(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev),
         "cudaDeviceGetAttribute(major)");
   check(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev),

@@ -151,7 +151,7 @@ def _failure_message(entry: cache.CacheEntry, plan, rc: int) -> str:
         step = f"step {lines[failed][len('FAILED:'):].strip()}"
         errors = [ln for ln in lines[failed:] if "error" in ln.lower()]
         detail = (errors or lines[failed + 1:])[:12]
-    compiler = plan.compiler.split("|")[0].strip()
+    compiler = plan.compiler_summary()
     return (f"building {entry.spec_name} failed ({compiler}): {step}\n"
             + "\n".join(f"  {ln}" for ln in detail) + f"\nfull build log: {entry.log_path}")
 
@@ -159,7 +159,7 @@ def _failure_message(entry: cache.CacheEntry, plan, rc: int) -> str:
 def _build(spec: KernelSpec, entry: cache.CacheEntry, plan, material: dict) -> float:
     cache.remove_stale_tmp(entry.root, entry.stem)
     tmp_dir = entry.new_tmp_dir()
-    _say(f"compiling {spec.name} with {plan.compiler.split('|')[0].strip()} (one-time, may take a "
+    _say(f"compiling {spec.name} with {plan.compiler_summary()} (one-time, may take a "
          f"minute; cache {entry.root}; log {entry.log_path})")
     t0 = time.perf_counter()
     try:

@@ -111,23 +111,28 @@ inline void gemm_tile(int kd, const float* A, int64_t a_rs, int64_t a_cs, const 
     for (int c = 0; c < NV; ++c) store8(C + r * ldc + c * kLanes, acc[r][c]);
 }
 
-// All row tiles of one column panel of NV vectors.
+// All row tiles of one column panel of NV vectors. The rows are cut into tiles of near-equal height
+// (at most 6), e.g. 32 = 6+6+5+5+5+5 rather than 6·5+2, since a thin tile wastes the loads of B.
 template <int NV, bool ACC>
 inline void gemm_panel(int M, int kd, const float* A, int64_t a_rs, int64_t a_cs, const float* B,
                        int64_t ldb, float* C, int64_t ldc) {
-  constexpr int MR = 6;
+  constexpr int kMaxRows = 6;
+  const int tiles = (M + kMaxRows - 1) / kMaxRows;
+  const int base = M / tiles, taller = M % tiles;  // `taller` tiles get base + 1 rows
   int r = 0;
-  for (; r + MR <= M; r += MR)
-    gemm_tile<MR, NV, ACC>(kd, A + r * a_rs, a_rs, a_cs, B, ldb, C + r * ldc, ldc);
-  const float* At = A + r * a_rs;
-  float* Ct = C + r * ldc;
-  switch (M - r) {
-    case 5: gemm_tile<5, NV, ACC>(kd, At, a_rs, a_cs, B, ldb, Ct, ldc); break;
-    case 4: gemm_tile<4, NV, ACC>(kd, At, a_rs, a_cs, B, ldb, Ct, ldc); break;
-    case 3: gemm_tile<3, NV, ACC>(kd, At, a_rs, a_cs, B, ldb, Ct, ldc); break;
-    case 2: gemm_tile<2, NV, ACC>(kd, At, a_rs, a_cs, B, ldb, Ct, ldc); break;
-    case 1: gemm_tile<1, NV, ACC>(kd, At, a_rs, a_cs, B, ldb, Ct, ldc); break;
-    default: break;
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int h = base + (tile < taller ? 1 : 0);
+    const float* At = A + r * a_rs;
+    float* Ct = C + r * ldc;
+    switch (h) {
+      case 6: gemm_tile<6, NV, ACC>(kd, At, a_rs, a_cs, B, ldb, Ct, ldc); break;
+      case 5: gemm_tile<5, NV, ACC>(kd, At, a_rs, a_cs, B, ldb, Ct, ldc); break;
+      case 4: gemm_tile<4, NV, ACC>(kd, At, a_rs, a_cs, B, ldb, Ct, ldc); break;
+      case 3: gemm_tile<3, NV, ACC>(kd, At, a_rs, a_cs, B, ldb, Ct, ldc); break;
+      case 2: gemm_tile<2, NV, ACC>(kd, At, a_rs, a_cs, B, ldb, Ct, ldc); break;
+      default: gemm_tile<1, NV, ACC>(kd, At, a_rs, a_cs, B, ldb, Ct, ldc); break;
+    }
+    r += h;
   }
 }
 

@@ -18,8 +18,8 @@
 //     O  = (Q ⊙ e^γ) S0ᵀ + A_qk U
 //     S_C = S0 diag(e^{γ_last}) + Uᵀ (K ⊙ e^{γ_last - γ})
 //
-// Numerical safety: every exponential evaluated here has a non-positive argument (log-decays are
-// <= 0), so nothing overflows even for decays like -1000 per token. The factor e^{γ_i - γ_j} of A is
+// Numerical safety: every decay factor evaluated here is e^x with x <= 0 (log-decays are <= 0), so
+// nothing overflows even for decays like -1000 per token. The factor e^{γ_i - γ_j} of A is
 // never split as e^{γ_i} · e^{-γ_j}; across sub-blocks of BS tokens it is split through reference
 // tokens between j and i (see compute_offdiag_A), and inside a diagonal sub-block it is evaluated
 // directly. Sums run only over the causal range (j <= i), so a NaN in a later token cannot leak into
@@ -33,29 +33,26 @@ namespace flash_kda {
 namespace portable {
 
 // ---------------------------------------------------------------------------------------------
-// Configuration per head dim
+// Layout of a block
 // ---------------------------------------------------------------------------------------------
-template <int D>
-struct Config;
-// kChunk: tokens per chunk; kVSlice: state rows per block; kSub: sub-block used to factor decays.
-template <>
-struct Config<64> { static constexpr int kChunk = 32, kVSlice = 64, kSub = 8; };
-template <>
-struct Config<128> { static constexpr int kChunk = 32, kVSlice = 64, kSub = 8; };
-template <>
-struct Config<256> { static constexpr int kChunk = 16, kVSlice = 64, kSub = 8; };
-
-// Shared-memory layout (in floats) and thread layouts of the block for head dim D.
-template <int D>
+// Shared-memory layout (in floats) and thread layouts of a block for head dim D_ that owns VS_ rows
+// of the state and walks the sequence in chunks of C_ tokens. The launcher (kda_cuda.cu) picks among
+// a few such layouts: V slices multiply the K-side work of a chunk (loads, A matrices), so they pay
+// only when N * Hv blocks would leave multiprocessors idle; a short chunk shrinks shared memory for
+// devices with little of it.
+template <int D_, int VS_, int C_>
 struct Layout {
+  static constexpr int D = D_;
+  static constexpr int VS = VS_;
+  static constexpr int C = C_;
   static constexpr int kThreads = 256;
-  static constexpr int C = Config<D>::kChunk;
-  static constexpr int VS = Config<D>::kVSlice;
-  static constexpr int BS = Config<D>::kSub;
+  static constexpr int BS = 8;                      // sub-block used to factor decays
   static constexpr int NB = C / BS;                 // sub-blocks per chunk
   static constexpr int NPAIR = NB * (NB - 1) / 2;   // sub-block pairs (I > J)
   static constexpr int NVS = D / VS;                // V slices per head
-  static constexpr int LD = D + 1;                  // padded row stride of [*, D] arrays (banks)
+  // Row stride of the [*, D] arrays: a multiple of 4 floats so rows can be read as float4, and 4
+  // banks off a multiple of 32 so that 8 lanes reading float4s of 8 different rows hit 32 banks.
+  static constexpr int LD = D + 4;
 
   // "Lanes": threads laid along the contiguous dimension of a tile. Only a layout choice.
   static constexpr int kLanes = 32;
@@ -76,13 +73,20 @@ struct Layout {
   static constexpr int kDtb = kEg + D;              // [D] dt_bias of this head
   static constexpr int kFloats = kDtb + D;
   static constexpr int kSmemBytes = kFloats * 4;
+  // Blocks per multiprocessor the register budget must allow: small layouts fit several blocks in
+  // shared memory, large ones one.
+  static constexpr int kMinBlocks = kSmemBytes <= 76 * 1024 ? 2 : 1;
 
   static_assert(C % BS == 0, "chunk must be a whole number of sub-blocks");
   static_assert(D % VS == 0 && VS % kLanes == 0 && D % kLanes == 0, "slice layout");
   static_assert(C % kRowGroups == 0 && VS % kRowGroups == 0, "row-group layout");
-  static_assert((C * C) % kThreads == 0, "off-diagonal A layout");
-  static_assert(BS % ((C * C) / kThreads) == 0, "a thread's A rows must share one sub-block");
+  // Rows of A per thread in compute_offdiag_A (unused when the chunk is a single sub-block).
+  static constexpr int kOffdiagRows = NB > 1 ? (C * C) / kThreads : 1;
+  static_assert(NB == 1 || (C * C) % kThreads == 0, "off-diagonal A layout");
+  static_assert(kOffdiagRows > 0 && BS % kOffdiagRows == 0, "a thread's A rows share one sub-block");
   static_assert(VS <= kThreads && D <= kThreads, "one thread per column / channel");
+  static_assert(D % 4 == 0 && C % 4 == 0 && VS % 4 == 0, "float4 rows");
+  static_assert((C * D) % kThreads == 0 && (C * VS) % kThreads == 0, "whole loads per thread");
 };
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -91,6 +95,15 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kMinLogDecay = -1e30f;
 
 FLASH_KDA_DEVICE float sigmoid(float x) { return 1.0f / (1.0f + port::exp(-x)); }
+
+// 16-byte shared-memory accesses (addresses are multiples of 4 floats by construction of Layout).
+FLASH_KDA_DEVICE float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+FLASH_KDA_DEVICE float dot4(const float4& a, const float4& b) {
+  return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+}
+FLASH_KDA_DEVICE float4 mul4(const float4& a, const float4& b) {
+  return make_float4(a.x * b.x, a.y * b.y, a.z * b.z, a.w * b.w);
+}
 
 // What one block works on.
 struct Task {
@@ -101,9 +114,8 @@ struct Task {
   SeqRange r;  // token range of the sequence
 };
 
-template <int D>
+template <class L>
 FLASH_KDA_DEVICE Task block_task(const KdaParams& p, int block) {
-  using L = Layout<D>;
   Task t;
   t.v0 = (block % L::NVS) * L::VS;
   const int nh = block / L::NVS;
@@ -117,9 +129,9 @@ FLASH_KDA_DEVICE Task block_task(const KdaParams& p, int block) {
 // ---------------------------------------------------------------------------------------------
 // State in / out
 // ---------------------------------------------------------------------------------------------
-template <int D>
+template <class L>
 FLASH_KDA_DEVICE void load_state(const KdaParams& p, const Task& t, float* sm, int tid) {
-  using L = Layout<D>;
+  constexpr int D = L::D;
   float* S = sm + L::kS;
   for (int idx = tid; idx < L::VS * D; idx += L::kThreads) {
     const int v = idx / D, c = idx % D;
@@ -132,9 +144,9 @@ FLASH_KDA_DEVICE void load_state(const KdaParams& p, const Task& t, float* sm, i
   }
 }
 
-template <int D>
+template <class L>
 FLASH_KDA_DEVICE void store_state(const KdaParams& p, const Task& t, const float* sm, int tid) {
-  using L = Layout<D>;
+  constexpr int D = L::D;
   if (p.final_state == nullptr) return;
   const float* S = sm + L::kS;
   for (int idx = tid; idx < L::VS * D; idx += L::kThreads) {
@@ -148,47 +160,59 @@ FLASH_KDA_DEVICE void store_state(const KdaParams& p, const Task& t, const float
 // Chunk input: q, k, log-decay a, v slice, b. Tokens past the sequence end are zero (a = 0, b = 0),
 // which makes them contribute nothing and leaves γ_last at the last real token.
 // ---------------------------------------------------------------------------------------------
-template <int D>
+template <class L>
 FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const Task& t, int64_t t0, int len, float exp_a,
                                  float* sm, int tid) {
-  using L = Layout<D>;
+  constexpr int D = L::D;
+  constexpr int kPer = L::C * D / L::kThreads;        // q/k/g elements per thread
+  constexpr int kPerV = L::C * L::VS / L::kThreads;   // v elements per thread
   const port::input_t* q = static_cast<const port::input_t*>(p.q);
   const port::input_t* k = static_cast<const port::input_t*>(p.k);
   const port::input_t* v = static_cast<const port::input_t*>(p.v);
-  const bool gate = p.A_log != nullptr;
-  for (int idx = tid; idx < L::C * D; idx += L::kThreads) {
-    const int i = idx / D, c = idx % D;
-    float qx = 0.0f, kx = 0.0f, a = 0.0f;
+
+  // Issue every global load of the chunk before using any, so that their latencies overlap.
+  float qx[kPer], kx[kPer], gx[kPer], vx[kPerV], bx = 0.0f;
+#pragma unroll
+  for (int r = 0; r < kPer; ++r) {
+    const int idx = tid + r * L::kThreads, i = idx / D, c = idx % D;
+    qx[r] = kx[r] = gx[r] = 0.0f;
     if (i < len) {
-      qx = port::to_float(q[token_offset(p.q_strides, t.r, t0 + i, t.hk) + c]);
-      kx = port::to_float(k[token_offset(p.k_strides, t.r, t0 + i, t.hk) + c]);
-      const float g =
-          port::load_as_float(p.g, token_offset(p.g_strides, t.r, t0 + i, t.h) + c, p.g_fp32);
-      a = gate ? p.lower_bound * sigmoid(exp_a * (g + sm[L::kDtb + c])) : g;
-      a = a < kMinLogDecay ? kMinLogDecay : a;
+      qx[r] = port::to_float(q[token_offset(p.q_strides, t.r, t0 + i, t.hk) + c]);
+      kx[r] = port::to_float(k[token_offset(p.k_strides, t.r, t0 + i, t.hk) + c]);
+      gx[r] = port::load_as_float(p.g, token_offset(p.g_strides, t.r, t0 + i, t.h) + c, p.g_fp32);
     }
-    sm[L::kQ + i * L::LD + c] = qx;
-    sm[L::kK + i * L::LD + c] = kx;
+  }
+#pragma unroll
+  for (int r = 0; r < kPerV; ++r) {
+    const int idx = tid + r * L::kThreads, i = idx / L::VS, c = idx % L::VS;
+    vx[r] = i < len ? port::to_float(v[token_offset(p.v_strides, t.r, t0 + i, t.h) + t.v0 + c])
+                    : 0.0f;
+  }
+  if (tid < len && tid < L::C) {
+    bx = port::load_as_float(p.beta, token_offset(p.beta_strides, t.r, t0 + tid, t.h), p.beta_fp32);
+  }
+
+  const bool gate = p.A_log != nullptr;
+#pragma unroll
+  for (int r = 0; r < kPer; ++r) {
+    const int idx = tid + r * L::kThreads, i = idx / D, c = idx % D;
+    float a = gx[r];
+    if (gate && i < len) a = p.lower_bound * sigmoid(exp_a * (a + sm[L::kDtb + c]));
+    a = a < kMinLogDecay ? kMinLogDecay : a;
+    sm[L::kQ + i * L::LD + c] = qx[r];
+    sm[L::kK + i * L::LD + c] = kx[r];
     sm[L::kG + i * L::LD + c] = a;
   }
-  for (int idx = tid; idx < L::C * L::VS; idx += L::kThreads) {
-    const int i = idx / L::VS, c = idx % L::VS;
-    sm[L::kVx + idx] =
-        i < len ? port::to_float(v[token_offset(p.v_strides, t.r, t0 + i, t.h) + t.v0 + c]) : 0.0f;
-  }
-  for (int i = tid; i < L::C; i += L::kThreads) {
-    sm[L::kBeta + i] =
-        i < len ? sigmoid(port::load_as_float(p.beta, token_offset(p.beta_strides, t.r, t0 + i, t.h),
-                                              p.beta_fp32))
-                : 0.0f;
-  }
+#pragma unroll
+  for (int r = 0; r < kPerV; ++r) sm[L::kVx + tid + r * L::kThreads] = vx[r];
+  if (tid < L::C) sm[L::kBeta + tid] = tid < len ? sigmoid(bx) : 0.0f;
 }
 
 // q <- scale · q / ||q||, k <- k / ||k|| (norms optional; one thread per row), and γ <- cumulative
 // sum of a along the chunk in log2 units (one thread per channel).
-template <int D>
+template <class L>
 FLASH_KDA_DEVICE void normalize_and_cumsum(const KdaParams& p, float* sm, int tid) {
-  using L = Layout<D>;
+  constexpr int D = L::D;
   for (int w = tid; w < 2 * L::C + D; w += L::kThreads) {
     if (w < 2 * L::C) {
       const bool is_q = w < L::C;
@@ -196,11 +220,17 @@ FLASH_KDA_DEVICE void normalize_and_cumsum(const KdaParams& p, float* sm, int ti
       float mult = is_q ? p.scale : 1.0f;
       if (p.use_qk_l2norm) {
         float ss = 0.0f;
-        for (int c = 0; c < D; ++c) ss += row[c] * row[c];
+        for (int c = 0; c < D; c += 4) {
+          const float4 x = ld4(row + c);
+          ss += dot4(x, x);
+        }
         mult /= port::sqrt(ss + 1e-6f);
       }
       if (mult != 1.0f) {
-        for (int c = 0; c < D; ++c) row[c] *= mult;
+        for (int c = 0; c < D; c += 4) {
+          const float4 x = ld4(row + c);
+          *reinterpret_cast<float4*>(row + c) = make_float4(x.x * mult, x.y * mult, x.z * mult, x.w * mult);
+        }
       }
     } else {
       float* col = sm + L::kG + (w - 2 * L::C);
@@ -224,9 +254,9 @@ FLASH_KDA_DEVICE void normalize_and_cumsum(const KdaParams& p, float* sm, int ti
 FLASH_KDA_DEVICE int pair_index(int I, int J) { return I * (I - 1) / 2 + J; }
 
 // Diagonal sub-blocks directly from raw k, q, γ; also the middle factors M.
-template <int D>
+template <class L>
 FLASH_KDA_DEVICE void compute_diag_A(float* sm, int tid) {
-  using L = Layout<D>;
+  constexpr int D = L::D;
   constexpr int kTri = L::BS * (L::BS + 1) / 2;  // pairs j <= i inside one sub-block
   const float* K = sm + L::kK;
   const float* Q = sm + L::kQ;
@@ -240,10 +270,13 @@ FLASH_KDA_DEVICE void compute_diag_A(float* sm, int tid) {
     }
     const int i = I * L::BS + ii, j = I * L::BS + rem;
     float kk = 0.0f, qk = 0.0f;
-    for (int c = 0; c < D; ++c) {
-      const float kj = K[j * L::LD + c] * port::exp2(G[i * L::LD + c] - G[j * L::LD + c]);
-      kk += K[i * L::LD + c] * kj;
-      qk += Q[i * L::LD + c] * kj;
+    for (int c = 0; c < D; c += 4) {
+      const float4 gi = ld4(G + i * L::LD + c), gj = ld4(G + j * L::LD + c);
+      const float4 e = make_float4(port::exp2(gi.x - gj.x), port::exp2(gi.y - gj.y),
+                                   port::exp2(gi.z - gj.z), port::exp2(gi.w - gj.w));
+      const float4 kj = mul4(ld4(K + j * L::LD + c), e);
+      kk += dot4(ld4(K + i * L::LD + c), kj);
+      qk += dot4(ld4(Q + i * L::LD + c), kj);
     }
     sm[L::kAqk + i * L::C + j] = qk;
     if (j < i) sm[L::kAkk + i * L::C + j] = kk;
@@ -259,9 +292,9 @@ FLASH_KDA_DEVICE void compute_diag_A(float* sm, int tid) {
 }
 
 // k -> k e^{γ - γ_b} (row operand), ke = k e^{γ_e - γ} (column operand), q -> q e^{γ - γ_b}.
-template <int D>
+template <class L>
 FLASH_KDA_DEVICE void scale_for_offdiag(float* sm, int tid) {
-  using L = Layout<D>;
+  constexpr int D = L::D;
   const float* G = sm + L::kG;
   for (int idx = tid; idx < L::C * D; idx += L::kThreads) {
     const int i = idx / D, c = idx % D, I = i / L::BS;
@@ -278,10 +311,10 @@ FLASH_KDA_DEVICE void scale_for_offdiag(float* sm, int tid) {
 
 // Entries of A whose column sub-block precedes the row sub-block. Thread = (row group, column j);
 // its rows all lie in one sub-block I, so threads with J >= I simply have nothing to do.
-template <int D>
-FLASH_KDA_DEVICE void compute_offdiag_A(float* sm, int tid) {
-  using L = Layout<D>;
-  constexpr int RPT = (L::C * L::C) / L::kThreads;  // rows per thread
+template <class L>
+FLASH_KDA_DEVICE void compute_offdiag_A_impl(float* sm, int tid) {
+  constexpr int D = L::D;
+  constexpr int RPT = L::kOffdiagRows;
   const int j = tid % L::C, r0 = (tid / L::C) * RPT;
   const int I = r0 / L::BS, J = j / L::BS;
   if (J >= I) return;
@@ -292,12 +325,12 @@ FLASH_KDA_DEVICE void compute_offdiag_A(float* sm, int tid) {
   float kk[RPT], qk[RPT];
 #pragma unroll
   for (int l = 0; l < RPT; ++l) kk[l] = qk[l] = 0.0f;
-  for (int c = 0; c < D; ++c) {
-    const float col = Ke[j * L::LD + c] * M[c];
+  for (int c = 0; c < D; c += 4) {
+    const float4 col = mul4(ld4(Ke + j * L::LD + c), ld4(M + c));
 #pragma unroll
     for (int l = 0; l < RPT; ++l) {
-      kk[l] += K[(r0 + l) * L::LD + c] * col;
-      qk[l] += Q[(r0 + l) * L::LD + c] * col;
+      kk[l] += dot4(ld4(K + (r0 + l) * L::LD + c), col);
+      qk[l] += dot4(ld4(Q + (r0 + l) * L::LD + c), col);
     }
   }
 #pragma unroll
@@ -307,11 +340,17 @@ FLASH_KDA_DEVICE void compute_offdiag_A(float* sm, int tid) {
   }
 }
 
+// A chunk of a single sub-block has no off-diagonal entries.
+template <class L>
+FLASH_KDA_DEVICE void compute_offdiag_A(float* sm, int tid) {
+  if constexpr (L::NB > 1) compute_offdiag_A_impl<L>(sm, tid);
+}
+
 // k -> k e^{γ}, q -> q e^{γ} (both from the e^{γ - γ_b} forms: e^{γ_b} <= 1, a safe product) and
 // ke -> k e^{γ_last - γ}; eg = e^{γ_last}.
-template <int D>
+template <class L>
 FLASH_KDA_DEVICE void scale_for_state(float* sm, int tid) {
-  using L = Layout<D>;
+  constexpr int D = L::D;
   const float* G = sm + L::kG;
   const float* g_last = G + (L::C - 1) * L::LD;
   for (int idx = tid; idx < L::C * D; idx += L::kThreads) {
@@ -328,19 +367,18 @@ FLASH_KDA_DEVICE void scale_for_state(float* sm, int tid) {
 // ---------------------------------------------------------------------------------------------
 // The V-side of a chunk. Output tile of a thread: rows i = rg·TI + l, columns v = lane + kLanes·m.
 // ---------------------------------------------------------------------------------------------
-template <int D>
+template <class L>
 struct OutTile {
-  using L = Layout<D>;
   static constexpr int TI = L::C / L::kRowGroups;
   static constexpr int TV = L::VS / L::kLanes;
   float o[TI][TV];  // (Q e^γ) S0ᵀ, then + A_qk U
 };
 
 // Vx <- V - (K e^γ) S0ᵀ; tile.o <- (Q e^γ) S0ᵀ.
-template <int D>
-FLASH_KDA_DEVICE void project_state(float* sm, int tid, OutTile<D>& tile) {
-  using L = Layout<D>;
-  using T = OutTile<D>;
+template <class L>
+FLASH_KDA_DEVICE void project_state(float* sm, int tid, OutTile<L>& tile) {
+  constexpr int D = L::D;
+  using T = OutTile<L>;
   const int lane = tid % L::kLanes, i0 = (tid / L::kLanes) * T::TI;
   const float* K = sm + L::kK;
   const float* Q = sm + L::kQ;
@@ -350,18 +388,18 @@ FLASH_KDA_DEVICE void project_state(float* sm, int tid, OutTile<D>& tile) {
   for (int l = 0; l < T::TI; ++l)
 #pragma unroll
     for (int m = 0; m < T::TV; ++m) x[l][m] = tile.o[l][m] = 0.0f;
-#pragma unroll 4
-  for (int c = 0; c < D; ++c) {
-    float s[T::TV];
+#pragma unroll 2
+  for (int c = 0; c < D; c += 4) {
+    float4 s[T::TV];
 #pragma unroll
-    for (int m = 0; m < T::TV; ++m) s[m] = S[(lane + L::kLanes * m) * L::LD + c];
+    for (int m = 0; m < T::TV; ++m) s[m] = ld4(S + (lane + L::kLanes * m) * L::LD + c);
 #pragma unroll
     for (int l = 0; l < T::TI; ++l) {
-      const float kx = K[(i0 + l) * L::LD + c], qx = Q[(i0 + l) * L::LD + c];
+      const float4 kx = ld4(K + (i0 + l) * L::LD + c), qx = ld4(Q + (i0 + l) * L::LD + c);
 #pragma unroll
       for (int m = 0; m < T::TV; ++m) {
-        x[l][m] += kx * s[m];
-        tile.o[l][m] += qx * s[m];
+        x[l][m] += dot4(kx, s[m]);
+        tile.o[l][m] += dot4(qx, s[m]);
       }
     }
   }
@@ -375,9 +413,8 @@ FLASH_KDA_DEVICE void project_state(float* sm, int tid, OutTile<D>& tile) {
 // Vx <- U = (I + diag(b) A_kk)^{-1} diag(b) Vx, one sub-block of rows at a time: first every thread
 // removes the contribution of the finished sub-blocks (parallel over rows x columns), then one thread
 // per column substitutes inside the sub-block.
-template <int D>
+template <class L>
 FLASH_KDA_DEVICE void solve_U(float* sm, int tid) {
-  using L = Layout<D>;
   float* Vx = sm + L::kVx;
   const float* A = sm + L::kAkk;
   const float* beta = sm + L::kBeta;
@@ -410,11 +447,10 @@ FLASH_KDA_DEVICE void solve_U(float* sm, int tid) {
 }
 
 // out <- tile.o + A_qk U (causal sum only), for the real tokens of the chunk.
-template <int D>
+template <class L>
 FLASH_KDA_DEVICE void write_output(const KdaParams& p, const Task& t, int64_t t0, int len,
-                                   const float* sm, int tid, OutTile<D>& tile) {
-  using L = Layout<D>;
-  using T = OutTile<D>;
+                                   const float* sm, int tid, OutTile<L>& tile) {
+  using T = OutTile<L>;
   const int lane = tid % L::kLanes, i0 = (tid / L::kLanes) * T::TI;
   const float* A = sm + L::kAqk;
   const float* U = sm + L::kVx;
@@ -444,52 +480,59 @@ FLASH_KDA_DEVICE void write_output(const KdaParams& p, const Task& t, int64_t t0
   }
 }
 
-// S <- S diag(e^{γ_last}) + Uᵀ (K e^{γ_last - γ}). Thread tile: rows v = rg·TR + l, channels
-// c = lane + kLanes·m.
-template <int D>
+// S <- S diag(e^{γ_last}) + Uᵀ (K e^{γ_last - γ}). A thread owns rows v = rg·TR + l and channels
+// c = lane + kLanes·m; it walks its rows in passes of PR to bound the accumulators it keeps live.
+template <class L>
 FLASH_KDA_DEVICE void update_state(float* sm, int tid) {
-  using L = Layout<D>;
+  constexpr int D = L::D;
   constexpr int TR = L::VS / L::kRowGroups;
   constexpr int TC = D / L::kLanes;
-  const int lane = tid % L::kLanes, v0 = (tid / L::kLanes) * TR;
+  constexpr int PR = TR < 8 ? TR : 8;
+  static_assert(TR % PR == 0 && PR % 4 == 0, "state rows of a thread are read as float4");
+  const int lane = tid % L::kLanes;
   float* S = sm + L::kS;
   const float* U = sm + L::kVx;
   const float* Kl = sm + L::kKe;
   const float* eg = sm + L::kEg;
-  float acc[TR][TC];
+  for (int v0 = (tid / L::kLanes) * TR; v0 < (tid / L::kLanes + 1) * TR; v0 += PR) {
+    float acc[PR][TC];
 #pragma unroll
-  for (int l = 0; l < TR; ++l)
+    for (int l = 0; l < PR; ++l)
 #pragma unroll
-    for (int m = 0; m < TC; ++m) {
-      const int c = lane + L::kLanes * m;
-      acc[l][m] = S[(v0 + l) * L::LD + c] * eg[c];
-    }
+      for (int m = 0; m < TC; ++m) {
+        const int c = lane + L::kLanes * m;
+        acc[l][m] = S[(v0 + l) * L::LD + c] * eg[c];
+      }
 #pragma unroll 2
-  for (int i = 0; i < L::C; ++i) {
-    float kl[TC];
+    for (int i = 0; i < L::C; ++i) {
+      float kl[TC];
 #pragma unroll
-    for (int m = 0; m < TC; ++m) kl[m] = Kl[i * L::LD + lane + L::kLanes * m];
+      for (int m = 0; m < TC; ++m) kl[m] = Kl[i * L::LD + lane + L::kLanes * m];
 #pragma unroll
-    for (int l = 0; l < TR; ++l) {
-      const float u = U[i * L::VS + v0 + l];
+      for (int l4 = 0; l4 < PR; l4 += 4) {
+        const float4 u4 = ld4(U + i * L::VS + v0 + l4);
+        const float u[4] = {u4.x, u4.y, u4.z, u4.w};
 #pragma unroll
-      for (int m = 0; m < TC; ++m) acc[l][m] += u * kl[m];
+        for (int l = 0; l < 4; ++l)
+#pragma unroll
+          for (int m = 0; m < TC; ++m) acc[l4 + l][m] += u[l] * kl[m];
+      }
     }
+#pragma unroll
+    for (int l = 0; l < PR; ++l)
+#pragma unroll
+      for (int m = 0; m < TC; ++m) S[(v0 + l) * L::LD + lane + L::kLanes * m] = acc[l][m];
   }
-#pragma unroll
-  for (int l = 0; l < TR; ++l)
-#pragma unroll
-    for (int m = 0; m < TC; ++m) S[(v0 + l) * L::LD + lane + L::kLanes * m] = acc[l][m];
 }
 
 // ---------------------------------------------------------------------------------------------
 // The whole block: every chunk of its sequence, then the final state.
-// `sm` is the block's dynamic shared memory (Layout<D>::kSmemBytes), `block` its linear index.
+// `sm` is the block's dynamic shared memory (L::kSmemBytes), `block` its linear index.
 // ---------------------------------------------------------------------------------------------
-template <int D>
+template <class L>
 FLASH_KDA_DEVICE void run_block(const KdaParams& p, float* sm, int block, int tid) {
-  using L = Layout<D>;
-  const Task t = block_task<D>(p, block);
+  constexpr int D = L::D;
+  const Task t = block_task<L>(p, block);
   float exp_a = 0.0f;
   if (p.A_log != nullptr) {
     exp_a = port::exp(p.A_log[t.h]);
@@ -497,32 +540,32 @@ FLASH_KDA_DEVICE void run_block(const KdaParams& p, float* sm, int block, int ti
       sm[L::kDtb + c] = p.dt_bias[t.h * p.dt_bias_head_stride + c];
     }
   }
-  load_state<D>(p, t, sm, tid);
+  load_state<L>(p, t, sm, tid);
   port::block_sync();  // dt_bias and S are read by other threads below
 
   for (int64_t t0 = 0; t0 < t.r.len; t0 += L::C) {
     const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
-    load_chunk<D>(p, t, t0, len, exp_a, sm, tid);
+    load_chunk<L>(p, t, t0, len, exp_a, sm, tid);
     port::block_sync();
-    normalize_and_cumsum<D>(p, sm, tid);
+    normalize_and_cumsum<L>(p, sm, tid);
     port::block_sync();
-    compute_diag_A<D>(sm, tid);
+    compute_diag_A<L>(sm, tid);
     port::block_sync();
-    scale_for_offdiag<D>(sm, tid);
+    scale_for_offdiag<L>(sm, tid);
     port::block_sync();
-    compute_offdiag_A<D>(sm, tid);
+    compute_offdiag_A<L>(sm, tid);
     port::block_sync();
-    scale_for_state<D>(sm, tid);
+    scale_for_state<L>(sm, tid);
     port::block_sync();
-    OutTile<D> tile;
-    project_state<D>(sm, tid, tile);
+    OutTile<L> tile;
+    project_state<L>(sm, tid, tile);
     port::block_sync();
-    solve_U<D>(sm, tid);  // ends with a barrier
-    write_output<D>(p, t, t0, len, sm, tid, tile);
-    update_state<D>(sm, tid);
+    solve_U<L>(sm, tid);  // ends with a barrier
+    write_output<L>(p, t, t0, len, sm, tid, tile);
+    update_state<L>(sm, tid);
     port::block_sync();
   }
-  store_state<D>(p, t, sm, tid);
+  store_state<L>(p, t, sm, tid);
 }
 
 }  // namespace portable

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from abc import ABC, abstractmethod
@@ -43,6 +44,17 @@ class BuildPlan:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def compiler_summary(self) -> str:
+        """One short line for messages: the tool and its release (nvcc prints it on line 4)."""
+        parts = [p.strip() for p in self.compiler.split("|")]
+        release = next((p for p in parts if "release" in p.lower()), None)
+        return f"{parts[0].split(':')[0]} ({release})" if release else parts[0]
+
+
+def split_arch_list(text: str) -> list[str]:
+    """Entries of an arch list written with ';', ',' or spaces between them ('8.0;9.0a')."""
+    return [x for x in re.split(r"[;,\s]+", text.strip()) if x]
 
 
 def run_version(argv: list[str]) -> str:

@@ -6,8 +6,8 @@ import os
 import re
 from pathlib import Path
 
-from .base import (csrc_dir, BuildPlan, CompilerNotFoundError, Toolchain, UnsupportedToolchainError,
-                   require_ninja, run_version)
+from .base import (BuildPlan, CompilerNotFoundError, Toolchain, UnsupportedToolchainError, csrc_dir,
+                   require_ninja, run_version, split_arch_list)
 from .. import env
 
 # Compute capabilities that get the arch-specific ("a") target: wgmma and setmaxnreg need sm_90a.
@@ -18,9 +18,7 @@ _ENTRY = re.compile(r"^(?:sm_?|compute_?)?(\d+)\.?(\d)?([af]?)(\+ptx)?$")
 def parse_arch_list(text: str) -> list[tuple[int, int, str, bool]]:
     """'8.0;9.0a' / 'sm_90a' / '90a' / '8.6+PTX' -> [(major, minor, suffix, ptx)]."""
     out = []
-    for raw in re.split(r"[;,\s]+", text.strip()):
-        if not raw:
-            continue
+    for raw in split_arch_list(text):
         m = _ENTRY.match(raw.lower())
         if not m:
             raise ValueError(f"cannot read CUDA arch {raw!r} (examples: '9.0a', 'sm_90a', '8.0')")

@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 
 from .base import (BuildPlan, CompilerNotFoundError, Toolchain, UnsupportedToolchainError,
-                   csrc_dir, require_ninja, run_version)
+                   csrc_dir, require_ninja, run_version, split_arch_list)
 from .. import env
 
 MIN_TORCH_MUSA = (2, 7, 0)
@@ -54,9 +54,7 @@ def _fmt(version: tuple[int, ...]) -> str:
 def parse_arch_list(text: str) -> list[tuple[int, int]]:
     """'mp_31' / 'mp31' / '3.1' / '31', or several separated by ';', ',' or spaces -> [(3, 1)]."""
     out = []
-    for raw in re.split(r"[;,\s]+", text.strip()):
-        if not raw:
-            continue
+    for raw in split_arch_list(text):
         m = _ENTRY.match(raw.lower())
         if not m:
             raise ValueError(f"cannot read MUSA arch {raw!r} (examples: 'mp_31' for MTT S5000, "
