@@ -62,7 +62,7 @@ struct PortableVariant {
   }
 };
 
-// Block layouts compiled for this head dim (shared memory on a 4-byte float basis, see Layout):
+// Block layouts compiled for this head dim, with their shared memory per block (see Layout):
 //   Wide    the widest V slice that fits a Hopper block (D = 256 stops at 128 rows: a full
 //           256 x 256 fp32 state does not fit), least total work;
 //   Narrow  half as wide: twice the blocks, for few sequences x heads;
