@@ -10,7 +10,7 @@ from flash_kda.reference import kda_reference
 # dtype first and the reference is fed the *same* rounded tensors, so what remains is the kernel's
 # fp32 arithmetic plus the final rounding of `out` to the input dtype (bf16 has 8 mantissa bits:
 # ~2e-3 rel error per element from rounding alone).
-OUT_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
+OUT_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 4e-3}
 # fp32 state: only arithmetic error; an input-dtype state is additionally rounded (input and output).
 STATE_TOL_FP32 = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 3e-3}
 STATE_TOL_LOWP = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2}

@@ -42,10 +42,12 @@ def check(p, out, final, seed, *, use_qk_l2norm=True, scale=None, lower_bound=-5
                                       lower_bound=lower_bound)
     dtype = p["v"].dtype
     e_out = rel_l2(out, ref_out)
+    e_st = rel_l2(final, ref_final) if final is not None else float("nan")
+    # One line per case (pytest -s, or -rP) so that the figures can be recorded.
+    print(f"[{out.device.type}] {what}: out rel-L2 {e_out:.2e}, final_state ({None if final is None else final.dtype}) {e_st:.2e}")
     assert e_out <= OUT_TOL[dtype], f"{what} out rel-L2 {e_out:.3e} > {OUT_TOL[dtype]} (seed {seed})"
     if final is not None:
         tol = STATE_TOL_FP32[dtype] if final.dtype == torch.float32 else STATE_TOL_LOWP[dtype]
-        e_st = rel_l2(final, ref_final)
         assert e_st <= tol, f"{what} final_state rel-L2 {e_st:.3e} > {tol} (seed {seed})"
     return e_out
 

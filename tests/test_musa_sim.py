@@ -266,8 +266,11 @@ def test_arch_from_capability_and_lists(fake_musa, jit, monkeypatch):
 def test_bf16_needs_mp22_fp16_builds_for_mp21(fake_musa, jit, monkeypatch):
     monkeypatch.setenv("FLASH_KDA_MUSA_ARCH", "mp_21")
     with pytest.raises(jit.UnsupportedToolchainError, match="bf16.*mp_22.*fp16"):
-        toolchain().plan(jit.default_spec("musa"))
-    plan = toolchain().plan(musa_spec("mp21", dtype="fp16"))
+        toolchain().plan(musa_spec("mp21", dtype="bf16"))
+    # so the module `import flash_kda` builds on MP21 is the fp16 one, which it can compile
+    default = jit.default_spec("musa")
+    assert (default.arch, default.dtype) == ("mp21", "fp16")
+    plan = toolchain().plan(default)
     assert offload_flags(plan.extra_device_cflags) == ["--offload-arch=mp_21"]
 
 
