@@ -56,10 +56,11 @@ def fma_rate(reps: int = 5) -> float:
     return 2 * n ** 3 / median_s(lambda: a @ b, reps)
 
 
-def kernel_flops(T: int, H: int, D: int, C: int = 64) -> float:
+def kernel_flops(T: int, H: int, D: int, C: int = 16) -> float:
     """FLOPs of the chunked algorithm (K = V = D, chunk C; a multiply-add counts 2). Per chunk and
     head, in multiply-adds: A_kk and A_qk (C²D/2 each), the triangular solve (C³/6), U = T·V and
-    W = T·K̃ (C²D/2 each), A_qk·U' (C²D/2), and W·S0ᵀ, Q̃·S0ᵀ, U'ᵀ·K̃ (C·D² each)."""
+    W = T·K̃ (C²D/2 each), A_qk·U' (C²D/2), and W·S0ᵀ, Q̃·S0ᵀ, U'ᵀ·K̃ (C·D² each).
+    C defaults to the CPU kernel's chunk (FLASH_KDA_CPU_CHUNK in csrc/cpu/kda_cpu.cpp)."""
     macs_per_chunk = 5 * C * C * D / 2 + C ** 3 / 6 + 3 * C * D * D
     return 2 * macs_per_chunk * (T / C) * H
 

@@ -15,6 +15,13 @@
 #define FLASH_KDA_CPU_X86_FMA 1
 #endif
 
+// Built without AVX, GCC notes that passing 32-byte vectors by value has a different ABI there. Every
+// function here is inline and used only inside the CPU kernel's translation unit, so no call ever
+// crosses an ABI boundary and the note is noise.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace flash_kda {
 namespace cpu {
 
