@@ -100,6 +100,11 @@ def check_output(out: torch.Tensor, name: str, shape, dtype, device, inputs: dic
     if _has_internal_overlap(out):
         raise ValueError(f"{name} has overlapping elements (an expanded or strided view); pass a "
                          "tensor whose elements are distinct")
+    reject_aliasing(out, name, inputs)
+
+
+def reject_aliasing(out: torch.Tensor, name: str, inputs: dict) -> None:
+    """An output must not share memory with any of `inputs` (name -> tensor or None)."""
     for other_name, other in inputs.items():
         if other is not None and overlaps(out, other):
             raise ValueError(f"{name} overlaps {other_name} in memory; outputs must not alias inputs")
@@ -262,9 +267,7 @@ def check_final_state(final_state, p: Problem) -> None:
                              "update) or non-overlapping tensors")
     if _has_internal_overlap(final_state):
         raise ValueError("final_state has overlapping elements (an expanded view)")
-    for name, t in p_inputs(p).items():
-        if t is not None and overlaps(final_state, t):
-            raise ValueError(f"final_state overlaps {name} in memory; outputs must not alias inputs")
+    reject_aliasing(final_state, "final_state", p_inputs(p))
 
 
 def p_inputs(p: Problem) -> dict:

@@ -22,6 +22,15 @@ def get_workspace_size(T_total: int, H: int, N: int) -> int:
     return 0
 
 
+def _check_destinations(p, final_state, out, out_name: str) -> None:
+    """final_state, then `out` (None: allocated later), against the inputs and each other."""
+    check_final_state(final_state, p)
+    if out is not None:
+        out_inputs = dict(p_inputs(p), initial_state=p.initial_state, final_state=final_state)
+        check_output(out, out_name, p.v.shape if not p.packed else p.v.shape[1:], p.v.dtype,
+                     p.v.device, out_inputs)
+
+
 def _run(p, out4, final_state, use_qk_l2norm: bool) -> None:
     in_place = final_state is not None and p.initial_state is not None and \
         same_view(final_state, p.initial_state)
@@ -52,10 +61,9 @@ def fwd(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound,
     require_tensor(A_log, "A_log")
     require_tensor(dt_bias, "dt_bias")
     require_tensor(workspace, "workspace", optional=True)
+    require_tensor(out, "out")
     p = check_problem(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_bias, lower_bound)
-    check_final_state(final_state, p)
-    out_inputs = dict(p_inputs(p), initial_state=p.initial_state, final_state=final_state)
-    check_output(out, "out", v.shape, v.dtype, v.device, out_inputs)
+    _check_destinations(p, final_state, out, "out")
     _run(p, _as4d(out, p.packed), final_state, use_qk_l2norm=True)
 
 
@@ -84,11 +92,8 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     if not isinstance(output_final_state, bool) or not isinstance(use_qk_l2norm_in_kernel, bool):
         raise TypeError("output_final_state and use_qk_l2norm_in_kernel must be bool")
     p = check_problem(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_bias, lower_bound)
-    check_final_state(final_state, p)
-    out_inputs = dict(p_inputs(p), initial_state=p.initial_state, final_state=final_state)
-    if output is not None:
-        check_output(output, "output", v.shape, v.dtype, v.device, out_inputs)
-    else:
+    _check_destinations(p, final_state, output, "output")
+    if output is None:
         output = torch.empty_like(v, memory_format=torch.contiguous_format)
     if final_state is None and output_final_state:
         hv, K = p.v.shape[2], p.head_dim
