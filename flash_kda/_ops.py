@@ -8,25 +8,34 @@ registered, so torch.compile can trace through calls without running them.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
 
 from . import jit
 
+# (device, head_dim, dtype, FLASH_KDA_KERNEL as set, None on the CPU) -> loaded kernel
 _kernels: dict[tuple, "jit.LoadedKernel"] = {}
 _kernels_lock = threading.Lock()
+_CPU = torch.device("cpu")
 
 
 def kernel_for(device: torch.device, head_dim: int, dtype: torch.dtype) -> "jit.LoadedKernel":
-    """The loaded kernel for this device/head dim/dtype (memoised: the hot path is one dict get)."""
-    variant = jit.env.kernel_variant()
-    key = (device.type, device.index, head_dim, dtype, variant)
+    """The loaded kernel for this device/head dim/dtype (memoised: the hot path is one dict get).
+
+    FLASH_KDA_KERNEL is read on every GPU call (a running process may switch variants); the key
+    holds its raw value, which jit.env.kernel_variant() parses and validates on a miss. The CPU
+    module has a single variant, so CPU calls skip the environment read (~1 us).
+    """
+    variant = None if device == _CPU else os.environ.get("FLASH_KDA_KERNEL")
+    key = (device, head_dim, dtype, variant)
     kernel = _kernels.get(key)
     if kernel is None:
         with _kernels_lock:
             kernel = _kernels.get(key)
             if kernel is None:
+                jit.env.kernel_variant()  # a bad FLASH_KDA_KERNEL is an error on every backend
                 kernel = jit.build_and_load(jit.spec_for(device, head_dim, dtype))
                 _kernels[key] = kernel
     return kernel
@@ -76,10 +85,11 @@ def run_kernel(q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, out
               scale, lower_bound, use_qk_l2norm, state_in_place)
 
 
-def call(*args) -> None:
-    """Run the op: through the custom op when tracing (torch.compile sees it), directly otherwise
-    (the custom-op wrapper costs tens of microseconds of host time per call)."""
+def call(args: tuple, device: torch.device, head_dim: int, dtype: torch.dtype) -> None:
+    """Run the op on `args` (kda_fwd's, in order) of q's device, head dim and dtype: through the
+    custom op when tracing (torch.compile sees it), directly otherwise (the custom-op wrapper
+    costs tens of microseconds of host time per call)."""
     if torch.compiler.is_compiling():
         torch.ops.flash_kda.kda_fwd(*args)
     else:
-        run_kernel(*args)
+        kernel_for(device, head_dim, dtype).op(*args)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops
-from ._validate import (check_final_state, check_output, check_problem, p_inputs, require_tensor,
-                        same_view)
+from ._validate import check_destinations, check_problem, require_tensor
 
 
 def get_workspace_size(T_total: int, H: int, N: int) -> int:
@@ -22,21 +21,11 @@ def get_workspace_size(T_total: int, H: int, N: int) -> int:
     return 0
 
 
-def _check_destinations(p, final_state, out, out_name: str) -> None:
-    """final_state, then `out` (None: allocated later), against the inputs and each other."""
-    check_final_state(final_state, p)
-    if out is not None:
-        out_inputs = dict(p_inputs(p), initial_state=p.initial_state, final_state=final_state)
-        check_output(out, out_name, p.v.shape if not p.packed else p.v.shape[1:], p.v.dtype,
-                     p.v.device, out_inputs)
-
-
-def _run(p, out4, final_state, use_qk_l2norm: bool) -> None:
-    in_place = final_state is not None and p.initial_state is not None and \
-        same_view(final_state, p.initial_state)
-    _ops.call(p.q, p.k, p.v, p.g, p.beta, p.A_log, p.dt_bias,
-              None if in_place else p.initial_state, final_state, out4, p.cu_seqlens,
-              p.scale, p.lower_bound, use_qk_l2norm, in_place)
+def _run(p, out4, final_state, in_place: bool, use_qk_l2norm: bool) -> None:
+    """Launch; with in_place, final_state holds the initial state (it is the same tensor)."""
+    _ops.call((p.q, p.k, p.v, p.g, p.beta, p.A_log, p.dt_bias,
+               None if in_place else p.initial_state, final_state, out4, p.cu_seqlens,
+               p.scale, p.lower_bound, use_qk_l2norm, in_place), p.device, p.head_dim, p.dtype)
 
 
 def _as4d(t: torch.Tensor, packed: bool) -> torch.Tensor:
@@ -58,13 +47,18 @@ def fwd(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound,
 
     q/k are L2-normalised in the kernel, the gate uses A_log/dt_bias, beta goes through sigmoid.
     """
-    require_tensor(A_log, "A_log")
-    require_tensor(dt_bias, "dt_bias")
-    require_tensor(workspace, "workspace", optional=True)
-    require_tensor(out, "out")
+    # FlashKDA's surface always has the gate parameters and `out`. One expression for the good
+    # case (this runs on every call); require_tensor names what is wrong.
+    T = torch.Tensor
+    if not (isinstance(A_log, T) and isinstance(dt_bias, T) and isinstance(out, T)
+            and (workspace is None or isinstance(workspace, T))):
+        require_tensor(A_log, "A_log")
+        require_tensor(dt_bias, "dt_bias")
+        require_tensor(workspace, "workspace", optional=True)
+        require_tensor(out, "out")
     p = check_problem(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_bias, lower_bound)
-    _check_destinations(p, final_state, out, "out")
-    _run(p, _as4d(out, p.packed), final_state, use_qk_l2norm=True)
+    in_place = check_destinations(p, final_state, out, "out")
+    _run(p, _as4d(out, p.packed), final_state, in_place, use_qk_l2norm=True)
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -92,12 +86,12 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     if not isinstance(output_final_state, bool) or not isinstance(use_qk_l2norm_in_kernel, bool):
         raise TypeError("output_final_state and use_qk_l2norm_in_kernel must be bool")
     p = check_problem(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_bias, lower_bound)
-    _check_destinations(p, final_state, output, "output")
+    in_place = check_destinations(p, final_state, output, "output")
     if output is None:
         output = torch.empty_like(v, memory_format=torch.contiguous_format)
     if final_state is None and output_final_state:
         hv, K = p.v.shape[2], p.head_dim
         state_dtype = p.initial_state.dtype if p.initial_state is not None else torch.float32
         final_state = torch.empty(p.num_seqs, hv, K, K, dtype=state_dtype, device=v.device)
-    _run(p, _as4d(output, p.packed), final_state, use_qk_l2norm=use_qk_l2norm_in_kernel)
+    _run(p, _as4d(output, p.packed), final_state, in_place, use_qk_l2norm=use_qk_l2norm_in_kernel)
     return (output, final_state) if output_final_state else output

@@ -151,7 +151,8 @@ def main() -> int:
     print(f"\n| shape | states | flash_kda ms | fla ms | fla / ours | flash_kda GB/s | floor ms |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for label, st, ours, theirs, nbytes, floor in rows:
-        print(f"| {label} | {st} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.2f} | "
+        fla_ms, ratio = (f"{theirs:.3f}", f"{theirs / ours:.2f}") if theirs == theirs else ("-", "-")
+        print(f"| {label} | {st} | {ours:.3f} | {fla_ms} | {ratio} | "
               f"{nbytes / ours / 1e6:.0f} | {floor:.3f} |")
     print(f"\nhost time per fwd call (Python + launch, GPU busy): {host:.1f} us")
     return 0

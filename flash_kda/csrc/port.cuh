@@ -12,8 +12,10 @@
 
 #include <stdint.h>
 
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 
 // MUSA names below follow the CUDA -> MUSA renaming (cudaX -> musaX, __nv_bfloat16 -> __mt_bfloat16;
 // conversion intrinsics keep their CUDA names); see shared/research/musa.md section 2. Not yet
@@ -134,6 +136,7 @@ inline void check(error_t e, const char* what) {
 }
 
 struct DeviceInfo {
+  int device;              // index of the current device
   int multiprocessors;
   int max_smem_per_block;  // bytes, opt-in limit (what a block may ask for after set_max_smem)
   int smem_per_multiprocessor;  // bytes
@@ -141,11 +144,11 @@ struct DeviceInfo {
   int minor;
 };
 
-inline DeviceInfo device_info() {
+// Attributes of device `dev`, queried from the runtime.
+inline DeviceInfo query_device(int dev) {
   DeviceInfo d{};
-  int dev = 0;
+  d.device = dev;
 #if defined(FLASH_KDA_BACKEND_MUSA)
-  check(musaGetDevice(&dev), "musaGetDevice");
   check(musaDeviceGetAttribute(&d.multiprocessors, musaDevAttrMultiProcessorCount, dev),
         "musaDeviceGetAttribute(multiprocessors)");
   check(musaDeviceGetAttribute(&d.max_smem_per_block, musaDevAttrMaxSharedMemoryPerBlockOptin, dev),
@@ -158,7 +161,6 @@ inline DeviceInfo device_info() {
   check(musaDeviceGetAttribute(&d.minor, musaDevAttrComputeCapabilityMinor, dev),
         "musaDeviceGetAttribute(minor)");
 #else
-  check(cudaGetDevice(&dev), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&d.multiprocessors, cudaDevAttrMultiProcessorCount, dev),
         "cudaDeviceGetAttribute(multiprocessors)");
   check(cudaDeviceGetAttribute(&d.max_smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
@@ -172,6 +174,23 @@ inline DeviceInfo device_info() {
         "cudaDeviceGetAttribute(minor)");
 #endif
   return d;
+}
+
+// Attributes of the current device. They never change while the process runs, so each device is
+// queried once (five attribute calls per launch were a measurable share of the host time).
+inline DeviceInfo device_info() {
+  int dev = 0;
+#if defined(FLASH_KDA_BACKEND_MUSA)
+  check(musaGetDevice(&dev), "musaGetDevice");
+#else
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+#endif
+  static std::mutex mu;
+  static std::unordered_map<int, DeviceInfo> known;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(dev);
+  if (it == known.end()) it = known.emplace(dev, query_device(dev)).first;
+  return it->second;
 }
 
 // Lets `kernel` use `bytes` of dynamic shared memory (needed above 48 KB).

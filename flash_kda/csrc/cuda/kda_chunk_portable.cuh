@@ -53,6 +53,7 @@ struct Layout {
   // Row stride of the [*, D] arrays: a multiple of 4 floats so rows can be read as float4, and 4
   // banks off a multiple of 32 so that 8 lanes reading float4s of 8 different rows hit 32 banks.
   static constexpr int LD = D + 4;
+  static constexpr int LDV = VS;                    // row stride of the [C, VS] array (unpadded)
 
   // "Lanes": threads laid along the contiguous dimension of a tile. Only a layout choice.
   static constexpr int kLanes = 32;
@@ -170,41 +171,51 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const Task& t, int64_t t0, 
   const port::input_t* k = static_cast<const port::input_t*>(p.k);
   const port::input_t* v = static_cast<const port::input_t*>(p.v);
 
+  // A thread always reads the same channel c (D and VS divide the block), of rows i0, i0 + step, ...
+  // so each tensor's address is computed once and then advanced by whole token strides.
+  static_assert(L::kThreads % D == 0 && L::kThreads % L::VS == 0, "a thread keeps its channel");
+  constexpr int kStep = L::kThreads / D, kStepV = L::kThreads / L::VS;
+  const int c = tid % D, i0 = tid / D, cv = tid % L::VS, i0v = tid / L::VS;
+  const int64_t q0 = token_offset(p.q_strides, t.r, t0 + i0, t.hk) + c;
+  const int64_t k0 = token_offset(p.k_strides, t.r, t0 + i0, t.hk) + c;
+  const int64_t g0 = token_offset(p.g_strides, t.r, t0 + i0, t.h) + c;
+  const int64_t v0 = token_offset(p.v_strides, t.r, t0 + i0v, t.h) + t.v0 + cv;
+
   // Issue every global load of the chunk before using any, so that their latencies overlap.
   float qx[kPer], kx[kPer], gx[kPer], vx[kPerV], bx = 0.0f;
 #pragma unroll
   for (int r = 0; r < kPer; ++r) {
-    const int idx = tid + r * L::kThreads, i = idx / D, c = idx % D;
+    const int i = i0 + r * kStep;
     qx[r] = kx[r] = gx[r] = 0.0f;
     if (i < len) {
-      qx[r] = port::to_float(q[token_offset(p.q_strides, t.r, t0 + i, t.hk) + c]);
-      kx[r] = port::to_float(k[token_offset(p.k_strides, t.r, t0 + i, t.hk) + c]);
-      gx[r] = port::load_as_float(p.g, token_offset(p.g_strides, t.r, t0 + i, t.h) + c, p.g_fp32);
+      qx[r] = port::to_float(q[q0 + r * kStep * p.q_strides.token]);
+      kx[r] = port::to_float(k[k0 + r * kStep * p.k_strides.token]);
+      gx[r] = port::load_as_float(p.g, g0 + r * kStep * p.g_strides.token, p.g_fp32);
     }
   }
 #pragma unroll
   for (int r = 0; r < kPerV; ++r) {
-    const int idx = tid + r * L::kThreads, i = idx / L::VS, c = idx % L::VS;
-    vx[r] = i < len ? port::to_float(v[token_offset(p.v_strides, t.r, t0 + i, t.h) + t.v0 + c])
-                    : 0.0f;
+    const int i = i0v + r * kStepV;
+    vx[r] = i < len ? port::to_float(v[v0 + r * kStepV * p.v_strides.token]) : 0.0f;
   }
   if (tid < len && tid < L::C) {
     bx = port::load_as_float(p.beta, token_offset(p.beta_strides, t.r, t0 + tid, t.h), p.beta_fp32);
   }
 
   const bool gate = p.A_log != nullptr;
+  const float dtb = gate ? sm[L::kDtb + c] : 0.0f;
 #pragma unroll
   for (int r = 0; r < kPer; ++r) {
-    const int idx = tid + r * L::kThreads, i = idx / D, c = idx % D;
+    const int i = i0 + r * kStep;
     float a = gx[r];
-    if (gate && i < len) a = p.lower_bound * sigmoid(exp_a * (a + sm[L::kDtb + c]));
+    if (gate && i < len) a = p.lower_bound * sigmoid(exp_a * (a + dtb));
     a = a < kMinLogDecay ? kMinLogDecay : a;
     sm[L::kQ + i * L::LD + c] = qx[r];
     sm[L::kK + i * L::LD + c] = kx[r];
     sm[L::kG + i * L::LD + c] = a;
   }
 #pragma unroll
-  for (int r = 0; r < kPerV; ++r) sm[L::kVx + tid + r * L::kThreads] = vx[r];
+  for (int r = 0; r < kPerV; ++r) sm[L::kVx + (i0v + r * kStepV) * L::LDV + cv] = vx[r];
   if (tid < L::C) sm[L::kBeta + tid] = tid < len ? sigmoid(bx) : 0.0f;
 }
 

@@ -1,19 +1,28 @@
 // kda_cuda.cu: the CUDA translation unit of one specialisation (head dim, input dtype).
 //
-// Implements flash_kda::launch_kda (declared in kda_params.h) with the portable chunked body
-// (kda_chunk_portable.cuh). Every runtime option of KdaParams (gates, l2norm, state dtype, fp32 g or
-// beta, varlen) is a uniform branch inside the body, so a specialisation compiles one kernel per
-// block layout (three, see Variants).
-//
-// FLASH_KDA_KERNEL_PORTABLE asks for the portable body even where an arch-specific fast path exists.
-// No fast path exists yet, so the portable body is what every build runs; an sm_80+ tensor-core path
-// would be selected in launch_kda below when the macro is absent.
+// Implements flash_kda::launch_kda (declared in kda_params.h) with one of two kernel bodies:
+//   tensor-core  kda_chunk_tc.cuh: mma.sync TF32 products, NVIDIA sm_80 and newer (the `fast` build);
+//   portable     kda_chunk_portable.cuh: fp32 FMAs only, any CUDA device and MUSA (mcc compiles
+//                this file through ../musa/kda_musa.mu).
+// FLASH_KDA_KERNEL_PORTABLE (the `portable` JIT variant, and every MUSA build) compiles the portable
+// body only. Every runtime option of KdaParams (gates, l2norm, state dtype, fp32 g or beta, varlen)
+// is a uniform branch inside a body, so a specialisation compiles one kernel per block layout.
+#include <stdlib.h>
+
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
 #include "../kda_params.h"
 #include "../port.cuh"
 #include "kda_chunk_portable.cuh"
+
+#if !defined(FLASH_KDA_KERNEL_PORTABLE) && !defined(__MUSACC__) && !defined(FLASH_KDA_BACKEND_MUSA)
+#define FLASH_KDA_HAS_TC 1
+#include "kda_chunk_tc.cuh"
+#else
+#define FLASH_KDA_HAS_TC 0
+#endif
 
 #ifndef FLASH_KDA_HEAD_DIM
 #error "FLASH_KDA_HEAD_DIM comes from the JIT spec"
@@ -30,6 +39,31 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_portable_kerne
   extern __shared__ float4 smem_f4[];  // float4: the body reads rows as 16-byte vectors
   portable::run_block<L>(p, reinterpret_cast<float*>(smem_f4), static_cast<int>(blockIdx.x),
                          static_cast<int>(threadIdx.x));
+}
+
+#if FLASH_KDA_HAS_TC
+template <class L>
+__global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_tc_kernel(const KdaParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // mma.sync TF32 needs sm_80; launch_kda never picks this kernel on older devices
+#else
+  extern __shared__ float4 smem_f4[];
+  tc::run_block<L>(p, reinterpret_cast<float*>(smem_f4), static_cast<int>(blockIdx.x),
+                   static_cast<int>(threadIdx.x));
+#endif
+}
+#endif
+
+// Sets a kernel's dynamic shared-memory limit once per device (the attribute call costs a few
+// microseconds; launches are per call). Devices beyond 64 are simply set every time.
+template <class Kernel>
+void ensure_max_dynamic_smem(Kernel kernel, int bytes, int device, unsigned long long& done_mask) {
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  const unsigned long long bit = device < 64 ? 1ull << device : 0ull;
+  if (bit != 0 && (done_mask & bit)) return;
+  port::set_max_dynamic_smem(kernel, bytes);
+  done_mask |= bit;
 }
 
 // One block layout (V-slice width VS, chunk C): its shared-memory need, grid size, cost and launch.
@@ -52,11 +86,12 @@ struct PortableVariant {
     return static_cast<double>(waves) * (1.0 + 3.0 * L::VS / kHeadDim);
   }
 
-  static void launch(const KdaParams& p, port::stream_t stream) {
+  static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
     const int64_t n = blocks(p);
     if (n > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
     auto kernel = kda_portable_kernel<L>;
-    port::set_max_dynamic_smem(kernel, L::kSmemBytes);
+    static unsigned long long smem_set = 0;
+    ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
     port::launch("kda_portable_kernel launch", kernel, static_cast<unsigned>(n), L::kThreads,
                  L::kSmemBytes, stream, p);
   }
@@ -95,16 +130,15 @@ struct Variants<256> {
 
 // The wide slice does less total work (the K-side of each chunk is computed once per slice); the
 // narrow one buys parallelism when there are few sequences x heads: pick the cheaper by cost().
-void launch_portable(const KdaParams& p, port::stream_t stream) {
+void launch_portable(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
   using V = Variants<kHeadDim>;
-  const port::DeviceInfo dev = port::device_info();
   const bool wide_ok = V::Wide::fits(dev), narrow_ok = V::Narrow::fits(dev);
   if (wide_ok && (!narrow_ok || V::Wide::cost(p, dev) <= V::Narrow::cost(p, dev))) {
-    V::Wide::launch(p, stream);
+    V::Wide::launch(p, dev, stream);
   } else if (narrow_ok) {
-    V::Narrow::launch(p, stream);
+    V::Narrow::launch(p, dev, stream);
   } else if (V::Compact::fits(dev)) {
-    V::Compact::launch(p, stream);
+    V::Compact::launch(p, dev, stream);
   } else {
     throw std::runtime_error(
         "flash_kda: the portable kernel for head dim " + std::to_string(kHeadDim) + " needs " +
@@ -113,6 +147,102 @@ void launch_portable(const KdaParams& p, port::stream_t stream) {
         std::to_string(dev.max_smem_per_block));
   }
 }
+
+
+#if FLASH_KDA_HAS_TC
+// Tuning knobs for benchmarks, read once per process: FLASH_KDA_CUDA_VSLICE=<width> and
+// FLASH_KDA_CUDA_THREADS=<threads> restrict the tensor-core layouts considered (0 or unset: any;
+// a restriction that leaves none is ignored).
+int env_int(const char* name) {
+  const char* s = getenv(name);
+  return s != nullptr ? atoi(s) : 0;
+}
+int vslice_override() {
+  static const int v = env_int("FLASH_KDA_CUDA_VSLICE");
+  return v;
+}
+int threads_override() {
+  static const int v = env_int("FLASH_KDA_CUDA_THREADS");
+  return v;
+}
+
+// One tensor-core block layout (V-slice width VS, chunk 32, T threads).
+template <int VS, int T>
+struct TcVariant {
+  using L = tc::Layout<kHeadDim, VS, 32, T>;
+
+  static int64_t blocks(const KdaParams& p) { return static_cast<int64_t>(p.num_seqs) * p.hv * L::NVS; }
+  static bool fits(const port::DeviceInfo& dev) { return L::kSmemBytes <= dev.max_smem_per_block; }
+  static bool allowed(const port::DeviceInfo& dev) {
+    return fits(dev) && (vslice_override() == 0 || vslice_override() == VS) &&
+           (threads_override() == 0 || threads_override() == T);
+  }
+
+  // Estimated time of the busiest multiprocessor, in units of one block's K-side work for a
+  // chunk (loads, norms, decays, A matrices: paid again by every V slice). Fitted to H100 runs
+  // (docs/performance.md): the K-side dominates, a full-width V side adds ~40 %; two co-resident
+  // blocks take ~1.7x as long as one; 512 threads do a block's K-side in ~0.83x the time of 256.
+  // A model to rank layouts, not a prediction of milliseconds.
+  static double cost(const KdaParams& p, const port::DeviceInfo& dev) {
+    int cap = dev.smem_per_multiprocessor / (L::kSmemBytes + 1024);  // 1 KB reserved per block
+    cap = cap < 1 ? 1 : (cap > L::kMinBlocks ? L::kMinBlocks : cap);
+    const int64_t per_sm = (blocks(p) + dev.multiprocessors - 1) / dev.multiprocessors;
+    const int64_t waves = (per_sm + cap - 1) / cap;
+    const double together = per_sm >= 2 && cap >= 2 ? 1.7 : 1.0;
+    const double k_side = T >= 512 ? 0.83 : 1.0;
+    return static_cast<double>(waves) * together * (k_side + 0.4 * VS / kHeadDim);
+  }
+
+  static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
+    const int64_t n = blocks(p);
+    if (n > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
+    auto kernel = kda_tc_kernel<L>;
+    static unsigned long long smem_set = 0;
+    ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
+    port::launch("kda_tc_kernel launch", kernel, static_cast<unsigned>(n), L::kThreads,
+                 L::kSmemBytes, stream, p);
+  }
+};
+
+// The tensor-core layouts of one head dim; launches the cheapest that fits (ties go to the one
+// listed first); false if none fits.
+template <class... Vs>
+struct TcChoice {
+  static bool launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
+    const bool any_allowed = (Vs::allowed(dev) || ...);
+    int best = -1, index = 0;
+    double best_cost = 0.0;
+    auto consider = [&](bool usable, double cost) {
+      if (usable && (best < 0 || cost < best_cost)) {
+        best = index;
+        best_cost = cost;
+      }
+      ++index;
+    };
+    (consider(any_allowed ? Vs::allowed(dev) : Vs::fits(dev), Vs::cost(p, dev)), ...);
+    if (best < 0) return false;
+    index = 0;
+    ((index++ == best ? (Vs::launch(p, dev, stream), 0) : 0), ...);
+    return true;
+  }
+};
+
+// Tensor-core layouts per head dim (shared memory per block):
+//   D = 64:  VS 64 (64 KB), 32 (51 KB)
+//   D = 128: VS 128 with 512 threads (141 KB), 32 (90 KB). (VS 128 with 256 threads measured
+//            ~12 % slower than with 512 everywhere; VS 64 lost to one of these on every bench shape.)
+//   D = 256: VS 64 (186 KB), 32 (152 KB)   (a 128-row fp32 slice would not fit; 512 threads
+//            would need more registers than a multiprocessor has at this head dim)
+template <int D>
+struct TcVariants;
+template <>
+struct TcVariants<64> : TcChoice<TcVariant<64, 256>, TcVariant<32, 256>> {};
+template <>
+struct TcVariants<128>
+    : TcChoice<TcVariant<128, 512>, TcVariant<32, 256>> {};
+template <>
+struct TcVariants<256> : TcChoice<TcVariant<64, 256>, TcVariant<32, 256>> {};
+#endif  // FLASH_KDA_HAS_TC
 
 }  // namespace
 
@@ -125,7 +255,12 @@ void launch_kda(const KdaParams& p, void* stream) {
     throw std::runtime_error("flash_kda: value heads must be a positive multiple of query/key heads");
   }
   if (p.num_seqs <= 0 || p.hv <= 0) return;  // nothing to read or write
-  launch_portable(p, static_cast<port::stream_t>(stream));
+  const port::DeviceInfo dev = port::device_info();
+  const auto s = static_cast<port::stream_t>(stream);
+#if FLASH_KDA_HAS_TC
+  if (dev.major >= 8 && TcVariants<kHeadDim>::launch(p, dev, s)) return;
+#endif
+  launch_portable(p, dev, s);
 }
 
 }  // namespace flash_kda

@@ -1,0 +1,675 @@
+// kda_chunk_tc.cuh: the tensor-core chunked KDA forward body (NVIDIA sm_80 and newer).
+//
+// Same algorithm, work split and numerics contract as the portable body (kda_chunk_portable.cuh,
+// read its header first), with every chunk product done by warp-level tensor-core instructions
+// (mma.sync m16n8k8, TF32 operands, fp32 accumulation) instead of fp32 FMAs:
+//     A_kk, A_qk  [C x C]  = (K, Q scaled) (K scaled)ᵀ              contraction over D
+//     X, O        [C x VS] = (K e^γ, Q e^γ) S0ᵀ                       contraction over D
+//     U rows of sub-block I -= A_kk[I, <I] U[<I]                       contraction over 16·I
+//     O          += A_qk U                                             contraction over the causal part of C
+//     S           = S diag(e^{γ_last}) + Uᵀ (K e^{γ_last - γ})         contraction over C, S kept in fp32
+// TF32 (10-bit mantissa; rounding: see tf32() below) rather than bf16: the operands live in fp32
+// shared memory already, and the state, which is accumulated in fp32 registers, only ever meets
+// rounding in the increments. The triangular substitution inside a 16-token sub-block, the
+// normalisations and the decays stay in fp32 on CUDA cores.
+//
+// Phases of a chunk (barriers between them): load + norms + gate (load_chunk), per-channel
+// cumulative decay and sub-block boundaries (cumsum_and_boundaries), the rare fallback tiles,
+// A-operand scaling, A on the tensor cores, state-operand scaling, the state projections, the
+// blocked solve, then output and state update. Measured costs and the plan to shorten this
+// critical path: docs/performance.md.
+//
+// Decays in A. Sub-block I holds tokens [16I, 16I + 16); b(I) = 16I - 1 is the last token before it
+// (γ_b(0) = 0) and e(J) = 16J + 15 its last token. For a token i of I and j of J <= I,
+//     e^{γ_i - γ_j} = e^{γ_i - γ_b(I)} · e^{γ_e(J) - γ_j} · e^{γ_b(I) - γ_e(J)}
+// where the first factor goes into the row operand (independent of J), the second into the column
+// operand (independent of I) and the third is a per-channel vector M[I, J] folded into the column
+// operand as it is loaded. For J < I all three are <= 1. For J = I the third is the inverse decay
+// of the whole sub-block, 2^{span}; it stays finite as long as span <= kMaxSpan (log2 units), which
+// every chunk of realistic gates satisfies (a per-token log-decay of -5 would need 13 tokens at the
+// bound in one channel). A sub-block whose span exceeds it gets its diagonal tile from the direct
+// per-element formula instead (compute_diag_fallback), so no input can overflow.
+//
+// Masked entries (j > i) are computed by the tensor cores and discarded by a select, not a multiply.
+// As in the portable body, a NaN in a token can reach earlier tokens of its chunk through
+// 0 · NaN inside a product; the reference and the tests allow that (see test_nan_*).
+#pragma once
+
+#include "../kda_params.h"
+#include "../port.cuh"
+#include "kda_chunk_portable.cuh"
+
+#if defined(__MUSACC__) || defined(FLASH_KDA_BACKEND_MUSA)
+#error "kda_chunk_tc.cuh uses NVIDIA inline PTX; MUSA builds use the portable body only"
+#endif
+
+namespace flash_kda {
+namespace tc {
+
+// Block layout for head dim D_, V slice VS_, chunk C_ and T_ threads. Arrays hold fp32. (Member
+// names follow the portable Layout so that its state loaders and task split apply.)
+template <int D_, int VS_, int C_, int T_ = 256>
+struct Layout {
+  static constexpr int D = D_;
+  static constexpr int VS = VS_;
+  static constexpr int C = C_;
+  static constexpr int kThreads = T_;
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int BS = 16;                    // sub-block = the mma's M
+  static constexpr int NB = C / BS;
+  static constexpr int NPAIR = NB * (NB + 1) / 2;  // sub-block pairs J <= I
+  static constexpr int NVS = D / VS;
+  // Padding. An mma fragment load touches 8 rows x 4 columns (or the transpose). Arrays read along
+  // their rows ("row-major" fragments: K, Q, Ke, S, A) use a row stride = 4 (mod 32) floats, which
+  // puts those 32 words in 32 banks; U is only read transposed and uses a stride = 8 (mod 32).
+  static constexpr int LD = D + 4;
+  static constexpr int LDV = VS + 8;
+  static constexpr int LDA = C + 4;
+
+  static constexpr int kK = 0;                      // [C, LD] k -> k e^{γ-γ_b} -> k e^γ
+  static constexpr int kQ = kK + C * LD;            // [C, LD] q -> q e^{γ-γ_b} -> q e^γ
+  static constexpr int kKe = kQ + C * LD;           // [C, LD] a -> γ -> k e^{γ_e-γ} -> k e^{γ_last-γ}
+  static constexpr int kG = kKe;                    //         (the loaders' name for γ's array)
+  static constexpr int kS = kKe + C * LD;           // [VS, LD] the block's rows of the state
+  static constexpr int kVx = kS + VS * LD;          // [C, LDV] v -> v - K S0ᵀ -> U
+  static constexpr int kAkk = kVx + C * LDV;        // [C, LDA]
+  static constexpr int kAqk = kAkk + C * LDA;       // [C, LDA]
+  static constexpr int kM = kAqk + C * LDA;         // [NPAIR, D] e^{γ_b(I) - γ_e(J)}
+  static constexpr int kGb = kM + NPAIR * D;        // [NB + 1, D] γ at token 16m - 1 (0 for m = 0)
+  static constexpr int kBeta = kGb + (NB + 1) * D;  // [C]
+  static constexpr int kEg = kBeta + C;             // [D] e^{γ_last}
+  static constexpr int kDtb = kEg + D;              // [D]
+  static constexpr int kFlags = kDtb + D;           // [4] bit I: sub-block I takes the fallback
+  static constexpr int kFloats = kFlags + 4;
+  static constexpr int kSmemBytes = kFloats * 4;
+  static constexpr int kMinBlocks = kSmemBytes <= 112 * 1024 && kThreads <= 256 ? 2 : 1;
+
+  // Warp tiling of the [C, VS] products (X, O): WM row blocks of 16 x WN column groups.
+  static constexpr int WM = C / 16;
+  static constexpr int WN = kWarps / WM;
+  static constexpr int OT = VS / (8 * WN);          // n8 tiles per warp
+  // Warp tiling of the state update [VS, D]: 2 x UN warps.
+  static constexpr int UN = kWarps / 2;
+  static constexpr int SMT = VS / 32;               // m16 tiles per warp
+  static constexpr int SNT = D / (8 * UN);          // n8 tiles per warp
+
+  static_assert(C % 16 == 0 && kWarps % WM == 0, "chunk tiling");
+  static_assert(OT >= 1 && VS % (8 * WN) == 0, "output tiling");
+  static_assert(VS % 32 == 0 && SNT >= 1 && D % (8 * UN) == 0, "state tiling");
+  static_assert(VS <= kThreads, "one thread per state column in the substitution");
+  static_assert((C * D) % kThreads == 0 && (C * VS) % kThreads == 0, "whole loads per thread");
+  static_assert(C <= kThreads && D <= kThreads, "the loaders give one thread per token / channel");
+  static_assert(LD % 32 == 4 && LDA % 32 == 4 && LDV % 32 == 8, "bank-conflict-free fragments");
+};
+
+// log2 of the largest inverse decay a diagonal tile may carry (see the header comment): operands
+// stay within 2^±kMaxSpan times |k|, far from fp32 overflow and, for |k| >= 2^-30, from denormals.
+constexpr float kMaxSpan = 96.0f;
+
+// ---------------------------------------------------------------------------------------------
+// mma.sync m16n8k8 TF32 and its fragments. g = lane / 4, t = lane % 4. A (16 x 8): a0 (g, t),
+// a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4). B (8 x 8, k x n): b0 (t, g), b1 (t+4, g). C (16 x 8):
+// c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1).
+// ---------------------------------------------------------------------------------------------
+struct Lane {
+  int g, t;
+};
+
+// fp32 -> TF32 operand. The tensor cores read the top 19 bits of the register, so passing the fp32
+// bits truncates (toward zero). Operands that are written once and read by several warps are
+// rounded to nearest when written instead (round_tf32, in the scale phases and for A); the rest
+// (S, U, and the column operand of A, formed in registers) are truncated: a per-element conversion
+// costs three instructions (cvt.rna.tf32.f32 is emulated), and the cheap integer-add rounding
+// would turn fp32's canonical NaN (0x7fffffff) into -0, hiding a NaN.
+FLASH_KDA_DEVICE uint32_t tf32(float x) { return __float_as_uint(x); }
+
+FLASH_KDA_DEVICE float round_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
+}
+FLASH_KDA_DEVICE float4 round_tf32(float4 x) {
+  return make_float4(round_tf32(x.x), round_tf32(x.y), round_tf32(x.z), round_tf32(x.w));
+}
+
+// 2^x on the special-function unit (max relative error ~2^-22; results below 2^-126 flush to 0,
+// harmless for decay factors). The portable body keeps exp2f for MUSA's sake.
+FLASH_KDA_DEVICE float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+FLASH_KDA_DEVICE float4 fast_exp2(float4 x) {
+  return make_float4(fast_exp2(x.x), fast_exp2(x.y), fast_exp2(x.z), fast_exp2(x.w));
+}
+FLASH_KDA_DEVICE float4 operator-(float4 a, float4 b) {
+  return make_float4(a.x - b.x, a.y - b.y, a.z - b.z, a.w - b.w);
+}
+FLASH_KDA_DEVICE float4 operator*(float4 a, float4 b) {
+  return make_float4(a.x * b.x, a.y * b.y, a.z * b.z, a.w * b.w);
+}
+FLASH_KDA_DEVICE float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+FLASH_KDA_DEVICE void st4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
+
+// 1 / (1 + e^{-x}); e^{-x} = inf for very negative x gives 0, as it should.
+FLASH_KDA_DEVICE float fast_sigmoid(float x) {
+  return __fdividef(1.0f, 1.0f + fast_exp2(-x * portable::kLog2e));
+}
+
+FLASH_KDA_DEVICE void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// A tile whose element (m, k) is p[m * ld + k].
+FLASH_KDA_DEVICE void load_a(uint32_t (&a)[4], const float* p, int ld, Lane l) {
+  a[0] = tf32(p[l.g * ld + l.t]);
+  a[1] = tf32(p[(l.g + 8) * ld + l.t]);
+  a[2] = tf32(p[l.g * ld + l.t + 4]);
+  a[3] = tf32(p[(l.g + 8) * ld + l.t + 4]);
+}
+// A tile whose element (m, k) is p[k * ld + m].
+FLASH_KDA_DEVICE void load_a_t(uint32_t (&a)[4], const float* p, int ld, Lane l) {
+  a[0] = tf32(p[l.t * ld + l.g]);
+  a[1] = tf32(p[l.t * ld + l.g + 8]);
+  a[2] = tf32(p[(l.t + 4) * ld + l.g]);
+  a[3] = tf32(p[(l.t + 4) * ld + l.g + 8]);
+}
+// B tile whose element (k, n) is p[n * ld + k].
+FLASH_KDA_DEVICE void load_b(uint32_t (&b)[2], const float* p, int ld, Lane l) {
+  b[0] = tf32(p[l.g * ld + l.t]);
+  b[1] = tf32(p[l.g * ld + l.t + 4]);
+}
+// B tile whose element (k, n) is p[k * ld + n].
+FLASH_KDA_DEVICE void load_b_t(uint32_t (&b)[2], const float* p, int ld, Lane l) {
+  b[0] = tf32(p[l.t * ld + l.g]);
+  b[1] = tf32(p[(l.t + 4) * ld + l.g]);
+}
+
+FLASH_KDA_DEVICE void zero(float (&d)[4]) { d[0] = d[1] = d[2] = d[3] = 0.0f; }
+
+FLASH_KDA_DEVICE int pair_index(int I, int J) { return I * (I + 1) / 2 + J; }  // J <= I
+
+// ---------------------------------------------------------------------------------------------
+// K-side of a chunk
+// ---------------------------------------------------------------------------------------------
+// Whether a tensor's rows can be read as 16-byte vectors: aligned base and strides that keep every
+// row start aligned (`per16` elements per 16 bytes). Checked once per block; otherwise scalar loads.
+FLASH_KDA_DEVICE bool rows_aligned(const void* base, const TokenStrides& s, int per16) {
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && s.batch % per16 == 0 &&
+         s.token % per16 == 0 && s.head % per16 == 0;
+}
+
+struct VecOk {
+  bool q, k, v, g;
+};
+
+template <class L>
+FLASH_KDA_DEVICE VecOk vec_ok(const KdaParams& p) {
+  constexpr int h = 16 / sizeof(port::input_t);
+  return {rows_aligned(p.q, p.q_strides, h), rows_aligned(p.k, p.k_strides, h),
+          rows_aligned(p.v, p.v_strides, h), rows_aligned(p.g, p.g_strides, p.g_fp32 ? 4 : h)};
+}
+
+// Eight consecutive elements of a tensor holding the input dtype, or fp32 if `fp32`.
+FLASH_KDA_DEVICE void load8(const void* base, int64_t off, bool fp32, bool vec, float (&x)[8]) {
+  if (fp32) {
+    const float* f = static_cast<const float*>(base) + off;
+    if (vec) {
+      const float4 a = ld4(f), b = ld4(f + 4);
+      x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = f[e];
+    }
+  } else {
+    const port::input_t* h = static_cast<const port::input_t*>(base) + off;
+    if (vec) {
+      const uint4 u = *reinterpret_cast<const uint4*>(h);
+      const port::input_t* e8 = reinterpret_cast<const port::input_t*>(&u);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = port::to_float(e8[e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = port::to_float(h[e]);
+    }
+  }
+}
+
+FLASH_KDA_DEVICE void store8(float* dst, const float (&x)[8]) {
+  st4(dst, make_float4(x[0], x[1], x[2], x[3]));
+  st4(dst + 4, make_float4(x[4], x[5], x[6], x[7]));
+}
+
+// Chunk input, normalised on the way in: q <- scale · q / ||q||, k <- k / ||k|| (norms optional),
+// a <- the gate's log-decay in log2 units (clamped like the portable body), v, sigmoid(b). A thread
+// reads 8 consecutive channels of a row; the D / 8 lanes of a row (one warp or part of one) reduce
+// the squared norm with shuffles. Tokens past the sequence end are zero.
+template <class L>
+FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, int64_t t0, int len,
+                                 float exp_a, VecOk vec, float* sm, int tid) {
+  constexpr int D = L::D, RV = D / 8;        // vectors per row = lanes sharing a row
+  constexpr int kPass = L::C * RV / L::kThreads;
+  static_assert(RV <= 32 && 32 % RV == 0 && (L::C * RV) % L::kThreads == 0, "row lanes");
+  float qx[kPass][8], kx[kPass][8], gx[kPass][8];
+#pragma unroll
+  for (int r = 0; r < kPass; ++r) {
+    const int item = tid + r * L::kThreads, i = item / RV, c = (item % RV) * 8;
+    if (i < len) {
+      load8(p.q, token_offset(p.q_strides, t.r, t0 + i, t.hk) + c, false, vec.q, qx[r]);
+      load8(p.k, token_offset(p.k_strides, t.r, t0 + i, t.hk) + c, false, vec.k, kx[r]);
+      load8(p.g, token_offset(p.g_strides, t.r, t0 + i, t.h) + c, p.g_fp32, vec.g, gx[r]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) qx[r][e] = kx[r][e] = gx[r][e] = 0.0f;
+    }
+  }
+  for (int item = tid; item < L::C * L::VS / 8; item += L::kThreads) {
+    const int i = item / (L::VS / 8), c = (item % (L::VS / 8)) * 8;
+    float vx[8];
+    if (i < len) {
+      load8(p.v, token_offset(p.v_strides, t.r, t0 + i, t.h) + t.v0 + c, false, vec.v, vx);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) vx[e] = 0.0f;
+    }
+    store8(sm + L::kVx + i * L::LDV + c, vx);
+  }
+  if (tid < L::C) {
+    float b = 0.0f;
+    if (tid < len) {
+      b = fast_sigmoid(port::load_as_float(p.beta, token_offset(p.beta_strides, t.r, t0 + tid, t.h),
+                                           p.beta_fp32));
+    }
+    sm[L::kBeta + tid] = b;
+  }
+
+  const bool gate = p.A_log != nullptr;
+  const float lb2 = p.lower_bound * portable::kLog2e;
+  constexpr float kMin2 = portable::kMinLogDecay;  // log2 units; only needs to stay finite
+#pragma unroll
+  for (int r = 0; r < kPass; ++r) {
+    const int item = tid + r * L::kThreads, i = item / RV, c = (item % RV) * 8;
+    float qs = 0.0f, ks = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      qs += qx[r][e] * qx[r][e];
+      ks += kx[r][e] * kx[r][e];
+    }
+#pragma unroll
+    for (int m = RV / 2; m >= 1; m /= 2) {  // lanes of one row are aligned groups of RV
+      qs += __shfl_xor_sync(0xffffffffu, qs, m);
+      ks += __shfl_xor_sync(0xffffffffu, ks, m);
+    }
+    const float qm = p.use_qk_l2norm ? p.scale * rsqrtf(qs + 1e-6f) : p.scale;
+    const float km = p.use_qk_l2norm ? rsqrtf(ks + 1e-6f) : 1.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      qx[r][e] *= qm;
+      kx[r][e] *= km;
+      float a = gx[r][e];
+      if (gate && i < len) {
+        a = lb2 * fast_sigmoid(exp_a * (a + sm[L::kDtb + c + e]));
+      } else {
+        a *= portable::kLog2e;
+      }
+      gx[r][e] = a < kMin2 ? kMin2 : a;  // NaN passes
+    }
+    store8(sm + L::kQ + i * L::LD + c, qx[r]);
+    store8(sm + L::kK + i * L::LD + c, kx[r]);
+    store8(sm + L::kG + i * L::LD + c, gx[r]);
+  }
+}
+
+// One thread per channel: γ <- cumulative sum of the log-decays (in place), then from its own
+// column γ at the sub-block boundaries (Gb), e^{γ_last}, the vectors M and the fallback flags.
+template <class L>
+FLASH_KDA_DEVICE void cumsum_and_boundaries(float* sm, int tid) {
+  constexpr int D = L::D;
+  int* flags = reinterpret_cast<int*>(sm + L::kFlags);
+  for (int c = tid; c < D; c += L::kThreads) {
+    float* col = sm + L::kG + c;
+    float gam[L::C];
+#pragma unroll
+    for (int i = 0; i < L::C; ++i) gam[i] = col[i * L::LD];
+#pragma unroll
+    for (int i = 1; i < L::C; ++i) gam[i] += gam[i - 1];
+#pragma unroll
+    for (int i = 0; i < L::C; ++i) col[i * L::LD] = gam[i];
+    float gb[L::NB + 1];
+    gb[0] = 0.0f;
+#pragma unroll
+    for (int m = 1; m <= L::NB; ++m) gb[m] = gam[m * L::BS - 1];
+#pragma unroll
+    for (int m = 0; m <= L::NB; ++m) sm[L::kGb + m * D + c] = gb[m];
+    sm[L::kEg + c] = fast_exp2(gb[L::NB]);
+#pragma unroll
+    for (int I = 0; I < L::NB; ++I) {
+#pragma unroll
+      for (int J = 0; J <= I; ++J) {
+        const float x = gb[I] - gb[J + 1];  // <= 0 for J < I; the span of sub-block I for J = I
+        if (J == I && x > kMaxSpan) atomicOr(flags, 1 << I);
+        sm[L::kM + pair_index(I, J) * D + c] = fast_exp2(x);
+      }
+    }
+  }
+}
+
+// Diagonal tile of a flagged sub-block from the direct formula (raw k, q and γ); the whole 16 x 16
+// tile is written, zeros above the diagonal, as compute_A would.
+template <class L>
+FLASH_KDA_DEVICE void compute_diag_fallback(float* sm, int tid, int flags) {
+  const float* K = sm + L::kK;
+  const float* Q = sm + L::kQ;
+  const float* G = sm + L::kG;
+  for (int it = tid; it < L::NB * L::BS * L::BS; it += L::kThreads) {
+    const int I = it / (L::BS * L::BS);
+    if (!((flags >> I) & 1)) continue;
+    const int i = I * L::BS + (it / L::BS) % L::BS, j = I * L::BS + it % L::BS;
+    float kk = 0.0f, qk = 0.0f;
+    if (j <= i) {
+      for (int c = 0; c < L::D; ++c) {
+        const float kj = K[j * L::LD + c] * port::exp2(G[i * L::LD + c] - G[j * L::LD + c]);
+        kk += K[i * L::LD + c] * kj;
+        qk += Q[i * L::LD + c] * kj;
+      }
+    }
+    sm[L::kAqk + i * L::LDA + j] = qk;
+    sm[L::kAkk + i * L::LDA + j] = j < i ? kk : 0.0f;
+  }
+}
+
+// k -> k e^{γ - γ_b} and q -> q e^{γ - γ_b} (row operands), γ -> k e^{γ_e - γ} (column operand).
+// Four channels per step.
+template <class L>
+FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid) {
+  constexpr int D = L::D;
+  const float* Gb = sm + L::kGb;
+  for (int idx = tid; idx < L::C * D / 4; idx += L::kThreads) {
+    const int i = idx / (D / 4), c = (idx % (D / 4)) * 4, I = i / L::BS, o = i * L::LD + c;
+    const float4 g = ld4(sm + L::kKe + o), k = ld4(sm + L::kK + o);
+    const float4 fb = fast_exp2(g - ld4(Gb + I * D + c));
+    st4(sm + L::kKe + o, k * fast_exp2(ld4(Gb + (I + 1) * D + c) - g));  // times M when loaded
+    st4(sm + L::kK + o, round_tf32(k * fb));
+    st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
+  }
+}
+
+// A_kk (strictly causal) and A_qk (causal) tiles on the tensor cores. Work unit = (pair (I, J),
+// column half h): a 16 x 8 tile of both matrices. Tiles above the diagonal sub-blocks are never
+// read (the products below stop at the causal edge), so they are not written.
+template <class L>
+FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
+  constexpr int D = L::D;
+  for (int unit = warp; unit < 2 * L::NPAIR; unit += L::kWarps) {
+    const int pr = unit / 2, h = unit % 2;
+    int I = 0;
+    while (pair_index(I + 1, 0) <= pr) ++I;
+    const int J = pr - pair_index(I, 0);
+    if (I == J && ((flags >> I) & 1)) continue;  // done by compute_diag_fallback
+    const int i0 = I * L::BS, j0 = J * L::BS + 8 * h;
+    const float* Kr = sm + L::kK + i0 * L::LD;
+    const float* Qr = sm + L::kQ + i0 * L::LD;
+    const float* Ke = sm + L::kKe + (j0 + l.g) * L::LD;
+    const float* M = sm + L::kM + pr * D;
+    float kk[4], qk[4];
+    zero(kk);
+    zero(qk);
+#pragma unroll 4
+    for (int kb = 0; kb < D; kb += 8) {
+      uint32_t a[4], b[2];
+      b[0] = tf32(Ke[kb + l.t] * M[kb + l.t]);
+      b[1] = tf32(Ke[kb + l.t + 4] * M[kb + l.t + 4]);
+      load_a(a, Kr + kb, L::LD, l);
+      mma(kk, a, b);
+      load_a(a, Qr + kb, L::LD, l);
+      mma(qk, a, b);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = i0 + l.g + (e >= 2 ? 8 : 0), j = j0 + 2 * l.t + (e & 1);
+      sm[L::kAkk + i * L::LDA + j] = j < i ? round_tf32(kk[e]) : 0.0f;
+      sm[L::kAqk + i * L::LDA + j] = j <= i ? round_tf32(qk[e]) : 0.0f;
+    }
+  }
+}
+
+// k -> k e^γ, q -> q e^γ (from the e^{γ - γ_b} forms) and Ke -> k e^{γ_last - γ}.
+template <class L>
+FLASH_KDA_DEVICE void scale_for_state(float* sm, int tid) {
+  constexpr int D = L::D;
+  const float* Gb = sm + L::kGb;
+  for (int idx = tid; idx < L::C * D / 4; idx += L::kThreads) {
+    const int i = idx / (D / 4), c = (idx % (D / 4)) * 4, I = i / L::BS, o = i * L::LD + c;
+    const float4 fb = fast_exp2(ld4(Gb + I * D + c));
+    st4(sm + L::kK + o, round_tf32(ld4(sm + L::kK + o) * fb));
+    st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
+    st4(sm + L::kKe + o, round_tf32(ld4(sm + L::kKe + o) *
+                                    fast_exp2(ld4(Gb + L::NB * D + c) - ld4(Gb + (I + 1) * D + c))));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// V-side of a chunk
+// ---------------------------------------------------------------------------------------------
+// The output tile of a warp: rows [16 wm, 16 wm + 16), columns [col0, col0 + 8 OT).
+template <class L>
+struct OutTile {
+  int wm, col0;
+  float o[L::OT][4];
+};
+
+template <class L>
+FLASH_KDA_DEVICE OutTile<L> out_tile(int warp) {
+  OutTile<L> t;
+  t.wm = warp % L::WM;
+  t.col0 = (warp / L::WM) * (L::VS / L::WN);
+  return t;
+}
+
+// Vx <- V - (K e^γ) S0ᵀ and tile.o <- (Q e^γ) S0ᵀ.
+template <class L>
+FLASH_KDA_DEVICE void project_state(float* sm, Lane l, OutTile<L>& tile) {
+  float x[L::OT][4];
+#pragma unroll
+  for (int n = 0; n < L::OT; ++n) {
+    zero(x[n]);
+    zero(tile.o[n]);
+  }
+  const float* K = sm + L::kK + tile.wm * 16 * L::LD;
+  const float* Q = sm + L::kQ + tile.wm * 16 * L::LD;
+  const float* S = sm + L::kS + tile.col0 * L::LD;
+#pragma unroll 2
+  for (int kb = 0; kb < L::D; kb += 8) {
+    uint32_t ak[4], aq[4];
+    load_a(ak, K + kb, L::LD, l);
+    load_a(aq, Q + kb, L::LD, l);
+#pragma unroll
+    for (int n = 0; n < L::OT; ++n) {
+      uint32_t b[2];
+      load_b(b, S + n * 8 * L::LD + kb, L::LD, l);
+      mma(x[n], ak, b);
+      mma(tile.o[n], aq, b);
+    }
+  }
+  float* Vx = sm + L::kVx;
+#pragma unroll
+  for (int n = 0; n < L::OT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = tile.wm * 16 + l.g + (e >= 2 ? 8 : 0), v = tile.col0 + n * 8 + 2 * l.t + (e & 1);
+      Vx[i * L::LDV + v] -= x[n][e];
+    }
+}
+
+// Vx <- U = (I + diag(b) A_kk)^{-1} diag(b) Vx. Sub-block by sub-block: the tensor cores remove the
+// finished sub-blocks' contribution, then one thread per column substitutes inside the sub-block.
+template <class L>
+FLASH_KDA_DEVICE void solve_U(float* sm, int tid, int warp, Lane l) {
+  float* Vx = sm + L::kVx;
+  const float* A = sm + L::kAkk;
+  const float* beta = sm + L::kBeta;
+  for (int I = 0; I < L::NB; ++I) {
+    const int base = I * L::BS;
+    if (I > 0) {
+      for (int nt = warp; nt < L::VS / 8; nt += L::kWarps) {
+        float acc[4];
+        zero(acc);
+        for (int kb = 0; kb < base; kb += 8) {
+          uint32_t a[4], b[2];
+          load_a(a, A + base * L::LDA + kb, L::LDA, l);
+          load_b_t(b, Vx + kb * L::LDV + nt * 8, L::LDV, l);
+          mma(acc, a, b);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = base + l.g + (e >= 2 ? 8 : 0), v = nt * 8 + 2 * l.t + (e & 1);
+          Vx[i * L::LDV + v] -= acc[e];
+        }
+      }
+      port::block_sync();
+    }
+    if (tid < L::VS) {
+      const int v = tid;
+      float u[L::BS];
+#pragma unroll
+      for (int ii = 0; ii < L::BS; ++ii) {
+        const int i = base + ii;
+        float acc = Vx[i * L::LDV + v];
+#pragma unroll
+        for (int jj = 0; jj < ii; ++jj) acc -= A[i * L::LDA + base + jj] * u[jj];
+        u[ii] = beta[i] * acc;
+        Vx[i * L::LDV + v] = u[ii];
+      }
+    }
+    port::block_sync();
+  }
+}
+
+// out <- tile.o + A_qk U over the causal columns, for the real tokens of the chunk.
+template <class L>
+FLASH_KDA_DEVICE void write_output(const KdaParams& p, const portable::Task& task, int64_t t0,
+                                   int len, const float* sm, Lane l, OutTile<L>& tile) {
+  const float* A = sm + L::kAqk + tile.wm * 16 * L::LDA;
+  const float* U = sm + L::kVx + tile.col0;
+  for (int kb = 0; kb < (tile.wm + 1) * 16; kb += 8) {
+    uint32_t a[4];
+    load_a(a, A + kb, L::LDA, l);
+#pragma unroll
+    for (int n = 0; n < L::OT; ++n) {
+      uint32_t b[2];
+      load_b_t(b, U + kb * L::LDV + n * 8, L::LDV, l);
+      mma(tile.o[n], a, b);
+    }
+  }
+  port::input_t* out = static_cast<port::input_t*>(p.out);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = tile.wm * 16 + l.g + 8 * half;
+    if (i >= len) continue;
+    const int64_t base = token_offset(p.out_strides, task.r, t0 + i, task.h) + task.v0 + tile.col0;
+#pragma unroll
+    for (int n = 0; n < L::OT; ++n) {
+      const int v = n * 8 + 2 * l.t;
+      out[base + v] = port::from_float<port::input_t>(tile.o[n][2 * half]);
+      out[base + v + 1] = port::from_float<port::input_t>(tile.o[n][2 * half + 1]);
+    }
+  }
+}
+
+// S <- S diag(e^{γ_last}) + Uᵀ (K e^{γ_last - γ}). Warps tile [VS, D] as 2 x UN; the accumulators
+// start from the fp32 state, so only the increments meet TF32 rounding.
+template <class L>
+FLASH_KDA_DEVICE void update_state(float* sm, int warp, Lane l) {
+  const int m0 = (warp % 2) * (L::VS / 2), n0 = (warp / 2) * (L::D / L::UN);
+  float* S = sm + L::kS;
+  const float* U = sm + L::kVx;
+  const float* Kl = sm + L::kKe;
+  const float* eg = sm + L::kEg;
+  float acc[L::SMT][L::SNT][4];
+#pragma unroll
+  for (int mt = 0; mt < L::SMT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < L::SNT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int v = m0 + mt * 16 + l.g + (e >= 2 ? 8 : 0), c = n0 + nt * 8 + 2 * l.t + (e & 1);
+        acc[mt][nt][e] = S[v * L::LD + c] * eg[c];
+      }
+#pragma unroll 2
+  for (int kb = 0; kb < L::C; kb += 8) {
+    uint32_t b[L::SNT][2];
+#pragma unroll
+    for (int nt = 0; nt < L::SNT; ++nt) load_b_t(b[nt], Kl + kb * L::LD + n0 + nt * 8, L::LD, l);
+#pragma unroll
+    for (int mt = 0; mt < L::SMT; ++mt) {
+      uint32_t a[4];
+      load_a_t(a, U + kb * L::LDV + m0 + mt * 16, L::LDV, l);
+#pragma unroll
+      for (int nt = 0; nt < L::SNT; ++nt) mma(acc[mt][nt], a, b[nt]);
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < L::SMT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < L::SNT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int v = m0 + mt * 16 + l.g + (e >= 2 ? 8 : 0), c = n0 + nt * 8 + 2 * l.t + (e & 1);
+        S[v * L::LD + c] = acc[mt][nt][e];
+      }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole block: every chunk of its sequence, then the final state.
+// ---------------------------------------------------------------------------------------------
+template <class L>
+FLASH_KDA_DEVICE void run_block(const KdaParams& p, float* sm, int block, int tid) {
+  const portable::Task t = portable::block_task<L>(p, block);
+  const int warp = tid / 32;
+  const Lane l{(tid % 32) / 4, tid % 4};
+  int* flags_sm = reinterpret_cast<int*>(sm + L::kFlags);
+  float exp_a = 0.0f;
+  if (p.A_log != nullptr) {
+    exp_a = port::exp(p.A_log[t.h]);
+    for (int c = tid; c < L::D; c += L::kThreads) {
+      sm[L::kDtb + c] = p.dt_bias[t.h * p.dt_bias_head_stride + c];
+    }
+  }
+  portable::load_state<L>(p, t, sm, tid);
+  const VecOk vec = vec_ok<L>(p);
+
+  for (int64_t t0 = 0; t0 < t.r.len; t0 += L::C) {
+    const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
+    if (tid == 0) *flags_sm = 0;
+    port::block_sync();  // previous chunk done with every array; dt_bias and S visible
+    load_chunk<L>(p, t, t0, len, exp_a, vec, sm, tid);
+    port::block_sync();
+    cumsum_and_boundaries<L>(sm, tid);
+    port::block_sync();
+    const int flags = *flags_sm;  // uniform across the block
+    if (flags != 0) {
+      compute_diag_fallback<L>(sm, tid, flags);  // reads raw k, q, γ: before scale_for_A
+      port::block_sync();
+    }
+    scale_for_A<L>(sm, tid);
+    port::block_sync();
+    compute_A<L>(sm, warp, l, flags);
+    port::block_sync();
+    scale_for_state<L>(sm, tid);
+    port::block_sync();
+    OutTile<L> tile = out_tile<L>(warp);
+    project_state<L>(sm, l, tile);
+    port::block_sync();
+    solve_U<L>(sm, tid, warp, l);  // ends with a barrier
+    write_output<L>(p, t, t0, len, sm, l, tile);
+    update_state<L>(sm, warp, l);
+  }
+  port::block_sync();
+  portable::store_state<L>(p, t, sm, tid);
+}
+
+}  // namespace tc
+}  // namespace flash_kda

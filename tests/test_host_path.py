@@ -1,0 +1,167 @@
+"""The short cuts of the host path keep the guarantees of the long one.
+
+- A device-resident cu_seqlens is read back (a device-to-host copy that waits for the stream) only
+  when it is not the tensor checked last, unchanged: every in-place write, another tensor object
+  or another token count is checked again. On the CPU that memo is off (reading is free), so the
+  CPU run of these tests turns it on for CPU tensors.
+- Destinations are checked against every input and both states, also when the state is updated
+  in place.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import flash_kda
+from flash_kda import _validate
+from conftest import DEVICES
+from kda_testing import make_problem, snapshot, unchanged
+
+
+def count_reads(monkeypatch) -> dict:
+    """Counts the reads of cu_seqlens values (counter["n"])."""
+    counter = {"n": 0}
+    real = _validate._read_offsets
+
+    def counting(cu):
+        counter["n"] += 1
+        return real(cu)
+
+    monkeypatch.setattr(_validate, "_read_offsets", counting)
+    return counter
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts the reads of cu_seqlens values; on the CPU, memoises them as on a GPU."""
+    counter = count_reads(monkeypatch)
+    monkeypatch.setattr(_validate, "_read_is_costly", lambda cu: True)
+    _validate.forget_checked_offsets()
+    yield counter
+    _validate.forget_checked_offsets()
+
+
+def varlen_problem(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = make_problem(seqlens=[5, 11], hqk=2, hv=2, D=128, dtype=dtype, device=device, state=True,
+                     seed=0)
+    p["out"] = torch.empty_like(p["v"])
+    p["final_state"] = torch.empty_like(p["initial_state"])
+    return p
+
+
+def call(p, **over):
+    args = dict(initial_state=p["initial_state"], final_state=p["final_state"],
+                cu_seqlens=p["cu_seqlens"])
+    args.update(over)
+    flash_kda.fwd(p["q"], p["k"], p["v"], p["g"], p["beta"], 0.125, p["out"], p["A_log"],
+                  p["dt_bias"], -5.0, **args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unchanged_device_cu_seqlens_is_read_once(device, reads):
+    p = varlen_problem(device)
+    call(p)
+    first = p["out"].clone()
+    for _ in range(3):
+        call(p)
+    assert reads["n"] == 1
+    assert torch.equal(p["out"], first)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("write", ["setitem", "copy_", "fill_"])
+def test_in_place_write_to_cu_seqlens_is_checked_again(device, reads, write):
+    p = varlen_problem(device)
+    call(p)
+    cu = p["cu_seqlens"]
+    bad = torch.tensor([0, 17, 16], dtype=cu.dtype, device=device)
+    if write == "setitem":
+        cu[1] = 17
+    elif write == "copy_":
+        cu.copy_(bad)
+    else:
+        cu.fill_(3)
+    before = snapshot(p)
+    with pytest.raises(ValueError, match="non-decreasing|start at 0"):
+        call(p)
+    assert unchanged(before, p) == []
+    assert reads["n"] == 2
+    cu.copy_(torch.tensor([0, 5, 16], dtype=cu.dtype, device=device))  # valid again: accepted
+    call(p)
+    assert reads["n"] == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_another_cu_seqlens_object_is_read(device, reads):
+    p = varlen_problem(device)
+    call(p)
+    call(p, cu_seqlens=p["cu_seqlens"].clone())
+    assert reads["n"] == 2
+    view = p["cu_seqlens"][:]  # a view is another object too
+    call(p, cu_seqlens=view)
+    assert reads["n"] == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_remembered_cu_seqlens_still_checked_against_the_token_count(device, reads):
+    p = varlen_problem(device)
+    call(p)
+    short = {k: p[k][:15] for k in ("q", "k", "v", "g", "beta", "out")}
+    before = snapshot(p)
+    with pytest.raises(ValueError, match="end at the total token count 15, got 16"):
+        call(dict(p, **short))
+    assert unchanged(before, p) == []
+
+
+def test_memo_does_not_outlive_the_tensor(reads):
+    p = varlen_problem("cpu")
+    call(p)
+    cu_values = p["cu_seqlens"].tolist()
+    p["cu_seqlens"] = None
+    gc.collect()
+    memo = _validate._checked_offsets
+    assert memo is not None and memo[0]() is None  # a weak reference: the tensor is gone
+    p["cu_seqlens"] = torch.tensor(cu_values, dtype=torch.int32)
+    call(p)
+    assert reads["n"] == 2
+
+
+def test_inference_tensor_cu_seqlens_is_read_on_every_call(reads):
+    """Tensors made under inference_mode have no version counter: nothing tells a write."""
+    p = varlen_problem("cpu")
+    with torch.inference_mode():
+        p["cu_seqlens"] = p["cu_seqlens"].clone()
+        call(p)
+        p["cu_seqlens"][1] = 17  # not seen by any version counter
+        with pytest.raises(ValueError, match="non-decreasing"):
+            call(p)
+    assert reads["n"] == 2
+
+
+def test_cpu_cu_seqlens_is_read_on_every_call(monkeypatch):
+    counter = count_reads(monkeypatch)
+    p = varlen_problem("cpu")
+    call(p)
+    call(p)
+    assert counter["n"] == 2
+
+
+@pytest.mark.parametrize("state", ["initial_state", "final_state", "in_place"])
+def test_out_may_not_overlap_a_state(state):
+    """out laid over a state's memory is refused: separate states, and one state updated in place."""
+    p = make_problem(B=1, T=64, hqk=1, hv=1, D=64, dtype=torch.float32, state=True, seed=0)
+    h0 = p["initial_state"]                      # [1, 1, 64, 64]: as many floats as out
+    ht = torch.empty_like(h0)
+    if state == "in_place":
+        ht = h0
+    target = h0 if state != "final_state" else ht
+    out = target.view(p["v"].shape)
+    before = snapshot(dict(p, ht=ht))
+    with pytest.raises(ValueError, match="out overlaps (initial|final)_state"):
+        flash_kda.fwd(p["q"], p["k"], p["v"], p["g"], p["beta"], 0.125, out, p["A_log"],
+                      p["dt_bias"], -5.0, initial_state=h0, final_state=ht)
+    assert unchanged(before, dict(p, ht=ht)) == []

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Host (CPU-side) time per call of flash_kda.fwd / chunk_kda: Python front end + launch.
+
+    python tools/host_overhead.py [--device cpu|cuda] [--reps 1000] [--T 16 --H 2 --D 64]
+
+Tiny shapes, so that what is timed is the call, not the work. Each call is timed on its own
+(time.perf_counter_ns); printed is the median, in microseconds (the lowest of 5 rounds' medians).
+
+- CUDA: the GPU is kept busy (torch.cuda._sleep) while the calls are timed, so launches only
+  queue and the figure is pure host time (as `tools/bench.py` reports it).
+- CPU: the kernel runs inside the call, so the full call includes the tiny kernel's work.
+
+Either way each case is also timed with the compiled op replaced by a no-op ("python"): that is
+the front end alone (validation, routing, allocation of missing outputs), which is what this
+package adds on top of the raw op (timed alone on the first line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import flash_kda  # noqa: E402
+from flash_kda import _ops  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make_inputs(device, dtype, T, H, D, gen):
+    r = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
+    x = dict(q=r(1, T, H, D).to(dtype), k=r(1, T, H, D).to(dtype), v=r(1, T, H, D).to(dtype),
+             g=r(1, T, H, D).to(dtype), beta=r(1, T, H).to(dtype),
+             A_log=r(H), dt_bias=r(H, D), out=torch.empty(1, T, H, D, dtype=dtype, device=device),
+             h0=r(1, H, D, D), ht=torch.empty(1, H, D, D, device=device), h0_2=r(2, H, D, D))
+    # varlen: the same [1, S, H, D] tokens as two sequences, cu_seqlens on the device
+    x["cu"] = torch.tensor([0, T // 2, T], dtype=torch.int32, device=device)
+    return x
+
+
+def cases(x, D):
+    s = D ** -0.5
+    return {
+        "fwd dense": lambda: flash_kda.fwd(x["q"], x["k"], x["v"], x["g"], x["beta"], s, x["out"],
+                                           x["A_log"], x["dt_bias"], -5.0),
+        "fwd dense, fp32 states in+out": lambda: flash_kda.fwd(
+            x["q"], x["k"], x["v"], x["g"], x["beta"], s, x["out"], x["A_log"], x["dt_bias"], -5.0,
+            initial_state=x["h0"], final_state=x["ht"]),
+        "fwd dense, state in place": lambda: flash_kda.fwd(
+            x["q"], x["k"], x["v"], x["g"], x["beta"], s, x["out"], x["A_log"], x["dt_bias"], -5.0,
+            initial_state=x["ht"], final_state=x["ht"]),
+        "fwd varlen [1,S,H,D], h0, cu_seqlens on device": lambda: flash_kda.fwd(
+            x["q"], x["k"], x["v"], x["g"], x["beta"], s, x["out"], x["A_log"], x["dt_bias"], -5.0,
+            initial_state=x["h0_2"], final_state=None, cu_seqlens=x["cu"]),
+        "chunk_kda dense, allocates out + final_state": lambda: flash_kda.chunk_kda(
+            x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
+            output_final_state=True, A_log=x["A_log"], dt_bias=x["dt_bias"]),
+        "chunk_kda dense, given output": lambda: flash_kda.chunk_kda(
+            x["q"], x["k"], x["v"], x["g"], x["beta"], output=x["out"]),
+    }
+
+
+def raw_op(x, D):
+    """The compiled op alone, with the arguments `fwd dense` hands it."""
+    op = _ops.kernel_for(x["q"].device, D, x["q"].dtype).op
+    s = D ** -0.5
+    return lambda: op(x["q"], x["k"], x["v"], x["g"], x["beta"], x["A_log"], x["dt_bias"], None,
+                      None, x["out"], None, s, -5.0, True, False)
+
+
+def _no_op(*args):
+    return None
+
+
+@contextlib.contextmanager
+def kernel_stubbed(kernel):
+    """Within: the memoised `kernel` runs nothing, so a call costs only the front end (its
+    lookup of the kernel included)."""
+    real = kernel.op
+    kernel.op = _no_op
+    try:
+        yield
+    finally:
+        kernel.op = real
+
+
+def median_us(fn, reps: int, cuda: bool, rounds: int = 5, block: int = 100) -> float:
+    """Median time of one call over `reps` calls, in us; the lowest of `rounds` such medians, so
+    that a burst of load from another process on a shared machine does not decide the figure."""
+    for _ in range(200):  # warm-up: kernel lookup, allocator, caches
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    clock = time.perf_counter_ns
+    medians = []
+    for _ in range(rounds):
+        times = []
+        while len(times) < reps:
+            if cuda:  # queue work so that our launches never wait for the GPU
+                torch.cuda._sleep(int(5e7))
+            for _ in range(block):
+                t0 = clock()
+                fn()
+                times.append(clock() - t0)
+            if cuda:
+                torch.cuda.synchronize()
+        medians.append(statistics.median(times))
+    return min(medians) / 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=DTYPES, default="bf16")
+    ap.add_argument("--T", type=int, default=16)
+    ap.add_argument("--H", type=int, default=2)
+    ap.add_argument("--D", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=1000, help="calls per round (5 rounds)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU kernel)")
+    ap.add_argument("--grad-mode", action="store_true", help="time outside torch.inference_mode")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    x = make_inputs(device, DTYPES[args.dtype], args.T, args.H, args.D,
+                    torch.Generator().manual_seed(0))
+    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
+          f"B=1 T={args.T} H={args.H} D={args.D} {args.dtype}, median of {args.reps} calls "
+          f"(best of 5 rounds), {'grad mode' if args.grad_mode else 'inference_mode'}")
+    mode = torch.enable_grad() if args.grad_mode else torch.inference_mode()
+    with mode:
+        kernel = _ops.kernel_for(device, args.D, DTYPES[args.dtype])  # memoised: calls find it
+        raw = median_us(raw_op(x, args.D), args.reps, cuda)
+        print(f"  {'raw op (C++ dispatch + launch/kernel)':46s} {raw:7.1f} us")
+        print(f"  {'':46s} {'call':>10s} {'python':>10s}")
+        for name, fn in cases(x, args.D).items():
+            t = median_us(fn, args.reps, cuda)
+            with kernel_stubbed(kernel):
+                py = median_us(fn, args.reps, cuda)
+            print(f"  {name:46s} {t:7.1f} us {py:7.1f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
