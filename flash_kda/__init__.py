@@ -25,7 +25,8 @@ def _build_on_import() -> None:
     try:
         warmup()
     except (jit.KernelBuildError, jit.KernelLoadError, jit.CompilerNotFoundError,
-            jit.UnsupportedToolchainError, jit.MissingKernelError, TimeoutError) as e:
+            jit.UnsupportedToolchainError, jit.MissingKernelError, jit.CacheDirError,
+            TimeoutError) as e:
         # ImportError keeps `try: import flash_kda except ImportError:` fallbacks working.
         raise ImportError(f"flash_kda could not build its kernels: {e}") from e
 

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     backend = jit.default_backend()
     spec = jit.default_spec(backend)
     kernel = jit.build_and_load(spec)
-    plan, entry, _ = jit.build.resolve(spec)
+    plan = jit.build.resolve(spec)[0]
     if backend == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
         device_name = torch.cuda.get_device_name(device)
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     print(f"flash_kda {flash_kda.__version__}  (torch {torch.__version__})")
     print(f"  backend   {backend} ({spec.name}); device {device_name}")
     print(f"  compiler  {plan.compiler_summary()}")
-    print(f"  cache     {entry.dir}")
+    print(f"  cache     {kernel.entry.dir}")  # where it was found or built (maybe a fallback)
     print(f"  kernel    {'built' if kernel.built else 'loaded from cache'} in {kernel.seconds:.2f} s")
 
     gen = torch.Generator().manual_seed(int(time.time()))

@@ -2,7 +2,8 @@
 
 Compiling is the slow part on a 2-core CI machine, so the correctness and API tests share one
 session-wide cache directory (FLASH_KDA_CACHE_DIR if you set it, else a directory under the
-repository that a fresh clone does not have). JIT tests make their own throwaway caches.
+repository that a fresh clone does not have). JIT tests make their own throwaway caches, with a
+stand-in kernel that builds in seconds (the fixtures at the end; helpers in jit_testing.py).
 """
 
 import os
@@ -41,3 +42,18 @@ DEVICES = [
         pytest.mark.gpu,
         pytest.mark.skipif(not musa_ok(), reason="no MUSA device (torch_musa) on this machine")]),
 ]
+
+
+@pytest.fixture
+def stub_csrc(tmp_path):
+    """A fresh copy of the JIT tests' stand-in sources."""
+    from jit_testing import make_stub_csrc
+    return make_stub_csrc(tmp_path / "csrc")
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """One cold build of the JIT tests' stand-in kernel, shared by the tests that start from a
+    populated cache (each copies it)."""
+    from jit_testing import build_stub_cache
+    return build_stub_cache(tmp_path_factory.mktemp("jit-built"))

@@ -109,13 +109,12 @@ def test_grouped_heads_gate_l2norm(device, gate, l2norm):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("state_dtype", ["fp32", "input"])
-def test_states_in_out_and_in_place(device, state_dtype):
+def test_states_in_out_and_in_place(device, dtype, state_dtype):
+    """States in and out, fp32 or the input dtype (both 16-bit input types), and in place."""
     seed = fresh_seed()
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    sdt = torch.float32 if state_dtype == "fp32" else (torch.bfloat16 if device != "cpu" else torch.float16)
-    if device == "cpu" and state_dtype == "input":
-        dtype = torch.float16
+    sdt = torch.float32 if state_dtype == "fp32" else dtype
     p = make_problem(seqlens=[33, 0, 90], hqk=2, hv=4, D=64, dtype=dtype, device=device, state=True,
                      state_dtype=sdt, seed=seed)
     out, final = run_chunk(p)

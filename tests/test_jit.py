@@ -3,14 +3,14 @@ imports, a build killed mid-way, a corrupted cached module, missing compiler, fa
 
 These tests are about the JIT, not the kernel: they compile a copy of flash_kda/csrc whose CPU
 kernel is replaced by a tiny stand-in (FLASH_KDA_CSRC_DIR), so each build takes seconds, and each
-test uses its own throwaway cache directory.
+test uses its own throwaway cache directory (helpers: jit_testing.py; fixtures: conftest.py).
+Cache directories and cleanup: test_jit_cache.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,71 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-CSRC = REPO / "flash_kda" / "csrc"
-STUB_KERNEL = """// stand-in CPU kernel for the JIT tests: writes zeros
-#include <string.h>
-#include "../kda_params.h"
-namespace flash_kda {
-void launch_kda(const KdaParams& p, void*) { (void)p; }
-}
-"""
-IMPORT = "import flash_kda, sys; sys.stdout.write('ok')"
-
-
-def make_stub_csrc(dst: Path) -> Path:
-    shutil.copytree(CSRC, dst)
-    (dst / "cpu" / "kda_cpu.cpp").write_text(STUB_KERNEL)
-    return dst
-
-
-@pytest.fixture
-def stub_csrc(tmp_path):
-    return make_stub_csrc(tmp_path / "csrc")
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """One cold build shared by the tests that start from a populated cache (each copies it)."""
-    root = tmp_path_factory.mktemp("jit-built")
-    csrc = make_stub_csrc(root / "csrc")
-    cache = root / "cache"
-    res, seconds = run_import(jit_env(cache, csrc))
-    return dict(csrc=csrc, cache=cache, res=res, seconds=seconds)
-
-
-def copy_of(built, tmp_path) -> tuple[Path, Path]:
-    csrc, cache = tmp_path / "csrc", tmp_path / "cache"
-    shutil.copytree(built["csrc"], csrc)
-    shutil.copytree(built["cache"], cache)
-    return csrc, cache
-
-
-def jit_env(cache: Path, csrc: Path, **extra) -> dict:
-    env = dict(os.environ)
-    for k in list(env):
-        if k.startswith("FLASH_KDA_"):
-            del env[k]
-    env.update(FLASH_KDA_CACHE_DIR=str(cache), FLASH_KDA_CSRC_DIR=str(csrc), FLASH_KDA_BACKEND="cpu",
-               PYTHONPATH=str(REPO))
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def run_import(env: dict, code: str = IMPORT, timeout=600):
-    t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=timeout, cwd=REPO)
-    return res, time.perf_counter() - t0
-
-
-def compiles(stderr: str) -> int:
-    return stderr.count("flash_kda: compiling ")
-
-
-def entries(cache: Path) -> list[Path]:
-    return sorted(p for p in cache.iterdir() if p.is_dir() and (p / "meta.json").exists())
+from jit_testing import IMPORT, REPO, compiles, copy_of, entries, jit_env, run_import
 
 
 def test_cold_build_then_cache_hit(built, tmp_path):

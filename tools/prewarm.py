@@ -5,9 +5,12 @@
     python tools/prewarm.py --head-dims 64,128,256 --dtypes bf16,fp16
     python tools/prewarm.py --backend cuda --arch 9.0a,8.0   # one module per arch
     python tools/prewarm.py --list               # what the cache holds
+    python tools/prewarm.py --prune              # remove modules this installation won't load again
+    python tools/prewarm.py --clear              # remove every module, unfinished build and log
 
 Uses the same code path as a call (lock, cache, build worker), so a prewarmed cache is exactly
-what `import flash_kda` will find. Exits non-zero if any build fails.
+what `import flash_kda` will find. Exits non-zero if any build fails, or if --clear / --prune left
+something it meant to remove (a key being built by a live process, a permission error).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ os.environ.setdefault("FLASH_KDA_BUILD_ON_IMPORT", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flash_kda import jit  # noqa: E402
-from flash_kda.jit import cache  # noqa: E402
+from flash_kda.jit import cache, cleanup  # noqa: E402
 from flash_kda.jit.backends import get_toolchain  # noqa: E402
 
 ARCH_ENV = {"cuda": "FLASH_KDA_CUDA_ARCH", "musa": "FLASH_KDA_MUSA_ARCH", "cpu": "FLASH_KDA_CPU_ARCH"}
@@ -33,17 +36,54 @@ def csv(text: str) -> list[str]:
 
 
 def show_cache() -> int:
-    rows = cache.list_entries()
-    print(f"cache: {jit.env.cache_root()}")
+    for root in cache.lookup_roots():
+        show_root(root)
+    return 0
+
+
+def show_root(root: Path) -> None:
+    rows = cache.list_entries(root)
+    print(f"cache: {root}")
     if not rows:
         print("  (empty)")
-        return 0
+        return
     print(f"  {'module':44s} {'built':19s} {'build s':>8s} {'MB':>6s}  path")
     for r in rows:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("created", 0)))
         name = r.get("op_name", "?").rsplit("_", 1)[0]
         print(f"  {name:44s} {created:19s} {r.get('build_seconds', 0):8.1f} {r['size_mb']:6.1f}  {r['path']}")
-    return 0
+
+
+def human(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def clean_cache(prune: bool) -> int:
+    """--prune / --clear on every root flash_kda loads from (the fallback too, if it exists)."""
+    left = 0
+    for root in cache.lookup_roots():
+        report = cleanup.prune(root) if prune else cleanup.clear(root)
+        print_report(report)
+        left += len(report.skipped)
+    return 1 if left else 0
+
+
+def print_report(report: cleanup.Report) -> None:
+    print(f"cache: {report.root}")
+    for item in report.removed:
+        print(f"  removed {human(item.bytes):>9s}  {item.path}  ({item.why})")
+    for item in report.kept:
+        print(f"  kept    {human(item.bytes):>9s}  {item.path}  ({item.why})")
+    for item in report.skipped:
+        print(f"  SKIPPED {'':9s}  {item.path}  ({item.why})")
+    if not (report.removed or report.kept or report.skipped):
+        print("  (nothing to remove)")
+    print(f"  freed {human(report.freed)} ({report.freed} bytes): {len(report.removed)} removed, "
+          f"{len(report.kept)} kept, {len(report.skipped)} skipped")
 
 
 def main(argv=None) -> int:
@@ -57,10 +97,20 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="bf16", help="comma-separated, of bf16,fp16,fp32 (default bf16)")
     ap.add_argument("--kernel", choices=["fast", "portable"], default=None,
                     help="GPU kernel variant (default: FLASH_KDA_KERNEL or fast)")
-    ap.add_argument("--list", action="store_true", help="show what the cache holds and exit")
+    what = ap.add_mutually_exclusive_group()
+    what.add_argument("--list", action="store_true", help="show what the cache holds and exit")
+    what.add_argument("--prune", action="store_true",
+                      help="remove modules whose key differs from the one this installation "
+                           "computes (old sources, compiler, torch, flags), with their logs and "
+                           "unfinished builds; keep the current ones; then exit")
+    what.add_argument("--clear", action="store_true",
+                      help="remove every module, unfinished build and build log, then exit; keys "
+                           "that a live process is building are skipped and reported")
     args = ap.parse_args(argv)
     if args.list:
         return show_cache()
+    if args.prune or args.clear:
+        return clean_cache(prune=args.prune)
 
     backend = args.backend or jit.default_backend()
     if args.kernel:

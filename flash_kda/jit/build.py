@@ -1,6 +1,10 @@
 """build_and_load(spec): from a KernelSpec to a callable torch op, building it at most once.
 
-    resolve plan + key  ->  load from cache  ->  (lock)  ->  load again  ->  build  ->  publish  ->  load
+    resolve plan + key  ->  load from cache  ->  pick a writable root  ->  (lock)  ->  load again
+                        ->  build  ->  publish  ->  load
+
+Loading only reads (a read-only prewarmed cache works); the writable root is chosen on a miss
+(``cache.build_root``: an unwritable FLASH_KDA_CACHE_DIR is an error before anything is compiled).
 
 The build runs in a child process (``_worker``) into a private temporary directory that is renamed
 into the cache only when complete (see ``cache``); the lock (``lock``) makes concurrent processes
@@ -15,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from . import cache, env
@@ -178,6 +183,33 @@ def _build(spec: KernelSpec, entry: cache.CacheEntry, plan, material: dict) -> f
     return seconds
 
 
+def _load_cached(entry: cache.CacheEntry) -> cache.CacheEntry | None:
+    """Load entry's key from the first cache root that has it; the entry loaded, or None."""
+    for root in cache.lookup_roots():
+        candidate = replace(entry, root=root)
+        if _try_load(candidate)[0]:
+            return candidate
+    return None
+
+
+def _build_locked(spec: KernelSpec, entry: cache.CacheEntry, plan, material: dict) -> float | None:
+    """Build and load entry under its lock; build seconds, or None if another process published
+    it while we waited for the lock."""
+    with build_lock(entry.lock_path, spec.name):
+        ok, err = _try_load(entry)  # another process may have built it while we waited
+        if ok:
+            return None
+        if err is not None:  # published but broken: rebuild it once
+            _say(f"cached {spec.name} failed to load ({err}); rebuilding it")
+            cache.remove_entry(entry)
+        seconds = _build(spec, entry, plan, material)
+        ok, err = _try_load(entry)
+        if not ok:
+            raise KernelLoadError(f"{spec.name} was just built but fails to load: {err}; "
+                                  f"library {entry.library}, log {entry.log_path}")
+        return seconds
+
+
 def build_and_load(spec: KernelSpec) -> LoadedKernel:
     """The loaded kernel for spec, compiling it if the cache does not have it."""
     with _memo_lock:
@@ -186,26 +218,17 @@ def build_and_load(spec: KernelSpec) -> LoadedKernel:
             return hit
         t0 = time.perf_counter()
         plan, entry, material = resolve(spec)
-        ok, err = _try_load(entry)
+        found = _load_cached(entry)
         built_seconds = None
-        if not ok:
+        if found is None:
             if env.disable_jit():
+                roots = " or ".join(str(r) for r in cache.lookup_roots()) or str(entry.root)
                 raise MissingKernelError(
-                    f"{spec.name} is not in the cache {entry.root} and FLASH_KDA_DISABLE_JIT=1 "
+                    f"{spec.name} is not in the cache {roots} and FLASH_KDA_DISABLE_JIT=1 "
                     "forbids compiling it; prewarm it with tools/prewarm.py")
-            with build_lock(entry.lock_path, spec.name):
-                ok, err = _try_load(entry)  # another process may have built it while we waited
-                if not ok:
-                    if err is not None:  # published but broken: rebuild it once
-                        _say(f"cached {spec.name} failed to load ({err}); rebuilding it")
-                        cache.remove_entry(entry)
-                    built_seconds = _build(spec, entry, plan, material)
-                    ok, err = _try_load(entry)
-                    if not ok:
-                        raise KernelLoadError(
-                            f"{spec.name} was just built but fails to load: {err}; "
-                            f"library {entry.library}, log {entry.log_path}")
+            found = replace(entry, root=cache.build_root(spec.name))  # may raise CacheDirError
+            built_seconds = _build_locked(spec, found, plan, material)
         seconds = built_seconds if built_seconds is not None else time.perf_counter() - t0
-        kernel = LoadedKernel(spec, entry, built_seconds is not None, seconds)
+        kernel = LoadedKernel(spec, found, built_seconds is not None, seconds)
         _memo[spec] = kernel
         return kernel

@@ -7,6 +7,7 @@ of a running process. The README's table lists the same variables.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -22,14 +23,40 @@ def _flag(name: str, default: bool) -> bool:
     return default
 
 
-def cache_root() -> Path:
-    """FLASH_KDA_CACHE_DIR, else $XDG_CACHE_HOME/flash_kda, else ~/.cache/flash_kda."""
-    explicit = os.environ.get("FLASH_KDA_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
+def cache_dir_override() -> Path | None:
+    """FLASH_KDA_CACHE_DIR, if set: the user's choice, used as it is (never a silent fallback)."""
+    raw = os.environ.get("FLASH_KDA_CACHE_DIR")
+    return Path(raw).expanduser() if raw else None
+
+
+def default_cache_root() -> Path | None:
+    """$XDG_CACHE_HOME/flash_kda, else ~/.cache/flash_kda; None if there is no home directory."""
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "flash_kda"
+    if xdg:
+        return Path(xdg).expanduser() / "flash_kda"
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError):  # no $HOME and no passwd entry (Python >= 3.12 raises)
+        return None
+    # Older Pythons leave "~" unexpanded instead of raising; a relative root would land in the cwd.
+    return home / ".cache" / "flash_kda" if home.is_absolute() else None
+
+
+def fallback_cache_root() -> Path:
+    """Per-user directory under the system temp dir ($TMPDIR, else /tmp): the cache used when
+    FLASH_KDA_CACHE_DIR is unset and the default root cannot be written (read-only $HOME)."""
+    if hasattr(os, "getuid"):
+        user = str(os.getuid())
+    else:  # Windows: no uids
+        import getpass
+        user = getpass.getuser()
+    return Path(tempfile.gettempdir()) / f"flash_kda-{user}"
+
+
+def cache_root() -> Path:
+    """The cache looked in first: FLASH_KDA_CACHE_DIR, else the default root, else (no home
+    directory) the fallback. Where a build writes is decided by ``cache.build_root()``."""
+    return cache_dir_override() or default_cache_root() or fallback_cache_root()
 
 
 def backend_override() -> str | None:

@@ -20,6 +20,9 @@ BACKEND_DTYPES = {"cpu": ("bf16", "fp16", "fp32"), "cuda": ("bf16", "fp16"), "mu
 KERNEL_VARIANTS = ("fast", "portable")
 
 _ARCH_RE = re.compile(r"^[a-z0-9_]+$")
+# The inverse of KernelSpec.name; the arch tag may itself contain '_' ('x86_64_v3').
+_NAME_RE = re.compile(r"^kda_(?P<backend>[a-z]+)_(?P<arch>[a-z0-9_]+)_d(?P<head_dim>[0-9]+)_"
+                      r"(?P<dtype>[a-z0-9]+?)(?P<portable>_portable)?$")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,19 @@ class KernelSpec:
         """Human-readable module name, e.g. ``kda_cuda_sm90a_d128_bf16``."""
         suffix = "_portable" if self.kernel == "portable" else ""
         return f"kda_{self.backend}_{self.arch}_d{self.head_dim}_{self.dtype}{suffix}"
+
+    @classmethod
+    def from_name(cls, name: str) -> "KernelSpec":
+        """The spec whose ``name`` is `name` (cache cleanup finds specs by their directory names).
+        ValueError if no spec of this version is called that."""
+        m = _NAME_RE.match(name)
+        if m is None:
+            raise ValueError(f"{name!r} is not a kernel specialisation name")
+        spec = cls(m["backend"], m["arch"], int(m["head_dim"]), m["dtype"],
+                   "portable" if m["portable"] else "fast")
+        if spec.name != name:  # e.g. a leading zero in the head dim
+            raise ValueError(f"{name!r} is not a kernel specialisation name")
+        return spec
 
     def defines(self) -> list[str]:
         """Preprocessor definitions that pick this specialisation out of the shared sources."""

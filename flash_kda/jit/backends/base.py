@@ -63,13 +63,14 @@ def run_version(argv: list[str]) -> str:
     Memoised on disk by the executable's real path, size and mtime, so that a warm import does
     not pay for a compiler subprocess; replacing the compiler changes the memo key."""
     from .. import env
+    from ..cache import TOOL_MEMO
     exe = shutil.which(argv[0]) or argv[0]
     try:
         st = os.stat(exe)
         memo_key = f"{os.path.realpath(exe)}|{st.st_size}|{st.st_mtime_ns}|{' '.join(argv[1:])}"
     except OSError:
         memo_key = None
-    memo_path = env.cache_root() / "tool-versions.json"
+    memo_path = env.cache_root() / TOOL_MEMO
     memo = _read_json(memo_path)
     if memo_key and memo_key in memo:
         return memo[memo_key]
