@@ -421,6 +421,24 @@ FLASH_KDA_DEVICE void project_state(float* sm, int tid, OutTile<L>& tile) {
     for (int m = 0; m < T::TV; ++m) Vx[(i0 + l) * L::VS + lane + L::kLanes * m] -= x[l][m];
 }
 
+// Forward substitution inside the sub-block of BS rows starting at `base`, for column v of X
+// (element (i, v) at X[i * ldx + v]): u_i = b_i (x_i - sum_{base <= j < i} A[i, j] u_j), in place.
+// The earlier sub-blocks' contribution must already be subtracted. Shared by both GPU bodies.
+template <int BS>
+FLASH_KDA_DEVICE void substitute_column(float* X, int ldx, int v, const float* A, int lda,
+                                        const float* beta, int base) {
+  float u[BS];
+#pragma unroll
+  for (int ii = 0; ii < BS; ++ii) {
+    const int i = base + ii;
+    float acc = X[i * ldx + v];
+#pragma unroll
+    for (int jj = 0; jj < ii; ++jj) acc -= A[i * lda + base + jj] * u[jj];
+    u[ii] = beta[i] * acc;
+    X[i * ldx + v] = u[ii];
+  }
+}
+
 // Vx <- U = (I + diag(b) A_kk)^{-1} diag(b) Vx, one sub-block of rows at a time: first every thread
 // removes the contribution of the finished sub-blocks (parallel over rows x columns), then one thread
 // per column substitutes inside the sub-block.
@@ -440,19 +458,7 @@ FLASH_KDA_DEVICE void solve_U(float* sm, int tid) {
       }
       port::block_sync();
     }
-    if (tid < L::VS) {
-      const int v = tid;
-      float u[L::BS];
-#pragma unroll
-      for (int ii = 0; ii < L::BS; ++ii) {
-        const int i = base + ii;
-        float acc = Vx[i * L::VS + v];
-#pragma unroll
-        for (int jj = 0; jj < ii; ++jj) acc -= A[i * L::C + base + jj] * u[jj];
-        u[ii] = beta[i] * acc;
-        Vx[i * L::VS + v] = u[ii];
-      }
-    }
+    if (tid < L::VS) substitute_column<L::BS>(Vx, L::VS, tid, A, L::C, beta, base);
     port::block_sync();
   }
 }

@@ -531,19 +531,7 @@ FLASH_KDA_DEVICE void solve_U(float* sm, int tid, int warp, Lane l) {
       }
       port::block_sync();
     }
-    if (tid < L::VS) {
-      const int v = tid;
-      float u[L::BS];
-#pragma unroll
-      for (int ii = 0; ii < L::BS; ++ii) {
-        const int i = base + ii;
-        float acc = Vx[i * L::LDV + v];
-#pragma unroll
-        for (int jj = 0; jj < ii; ++jj) acc -= A[i * L::LDA + base + jj] * u[jj];
-        u[ii] = beta[i] * acc;
-        Vx[i * L::LDV + v] = u[ii];
-      }
-    }
+    if (tid < L::VS) portable::substitute_column<L::BS>(Vx, L::LDV, tid, A, L::LDA, beta, base);
     port::block_sync();
   }
 }

@@ -66,6 +66,16 @@ void ensure_max_dynamic_smem(Kernel kernel, int bytes, int device, unsigned long
   done_mask |= bit;
 }
 
+// Launches `kernel` of layout L with `blocks` blocks (one per sequence x head x V slice).
+template <class L, class Kernel>
+void launch_layout(const char* name, Kernel kernel, int64_t blocks, const KdaParams& p,
+                   const port::DeviceInfo& dev, port::stream_t stream) {
+  if (blocks > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
+  static unsigned long long smem_set = 0;  // one mask per instantiation: L differs per kernel
+  ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
+  port::launch(name, kernel, static_cast<unsigned>(blocks), L::kThreads, L::kSmemBytes, stream, p);
+}
+
 // One block layout (V-slice width VS, chunk C): its shared-memory need, grid size, cost and launch.
 template <int VS, int C>
 struct PortableVariant {
@@ -87,13 +97,7 @@ struct PortableVariant {
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    const int64_t n = blocks(p);
-    if (n > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
-    auto kernel = kda_portable_kernel<L>;
-    static unsigned long long smem_set = 0;
-    ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
-    port::launch("kda_portable_kernel launch", kernel, static_cast<unsigned>(n), L::kThreads,
-                 L::kSmemBytes, stream, p);
+    launch_layout<L>("kda_portable_kernel launch", kda_portable_kernel<L>, blocks(p), p, dev, stream);
   }
 };
 
@@ -194,13 +198,7 @@ struct TcVariant {
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    const int64_t n = blocks(p);
-    if (n > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
-    auto kernel = kda_tc_kernel<L>;
-    static unsigned long long smem_set = 0;
-    ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
-    port::launch("kda_tc_kernel launch", kernel, static_cast<unsigned>(n), L::kThreads,
-                 L::kSmemBytes, stream, p);
+    launch_layout<L>("kda_tc_kernel launch", kda_tc_kernel<L>, blocks(p), p, dev, stream);
   }
 };
 
