@@ -148,7 +148,7 @@ FLASH_KDA_DEVICE float4 operator-(float4 a, float4 b) {
 FLASH_KDA_DEVICE float4 operator*(float4 a, float4 b) {
   return make_float4(a.x * b.x, a.y * b.y, a.z * b.z, a.w * b.w);
 }
-FLASH_KDA_DEVICE float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+using portable::ld4;  // 16-byte shared-memory read
 FLASH_KDA_DEVICE void st4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
 
 // 1 / (1 + e^{-x}); e^{-x} = inf for very negative x gives 0, as it should.
