@@ -2,7 +2,7 @@
 
 One custom op for every device: its implementation looks up (building on first use) the
 specialisation for the tensors' backend, device arch, head dim and dtype, and calls that module's
-raw op. ``out`` and ``final_state`` are declared as mutated, and a fake implementation is
+raw op. ``out``, ``final_state`` and ``workspace`` (scratch) are declared as mutated, and a fake implementation is
 registered, so torch.compile can trace through calls without running them.
 """
 
@@ -48,7 +48,7 @@ def forget_kernels() -> None:
     jit.clear_memo()
 
 
-@torch.library.custom_op("flash_kda::kda_fwd", mutates_args=("final_state", "out"))
+@torch.library.custom_op("flash_kda::kda_fwd", mutates_args=("final_state", "out", "workspace"))
 def kda_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -65,24 +65,26 @@ def kda_fwd(
     lower_bound: float,
     use_qk_l2norm: bool,
     state_in_place: bool,
+    workspace: torch.Tensor | None,
 ) -> None:
     """4-D token-major inputs (already validated). With state_in_place, final_state holds the
-    initial state on entry and initial_state is None."""
+    initial state on entry and initial_state is None. workspace: optional caller scratch (used
+    when big and suitable enough, else the binding allocates its own)."""
     run_kernel(q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, out, cu_seqlens,
-               scale, lower_bound, use_qk_l2norm, state_in_place)
+               scale, lower_bound, use_qk_l2norm, state_in_place, workspace)
 
 
 @kda_fwd.register_fake
 def _kda_fwd_fake(q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, out, cu_seqlens,
-                  scale, lower_bound, use_qk_l2norm, state_in_place) -> None:
+                  scale, lower_bound, use_qk_l2norm, state_in_place, workspace) -> None:
     return None
 
 
 def run_kernel(q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, out, cu_seqlens,
-               scale, lower_bound, use_qk_l2norm, state_in_place) -> None:
+               scale, lower_bound, use_qk_l2norm, state_in_place, workspace) -> None:
     kernel = kernel_for(q.device, q.shape[-1], q.dtype)
     kernel.op(q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, out, cu_seqlens,
-              scale, lower_bound, use_qk_l2norm, state_in_place)
+              scale, lower_bound, use_qk_l2norm, state_in_place, workspace)
 
 
 def call(args: tuple, device: torch.device, head_dim: int, dtype: torch.dtype) -> None:

@@ -210,6 +210,24 @@ def check_state(s, name: str, shape, input_dtype, device) -> None:
     _require_last_dim_contiguous(s, name)
 
 
+def check_workspace(workspace: torch.Tensor, p: Problem, out, final_state) -> None:
+    """fwd's optional scratch (already known to be a tensor): on q's device and sharing no memory
+    with any argument, since the kernels overwrite it. Size, layout and alignment are the binding's
+    business (an unsuitable workspace is not used; fwd then allocates its own)."""
+    if workspace.device != p.device:
+        raise ValueError(f"workspace must be on {p.device} (q's device), got {workspace.device}")
+    others = dict(p.spans)
+    others["out"] = _span(out)
+    if final_state is not None:
+        others["final_state"] = _span(final_state)
+    if p.initial_state is not None:
+        others["initial_state"] = _span(p.initial_state)
+    first, last = _span(workspace)
+    for name, (o_first, o_last) in others.items():
+        if first <= o_last and o_first <= last:
+            raise ValueError(f"workspace overlaps {name} in memory; pass a separate buffer")
+
+
 # ---------------------------------------------------------------------------------------------
 # cu_seqlens
 # ---------------------------------------------------------------------------------------------

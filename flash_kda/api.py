@@ -6,26 +6,32 @@ from __future__ import annotations
 import torch
 
 from . import _ops
-from ._validate import check_destinations, check_problem, require_tensor
+from ._validate import check_destinations, check_problem, check_workspace, require_tensor
+from ._workspace import split_scratch_bytes, varlen_slots
 
 
 def get_workspace_size(T_total: int, H: int, N: int) -> int:
-    """Bytes of workspace ``fwd`` may use for T_total tokens, H heads and N sequences.
+    """Bytes of workspace ``fwd`` may use for T_total tokens, H (value) heads and N sequences.
 
-    flash_kda needs no workspace, so this is 0; ``fwd`` accepts and ignores a workspace tensor so
-    callers written for FlashKDA (vLLM) keep working.
+    This is the scratch of the CUDA two-kernel path for head dim 128 (FlashKDA's only one), sized
+    for the varlen slot bound ``T_total // 32 + N``, which also covers N dense sequences of
+    T_total / N tokens. A workspace of at least this many bytes (on q's device, contiguous,
+    16-byte aligned; any dtype) passed to ``fwd`` is used instead of an internal allocation. For
+    other head dims, or a workspace that is too small or unsuitable, ``fwd`` allocates what it
+    needs itself (not an error). CPU and portable (pre-sm_80, MUSA) builds use no workspace.
     """
     for name, x in (("T_total", T_total), ("H", H), ("N", N)):
         if isinstance(x, bool) or not isinstance(x, int) or x < 0:
             raise ValueError(f"{name} must be a non-negative int, got {x!r}")
-    return 0
+    return split_scratch_bytes(varlen_slots(T_total, N), H, 128)
 
 
-def _run(p, out4, final_state, in_place: bool, use_qk_l2norm: bool) -> None:
+def _run(p, out4, final_state, in_place: bool, use_qk_l2norm: bool, workspace=None) -> None:
     """Launch; with in_place, final_state holds the initial state (it is the same tensor)."""
     _ops.call((p.q, p.k, p.v, p.g, p.beta, p.A_log, p.dt_bias,
                None if in_place else p.initial_state, final_state, out4, p.cu_seqlens,
-               p.scale, p.lower_bound, use_qk_l2norm, in_place), p.device, p.head_dim, p.dtype)
+               p.scale, p.lower_bound, use_qk_l2norm, in_place, workspace),
+              p.device, p.head_dim, p.dtype)
 
 
 def _as4d(t: torch.Tensor, packed: bool) -> torch.Tensor:
@@ -42,8 +48,13 @@ def fwd(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound,
         scale: float (None: K ** -0.5). out: preallocated like v.
         A_log: fp32 ``[Hv]``; dt_bias: fp32 ``[Hv, K]``; lower_bound: float (FlashKDA uses -5.0).
         initial_state / final_state: ``[N, Hv, V, K]`` fp32 or the input dtype; may be one tensor.
-        cu_seqlens: int32 or int64 ``[N + 1]`` (varlen, B == 1). workspace: ignored (see
-        ``get_workspace_size``).
+        cu_seqlens: int32 or int64 ``[N + 1]`` (varlen, B == 1).
+        workspace: optional scratch on q's device, ``get_workspace_size(T_total, Hv, N)`` bytes
+            (any dtype, contiguous, 16-byte aligned). The CUDA two-kernel path uses it instead of
+            allocating; its contents are overwritten. Too small or unsuitable: fwd allocates its
+            own (no error). Unused on CPU/portable builds. It must not share memory with the
+            other arguments (checked), and must not be used by other work until this call's
+            kernels finish (it is used on the current stream).
 
     q/k are L2-normalised in the kernel, the gate uses A_log/dt_bias, beta goes through sigmoid.
     """
@@ -58,7 +69,9 @@ def fwd(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound,
         require_tensor(out, "out")
     p = check_problem(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_bias, lower_bound)
     in_place = check_destinations(p, final_state, out, "out")
-    _run(p, _as4d(out, p.packed), final_state, in_place, use_qk_l2norm=True)
+    if workspace is not None:
+        check_workspace(workspace, p, out, final_state)
+    _run(p, _as4d(out, p.packed), final_state, in_place, use_qk_l2norm=True, workspace=workspace)
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -93,5 +106,6 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         hv, K = p.v.shape[2], p.head_dim
         state_dtype = p.initial_state.dtype if p.initial_state is not None else torch.float32
         final_state = torch.empty(p.num_seqs, hv, K, K, dtype=state_dtype, device=v.device)
-    _run(p, _as4d(output, p.packed), final_state, in_place, use_qk_l2norm=use_qk_l2norm_in_kernel)
+    _run(p, _as4d(output, p.packed), final_state, in_place, use_qk_l2norm=use_qk_l2norm_in_kernel,
+         workspace=None)
     return (output, final_state) if output_final_state else output

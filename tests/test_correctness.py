@@ -4,13 +4,14 @@ a GPU is present (skipped with a reason otherwise)."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
 
 import flash_kda
-from conftest import DEVICES
+from conftest import DEVICES, cuda_ok
 from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison,
                          reference_of, rel_l2)
 
@@ -211,3 +212,47 @@ def test_nan_propagates_like_the_reference(device):
     # From the poisoned token on, the affected value row is NaN, as in the reference. (Tokens of
     # the same chunk before it may be NaN too: masked-out matrix entries are 0 · NaN.)
     assert torch.isnan(out[1, 5:, 0, 3]).all() and torch.isnan(final[1]).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_ok(), reason="no CUDA device on this machine (CPU-only CI)")
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_fwd_caller_workspace(varlen):
+    """A caller workspace of get_workspace_size bytes, poisoned with NaN (0xFF bytes), gives the
+    result of the call without one; too small or misaligned ones still work (fwd allocates)."""
+    seed = fresh_seed()
+    H = 4
+    if varlen:
+        p = make_problem(seqlens=[1, 33, 300, 0, 513], hqk=H, hv=H, D=128, dtype=torch.bfloat16,
+                         device="cuda", state=True, seed=seed)
+        T_total, N = p["q"].shape[0], p["cu_seqlens"].numel() - 1
+    else:
+        p = make_problem(B=3, T=200, hqk=H, hv=H, D=128, dtype=torch.bfloat16, device="cuda",
+                         state=True, seed=seed)
+        T_total, N = p["q"].shape[0] * p["q"].shape[1], p["q"].shape[0]
+
+    def run(workspace=None):
+        out = poison(torch.empty_like(p["v"]))
+        final = poison(torch.empty_like(p["initial_state"]))
+        flash_kda.fwd(p["q"], p["k"], p["v"], p["g"], p["beta"], 128 ** -0.5, out, p["A_log"],
+                      p["dt_bias"], -5.0, initial_state=p["initial_state"], final_state=final,
+                      cu_seqlens=p["cu_seqlens"], workspace=workspace)
+        return out, final
+
+    out0, final0 = run()
+    check(p, out0, final0, seed, what=f"fwd without workspace ({'varlen' if varlen else 'dense'})")
+    size = flash_kda.get_workspace_size(T_total, H, N)
+    ws = torch.full((size,), 0xFF, dtype=torch.uint8, device="cuda")
+    out, final = run(ws)
+    assert torch.equal(out, out0) and torch.equal(final, final0), f"seed {seed}"
+    # The two-kernel path (sm_80+, fast kernels, FLASH_KDA_CUDA_SPLIT=1) writes its scratch into ws.
+    split_expected = (torch.cuda.get_device_capability() >= (8, 0)
+                      and os.environ.get("FLASH_KDA_KERNEL", "fast").strip().lower() in ("", "fast")
+                      and os.environ.get("FLASH_KDA_CUDA_SPLIT", "0").strip() == "1")
+    if split_expected:
+        assert not bool((ws == 0xFF).all()), "the caller's workspace was not used"
+    too_small = torch.full((max(size // 2, 1),), 0xFF, dtype=torch.uint8, device="cuda")
+    misaligned = torch.full((size + 16,), 0xFF, dtype=torch.uint8, device="cuda")[1:size + 1]
+    for bad in (too_small, misaligned):
+        out, final = run(bad)
+        assert torch.equal(out, out0) and torch.equal(final, final0), f"seed {seed}"

@@ -31,7 +31,9 @@ def test_nvcc_compiles_cuda_sources(tmp_path, arch, variant, head_dim, dtype):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
     obj = (tmp_path / "kda_cuda.o").read_bytes()
-    # The fast build carries the tensor-core kernels next to the portable ones (the launcher picks
-    # at run time); the portable build, like every MUSA build, must not contain them.
+    # The fast build carries the tensor-core kernels (fused, and the two-kernel form) next to the
+    # portable ones (the launcher picks at run time); the portable build, like every MUSA build,
+    # must not contain them.
     assert b"kda_portable_kernel" in obj
-    assert (b"kda_tc_kernel" in obj) == (variant == "fast"), f"tensor-core kernels in a {variant} build"
+    for kernel in (b"kda_tc_kernel", b"kda_prep_kernel", b"kda_recurrence_kernel"):
+        assert (kernel in obj) == (variant == "fast"), f"{kernel.decode()} in a {variant} build"

@@ -151,9 +151,56 @@ def test_fwd_requires_gate_parameters_and_checks_out():
 
 
 def test_get_workspace_size():
-    assert flash_kda.get_workspace_size(8192, 96, 4) == 0
-    with pytest.raises(ValueError):
-        flash_kda.get_workspace_size(-1, 96, 1)
+    # Record<128, 32> of kda_chunk_split.cuh: 4*32*128 + 32*32 + 128 = 17536 floats per slot and
+    # head; slots T_total // 32 + N.
+    assert flash_kda.get_workspace_size(8192, 96, 4) == (8192 // 32 + 4) * 96 * 17536 * 4
+    assert flash_kda.get_workspace_size(100, 8, 3) == (100 // 32 + 3) * 8 * 17536 * 4
+    assert flash_kda.get_workspace_size(0, 8, 0) == 0
+    sizes = [flash_kda.get_workspace_size(t, h, n)
+             for t, h, n in [(0, 1, 1), (31, 1, 1), (32, 1, 1), (64, 1, 1), (64, 2, 1), (64, 2, 2)]]
+    assert sizes == sorted(sizes) and sizes[0] > 0
+    # never below the dense slot count B * ceil(T / 32) of the same tokens
+    for B, T in [(1, 1), (3, 33), (4, 2048), (7, 95)]:
+        assert flash_kda.get_workspace_size(B * T, 4, B) >= B * -(-T // 32) * 4 * 17536 * 4
+    for bad in [(-1, 96, 1), (8, -1, 1), (8, 96, 1.5), (True, 96, 1)]:
+        with pytest.raises(ValueError):
+            flash_kda.get_workspace_size(*bad)
+
+
+def test_fwd_workspace_on_another_device():
+    p = good()
+    before = snapshot(p)
+    with pytest.raises(ValueError, match="workspace must be on cpu"):
+        call_fwd(p, workspace=torch.empty(64, dtype=torch.uint8, device="meta"))
+    assert unchanged(before, p) == []
+
+
+@pytest.mark.parametrize("victim", ["q", "v", "out", "final_state"])
+def test_fwd_workspace_aliasing_an_argument(victim):
+    """The kernels overwrite the workspace: one that shares memory with an argument is refused
+    before anything runs."""
+    p = good()
+    before = snapshot(p)
+    ws = p[victim].view(-1)[4:].view(torch.uint8)
+    with pytest.raises(ValueError, match=f"workspace overlaps {victim}"):
+        call_fwd(p, workspace=ws)
+    assert unchanged(before, p) == []
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_fwd_with_workspace_matches_without_on_cpu(varlen):
+    """The CPU kernel needs no scratch: a given workspace (big or too small) changes nothing."""
+    p = good(varlen=varlen)
+    call_fwd(p)
+    out, final = p["out"].clone(), p["final_state"].clone()
+    T_total = p["q"].shape[-3] * (1 if varlen else p["q"].shape[0])
+    N = p["initial_state"].shape[0]
+    for ws in (torch.full((flash_kda.get_workspace_size(T_total, 4, N),), 0xFF, dtype=torch.uint8),
+               torch.empty(3, dtype=torch.uint8)):
+        p["out"].fill_(7.0)
+        p["final_state"].fill_(3.0)
+        call_fwd(p, workspace=ws)
+        assert torch.equal(p["out"], out) and torch.equal(p["final_state"], final)
 
 
 def test_unsupported_device_type():

@@ -3,8 +3,9 @@
 # the CUDA modules in parallel, run the main job, the GPU tests (fast and portable kernels), fla
 # compatibility, compute-sanitizer on small shapes, and the benchmark. Logs go to $OUT.
 #   usage: bash tools/device_check.sh [tests|layouts|sanitize|bench|tune|all]...
-# `bench` runs tools/bench.py with fla unless NO_FLA=1; `tune` times each V-slice width of the
-# tensor-core body (FLASH_KDA_CUDA_VSLICE) without fla.
+# `bench` runs tools/bench.py with fla unless NO_FLA=1 (which also skips the fla test); `kernels`
+# prints per-kernel times for each two-kernel layout; `tune` times each kernel form and layout of
+# $LAYOUTS (below) without fla. FAST_ONLY=1 skips the portable build and tests.
 set -uo pipefail
 OUT=${OUT:-/tmp/flash_kda_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 FLASH_KDA_CACHE_DIR=/tmp/fkcache
@@ -29,43 +30,63 @@ echo "prewarm: $(( $(date +%s) - t0 )) s"
 python3 -m flash_kda 2>&1 | tee "$OUT/main_job.txt"
 
 if has tests; then
-  python3 -m pytest tests/test_correctness.py tests/test_fla_compat.py -k "cuda or fla" -q -ra -p no:cacheprovider 2>&1 | tee "$OUT/tests_fast.txt" | tail -15
-  FLASH_KDA_KERNEL=portable python3 -m pytest tests/test_correctness.py -k cuda -q -ra -p no:cacheprovider 2>&1 | tee "$OUT/tests_portable.txt" | tail -8
+  python3 -m pytest tests/test_correctness.py ${NO_FLA:-tests/test_fla_compat.py} -k "cuda or fla" -q -ra -p no:cacheprovider 2>&1 | tee "$OUT/tests_fast.txt" | tail -15
+  # The two-kernel form (opt-in) on the whole GPU suite, the caller-workspace test included.
+  FLASH_KDA_CUDA_SPLIT=1 python3 -m pytest tests/test_correctness.py -k cuda -q -ra -p no:cacheprovider 2>&1 | tee "$OUT/tests_split.txt" | tail -3
+  [[ -n "${FAST_ONLY:-}" ]] || FLASH_KDA_KERNEL=portable python3 -m pytest tests/test_correctness.py -k cuda -q -ra -p no:cacheprovider 2>&1 | tee "$OUT/tests_portable.txt" | tail -8
 fi
+# Kernel forms and layouts of the tensor-core path, as "split VS threads": split 1 is the two-kernel
+# form (preparation + recurrence; opt-in, FLASH_KDA_CUDA_SPLIT=1; its threads are VS / 16 warps),
+# 0 the fused body (the default). The knobs restrict the choice; a
+# head dim without the forced layout keeps its usual one.
+LAYOUTS=${LAYOUTS:-"1,128,256 1,64,128 1,32,64 0,128,512 0,32,256"}
 if has layouts; then
-  # The tests' small shapes select only some tensor-core layouts; force each one in turn (the knobs
-  # restrict the choice; a head dim without the forced layout keeps its usual one).
-  for cfg in "128 512" "64 256" "32 256"; do
-    set -- $cfg
-    FLASH_KDA_CUDA_VSLICE=$1 FLASH_KDA_CUDA_THREADS=$2 python3 -m pytest tests/test_correctness.py -q -ra \
+  # The tests' small shapes select only some layouts; force each one in turn.
+  for cfg in $LAYOUTS; do
+    IFS=, read -r sp vs th <<< "$cfg"
+    FLASH_KDA_CUDA_SPLIT=$sp FLASH_KDA_CUDA_VSLICE=$vs FLASH_KDA_CUDA_THREADS=$th python3 -m pytest tests/test_correctness.py -q -ra \
       -p no:cacheprovider -k "cuda and (dtypes_and_head_dims or varlen or states or extreme or nan)" 2>&1 \
-      | tee "$OUT/tests_layout_${1}x${2}.txt" | tail -1 | sed "s/^/layout VS=$1 threads=$2: /"
+      | tee "$OUT/tests_layout_${sp}_${vs}x${th}.txt" | tail -1 | sed "s/^/layout split=$sp VS=$vs threads=$th: /"
   done
-  FLASH_KDA_CUDA_VSLICE=128 FLASH_KDA_CUDA_THREADS=512 compute-sanitizer --tool memcheck --error-exitcode 3 \
-    python3 tools/sanitize_case.py > "$OUT/sanitize_memcheck_128x512.txt" 2>&1
-  echo "memcheck VS=128 threads=512: exit $? $(grep 'ERROR SUMMARY' "$OUT/sanitize_memcheck_128x512.txt")"
-  FLASH_KDA_CUDA_VSLICE=128 FLASH_KDA_CUDA_THREADS=512 compute-sanitizer --tool racecheck --error-exitcode 3 \
-    python3 tools/sanitize_case.py > "$OUT/sanitize_racecheck_128x512.txt" 2>&1
-  echo "racecheck VS=128 threads=512: exit $? $(grep 'RACECHECK SUMMARY' "$OUT/sanitize_racecheck_128x512.txt")"
+  FLASH_KDA_CUDA_SPLIT=1 FLASH_KDA_CUDA_PREP_THREADS=512 python3 -m pytest tests/test_correctness.py -q -ra -p no:cacheprovider \
+    -k "cuda and (dtypes_and_head_dims or varlen or states or extreme or nan)" 2>&1 \
+    | tee "$OUT/tests_prep512.txt" | tail -1 | sed "s/^/preparation 512 threads: /"
 fi
 if has sanitize; then
-  for tool in memcheck racecheck; do
-    for kernel in fast portable; do
-      FLASH_KDA_KERNEL=$kernel compute-sanitizer --tool $tool --error-exitcode 3 python3 tools/sanitize_case.py > "$OUT/sanitize_${tool}_${kernel}.txt" 2>&1
-      echo "compute-sanitizer $tool ($kernel): exit $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_${tool}_${kernel}.txt" | tail -1)"
+  for cfg in ${SANITIZE:-fast,1 fast,0 portable,1}; do
+    IFS=, read -r k sp <<< "$cfg"; set -- $k $sp
+    for tool in memcheck racecheck; do
+      FLASH_KDA_KERNEL=$1 FLASH_KDA_CUDA_SPLIT=$2 compute-sanitizer --tool $tool --error-exitcode 3 python3 tools/sanitize_case.py > "$OUT/sanitize_${tool}_$1_split$2.txt" 2>&1
+      echo "compute-sanitizer $tool ($1, split=$2): exit $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_${tool}_$1_split$2.txt" | tail -1)"
     done
   done
 fi
 if has bench; then
-  python3 tools/bench.py ${NO_FLA:+--no-fla} 2>&1 | tee "$OUT/bench_fast.txt" | tail -20
-  FLASH_KDA_KERNEL=portable python3 tools/bench.py --no-fla 2>&1 | tee "$OUT/bench_portable.txt" | tail -16
+  # Our kernels on every shape first (quick), then side by side with fla on ${FLA_SHAPES:-all}
+  # shapes (fla's first call of a shape compiles and autotunes for tens of seconds).
+  python3 tools/bench.py --no-fla 2>&1 | tee "$OUT/bench_fast.txt" | tail -16
+  if [[ -z "${NO_FLA:-}" ]]; then
+    python3 tools/bench.py --shapes "${FLA_SHAPES:-all}" 2>&1 | tee "$OUT/bench_fla.txt" | tail -20
+  fi
+  [[ -n "${FAST_ONLY:-}" ]] || FLASH_KDA_KERNEL=portable python3 tools/bench.py --no-fla 2>&1 | tee "$OUT/bench_portable.txt" | tail -16
+fi
+if [[ " $steps " == *" kernels "* ]]; then
+  # Per-kernel times (tools/kernel_times.py) of each two-kernel layout and preparation width.
+  for cfg in $LAYOUTS; do
+    IFS=, read -r sp vs th <<< "$cfg"
+    [[ $sp == 1 ]] || continue
+    echo "== recurrence VS=$vs threads=$th"
+    FLASH_KDA_CUDA_SPLIT=1 FLASH_KDA_CUDA_VSLICE=$vs FLASH_KDA_CUDA_THREADS=$th python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$OUT/kernels_${vs}x${th}.txt"
+  done
+  echo "== preparation 512 threads"
+  FLASH_KDA_CUDA_SPLIT=1 FLASH_KDA_CUDA_PREP_THREADS=512 python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$OUT/kernels_prep512.txt"
 fi
 if [[ " $steps " == *" tune "* ]]; then
-  for cfg in "128 512" "32 256"; do
-    set -- $cfg
-    echo "== FLASH_KDA_CUDA_VSLICE=$1 FLASH_KDA_CUDA_THREADS=$2"
-    FLASH_KDA_CUDA_VSLICE=$1 FLASH_KDA_CUDA_THREADS=$2 python3 tools/bench.py --no-fla --reps 10 2>&1 \
-      | tee "$OUT/tune_${1}x${2}.txt" | tail -14
+  for cfg in $LAYOUTS; do
+    IFS=, read -r sp vs th <<< "$cfg"
+    echo "== FLASH_KDA_CUDA_SPLIT=$sp FLASH_KDA_CUDA_VSLICE=$vs FLASH_KDA_CUDA_THREADS=$th"
+    FLASH_KDA_CUDA_SPLIT=$sp FLASH_KDA_CUDA_VSLICE=$vs FLASH_KDA_CUDA_THREADS=$th python3 tools/bench.py --no-fla --reps ${TUNE_REPS:-10} 2>&1 \
+      | tee "$OUT/tune_${sp}_${vs}x${th}.txt" | tail -14
   done
 fi
 echo "total: $(( $(date +%s) - t0 )) s"

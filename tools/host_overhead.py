@@ -71,7 +71,7 @@ def raw_op(x, D):
     op = _ops.kernel_for(x["q"].device, D, x["q"].dtype).op
     s = D ** -0.5
     return lambda: op(x["q"], x["k"], x["v"], x["g"], x["beta"], x["A_log"], x["dt_bias"], None,
-                      None, x["out"], None, s, -5.0, True, False)
+                      None, x["out"], None, s, -5.0, True, False, None)
 
 
 def _no_op(*args):

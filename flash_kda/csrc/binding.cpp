@@ -5,8 +5,12 @@
 // TORCH_CHECKs below are a cheap second line so that a direct call of the raw op cannot make a
 // kernel read or write outside its tensors.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
+
+#include <cstdint>
 
 #include "kda_params.h"
 
@@ -73,7 +77,8 @@ void kda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
              const std::optional<at::Tensor>& initial_state,
              const std::optional<at::Tensor>& final_state, const at::Tensor& out,
              const std::optional<at::Tensor>& cu_seqlens, double scale, double lower_bound,
-             bool use_qk_l2norm, bool state_in_place) {
+             bool use_qk_l2norm, bool state_in_place,
+             const std::optional<at::Tensor>& workspace) {
   constexpr int64_t D = FLASH_KDA_HEAD_DIM;
   TORCH_CHECK(q.scalar_type() == kInputDtype && k.scalar_type() == kInputDtype &&
                   v.scalar_type() == kInputDtype && out.scalar_type() == kInputDtype,
@@ -167,6 +172,28 @@ void kda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 #else
   void* stream = nullptr;
 #endif
+  // Scratch for the kernels that want it: the caller's workspace when it is usable (on q's device,
+  // contiguous, 16-byte aligned, big enough), else a block from torch's caching allocator
+  // (stream-ordered: the block is not handed to other work on this stream before the kernels are
+  // done with it). An unusable workspace is not an error. If the allocation fails the launcher uses
+  // a kernel form that needs none, so a large call still runs.
+  at::Tensor scratch;
+  const int64_t scratch_bytes = flash_kda::workspace_bytes(p);
+  if (scratch_bytes > 0) {
+    if (workspace.has_value() && workspace->defined() && workspace->device() == q.device() &&
+        workspace->is_contiguous() &&
+        static_cast<int64_t>(workspace->nbytes()) >= scratch_bytes &&
+        reinterpret_cast<std::uintptr_t>(workspace->data_ptr()) % 16 == 0) {
+      p.workspace = workspace->data_ptr();
+    } else {
+      try {
+        scratch = at::empty({scratch_bytes}, q.options().dtype(at::kByte));
+        p.workspace = scratch.data_ptr();
+      } catch (const c10::OutOfMemoryError&) {
+        p.workspace = nullptr;
+      }
+    }
+  }
   flash_kda::launch_kda(p, stream);
 }
 
@@ -176,7 +203,8 @@ TORCH_LIBRARY_FRAGMENT(flash_kda_kernels, m) {
   m.def(FLASH_KDA_STR(FLASH_KDA_OP_NAME)
         "(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor? A_log, Tensor? dt_bias, "
         "Tensor? initial_state, Tensor(a!)? final_state, Tensor(b!) out, Tensor? cu_seqlens, "
-        "float scale, float lower_bound, bool use_qk_l2norm, bool state_in_place) -> ()");
+        "float scale, float lower_bound, bool use_qk_l2norm, bool state_in_place, "
+        "Tensor(c!)? workspace=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(flash_kda_kernels, FLASH_KDA_DISPATCH_KEY, m) {

@@ -64,6 +64,11 @@ struct KdaParams {
 
   float scale;
   bool use_qk_l2norm;
+
+  // ---- scratch (device memory of workspace_bytes(*this) bytes, 16-byte aligned; null: none) ----
+  // The CUDA tensor-core path's two-kernel form needs it; without it the launcher uses a fused
+  // kernel that needs none.
+  void* workspace;
 };
 
 // Token range of sequence n and its offset (in tokens, within batch index) into the token-major tensors.
@@ -114,5 +119,9 @@ FLASH_KDA_HD int64_t state_offset(const StateStrides& s, int n, int h, int row) 
 // Compiled once per specialisation: FLASH_KDA_HEAD_DIM and the FLASH_KDA_DTYPE_* macro fix the
 // head dim and the input dtype; the binding checks that the tensors match before calling.
 void launch_kda(const KdaParams& p, void* stream);
+
+// Bytes of workspace launch_kda would use for p on the current device (0: it needs none). The
+// binding allocates that much (or takes the caller's workspace) and sets p.workspace.
+int64_t workspace_bytes(const KdaParams& p);
 
 }  // namespace flash_kda

@@ -487,6 +487,8 @@ std::vector<WorkItem> make_items(const KdaParams& p, int threads) {
 
 }  // namespace
 
+int64_t workspace_bytes(const KdaParams&) { return 0; }
+
 void launch_kda(const KdaParams& p, void* /*stream*/) {
   if (p.num_seqs <= 0 || p.hv <= 0 || p.hqk <= 0) return;
   const int max_threads = std::max(1, at::get_num_threads());

@@ -19,6 +19,7 @@
 
 #if !defined(FLASH_KDA_KERNEL_PORTABLE) && !defined(__MUSACC__) && !defined(FLASH_KDA_BACKEND_MUSA)
 #define FLASH_KDA_HAS_TC 1
+#include "kda_chunk_split.cuh"
 #include "kda_chunk_tc.cuh"
 #else
 #define FLASH_KDA_HAS_TC 0
@@ -50,6 +51,29 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_tc_kernel(cons
   extern __shared__ float4 smem_f4[];
   tc::run_block<L>(p, reinterpret_cast<float*>(smem_f4), static_cast<int>(blockIdx.x),
                    static_cast<int>(threadIdx.x));
+#endif
+}
+
+// The two-kernel form (kda_chunk_split.cuh): preparation over (slot, head), then the recurrence.
+template <class L>
+__global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_prep_kernel(const KdaParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  extern __shared__ float4 smem_f4[];
+  tc::prep_block<L>(p, static_cast<float*>(p.workspace), reinterpret_cast<float*>(smem_f4),
+                    static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x));
+#endif
+}
+
+template <class L>
+__global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_recurrence_kernel(const KdaParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  extern __shared__ float4 smem_f4[];
+  tc::recurrence_block<L>(p, static_cast<const float*>(p.workspace), reinterpret_cast<float*>(smem_f4),
+                          static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x));
 #endif
 }
 #endif
@@ -169,18 +193,43 @@ int threads_override() {
   static const int v = env_int("FLASH_KDA_CUDA_THREADS");
   return v;
 }
+// FLASH_KDA_CUDA_SPLIT=1 opts in to the two-kernel form (kda_chunk_split.cuh); unset or 0: the fused
+// body, which needs no workspace. Opt-in until the two-kernel form in its present shape has been
+// verified on hardware (docs/cuda.md, "Two-kernel form").
+bool split_enabled() {
+  static const bool on = env_int("FLASH_KDA_CUDA_SPLIT") == 1;
+  return on;
+}
 
-// One tensor-core block layout (V-slice width VS, chunk 32, T threads).
-template <int VS, int T>
-struct TcVariant {
-  using L = tc::Layout<kHeadDim, VS, 32, T>;
-
+// What the tensor-core layout variants share: grid size (one block per sequence x head x V slice),
+// fit, the benchmark knobs, and the load of the busiest multiprocessor.
+template <class L_, int VS, int T>
+struct VariantBase {
+  using L = L_;
   static int64_t blocks(const KdaParams& p) { return static_cast<int64_t>(p.num_seqs) * p.hv * L::NVS; }
   static bool fits(const port::DeviceInfo& dev) { return L::kSmemBytes <= dev.max_smem_per_block; }
   static bool allowed(const port::DeviceInfo& dev) {
     return fits(dev) && (vslice_override() == 0 || vslice_override() == VS) &&
            (threads_override() == 0 || threads_override() == T);
   }
+  // Waves of co-resident blocks on the busiest multiprocessor, and whether blocks share one.
+  struct Load {
+    int64_t waves;
+    bool shared;
+  };
+  static Load busiest(const KdaParams& p, const port::DeviceInfo& dev) {
+    int cap = dev.smem_per_multiprocessor / (L::kSmemBytes + 1024);  // 1 KB reserved per block
+    cap = cap < 1 ? 1 : (cap > L::kMinBlocks ? L::kMinBlocks : cap);
+    const int64_t per_sm = (blocks(p) + dev.multiprocessors - 1) / dev.multiprocessors;
+    return Load{(per_sm + cap - 1) / cap, per_sm >= 2 && cap >= 2};
+  }
+};
+
+// One fused tensor-core block layout (V-slice width VS, chunk 32, T threads).
+template <int VS, int T>
+struct TcVariant : VariantBase<tc::Layout<kHeadDim, VS, 32, T>, VS, T> {
+  using Base = VariantBase<tc::Layout<kHeadDim, VS, 32, T>, VS, T>;
+  using L = typename Base::L;
 
   // Estimated time of the busiest multiprocessor, in units of one block's K-side work for a
   // chunk (loads, norms, decays, A matrices: paid again by every V slice). Fitted to H100 runs
@@ -188,17 +237,37 @@ struct TcVariant {
   // blocks take ~1.7x as long as one; 512 threads do a block's K-side in ~0.83x the time of 256.
   // A model to rank layouts, not a prediction of milliseconds.
   static double cost(const KdaParams& p, const port::DeviceInfo& dev) {
-    int cap = dev.smem_per_multiprocessor / (L::kSmemBytes + 1024);  // 1 KB reserved per block
-    cap = cap < 1 ? 1 : (cap > L::kMinBlocks ? L::kMinBlocks : cap);
-    const int64_t per_sm = (blocks(p) + dev.multiprocessors - 1) / dev.multiprocessors;
-    const int64_t waves = (per_sm + cap - 1) / cap;
-    const double together = per_sm >= 2 && cap >= 2 ? 1.7 : 1.0;
+    const auto load = Base::busiest(p, dev);
     const double k_side = T >= 512 ? 0.83 : 1.0;
-    return static_cast<double>(waves) * together * (k_side + 0.4 * VS / kHeadDim);
+    return static_cast<double>(load.waves) * (load.shared ? 1.7 : 1.0) * (k_side + 0.4 * VS / kHeadDim);
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    launch_layout<L>("kda_tc_kernel launch", kda_tc_kernel<L>, blocks(p), p, dev, stream);
+    launch_layout<L>("kda_tc_kernel launch", kda_tc_kernel<L>, Base::blocks(p), p, dev, stream);
+  }
+};
+
+// One recurrence layout of the two-kernel form (V-slice width VS = 16 rows per warp, chunk 32,
+// one or two operand buffers).
+template <int VS, int kStages>
+struct RecurrenceVariant
+    : VariantBase<tc::RecurrenceLayout<kHeadDim, VS, 32, kStages>, VS,
+                  tc::RecurrenceLayout<kHeadDim, VS, 32, kStages>::kThreads> {
+  using L = tc::RecurrenceLayout<kHeadDim, VS, 32, kStages>;
+  using Base = VariantBase<L, VS, L::kThreads>;
+
+  // Estimated time of the busiest multiprocessor in units of a full-width slice's chunk work; a
+  // chunk also costs a fixed ~0.5 of them (barriers, copy waits) whatever the slice width. A guess
+  // until the present form has been measured (docs/cuda.md).
+  static double cost(const KdaParams& p, const port::DeviceInfo& dev) {
+    const auto load = Base::busiest(p, dev);
+    return static_cast<double>(load.waves) * (load.shared ? 1.6 : 1.0) *
+           (0.5 + static_cast<double>(VS) / kHeadDim);
+  }
+
+  static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
+    launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), p,
+                     dev, stream);
   }
 };
 
@@ -206,6 +275,7 @@ struct TcVariant {
 // listed first); false if none fits.
 template <class... Vs>
 struct TcChoice {
+  static bool any_fits(const port::DeviceInfo& dev) { return (Vs::fits(dev) || ...); }
   static bool launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
     const bool any_allowed = (Vs::allowed(dev) || ...);
     int best = -1, index = 0;
@@ -240,9 +310,62 @@ struct TcVariants<128>
     : TcChoice<TcVariant<128, 512>, TcVariant<32, 256>> {};
 template <>
 struct TcVariants<256> : TcChoice<TcVariant<64, 256>, TcVariant<32, 256>> {};
+
+// The two-kernel form per head dim: the preparation layouts (whole V width; 256 or 512 threads)
+// and the recurrence layouts (V slice, operand buffers: shared memory per block):
+//   D = 64:  preparation 27 KB; recurrence VS 64 or 32, two buffers (86 KB, 68 KB)
+//   D = 128: preparation 82 KB; recurrence VS 128, 64 or 32, two buffers (189 KB, 172 KB, 164 KB)
+//   D = 256: preparation 150 KB; recurrence VS 64 or 32, one buffer (127 KB, 119 KB)
+template <int D>
+struct Split;
+template <>
+struct Split<64> : TcChoice<RecurrenceVariant<64, 2>, RecurrenceVariant<32, 2>> {};
+template <>
+struct Split<128> : TcChoice<RecurrenceVariant<128, 2>, RecurrenceVariant<64, 2>,
+                             RecurrenceVariant<32, 2>> {};
+template <>
+struct Split<256> : TcChoice<RecurrenceVariant<64, 1>, RecurrenceVariant<32, 1>> {};
+
+// FLASH_KDA_CUDA_PREP_THREADS=256|512 picks the preparation layout (default 256).
+int prep_threads() {
+  static const int v = env_int("FLASH_KDA_CUDA_PREP_THREADS") == 512 ? 512 : 256;
+  return v;
+}
+constexpr int kSplitChunk = 32;
+using PrepNarrow = tc::PrepLayout<kHeadDim, kSplitChunk, 256>;
+// (D = 64 has too few 8-channel loads per chunk for 512 threads: it stays at 256.)
+using PrepWide = tc::PrepLayout<kHeadDim, kSplitChunk, kSplitChunk * kHeadDim / 8 >= 512 ? 512 : 256>;
+
+bool split_usable(const port::DeviceInfo& dev) {
+  return split_enabled() && dev.major >= 8 && PrepWide::kSmemBytes <= dev.max_smem_per_block &&
+         PrepNarrow::kSmemBytes <= dev.max_smem_per_block && Split<kHeadDim>::any_fits(dev);
+}
+
+// Preparation over every (slot, head), then the recurrence.
+bool launch_split(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
+  const int64_t blocks = tc::num_slots(p, kSplitChunk) * p.hv;
+  if (blocks > 0) {
+    if (prep_threads() == 512) {
+      launch_layout<PrepWide>("kda_prep_kernel launch", kda_prep_kernel<PrepWide>, blocks, p, dev, stream);
+    } else {
+      launch_layout<PrepNarrow>("kda_prep_kernel launch", kda_prep_kernel<PrepNarrow>, blocks, p, dev, stream);
+    }
+  }
+  return Split<kHeadDim>::launch(p, dev, stream);
+}
 #endif  // FLASH_KDA_HAS_TC
 
 }  // namespace
+
+int64_t workspace_bytes(const KdaParams& p) {
+#if FLASH_KDA_HAS_TC
+  if (p.num_seqs <= 0 || p.hv <= 0 || !split_usable(port::device_info())) return 0;
+  return tc::split_scratch_bytes<kHeadDim, kSplitChunk>(p);
+#else
+  (void)p;
+  return 0;
+#endif
+}
 
 void launch_kda(const KdaParams& p, void* stream) {
   if (p.head_dim != kHeadDim) {
@@ -256,6 +379,7 @@ void launch_kda(const KdaParams& p, void* stream) {
   const port::DeviceInfo dev = port::device_info();
   const auto s = static_cast<port::stream_t>(stream);
 #if FLASH_KDA_HAS_TC
+  if (p.workspace != nullptr && split_usable(dev) && launch_split(p, dev, s)) return;
   if (dev.major >= 8 && TcVariants<kHeadDim>::launch(p, dev, s)) return;
 #endif
   launch_portable(p, dev, s);

@@ -1,0 +1,23 @@
+"""Scratch size of the CUDA two-kernel path, as the C++ side computes it.
+
+Must match ``Record<D, C>`` / ``num_slots`` / ``split_scratch_bytes`` in
+csrc/cuda/kda_chunk_split.cuh (and the chunk kSplitChunk in csrc/cuda/kda_cuda.cu): one fp32
+Record per (slot, value head), a slot per chunk of C tokens.
+"""
+
+from __future__ import annotations
+
+SPLIT_CHUNK = 32  # C: tokens per chunk of the split path (kSplitChunk)
+
+
+def split_scratch_bytes(num_slots: int, hv: int, head_dim: int, chunk: int = SPLIT_CHUNK) -> int:
+    """Bytes for `num_slots` chunk slots of `hv` value heads of head dim D (K == V)."""
+    # Record<D, C>::kFloats: W, Q e^γ, K e^{γ_last-γ}, U0 ([C, D] each), A_qk [C, C], e^{γ_last} [D]
+    record_floats = 4 * chunk * head_dim + chunk * chunk + head_dim
+    return num_slots * hv * record_floats * 4
+
+
+def varlen_slots(total_tokens: int, num_seqs: int, chunk: int = SPLIT_CHUNK) -> int:
+    """num_slots for cu_seqlens: T_total // C + N. It bounds the dense count B * ceil(T / C) of N = B
+    sequences of T_total / N tokens too."""
+    return total_tokens // chunk + num_seqs

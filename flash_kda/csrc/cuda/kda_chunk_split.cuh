@@ -1,0 +1,531 @@
+// kda_chunk_split.cuh: the two-kernel form of the tensor-core body (NVIDIA sm_80 and newer).
+//
+// Why two kernels. In the fused body (kda_chunk_tc.cuh, run_block) every chunk's K-side (loads,
+// norms, decays, A_kk, A_qk: about two thirds of a chunk's time, docs/performance.md) sits on the
+// sequential path of the recurrence, in a grid of only sequences x heads x V slices blocks. None of
+// it depends on the state, so here it moves to a preparation kernel with one block per (chunk,
+// head): every chunk of every sequence at once. It also solves the chunk's triangular system for
+// the state-independent right-hand sides. With T = (I + diag(β) A_kk)^{-1} diag(β):
+//     U  = T (V - (K e^γ) S0ᵀ) = U0 - W S0ᵀ,   U0 = T V,  W = T (K e^γ)
+// so the recurrence kernel is left with three products against the state per chunk and no solve:
+//     U = U0 - W S0ᵀ,   O = (Q e^γ) S0ᵀ + A_qk U,   S = S0 diag(e^{γ_last}) + Uᵀ (K e^{γ_last - γ}).
+// The price is a scratch round trip (Record below) through global memory, which the recurrence
+// overlaps with its math: it copies the next chunk's operands with cp.async while it works.
+//
+// Scratch. One Record per (slot, value head); the chunks of sequence n use the slots
+// [slot_base(n), slot_base(n) + ceil(len_n / C)). Dense: slot_base(n) = n ceil(T / C). Varlen:
+// slot_base(n) = floor(start_n / C) + n, which leaves room for every sequence's chunks (the chunks
+// of n end at most at floor(start_{n+1} / C) + n + 1) and needs no prefix sum; some slots stay unused.
+// Slots stay inside [0, num_slots) even for a malformed cu_seqlens (seq_range clamps it).
+#pragma once
+
+#include "../kda_params.h"
+#include "../port.cuh"
+#include "kda_chunk_tc.cuh"
+
+namespace flash_kda {
+namespace tc {
+
+// One chunk's operands for the recurrence, fp32, rows unpadded (row stride D, or C for A_qk).
+template <int D, int C>
+struct Record {
+  static constexpr int kW = 0;             // [C, D] W = T (K e^γ)
+  static constexpr int kQ = kW + C * D;    // [C, D] Q e^γ
+  static constexpr int kKl = kQ + C * D;   // [D, C] (K e^{γ_last - γ})ᵀ: channel-major for the update
+  static constexpr int kU = kKl + C * D;   // [C, V] U0 = T V
+  static constexpr int kA = kU + C * D;    // [C, C] A_qk, zero above the diagonal
+  static constexpr int kEg = kA + C * C;   // [D] e^{γ_last}
+  static constexpr int kFloats = kEg + D;  // a multiple of 4: every array starts 16-byte aligned
+  static_assert(kFloats % 4 == 0 && D % 4 == 0 && C % 4 == 0, "16-byte rows");
+};
+
+FLASH_KDA_HD int64_t chunks_of(int64_t len, int C) { return (len + C - 1) / C; }
+
+FLASH_KDA_HD int64_t slot_base(const KdaParams& p, int n, int C) {
+  if (p.cu_seqlens == nullptr) return static_cast<int64_t>(n) * chunks_of(p.seq_len, C);
+  return seq_range(p, n).start / C + n;
+}
+
+FLASH_KDA_HD int64_t num_slots(const KdaParams& p, int C) {
+  if (p.cu_seqlens == nullptr) return static_cast<int64_t>(p.num_seqs) * chunks_of(p.seq_len, C);
+  return p.seq_len / C + p.num_seqs;
+}
+
+// Bytes of scratch the split path needs for p (the host sizes the workspace with it).
+template <int D, int C>
+FLASH_KDA_HD int64_t split_scratch_bytes(const KdaParams& p) {
+  return num_slots(p, C) * p.hv * static_cast<int64_t>(Record<D, C>::kFloats) * 4;
+}
+
+// ---------------------------------------------------------------------------------------------
+// cp.async (sm_80): 16-byte global -> shared copies that complete in commit-group order.
+// ---------------------------------------------------------------------------------------------
+FLASH_KDA_DEVICE void cp_async16(float* dst, const float* src) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src) : "memory");
+}
+FLASH_KDA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most N of this thread's groups are pending.
+template <int N>
+FLASH_KDA_DEVICE void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// rows x cols floats from src (row stride lds) to dst (row stride ldd), 16 bytes per copy.
+template <int kThreads>
+FLASH_KDA_DEVICE void copy_rows_async(float* dst, int ldd, const float* src, int lds, int rows,
+                                      int cols, int tid) {
+  const int per_row = cols / 4;
+  for (int idx = tid; idx < rows * per_row; idx += kThreads) {
+    const int r = idx / per_row, c = (idx % per_row) * 4;
+    cp_async16(dst + r * ldd + c, src + static_cast<int64_t>(r) * lds + c);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Preparation kernel: one block per (slot, value head)
+// ---------------------------------------------------------------------------------------------
+// The K-side arrays of the fused body's Layout (kda_chunk_tc.cuh), same member names so that its
+// phase functions (load_chunk ... scale_for_state) apply, with the whole V width in Vx, no state,
+// and T for the inversion.
+template <int D_, int C_, int T_ = 256>
+struct PrepLayout {
+  static constexpr int D = D_;
+  static constexpr int VS = D_;                    // the loader fills v's whole width
+  static constexpr int C = C_;
+  static constexpr int kThreads = T_;
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int BS = 16;
+  static constexpr int NB = C / BS;
+  static constexpr int NPAIR = NB * (NB + 1) / 2;
+  static constexpr int LD = D + 4;                 // strides as in tc::Layout (bank-conflict-free)
+  static constexpr int LDV = VS + 8;
+  static constexpr int LDA = C + 4;
+
+  static constexpr int kK = 0;                      // [C, LD] k -> k e^{γ-γ_b} -> k e^γ -> W
+  static constexpr int kQ = kK + C * LD;            // [C, LD] q -> q e^{γ-γ_b} -> q e^γ
+  static constexpr int kKe = kQ + C * LD;           // [C, LD] a -> γ -> k e^{γ_e-γ} -> k e^{γ_last-γ}
+  static constexpr int kG = kKe;
+  static constexpr int kVx = kKe + C * LD;          // [C, LDV] v -> U0
+  static constexpr int kAkk = kVx + C * LDV;        // [C, LDA]
+  static constexpr int kAqk = kAkk + C * LDA;       // [C, LDA]
+  static constexpr int kT = kAqk + C * LDA;         // [C, LDA] T = (I + diag(β) A_kk)^{-1} diag(β)
+  static constexpr int kM = kT + C * LDA;           // [NPAIR, D]
+  static constexpr int kGb = kM + NPAIR * D;        // [NB + 1, D]
+  static constexpr int kBeta = kGb + (NB + 1) * D;  // [C]
+  static constexpr int kEg = kBeta + C;             // [D]
+  static constexpr int kDtb = kEg + D;              // [D]
+  static constexpr int kFlags = kDtb + D;           // [4]
+  static constexpr int kFloats = kFlags + 4;
+  static constexpr int kSmemBytes = kFloats * 4;
+  static constexpr int kMinBlocks = kSmemBytes <= 112 * 1024 ? 2 : 1;
+  static_assert(C == 32, "invert_T handles two 16-token sub-blocks");
+  static_assert((C * D) % kThreads == 0 && C <= kThreads && D <= kThreads, "loader layout");
+  static_assert(LD % 32 == 4 && LDA % 32 == 4 && LDV % 32 == 8, "bank-conflict-free fragments");
+};
+
+// The K-side phases of tc::run_block up to A (loads, norms, gate, decays, A_kk, A_qk), for one
+// chunk; ends with every thread past a barrier.
+template <class L>
+FLASH_KDA_DEVICE void k_side_A(const KdaParams& p, const portable::Task& t, int64_t t0, int len,
+                               float exp_a, VecOk vec, float* sm, int tid, int warp, Lane l) {
+  int* flags_sm = reinterpret_cast<int*>(sm + L::kFlags);
+  if (tid == 0) *flags_sm = 0;
+  load_chunk<L>(p, t, t0, len, exp_a, vec, sm, tid);
+  port::block_sync();
+  cumsum_and_boundaries<L>(sm, tid);
+  port::block_sync();
+  const int flags = *flags_sm;  // uniform across the block
+  if (flags != 0) {
+    compute_diag_fallback<L>(sm, tid, flags);
+    port::block_sync();
+  }
+  scale_for_A<L>(sm, tid);
+  port::block_sync();
+  compute_A<L>(sm, warp, l, flags);
+  port::block_sync();
+}
+
+// `cols` columns of a [C, ld] array: a right-hand side for apply_T.
+struct Rhs {
+  float* X;
+  int ld, cols;
+};
+
+// T = (I + diag(β) A_kk)^{-1} diag(β) for a 32-token chunk, by one warp. Lane j < 16 substitutes
+// column j of the identity through the first sub-block (T11), lane 16 + j through the second (T22);
+// then T21 = -T22 A21 T11 on the tensor cores. (A_kk is strictly lower triangular.)
+template <class L>
+FLASH_KDA_DEVICE void invert_T(float* T, const float* A, const float* beta, Lane l, int lane) {
+  constexpr int LDA = L::LDA, BS = L::BS;
+  const int base = (lane / BS) * BS, j = lane % BS;
+  float u[BS];
+#pragma unroll
+  for (int ii = 0; ii < BS; ++ii) {
+    const int i = base + ii;
+    float acc = ii == j ? 1.0f : 0.0f;
+#pragma unroll
+    for (int jj = 0; jj < ii; ++jj) acc -= A[i * LDA + base + jj] * u[jj];
+    u[ii] = beta[i] * acc;
+    T[i * LDA + base + j] = round_tf32(u[ii]);
+    if (base == 0) T[i * LDA + BS + j] = 0.0f;  // T12
+  }
+  __syncwarp();
+  // P = A21 T11 (16 x 16) into T21's place, then T21 = -T22 P.
+  float pc[2][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+    zero(pc[nt]);
+#pragma unroll
+    for (int kb = 0; kb < BS; kb += 8) {
+      uint32_t a[4], b[2];
+      load_a(a, A + BS * LDA + kb, LDA, l);
+      load_b_t(b, T + kb * LDA + nt * 8, LDA, l);
+      mma(pc[nt], a, b);
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      T[(BS + l.g + (e >= 2 ? 8 : 0)) * LDA + nt * 8 + 2 * l.t + (e & 1)] = pc[nt][e];
+  __syncwarp();
+  uint32_t b[2][2][2];  // [nt][kb][2]: all of P before T21 is overwritten
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int kb = 0; kb < 2; ++kb) load_b_t(b[nt][kb], T + (BS + kb * 8) * LDA + nt * 8, LDA, l);
+  __syncwarp();
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+    float acc[4];
+    zero(acc);
+#pragma unroll
+    for (int kb = 0; kb < 2; ++kb) {
+      uint32_t a[4];
+      load_a(a, T + BS * LDA + BS + kb * 8, LDA, l);
+      mma(acc, a, b[nt][kb]);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      T[(BS + l.g + (e >= 2 ? 8 : 0)) * LDA + nt * 8 + 2 * l.t + (e & 1)] = round_tf32(-acc[e]);
+  }
+}
+
+// X <- T X for both right-hand sides, in place: a warp owns whole 8-column tiles and reads all of a
+// tile's rows before writing it. T is lower triangular, so row block m needs k < 16 (m + 1).
+template <class L>
+FLASH_KDA_DEVICE void apply_T(const float* T, Rhs r0, Rhs r1, int warp, Lane l) {
+  static_assert(L::C == 32, "two row blocks of 16");
+  const int tiles0 = r0.cols / 8, tiles = tiles0 + r1.cols / 8;
+  for (int nt = warp; nt < tiles; nt += L::kWarps) {
+    const Rhs& r = nt < tiles0 ? r0 : r1;
+    float* X = r.X + (nt < tiles0 ? nt : nt - tiles0) * 8;
+    uint32_t b[4][2];
+#pragma unroll
+    for (int kb = 0; kb < 4; ++kb) load_b_t(b[kb], X + kb * 8 * r.ld, r.ld, l);
+    float acc[2][4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      zero(acc[m]);
+#pragma unroll
+      for (int kb = 0; kb < 2 * (m + 1); ++kb) {
+        uint32_t a[4];
+        load_a(a, T + m * 16 * L::LDA + kb * 8, L::LDA, l);
+        mma(acc[m], a, b[kb]);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        X[(m * 16 + l.g + (e >= 2 ? 8 : 0)) * r.ld + 2 * l.t + (e & 1)] = acc[m][e];
+  }
+}
+
+// The (sequence, chunk) of a slot: dense by division, varlen by binary search over slot_base.
+// False for an unused slot.
+FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, int64_t slot, int C, int& n, int64_t& chunk) {
+  if (p.cu_seqlens == nullptr) {
+    const int64_t per = chunks_of(p.seq_len, C);
+    n = static_cast<int>(slot / per);
+    chunk = slot % per;
+    return true;
+  }
+  int lo = 0, hi = p.num_seqs - 1;  // largest n with slot_base(n) <= slot
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (slot_base(p, mid, C) <= slot) lo = mid; else hi = mid - 1;
+  }
+  n = lo;
+  chunk = slot - slot_base(p, n, C);
+  return chunk >= 0 && chunk * C < seq_range(p, n).len;
+}
+
+// Copies a [rows, cols] array (row stride lds floats) to global rows of stride cols, 16 bytes a step.
+template <int kThreads>
+FLASH_KDA_DEVICE void store_rows(float* dst, const float* src, int lds, int rows, int cols, int tid) {
+  const int per_row = cols / 4;
+  for (int idx = tid; idx < rows * per_row; idx += kThreads) {
+    const int r = idx / per_row, c = (idx % per_row) * 4;
+    st4(dst + r * cols + c, ld4(src + r * lds + c));
+  }
+}
+
+template <class L>
+FLASH_KDA_DEVICE void prep_block(const KdaParams& p, float* scratch, float* sm, int64_t block, int tid) {
+  using R = Record<L::D, L::C>;
+  const int h = static_cast<int>(block % p.hv);
+  const int64_t slot = block / p.hv;
+  portable::Task t;
+  int64_t chunk;
+  if (!slot_chunk(p, slot, L::C, t.n, chunk)) return;  // uniform: the whole block leaves
+  t.h = h;
+  t.hk = h / (p.hv / p.hqk);
+  t.v0 = 0;
+  t.r = seq_range(p, t.n);
+  const int64_t t0 = chunk * L::C;
+  const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
+  const int warp = tid / 32;
+  const Lane l{(tid % 32) / 4, tid % 4};
+
+  float exp_a = 0.0f;
+  if (p.A_log != nullptr) {
+    exp_a = port::exp(p.A_log[h]);
+    for (int c = tid; c < L::D; c += L::kThreads) sm[L::kDtb + c] = p.dt_bias[h * p.dt_bias_head_stride + c];
+  }
+  port::block_sync();  // dt_bias visible to the loader
+  k_side_A<L>(p, t, t0, len, exp_a, vec_ok<L>(p), sm, tid, warp, l);
+  if (warp == 0) invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
+  scale_for_state<L>(sm, tid);  // the other warps meanwhile
+  port::block_sync();
+  apply_T<L>(sm + L::kT, Rhs{sm + L::kVx, L::LDV, L::D}, Rhs{sm + L::kK, L::LD, L::D}, warp, l);
+  port::block_sync();
+
+  float* rec = scratch + (slot * p.hv + h) * static_cast<int64_t>(R::kFloats);
+  // W and U0 are operands after this point: round them once here, as the fused body's producers do.
+  for (int idx = tid; idx < L::C * L::D / 4; idx += L::kThreads) {
+    const int r = idx / (L::D / 4), c = (idx % (L::D / 4)) * 4;
+    st4(rec + R::kW + r * L::D + c, round_tf32(ld4(sm + L::kK + r * L::LD + c)));
+  }
+  store_rows<L::kThreads>(rec + R::kQ, sm + L::kQ, L::LD, L::C, L::D, tid);
+  for (int idx = tid; idx < L::D * L::C / 4; idx += L::kThreads) {  // transposed
+    const int c = idx / (L::C / 4), i = (idx % (L::C / 4)) * 4;
+    const float* col = sm + L::kKe + i * L::LD + c;
+    st4(rec + R::kKl + c * L::C + i, make_float4(col[0], col[L::LD], col[2 * L::LD], col[3 * L::LD]));
+  }
+  store_rows<L::kThreads>(rec + R::kU, sm + L::kVx, L::LDV, L::C, L::D, tid);
+  // A_qk: compute_A leaves the tiles above the diagonal sub-blocks unwritten; store zeros there.
+  for (int idx = tid; idx < L::C * L::C; idx += L::kThreads) {
+    const int i = idx / L::C, j = idx % L::C;
+    rec[R::kA + idx] = j / L::BS <= i / L::BS ? sm[L::kAqk + i * L::LDA + j] : 0.0f;
+  }
+  for (int c = tid; c < L::D; c += L::kThreads) rec[R::kEg + c] = sm[L::kEg + c];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recurrence kernel: one block per (sequence, value head, V slice)
+// ---------------------------------------------------------------------------------------------
+// Each warp owns 16 rows of the state for the whole sequence and keeps them in registers, as the
+// accumulators of the state update (fp32). The same registers are the A operand of the
+// projections: an mma's contraction order is free, so the k index of an A fragment is permuted to
+// match the accumulator layout (k = t <-> column 2t, k = t + 4 <-> column 2t + 1), and the B operands
+// are read in the same order, as adjacent pairs (8-byte loads). The projections run transposed,
+//     Xᵀ = S0 Wᵀ,  Oᵀ = S0 (Q e^γ)ᵀ,  Uᵀ = U0ᵀ - Xᵀ,  Oᵀ += Uᵀ A_qkᵀ,  S = S diag(e^{γ_last}) + Uᵀ Kl,
+// so U, O and S never leave the warp: no barrier inside a chunk, only around the operand buffers.
+// Shared memory holds a ring of kStages chunk operand buffers; with two, the copies of chunk c + 1
+// are issued when chunk c starts.
+template <int D_, int VS_, int C_, int kStages_>
+struct RecurrenceLayout {
+  static constexpr int D = D_, VS = VS_, C = C_, kStages = kStages_;
+  static constexpr int kWarps = VS / 16;            // 16 state rows per warp
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int NVS = D / VS;
+  // Row strides: pairs read by 8 lanes x 4 rows per half-warp need stride = 8 (mod 32); the
+  // scalar U0 reads (4 rows x 8 columns) need 4 (mod 32).
+  static constexpr int LDW = D + 8;                 // W, Q e^γ: [C, LDW]
+  static constexpr int LDK = C + 8;                 // Klᵀ: [D, LDK]; A_qk: [C, LDK]
+  static constexpr int LDU = VS + 4;                // U0: [C, LDU]
+  static constexpr int kW = 0;
+  static constexpr int kQ = kW + C * LDW;
+  static constexpr int kKl = kQ + C * LDW;
+  static constexpr int kU = kKl + D * LDK;
+  static constexpr int kA = kU + C * LDU;
+  static constexpr int kEg = kA + C * LDK;
+  static constexpr int kStage = kEg + D;
+  static constexpr int kFloats = kStages * kStage;
+  static constexpr int kSmemBytes = kFloats * 4;
+  static constexpr int kMinBlocks = 1;
+  static_assert(kStages == 1 || kStages == 2, "one or two operand buffers");
+  static_assert(VS % 16 == 0 && C % 8 == 0 && D % 8 == 0, "mma tiling");
+  static_assert(LDW % 32 == 8 && LDK % 32 == 8 && LDU % 32 == 4, "bank-conflict-free fragments");
+  static_assert(kStage % 4 == 0, "16-byte aligned stages");
+};
+
+FLASH_KDA_DEVICE float2 ld2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+
+// Issues the copies of one chunk's operands (the block's V slice of U0) into a stage buffer.
+template <class L>
+FLASH_KDA_DEVICE void fetch_chunk(const float* rec, int v0, float* st, int tid) {
+  using R = Record<L::D, L::C>;
+  copy_rows_async<L::kThreads>(st + L::kW, L::LDW, rec + R::kW, L::D, L::C, L::D, tid);
+  copy_rows_async<L::kThreads>(st + L::kQ, L::LDW, rec + R::kQ, L::D, L::C, L::D, tid);
+  copy_rows_async<L::kThreads>(st + L::kKl, L::LDK, rec + R::kKl, L::C, L::D, L::C, tid);
+  copy_rows_async<L::kThreads>(st + L::kU, L::LDU, rec + R::kU + v0, L::D, L::C, L::VS, tid);
+  copy_rows_async<L::kThreads>(st + L::kA, L::LDK, rec + R::kA, L::C, L::C, L::C, tid);
+  copy_rows_async<L::kThreads>(st + L::kEg, L::D, rec + R::kEg, L::D, 1, L::D, tid);
+}
+
+// A fragment from an accumulator tile, in the permuted k order described above.
+FLASH_KDA_DEVICE void acc_as_a(uint32_t (&a)[4], const float (&c)[4]) {
+  a[0] = tf32(c[0]);
+  a[1] = tf32(c[2]);
+  a[2] = tf32(c[1]);
+  a[3] = tf32(c[3]);
+}
+// B fragment from an adjacent pair (k = t, t + 4 in the permuted order).
+FLASH_KDA_DEVICE void pair_as_b(uint32_t (&b)[2], float2 x) {
+  b[0] = tf32(x.x);
+  b[1] = tf32(x.y);
+}
+
+// Reads or writes the warp's state rows: element e of tile nt is (row r(e), channel c(e)).
+template <class L, bool kStore>
+FLASH_KDA_DEVICE void state_rows_io(const KdaParams& p, const portable::Task& t, int row0, Lane l,
+                                    float (&s)[L::D / 8][4]) {
+  const void* src = kStore ? nullptr : p.initial_state;
+#pragma unroll
+  for (int nt = 0; nt < L::D / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int v = t.v0 + row0 + l.g + (e >= 2 ? 8 : 0), c = nt * 8 + 2 * l.t + (e & 1);
+      if (kStore) {
+        port::store_from_float(p.final_state, state_offset(p.ht_strides, t.n, t.h, v) + c, p.state_fp32,
+                               s[nt][e]);
+      } else {
+        s[nt][e] = src == nullptr ? 0.0f
+                                  : port::load_as_float(src, state_offset(p.h0_strides, t.n, t.h, v) + c,
+                                                        p.state_fp32);
+      }
+    }
+}
+
+// One chunk for one warp: rows [row0, row0 + 16) of the block's slice, operands in stage `st`.
+template <class L>
+FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task& t, int64_t t0, int len,
+                                       const float* st, int row0, Lane l, float (&s)[L::D / 8][4]) {
+  constexpr int NT = L::C / 8;  // token tiles
+  float x[NT][4], o[NT][4];     // Xᵀ -> Uᵀ, Oᵀ: [16 rows, C tokens]
+#pragma unroll
+  for (int it = 0; it < NT; ++it) {
+    zero(x[it]);
+    zero(o[it]);
+  }
+  const float* W = st + L::kW + l.g * L::LDW + 2 * l.t;
+  const float* Q = st + L::kQ + l.g * L::LDW + 2 * l.t;
+#pragma unroll
+  for (int nt = 0; nt < L::D / 8; ++nt) {
+    uint32_t a[4];
+    acc_as_a(a, s[nt]);
+#pragma unroll
+    for (int it = 0; it < NT; ++it) {
+      uint32_t b[2];
+      pair_as_b(b, ld2(W + it * 8 * L::LDW + nt * 8));
+      mma(x[it], a, b);
+      pair_as_b(b, ld2(Q + it * 8 * L::LDW + nt * 8));
+      mma(o[it], a, b);
+    }
+  }
+  const float* U0 = st + L::kU + row0 + l.g;
+#pragma unroll
+  for (int it = 0; it < NT; ++it)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = it * 8 + 2 * l.t + (e & 1);
+      x[it][e] = U0[i * L::LDU + (e >= 2 ? 8 : 0)] - x[it][e];
+    }
+  // Oᵀ += Uᵀ A_qkᵀ over the causal token tiles (A_qk is zero above its diagonal).
+  const float* A = st + L::kA + l.g * L::LDK + 2 * l.t;
+#pragma unroll
+  for (int jt = 0; jt < NT; ++jt) {
+    uint32_t a[4];
+    acc_as_a(a, x[jt]);
+#pragma unroll
+    for (int it = jt; it < NT; ++it) {
+      uint32_t b[2];
+      pair_as_b(b, ld2(A + it * 8 * L::LDK + jt * 8));
+      mma(o[it], a, b);
+    }
+  }
+  port::input_t* out = static_cast<port::input_t*>(p.out);
+#pragma unroll
+  for (int it = 0; it < NT; ++it)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = it * 8 + 2 * l.t + (e & 1);
+      if (i < len) {
+        const int v = t.v0 + row0 + l.g + (e >= 2 ? 8 : 0);
+        out[token_offset(p.out_strides, t.r, t0 + i, t.h) + v] = port::from_float<port::input_t>(o[it][e]);
+      }
+    }
+  // S <- S diag(e^{γ_last}) + Uᵀ Kl.
+  const float* eg = st + L::kEg + 2 * l.t;
+  const float* Kl = st + L::kKl + l.g * L::LDK + 2 * l.t;
+#pragma unroll
+  for (int nt = 0; nt < L::D / 8; ++nt) {
+    const float2 e2 = ld2(eg + nt * 8);
+    s[nt][0] *= e2.x;
+    s[nt][1] *= e2.y;
+    s[nt][2] *= e2.x;
+    s[nt][3] *= e2.y;
+  }
+#pragma unroll
+  for (int it = 0; it < NT; ++it) {
+    uint32_t a[4];
+    acc_as_a(a, x[it]);
+#pragma unroll
+    for (int nt = 0; nt < L::D / 8; ++nt) {
+      uint32_t b[2];
+      pair_as_b(b, ld2(Kl + nt * 8 * L::LDK + it * 8));
+      mma(s[nt], a, b);
+    }
+  }
+}
+
+template <class L>
+FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const float* scratch, float* sm, int block,
+                                       int tid) {
+  using R = Record<L::D, L::C>;
+  const portable::Task t = portable::block_task<L>(p, block);
+  const int row0 = (tid / 32) * 16;
+  const Lane l{(tid % 32) / 4, tid % 4};
+  const int64_t nchunks = chunks_of(t.r.len, L::C);
+  const float* rec0 = scratch + (slot_base(p, t.n, L::C) * p.hv + t.h) * static_cast<int64_t>(R::kFloats);
+  const int64_t rec_step = static_cast<int64_t>(p.hv) * R::kFloats;  // next slot, same head
+
+  if (nchunks > 0) fetch_chunk<L>(rec0, t.v0, sm, tid);
+  cp_async_commit();
+  float s[L::D / 8][4];
+  state_rows_io<L, false>(p, t, row0, l, s);
+  for (int64_t c = 0; c < nchunks; ++c) {
+    port::block_sync();  // every warp is done with chunk c - 1's buffer
+    if (L::kStages == 2) {
+      if (c + 1 < nchunks) fetch_chunk<L>(rec0 + (c + 1) * rec_step, t.v0, sm + ((c + 1) & 1) * L::kStage, tid);
+      cp_async_commit();   // possibly empty: one group per chunk keeps the count exact
+      cp_async_wait<1>();  // every group but the newest, i.e. chunk c's, has landed
+    } else {
+      if (c > 0) fetch_chunk<L>(rec0 + c * rec_step, t.v0, sm, tid);
+      cp_async_commit();
+      cp_async_wait<0>();
+    }
+    port::block_sync();
+    const int64_t t0 = c * L::C;
+    const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
+    recurrence_chunk<L>(p, t, t0, len, sm + (L::kStages == 2 ? (c & 1) * L::kStage : 0), row0, l, s);
+  }
+  cp_async_wait<0>();
+  if (p.final_state != nullptr) state_rows_io<L, true>(p, t, row0, l, s);
+}
+
+}  // namespace tc
+}  // namespace flash_kda
