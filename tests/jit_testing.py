@@ -17,6 +17,7 @@ STUB_KERNEL = """// stand-in CPU kernel for the JIT tests: writes zeros
 #include <string.h>
 #include "../kda_params.h"
 namespace flash_kda {
+int64_t workspace_bytes(const KdaParams&) { return 0; }
 void launch_kda(const KdaParams& p, void*) { (void)p; }
 }
 """
