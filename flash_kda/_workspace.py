@@ -7,6 +7,8 @@ Record per (slot, value head), a slot per chunk of C tokens.
 
 from __future__ import annotations
 
+import os
+
 SPLIT_CHUNK = 32  # C: tokens per chunk of the split path (kSplitChunk)
 
 
@@ -21,3 +23,12 @@ def varlen_slots(total_tokens: int, num_seqs: int, chunk: int = SPLIT_CHUNK) -> 
     """num_slots for cu_seqlens: T_total // C + N. It bounds the dense count B * ceil(T / C) of N = B
     sequences of T_total / N tokens too."""
     return total_tokens // chunk + num_seqs
+
+
+def split_selected() -> bool:
+    """Whether FLASH_KDA_CUDA_SPLIT selects the two-kernel form, read as kda_cuda.cu reads it
+    (an integer equal to 1; C++ reads it once per process, this on every call)."""
+    try:
+        return int(os.environ.get("FLASH_KDA_CUDA_SPLIT", "0").strip() or "0") == 1
+    except ValueError:
+        return False

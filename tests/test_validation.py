@@ -150,9 +150,17 @@ def test_fwd_requires_gate_parameters_and_checks_out():
     assert unchanged(before, p) == []
 
 
-def test_get_workspace_size():
-    # Record<128, 32> of kda_chunk_split.cuh: 4*32*128 + 32*32 + 128 = 17536 floats per slot and
-    # head; slots T_total // 32 + N.
+def test_get_workspace_size_is_zero_for_the_default_kernels(monkeypatch):
+    monkeypatch.delenv("FLASH_KDA_CUDA_SPLIT", raising=False)
+    assert flash_kda.get_workspace_size(8192, 96, 4) == 0
+    monkeypatch.setenv("FLASH_KDA_CUDA_SPLIT", "0")
+    assert flash_kda.get_workspace_size(8192, 96, 4) == 0
+
+
+def test_get_workspace_size(monkeypatch):
+    # With the two-kernel form selected: Record<128, 32> of kda_chunk_split.cuh,
+    # 4*32*128 + 32*32 + 128 = 17536 floats per slot and head; slots T_total // 32 + N.
+    monkeypatch.setenv("FLASH_KDA_CUDA_SPLIT", "1")
     assert flash_kda.get_workspace_size(8192, 96, 4) == (8192 // 32 + 4) * 96 * 17536 * 4
     assert flash_kda.get_workspace_size(100, 8, 3) == (100 // 32 + 3) * 8 * 17536 * 4
     assert flash_kda.get_workspace_size(0, 8, 0) == 0
@@ -188,8 +196,9 @@ def test_fwd_workspace_aliasing_an_argument(victim):
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_fwd_with_workspace_matches_without_on_cpu(varlen):
+def test_fwd_with_workspace_matches_without_on_cpu(varlen, monkeypatch):
     """The CPU kernel needs no scratch: a given workspace (big or too small) changes nothing."""
+    monkeypatch.setenv("FLASH_KDA_CUDA_SPLIT", "1")  # so that get_workspace_size is not 0
     p = good(varlen=varlen)
     call_fwd(p)
     out, final = p["out"].clone(), p["final_state"].clone()

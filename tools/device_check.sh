@@ -1,92 +1,104 @@
 #!/usr/bin/env bash
 # The H100 verification run, as one command (device time is scarce): install flash_kda, prewarm
 # the CUDA modules in parallel, run the main job, the GPU tests (fast and portable kernels), fla
-# compatibility, compute-sanitizer on small shapes, and the benchmark. Logs go to $OUT.
+# compatibility, compute-sanitizer on small shapes, and the benchmark. Everything printed also goes,
+# as it happens, to $OUT/summary.txt, and the full logs are packed into $OUT/logs.tar.gz after each
+# step: a run cut short by a time limit still returns what it did (two files, under the device
+# tool's limit on returned files).
 #   usage: bash tools/device_check.sh [tests|layouts|sanitize|bench|tune|all]...
 # `bench` runs tools/bench.py with fla unless NO_FLA=1 (which also skips the fla test); `kernels`
 # prints per-kernel times for each two-kernel layout; `tune` times each kernel form and layout of
 # $LAYOUTS (below) without fla. FAST_ONLY=1 skips the portable build and tests.
 set -uo pipefail
-OUT=${OUT:-/tmp/flash_kda_out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/flash_kda_out}; LOG=${LOG_DIR:-/tmp/flash_kda_logs}; mkdir -p "$OUT" "$LOG"
+exec > >(tee -a "$OUT/summary.txt") 2>&1
+pack() { tar -czf "$OUT/logs.tar.gz" -C "$LOG" . 2>/dev/null; }
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 FLASH_KDA_CACHE_DIR=/tmp/fkcache
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -2
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$LOG/gpu.txt"
 steps=${*:-all}
 has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
 
 t0=$(date +%s)
 # Prewarm every specialisation the GPU tests use, fast and portable variants in parallel.
-FLASH_KDA_BUILD_ON_IMPORT=0 python3 tools/prewarm.py --head-dims 64,128,256 --dtypes bf16,fp16 > "$OUT/prewarm_fast.log" 2>&1 &
+FLASH_KDA_BUILD_ON_IMPORT=0 python3 tools/prewarm.py --head-dims 64,128,256 --dtypes bf16,fp16 > "$LOG/prewarm_fast.log" 2>&1 &
 if [[ -z "${FAST_ONLY:-}" ]]; then
-  FLASH_KDA_BUILD_ON_IMPORT=0 python3 tools/prewarm.py --kernel portable --head-dims 64,128,256 --dtypes bf16,fp16 > "$OUT/prewarm_portable.log" 2>&1 &
+  FLASH_KDA_BUILD_ON_IMPORT=0 python3 tools/prewarm.py --kernel portable --head-dims 64,128,256 --dtypes bf16,fp16 > "$LOG/prewarm_portable.log" 2>&1 &
 fi
 wait
-tail -3 "$OUT/prewarm_fast.log"; [[ -n "${FAST_ONLY:-}" ]] || tail -3 "$OUT/prewarm_portable.log"
+tail -3 "$LOG/prewarm_fast.log"; [[ -n "${FAST_ONLY:-}" ]] || tail -3 "$LOG/prewarm_portable.log"
 echo "prewarm: $(( $(date +%s) - t0 )) s"
 
-python3 -m flash_kda 2>&1 | tee "$OUT/main_job.txt"
+python3 -m flash_kda 2>&1 | tee "$LOG/main_job.txt"
 
+pack
 if has tests; then
-  python3 -m pytest tests/test_correctness.py ${NO_FLA:-tests/test_fla_compat.py} -k "cuda or fla" -q -ra -p no:cacheprovider 2>&1 | tee "$OUT/tests_fast.txt" | tail -15
+  python3 -m pytest tests/test_correctness.py ${NO_FLA:-tests/test_fla_compat.py} -k "cuda or fla" -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_fast.txt" | tail -15
   # The two-kernel form (opt-in) on the whole GPU suite, the caller-workspace test included.
-  FLASH_KDA_CUDA_SPLIT=1 python3 -m pytest tests/test_correctness.py -k cuda -q -ra -p no:cacheprovider 2>&1 | tee "$OUT/tests_split.txt" | tail -3
-  [[ -n "${FAST_ONLY:-}" ]] || FLASH_KDA_KERNEL=portable python3 -m pytest tests/test_correctness.py -k cuda -q -ra -p no:cacheprovider 2>&1 | tee "$OUT/tests_portable.txt" | tail -8
+  FLASH_KDA_CUDA_SPLIT=1 python3 -m pytest tests/test_correctness.py -k cuda -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_split.txt" | tail -3
+  [[ -n "${FAST_ONLY:-}" ]] || FLASH_KDA_KERNEL=portable python3 -m pytest tests/test_correctness.py -k cuda -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_portable.txt" | tail -8
 fi
 # Kernel forms and layouts of the tensor-core path, as "split VS threads": split 1 is the two-kernel
 # form (preparation + recurrence; opt-in, FLASH_KDA_CUDA_SPLIT=1; its threads are VS / 16 warps),
 # 0 the fused body (the default). The knobs restrict the choice; a
 # head dim without the forced layout keeps its usual one.
 LAYOUTS=${LAYOUTS:-"1,128,256 1,64,128 1,32,64 0,128,512 0,32,256"}
+pack
 if has layouts; then
   # The tests' small shapes select only some layouts; force each one in turn.
   for cfg in $LAYOUTS; do
     IFS=, read -r sp vs th <<< "$cfg"
     FLASH_KDA_CUDA_SPLIT=$sp FLASH_KDA_CUDA_VSLICE=$vs FLASH_KDA_CUDA_THREADS=$th python3 -m pytest tests/test_correctness.py -q -ra \
       -p no:cacheprovider -k "cuda and (dtypes_and_head_dims or varlen or states or extreme or nan)" 2>&1 \
-      | tee "$OUT/tests_layout_${sp}_${vs}x${th}.txt" | tail -1 | sed "s/^/layout split=$sp VS=$vs threads=$th: /"
+      | tee "$LOG/tests_layout_${sp}_${vs}x${th}.txt" | tail -1 | sed "s/^/layout split=$sp VS=$vs threads=$th: /"
   done
   FLASH_KDA_CUDA_SPLIT=1 FLASH_KDA_CUDA_PREP_THREADS=512 python3 -m pytest tests/test_correctness.py -q -ra -p no:cacheprovider \
     -k "cuda and (dtypes_and_head_dims or varlen or states or extreme or nan)" 2>&1 \
-    | tee "$OUT/tests_prep512.txt" | tail -1 | sed "s/^/preparation 512 threads: /"
+    | tee "$LOG/tests_prep512.txt" | tail -1 | sed "s/^/preparation 512 threads: /"
 fi
+pack
 if has sanitize; then
   for cfg in ${SANITIZE:-fast,1 fast,0 portable,1}; do
     IFS=, read -r k sp <<< "$cfg"; set -- $k $sp
     for tool in memcheck racecheck; do
-      FLASH_KDA_KERNEL=$1 FLASH_KDA_CUDA_SPLIT=$2 compute-sanitizer --tool $tool --error-exitcode 3 python3 tools/sanitize_case.py > "$OUT/sanitize_${tool}_$1_split$2.txt" 2>&1
-      echo "compute-sanitizer $tool ($1, split=$2): exit $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_${tool}_$1_split$2.txt" | tail -1)"
+      FLASH_KDA_KERNEL=$1 FLASH_KDA_CUDA_SPLIT=$2 compute-sanitizer --tool $tool --error-exitcode 3 python3 tools/sanitize_case.py > "$LOG/sanitize_${tool}_$1_split$2.txt" 2>&1
+      echo "compute-sanitizer $tool ($1, split=$2): exit $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG/sanitize_${tool}_$1_split$2.txt" | tail -1)"
     done
   done
 fi
+pack
 if has bench; then
   # Our kernels on every shape first (quick), then side by side with fla on ${FLA_SHAPES:-all}
   # shapes (fla's first call of a shape compiles and autotunes for tens of seconds).
-  python3 tools/bench.py --no-fla 2>&1 | tee "$OUT/bench_fast.txt" | tail -16
+  python3 tools/bench.py --no-fla 2>&1 | tee "$LOG/bench_fast.txt" | tail -16
   if [[ -z "${NO_FLA:-}" ]]; then
-    python3 tools/bench.py --shapes "${FLA_SHAPES:-all}" 2>&1 | tee "$OUT/bench_fla.txt" | tail -20
+    python3 tools/bench.py --shapes "${FLA_SHAPES:-all}" 2>&1 | tee "$LOG/bench_fla.txt" | tail -20
   fi
-  [[ -n "${FAST_ONLY:-}" ]] || FLASH_KDA_KERNEL=portable python3 tools/bench.py --no-fla 2>&1 | tee "$OUT/bench_portable.txt" | tail -16
+  [[ -n "${FAST_ONLY:-}" ]] || FLASH_KDA_KERNEL=portable python3 tools/bench.py --no-fla 2>&1 | tee "$LOG/bench_portable.txt" | tail -16
 fi
+pack
 if [[ " $steps " == *" kernels "* ]]; then
   # Per-kernel times (tools/kernel_times.py) of each two-kernel layout and preparation width.
   for cfg in $LAYOUTS; do
     IFS=, read -r sp vs th <<< "$cfg"
     [[ $sp == 1 ]] || continue
     echo "== recurrence VS=$vs threads=$th"
-    FLASH_KDA_CUDA_SPLIT=1 FLASH_KDA_CUDA_VSLICE=$vs FLASH_KDA_CUDA_THREADS=$th python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$OUT/kernels_${vs}x${th}.txt"
+    FLASH_KDA_CUDA_SPLIT=1 FLASH_KDA_CUDA_VSLICE=$vs FLASH_KDA_CUDA_THREADS=$th python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$LOG/kernels_${vs}x${th}.txt"
   done
   echo "== preparation 512 threads"
-  FLASH_KDA_CUDA_SPLIT=1 FLASH_KDA_CUDA_PREP_THREADS=512 python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$OUT/kernels_prep512.txt"
+  FLASH_KDA_CUDA_SPLIT=1 FLASH_KDA_CUDA_PREP_THREADS=512 python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$LOG/kernels_prep512.txt"
 fi
+pack
 if [[ " $steps " == *" tune "* ]]; then
   for cfg in $LAYOUTS; do
     IFS=, read -r sp vs th <<< "$cfg"
     echo "== FLASH_KDA_CUDA_SPLIT=$sp FLASH_KDA_CUDA_VSLICE=$vs FLASH_KDA_CUDA_THREADS=$th"
     FLASH_KDA_CUDA_SPLIT=$sp FLASH_KDA_CUDA_VSLICE=$vs FLASH_KDA_CUDA_THREADS=$th python3 tools/bench.py --no-fla --reps ${TUNE_REPS:-10} 2>&1 \
-      | tee "$OUT/tune_${sp}_${vs}x${th}.txt" | tail -14
+      | tee "$LOG/tune_${sp}_${vs}x${th}.txt" | tail -14
   done
 fi
 echo "total: $(( $(date +%s) - t0 )) s"
+pack
