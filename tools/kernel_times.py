@@ -3,32 +3,27 @@ launches and how its time splits between them; tools/bench.py gives the whole-ca
 
     python tools/kernel_times.py [T:H ...]      e.g. 8192:96 32768:32 512:64
 
-Inputs as in tools/bench.py (B=1, bf16, D = 128, gate parameters and l2norm on, no state).
+Inputs and call are tools/bench.py's (B=1, bf16, D = 128, gate parameters and l2norm on, no state).
 """
 
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import flash_kda
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import make_inputs, run_ours  # noqa: E402  (the benchmark's inputs and call)
 
-D = 128
 REPS = 10
 
 
 def shape_times(T: int, H: int) -> dict[str, float]:
-    torch.manual_seed(0)
-    dev = "cuda"
-    q, k, v, g = (torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
-    beta = torch.randn(1, T, H, device=dev, dtype=torch.bfloat16)
-    A_log = torch.randn(H, device=dev) * 0.5
-    dt_bias = torch.randn(H, D, device=dev) * 0.1
-    out = torch.empty_like(v)
+    x = make_inputs(None, T, H, states=False, gen=torch.Generator("cuda").manual_seed(0))
 
     def call():
-        flash_kda.fwd(q, k, v, g, beta, D ** -0.5, out, A_log, dt_bias, -5.0)
+        run_ours(x)
 
     for _ in range(3):
         call()
