@@ -8,6 +8,7 @@ Record per (slot, value head), a slot per chunk of C tokens.
 from __future__ import annotations
 
 import os
+import re
 
 SPLIT_CHUNK = 32  # C: tokens per chunk of the split path (kSplitChunk)
 
@@ -26,9 +27,8 @@ def varlen_slots(total_tokens: int, num_seqs: int, chunk: int = SPLIT_CHUNK) -> 
 
 
 def split_selected() -> bool:
-    """Whether FLASH_KDA_CUDA_SPLIT selects the two-kernel form, read as kda_cuda.cu reads it
-    (an integer equal to 1; C++ reads it once per process, this on every call)."""
-    try:
-        return int(os.environ.get("FLASH_KDA_CUDA_SPLIT", "0").strip() or "0") == 1
-    except ValueError:
-        return False
+    """Whether FLASH_KDA_CUDA_SPLIT selects the two-kernel form, parsed as kda_cuda.cu parses it
+    (C atoi: optional blanks and sign, then leading digits; selected if that number is 1). C++
+    reads it once per process, this on every call: set it before the first launch."""
+    m = re.match(r"\s*([+-]?\d+)", os.environ.get("FLASH_KDA_CUDA_SPLIT", ""))
+    return m is not None and int(m.group(1)) == 1

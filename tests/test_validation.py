@@ -157,6 +157,15 @@ def test_get_workspace_size_is_zero_for_the_default_kernels(monkeypatch):
     assert flash_kda.get_workspace_size(8192, 96, 4) == 0
 
 
+@pytest.mark.parametrize("value,selected", [("1", True), (" 1", True), ("+1", True), ("01", True),
+                                            ("1x", True), ("0", False), ("2", False), ("", False),
+                                            ("x1", False), ("-1", False)])
+def test_split_selection_is_parsed_like_the_launcher(monkeypatch, value, selected):
+    """kda_cuda.cu reads FLASH_KDA_CUDA_SPLIT with atoi; get_workspace_size must agree with it."""
+    monkeypatch.setenv("FLASH_KDA_CUDA_SPLIT", value)
+    assert (flash_kda.get_workspace_size(64, 1, 1) > 0) == selected
+
+
 def test_get_workspace_size(monkeypatch):
     # With the two-kernel form selected: Record<128, 32> of kda_chunk_split.cuh,
     # 4*32*128 + 32*32 + 128 = 17536 floats per slot and head; slots T_total // 32 + N.

@@ -16,7 +16,9 @@
 // [slot_base(n), slot_base(n) + ceil(len_n / C)). Dense: slot_base(n) = n ceil(T / C). Varlen:
 // slot_base(n) = floor(start_n / C) + n, which leaves room for every sequence's chunks (the chunks
 // of n end at most at floor(start_{n+1} / C) + n + 1) and needs no prefix sum; some slots stay unused.
-// Slots stay inside [0, num_slots) even for a malformed cu_seqlens (seq_range clamps it).
+// Slots stay inside [0, num_slots) even for a malformed cu_seqlens (seq_range clamps it), so no
+// access leaves the scratch; but non-increasing starts make sequences share slots, so such input
+// gets undefined values (the front end rejects it before launching, as for every body).
 #pragma once
 
 #include "../kda_params.h"
@@ -303,7 +305,8 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, float* scratch, float* sm, 
   port::block_sync();
 
   float* rec = scratch + (slot * p.hv + h) * static_cast<int64_t>(R::kFloats);
-  // W and U0 are operands after this point: round them once here, as the fused body's producers do.
+  // W is an operand from here on: round it once, as the fused body's producers do. (U0 is not: the
+  // recurrence subtracts from it in fp32.)
   for (int idx = tid; idx < L::C * L::D / 4; idx += L::kThreads) {
     const int r = idx / (L::D / 4), c = (idx % (L::D / 4)) * 4;
     st4(rec + R::kW + r * L::D + c, round_tf32(ld4(sm + L::kK + r * L::LD + c)));

@@ -202,8 +202,9 @@ bool split_enabled() {
 }
 
 // What the tensor-core layout variants share: grid size (one block per sequence x head x V slice),
-// fit, the benchmark knobs, and the load of the busiest multiprocessor.
-template <class L_, int VS, int T>
+// fit, the benchmark knobs, and the load of the busiest multiprocessor. kCoResident: the most
+// blocks of the layout one multiprocessor runs at once besides the shared-memory limit (registers).
+template <class L_, int VS, int T, int kCoResident>
 struct VariantBase {
   using L = L_;
   static int64_t blocks(const KdaParams& p) { return static_cast<int64_t>(p.num_seqs) * p.hv * L::NVS; }
@@ -219,7 +220,7 @@ struct VariantBase {
   };
   static Load busiest(const KdaParams& p, const port::DeviceInfo& dev) {
     int cap = dev.smem_per_multiprocessor / (L::kSmemBytes + 1024);  // 1 KB reserved per block
-    cap = cap < 1 ? 1 : (cap > L::kMinBlocks ? L::kMinBlocks : cap);
+    cap = cap < 1 ? 1 : (cap > kCoResident ? kCoResident : cap);
     const int64_t per_sm = (blocks(p) + dev.multiprocessors - 1) / dev.multiprocessors;
     return Load{(per_sm + cap - 1) / cap, per_sm >= 2 && cap >= 2};
   }
@@ -227,8 +228,10 @@ struct VariantBase {
 
 // One fused tensor-core block layout (V-slice width VS, chunk 32, T threads).
 template <int VS, int T>
-struct TcVariant : VariantBase<tc::Layout<kHeadDim, VS, 32, T>, VS, T> {
-  using Base = VariantBase<tc::Layout<kHeadDim, VS, 32, T>, VS, T>;
+struct TcVariant : VariantBase<tc::Layout<kHeadDim, VS, 32, T>, VS, T,
+                                tc::Layout<kHeadDim, VS, 32, T>::kMinBlocks> {
+  using Base = VariantBase<tc::Layout<kHeadDim, VS, 32, T>, VS, T,
+                           tc::Layout<kHeadDim, VS, 32, T>::kMinBlocks>;
   using L = typename Base::L;
 
   // Estimated time of the busiest multiprocessor, in units of one block's K-side work for a
@@ -248,13 +251,15 @@ struct TcVariant : VariantBase<tc::Layout<kHeadDim, VS, 32, T>, VS, T> {
 };
 
 // One recurrence layout of the two-kernel form (V-slice width VS = 16 rows per warp, chunk 32,
-// one or two operand buffers).
+// one or two operand buffers). Its threads hold ~170-210 registers (ptxas), so 65536 registers
+// allow one 256-thread block per multiprocessor, two of 128 threads, four of 64.
 template <int VS, int kStages>
 struct RecurrenceVariant
     : VariantBase<tc::RecurrenceLayout<kHeadDim, VS, 32, kStages>, VS,
-                  tc::RecurrenceLayout<kHeadDim, VS, 32, kStages>::kThreads> {
+                  tc::RecurrenceLayout<kHeadDim, VS, 32, kStages>::kThreads,
+                  256 / tc::RecurrenceLayout<kHeadDim, VS, 32, kStages>::kThreads> {
   using L = tc::RecurrenceLayout<kHeadDim, VS, 32, kStages>;
-  using Base = VariantBase<L, VS, L::kThreads>;
+  using Base = VariantBase<L, VS, L::kThreads, 256 / L::kThreads>;
 
   // Estimated time of the busiest multiprocessor in units of a full-width slice's chunk work; a
   // chunk also costs a fixed ~0.5 of them (barriers, copy waits) whatever the slice width. A guess
@@ -313,9 +318,9 @@ struct TcVariants<256> : TcChoice<TcVariant<64, 256>, TcVariant<32, 256>> {};
 
 // The two-kernel form per head dim: the preparation layouts (whole V width; 256 or 512 threads)
 // and the recurrence layouts (V slice, operand buffers: shared memory per block):
-//   D = 64:  preparation 27 KB; recurrence VS 64 or 32, two buffers (86 KB, 68 KB)
-//   D = 128: preparation 82 KB; recurrence VS 128, 64 or 32, two buffers (189 KB, 172 KB, 164 KB)
-//   D = 256: preparation 150 KB; recurrence VS 64 or 32, one buffer (127 KB, 119 KB)
+//   D = 64:  preparation 50 KB; recurrence VS 64 or 32, two buffers (84 KB, 76 KB)
+//   D = 128: preparation 84 KB; recurrence VS 128, 64 or 32, two buffers (152 KB, 136 KB, 128 KB)
+//   D = 256: preparation 152 KB; recurrence VS 64 or 32, one buffer (121 KB, 117 KB)
 template <int D>
 struct Split;
 template <>
