@@ -222,10 +222,7 @@ def check_workspace(workspace: torch.Tensor, p: Problem, out, final_state) -> No
         others["final_state"] = _span(final_state)
     if p.initial_state is not None:
         others["initial_state"] = _span(p.initial_state)
-    first, last = _span(workspace)
-    for name, (o_first, o_last) in others.items():
-        if first <= o_last and o_first <= last:
-            raise ValueError(f"workspace overlaps {name} in memory; pass a separate buffer")
+    _reject_aliasing(_span(workspace), "workspace", others)
 
 
 # ---------------------------------------------------------------------------------------------
