@@ -26,9 +26,24 @@ def varlen_slots(total_tokens: int, num_seqs: int, chunk: int = SPLIT_CHUNK) -> 
     return total_tokens // chunk + num_seqs
 
 
+def split_possible() -> bool:
+    """Whether this process may run the CUDA two-kernel form: a CUDA build of torch with a visible
+    device, and the fast kernel variant (FLASH_KDA_KERNEL). CPU, MUSA and portable builds use no
+    workspace. (A pre-sm_80 device does not run it either; the size is then merely unused.)"""
+    import torch
+
+    from .jit import env
+    return (torch.version.cuda is not None and torch.cuda.is_available()
+            and env.kernel_variant() == "fast")
+
+
 def split_selected() -> bool:
-    """Whether FLASH_KDA_CUDA_SPLIT selects the two-kernel form, parsed as kda_cuda.cu parses it
-    (C atoi: optional blanks and sign, then leading digits; selected if that number is 1). C++
-    reads it once per process, this on every call: set it before the first launch."""
-    m = re.match(r"\s*([+-]?\d+)", os.environ.get("FLASH_KDA_CUDA_SPLIT", ""))
-    return m is not None and int(m.group(1)) == 1
+    """Whether the CUDA two-kernel form is selected (the default): FLASH_KDA_CUDA_SPLIT unset or
+    empty, or a value that C atoi reads as non-zero (optional blanks and sign, then leading digits;
+    no digits reads as 0). Parsed as kda_cuda.cu parses it; C++ reads it once per process, this on
+    every call: set it before the first launch."""
+    value = os.environ.get("FLASH_KDA_CUDA_SPLIT", "")
+    if value == "":
+        return True
+    m = re.match(r"\s*([+-]?\d+)", value)
+    return m is not None and int(m.group(1)) != 0

@@ -7,25 +7,27 @@ import torch
 
 from . import _ops
 from ._validate import check_destinations, check_problem, check_workspace, require_tensor
-from ._workspace import split_scratch_bytes, split_selected, varlen_slots
+from ._workspace import split_possible, split_scratch_bytes, split_selected, varlen_slots
 
 
 def get_workspace_size(T_total: int, H: int, N: int) -> int:
     """Bytes of workspace ``fwd`` may use for T_total tokens, H (value) heads and N sequences.
 
-    0 unless the CUDA two-kernel form is selected (``FLASH_KDA_CUDA_SPLIT=1``): the default
-    kernels need none, and callers such as vLLM allocate what this returns. With it, the form's
-    scratch for head dim 128 (FlashKDA's only one), sized for the varlen slot bound
-    ``T_total // 32 + N``, which also covers N dense sequences of T_total / N tokens. A workspace of
-    at least this many bytes (on q's device, contiguous, 16-byte aligned; any dtype) passed to
-    ``fwd`` is used instead of an internal allocation. For other head dims, or a workspace that is
-    too small or unsuitable, ``fwd`` allocates what it needs itself (not an error). CPU and
-    portable (pre-sm_80, MUSA) builds use no workspace.
+    The scratch of the CUDA two-kernel form (the default on sm_80+), for head dim 128 (FlashKDA's
+    only one), sized for the varlen slot bound ``T_total // 32 + N``, which also covers N dense
+    sequences of T_total / N tokens: one fp32 record of 17,536 floats per 32-token chunk and head,
+    about 2.1x the bytes of q, k, v and g (bf16) together. A workspace of at least this many bytes (on q's
+    device, contiguous, 16-byte aligned; any dtype) passed to ``fwd`` is used instead of an
+    internal allocation. For other head dims, or a workspace that is too small or unsuitable,
+    ``fwd`` allocates what it needs itself (not an error; if that allocation fails, the fused
+    kernel runs, which needs none). 0 where nothing will use it: no CUDA device, the portable
+    kernels (``FLASH_KDA_KERNEL=portable``), or the fused form selected
+    (``FLASH_KDA_CUDA_SPLIT=0``).
     """
     for name, x in (("T_total", T_total), ("H", H), ("N", N)):
         if isinstance(x, bool) or not isinstance(x, int) or x < 0:
             raise ValueError(f"{name} must be a non-negative int, got {x!r}")
-    if not split_selected():
+    if not (split_selected() and split_possible()):
         return 0
     return split_scratch_bytes(varlen_slots(T_total, N), H, 128)
 

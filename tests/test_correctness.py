@@ -4,13 +4,13 @@ a GPU is present (skipped with a reason otherwise)."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
 import flash_kda
+from flash_kda import _workspace
 from conftest import DEVICES, cuda_ok
 from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison,
                          reference_of, rel_l2)
@@ -245,10 +245,9 @@ def test_fwd_caller_workspace(varlen):
     ws = torch.full((size,), 0xFF, dtype=torch.uint8, device="cuda")
     out, final = run(ws)
     assert torch.equal(out, out0) and torch.equal(final, final0), f"seed {seed}"
-    # The two-kernel path (sm_80+, fast kernels, FLASH_KDA_CUDA_SPLIT=1) writes its scratch into ws.
+    # The two-kernel path (sm_80+, fast kernels, not FLASH_KDA_CUDA_SPLIT=0) writes its scratch into ws.
     split_expected = (torch.cuda.get_device_capability() >= (8, 0)
-                      and os.environ.get("FLASH_KDA_KERNEL", "fast").strip().lower() in ("", "fast")
-                      and os.environ.get("FLASH_KDA_CUDA_SPLIT", "0").strip() == "1")
+                      and _workspace.split_possible() and _workspace.split_selected())
     if split_expected:
         assert not bool((ws == 0xFF).all()), "the caller's workspace was not used"
     too_small = torch.full((max(size // 2, 1),), 0xFF, dtype=torch.uint8, device="cuda")

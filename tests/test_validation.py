@@ -150,26 +150,47 @@ def test_fwd_requires_gate_parameters_and_checks_out():
     assert unchanged(before, p) == []
 
 
-def test_get_workspace_size_is_zero_for_the_default_kernels(monkeypatch):
+@pytest.fixture
+def cuda_split_possible(monkeypatch):
+    """As if a CUDA device were present with the fast kernels (get_workspace_size is 0 otherwise)."""
+    monkeypatch.setattr(flash_kda.api, "split_possible", lambda: True)
+
+
+def test_get_workspace_size_is_zero_where_nothing_uses_it(monkeypatch):
     monkeypatch.delenv("FLASH_KDA_CUDA_SPLIT", raising=False)
+    monkeypatch.setattr(flash_kda.api, "split_possible", lambda: False)  # CPU, MUSA, portable
     assert flash_kda.get_workspace_size(8192, 96, 4) == 0
-    monkeypatch.setenv("FLASH_KDA_CUDA_SPLIT", "0")
+    monkeypatch.setattr(flash_kda.api, "split_possible", lambda: True)
+    monkeypatch.setenv("FLASH_KDA_CUDA_SPLIT", "0")  # the fused form
     assert flash_kda.get_workspace_size(8192, 96, 4) == 0
 
 
-@pytest.mark.parametrize("value,selected", [("1", True), (" 1", True), ("+1", True), ("01", True),
-                                            ("1x", True), ("0", False), ("2", False), ("", False),
-                                            ("x1", False), ("-1", False)])
-def test_split_selection_is_parsed_like_the_launcher(monkeypatch, value, selected):
-    """kda_cuda.cu reads FLASH_KDA_CUDA_SPLIT with atoi; get_workspace_size must agree with it."""
-    monkeypatch.setenv("FLASH_KDA_CUDA_SPLIT", value)
+def test_split_is_not_possible_without_a_cuda_device_or_with_portable_kernels(monkeypatch):
+    from flash_kda import _workspace
+    if not torch.cuda.is_available():
+        assert not _workspace.split_possible()
+    monkeypatch.setenv("FLASH_KDA_KERNEL", "portable")
+    assert not _workspace.split_possible()
+
+
+@pytest.mark.parametrize("value,selected", [(None, True), ("", True), ("1", True), (" 1", True),
+                                            ("+1", True), ("01", True), ("1x", True), ("2", True),
+                                            ("-1", True), ("0", False), (" 0", False), ("00", False),
+                                            ("0x1", False), ("x1", False), ("off", False)])
+def test_split_selection_is_parsed_like_the_launcher(monkeypatch, cuda_split_possible, value, selected):
+    """kda_cuda.cu reads FLASH_KDA_CUDA_SPLIT with atoi (unset or empty: the default, on);
+    get_workspace_size must agree with it."""
+    if value is None:
+        monkeypatch.delenv("FLASH_KDA_CUDA_SPLIT", raising=False)
+    else:
+        monkeypatch.setenv("FLASH_KDA_CUDA_SPLIT", value)
     assert (flash_kda.get_workspace_size(64, 1, 1) > 0) == selected
 
 
-def test_get_workspace_size(monkeypatch):
-    # With the two-kernel form selected: Record<128, 32> of kda_chunk_split.cuh,
+def test_get_workspace_size(monkeypatch, cuda_split_possible):
+    # The two-kernel form (the default): Record<128, 32> of kda_chunk_split.cuh,
     # 4*32*128 + 32*32 + 128 = 17536 floats per slot and head; slots T_total // 32 + N.
-    monkeypatch.setenv("FLASH_KDA_CUDA_SPLIT", "1")
+    monkeypatch.delenv("FLASH_KDA_CUDA_SPLIT", raising=False)
     assert flash_kda.get_workspace_size(8192, 96, 4) == (8192 // 32 + 4) * 96 * 17536 * 4
     assert flash_kda.get_workspace_size(100, 8, 3) == (100 // 32 + 3) * 8 * 17536 * 4
     assert flash_kda.get_workspace_size(0, 8, 0) == 0
@@ -205,9 +226,8 @@ def test_fwd_workspace_aliasing_an_argument(victim):
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_fwd_with_workspace_matches_without_on_cpu(varlen, monkeypatch):
+def test_fwd_with_workspace_matches_without_on_cpu(varlen, cuda_split_possible):
     """The CPU kernel needs no scratch: a given workspace (big or too small) changes nothing."""
-    monkeypatch.setenv("FLASH_KDA_CUDA_SPLIT", "1")  # so that get_workspace_size is not 0
     p = good(varlen=varlen)
     call_fwd(p)
     out, final = p["out"].clone(), p["final_state"].clone()

@@ -5,14 +5,14 @@
 # as it happens, to $OUT/summary.txt, and the full logs are packed into $OUT/logs.tar.gz after each
 # step: a run cut short by a time limit still returns what it did (two files, under the device
 # tool's limit on returned files).
-#   usage: bash tools/device_check.sh [tests|layouts|sanitize|bench|tune|all]...
+#   usage: bash tools/device_check.sh [quick|tests|layouts|sanitize|bench|kernels|tune|all]...
 # `bench` runs tools/bench.py with fla unless NO_FLA=1 (which also skips the fla test); `kernels`
 # prints per-kernel times for each two-kernel layout; `tune` times each kernel form and layout of
 # $LAYOUTS (below) without fla. FAST_ONLY=1 skips the portable build and tests.
 set -uo pipefail
 OUT=${OUT:-/tmp/flash_kda_out}; LOG=${LOG_DIR:-/tmp/flash_kda_logs}; mkdir -p "$OUT" "$LOG"
 exec > >(tee -a "$OUT/summary.txt") 2>&1
-pack() { tar -czf "$OUT/logs.tar.gz" -C "$LOG" . 2>/dev/null; }
+pack() { mkdir -p "$LOG/build"; cp /tmp/fkcache/logs/*.log "$LOG/build/" 2>/dev/null; tar -czf "$OUT/logs.tar.gz" -C "$LOG" . 2>/dev/null; }
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 FLASH_KDA_CACHE_DIR=/tmp/fkcache
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -23,27 +23,46 @@ steps=${*:-all}
 has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
 
 t0=$(date +%s)
-# Prewarm every specialisation the GPU tests use, fast and portable variants in parallel.
-FLASH_KDA_BUILD_ON_IMPORT=0 python3 tools/prewarm.py --head-dims 64,128,256 --dtypes bf16,fp16 > "$LOG/prewarm_fast.log" 2>&1 &
+# Prewarm every specialisation the GPU tests use (PREWARM_DIMS / PREWARM_DTYPES narrow it), fast and
+# portable variants in parallel. A watchdog copies the build progress and the compiler processes
+# into the summary every 30 s, so a build that stalls shows where.
+dims=${PREWARM_DIMS:-64,128,256}; dts=${PREWARM_DTYPES:-bf16,fp16}
+FLASH_KDA_BUILD_ON_IMPORT=0 python3 tools/prewarm.py --head-dims $dims --dtypes $dts > "$LOG/prewarm_fast.log" 2>&1 &
+pids=$!; pw=$!
 if [[ -z "${FAST_ONLY:-}" ]]; then
-  FLASH_KDA_BUILD_ON_IMPORT=0 python3 tools/prewarm.py --kernel portable --head-dims 64,128,256 --dtypes bf16,fp16 > "$LOG/prewarm_portable.log" 2>&1 &
+  FLASH_KDA_BUILD_ON_IMPORT=0 python3 tools/prewarm.py --kernel portable --head-dims $dims --dtypes $dts > "$LOG/prewarm_portable.log" 2>&1 &
+  pids="$pids $!"
 fi
-wait
-tail -3 "$LOG/prewarm_fast.log"; [[ -n "${FAST_ONLY:-}" ]] || tail -3 "$LOG/prewarm_portable.log"
+( while kill -0 $pw 2>/dev/null; do sleep 30
+    echo "[prewarm +$(( $(date +%s) - t0 )) s] $(grep -c '\.\.\.' "$LOG/prewarm_fast.log") started;" \
+      "compilers: $(ps -eo etimes=,comm= | awk '$2 ~ /cicc|ptxas|cc1plus|nvcc|ninja|ld/ {printf "%s(%ss) ", $2, $1}')"
+    pack; done ) &
+# Wait on these pids only: a bare `wait` also waits for the `tee` of the exec line above (bash 5.1
+# counts the last process substitution), which never ends.
+wait $pids
+tail -8 "$LOG/prewarm_fast.log"; [[ -n "${FAST_ONLY:-}" ]] || tail -3 "$LOG/prewarm_portable.log"
 echo "prewarm: $(( $(date +%s) - t0 )) s"
 
 python3 -m flash_kda 2>&1 | tee "$LOG/main_job.txt"
 
 pack
+if [[ " $steps " == *" quick "* ]]; then
+  # The fused form's main job for comparison (the run above is the default, two-kernel form), and
+  # per-kernel times of the default.
+  FLASH_KDA_CUDA_SPLIT=0 python3 -m flash_kda 2>&1 | tee "$LOG/main_job_fused.txt" | grep -E "accuracy|speed|result"
+  python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$LOG/kernels_quick.txt"
+fi
+pack
 if has tests; then
-  python3 -m pytest tests/test_correctness.py ${NO_FLA:-tests/test_fla_compat.py} -k "cuda or fla" -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_fast.txt" | tail -15
-  # The two-kernel form (opt-in) on the whole GPU suite, the caller-workspace test included.
-  FLASH_KDA_CUDA_SPLIT=1 python3 -m pytest tests/test_correctness.py -k cuda -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_split.txt" | tail -3
+  fla_test=tests/test_fla_compat.py; [[ -z "${NO_FLA:-}" ]] || fla_test=
+  python3 -m pytest tests/test_correctness.py $fla_test -k "cuda or fla" -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_fast.txt" | tail -15
+  # The fused form (FLASH_KDA_CUDA_SPLIT=0) on the whole GPU suite, the caller-workspace test included.
+  FLASH_KDA_CUDA_SPLIT=0 python3 -m pytest tests/test_correctness.py -k cuda -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_fused.txt" | tail -3
   [[ -n "${FAST_ONLY:-}" ]] || FLASH_KDA_KERNEL=portable python3 -m pytest tests/test_correctness.py -k cuda -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_portable.txt" | tail -8
 fi
 # Kernel forms and layouts of the tensor-core path, as "split VS threads": split 1 is the two-kernel
-# form (preparation + recurrence; opt-in, FLASH_KDA_CUDA_SPLIT=1; its threads are VS / 16 warps),
-# 0 the fused body (the default). The knobs restrict the choice; a
+# form (preparation + recurrence; the default on sm_80+; its threads are VS / 16 warps),
+# 0 the fused body (FLASH_KDA_CUDA_SPLIT=0). The knobs restrict the choice; a
 # head dim without the forced layout keeps its usual one.
 LAYOUTS=${LAYOUTS:-"1,128,256 1,64,128 1,32,64 0,128,512 0,32,256"}
 pack
@@ -55,9 +74,9 @@ if has layouts; then
       -p no:cacheprovider -k "cuda and (dtypes_and_head_dims or varlen or states or extreme or nan)" 2>&1 \
       | tee "$LOG/tests_layout_${sp}_${vs}x${th}.txt" | tail -1 | sed "s/^/layout split=$sp VS=$vs threads=$th: /"
   done
-  FLASH_KDA_CUDA_SPLIT=1 FLASH_KDA_CUDA_PREP_THREADS=512 python3 -m pytest tests/test_correctness.py -q -ra -p no:cacheprovider \
+  FLASH_KDA_CUDA_PREP_THREADS=256 python3 -m pytest tests/test_correctness.py -q -ra -p no:cacheprovider \
     -k "cuda and (dtypes_and_head_dims or varlen or states or extreme or nan)" 2>&1 \
-    | tee "$LOG/tests_prep512.txt" | tail -1 | sed "s/^/preparation 512 threads: /"
+    | tee "$LOG/tests_prep256.txt" | tail -1 | sed "s/^/preparation 256 threads: /"
 fi
 pack
 if has sanitize; then
@@ -73,9 +92,10 @@ pack
 if has bench; then
   # Our kernels on every shape first (quick), then side by side with fla on ${FLA_SHAPES:-all}
   # shapes (fla's first call of a shape compiles and autotunes for tens of seconds).
-  python3 tools/bench.py --no-fla 2>&1 | tee "$LOG/bench_fast.txt" | tail -16
+  # (grep, not tail: rows reach the summary as they are printed, so a run cut short keeps them)
+  python3 tools/bench.py --no-fla 2>&1 | tee "$LOG/bench_fast.txt" | grep --line-buffered -E "^\||host"
   if [[ -z "${NO_FLA:-}" ]]; then
-    python3 tools/bench.py --shapes "${FLA_SHAPES:-all}" 2>&1 | tee "$LOG/bench_fla.txt" | tail -20
+    python3 tools/bench.py --shapes "${FLA_SHAPES:-all}" 2>&1 | tee "$LOG/bench_fla.txt" | grep --line-buffered -E "^\||host|fla"
   fi
   [[ -n "${FAST_ONLY:-}" ]] || FLASH_KDA_KERNEL=portable python3 tools/bench.py --no-fla 2>&1 | tee "$LOG/bench_portable.txt" | tail -16
 fi
@@ -88,8 +108,8 @@ if [[ " $steps " == *" kernels "* ]]; then
     echo "== recurrence VS=$vs threads=$th"
     FLASH_KDA_CUDA_SPLIT=1 FLASH_KDA_CUDA_VSLICE=$vs FLASH_KDA_CUDA_THREADS=$th python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$LOG/kernels_${vs}x${th}.txt"
   done
-  echo "== preparation 512 threads"
-  FLASH_KDA_CUDA_SPLIT=1 FLASH_KDA_CUDA_PREP_THREADS=512 python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$LOG/kernels_prep512.txt"
+  echo "== preparation 256 threads"
+  FLASH_KDA_CUDA_PREP_THREADS=256 python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$LOG/kernels_prep256.txt"
 fi
 pack
 if [[ " $steps " == *" tune "* ]]; then

@@ -226,6 +226,9 @@ FLASH_KDA_DEVICE void apply_T(const float* T, Rhs r0, Rhs r1, int warp, Lane l) 
     uint32_t b[4][2];
 #pragma unroll
     for (int kb = 0; kb < 4; ++kb) load_b_t(b[kb], X + kb * 8 * r.ld, r.ld, l);
+    // Every lane's reads of the tile before any lane overwrites it. (The mma.sync below converges
+    // the warp anyway, but only __syncwarp orders the shared-memory accesses; racecheck flagged it.)
+    __syncwarp();
     float acc[2][4];
 #pragma unroll
     for (int m = 0; m < 2; ++m) {

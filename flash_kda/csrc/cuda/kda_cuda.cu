@@ -193,11 +193,13 @@ int threads_override() {
   static const int v = env_int("FLASH_KDA_CUDA_THREADS");
   return v;
 }
-// FLASH_KDA_CUDA_SPLIT=1 opts in to the two-kernel form (kda_chunk_split.cuh); unset or 0: the fused
-// body, which needs no workspace. Opt-in until the two-kernel form in its present shape has been
-// verified on hardware (docs/cuda.md, "Two-kernel form").
+// The two-kernel form (kda_chunk_split.cuh) is the default on sm_80+; FLASH_KDA_CUDA_SPLIT=0 (any
+// value atoi reads as 0) selects the fused body, which needs no workspace. Unset or empty: default.
 bool split_enabled() {
-  static const bool on = env_int("FLASH_KDA_CUDA_SPLIT") == 1;
+  static const bool on = [] {
+    const char* s = getenv("FLASH_KDA_CUDA_SPLIT");
+    return s == nullptr || *s == '\0' || atoi(s) != 0;
+  }();
   return on;
 }
 
@@ -261,13 +263,14 @@ struct RecurrenceVariant
   using L = tc::RecurrenceLayout<kHeadDim, VS, 32, kStages>;
   using Base = VariantBase<L, VS, L::kThreads, 256 / L::kThreads>;
 
-  // Estimated time of the busiest multiprocessor in units of a full-width slice's chunk work; a
-  // chunk also costs a fixed ~0.5 of them (barriers, copy waits) whatever the slice width. A guess
-  // until the present form has been measured (docs/cuda.md).
+  // Estimated time of the busiest multiprocessor in units of a full-width slice's chunk. Fitted to
+  // H100 runs at D = 128 (docs/performance.md, v4-c): one block per multiprocessor takes 3.5, 2.35
+  // and 2.65 us per chunk at VS = 128, 64, 32: a chunk costs ~0.4 of a full slice whatever the
+  // width (barriers, copy waits), and a two-warp block hides its latencies poorly (x1.4).
   static double cost(const KdaParams& p, const port::DeviceInfo& dev) {
     const auto load = Base::busiest(p, dev);
-    return static_cast<double>(load.waves) * (load.shared ? 1.6 : 1.0) *
-           (0.5 + static_cast<double>(VS) / kHeadDim);
+    const double chunk = (0.4 + 0.6 * VS / kHeadDim) * (L::kThreads <= 64 ? 1.4 : 1.0);
+    return static_cast<double>(load.waves) * (load.shared ? 1.6 : 1.0) * chunk;
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
@@ -331,9 +334,10 @@ struct Split<128> : TcChoice<RecurrenceVariant<128, 2>, RecurrenceVariant<64, 2>
 template <>
 struct Split<256> : TcChoice<RecurrenceVariant<64, 1>, RecurrenceVariant<32, 1>> {};
 
-// FLASH_KDA_CUDA_PREP_THREADS=256|512 picks the preparation layout (default 256).
+// FLASH_KDA_CUDA_PREP_THREADS=256|512 picks the preparation layout (default 512: 7-9 % faster on
+// every bench shape at D = 128, docs/performance.md).
 int prep_threads() {
-  static const int v = env_int("FLASH_KDA_CUDA_PREP_THREADS") == 512 ? 512 : 256;
+  static const int v = env_int("FLASH_KDA_CUDA_PREP_THREADS") == 256 ? 256 : 512;
   return v;
 }
 constexpr int kSplitChunk = 32;
