@@ -95,7 +95,7 @@ if has bench; then
   # (grep, not tail: rows reach the summary as they are printed, so a run cut short keeps them)
   python3 tools/bench.py --no-fla 2>&1 | tee "$LOG/bench_fast.txt" | grep --line-buffered -E "^\||host"
   if [[ -z "${NO_FLA:-}" ]]; then
-    python3 tools/bench.py --shapes "${FLA_SHAPES:-all}" 2>&1 | tee "$LOG/bench_fla.txt" | grep --line-buffered -E "^\||host|fla"
+    python3 tools/bench.py --shapes "${FLA_SHAPES:-all}" 2>&1 | tee "$LOG/bench_fla.txt" | grep --line-buffered -E "^\||host|fla|ours"
   fi
   [[ -n "${FAST_ONLY:-}" ]] || FLASH_KDA_KERNEL=portable python3 tools/bench.py --no-fla 2>&1 | tee "$LOG/bench_portable.txt" | tail -16
 fi
