@@ -37,3 +37,21 @@ def test_nvcc_compiles_cuda_sources(tmp_path, arch, variant, head_dim, dtype):
     assert b"kda_portable_kernel" in obj
     for kernel in (b"kda_tc_kernel", b"kda_prep_kernel", b"kda_recurrence_kernel"):
         assert (kernel in obj) == (variant == "fast"), f"{kernel.decode()} in a {variant} build"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_workspace_formula_matches_the_record(tmp_path, head_dim):
+    """flash_kda/_workspace.py sizes the scratch that get_workspace_size reports; the C++ Record
+    decides what the kernels write. A static_assert compiled against the header ties the two."""
+    from flash_kda._workspace import SPLIT_CHUNK, split_scratch_bytes
+    record_bytes = split_scratch_bytes(1, 1, head_dim)
+    src = tmp_path / "record_size.cu"
+    src.write_text(
+        '#include "cuda/kda_chunk_split.cuh"\n'
+        f"static_assert(flash_kda::tc::Record<{head_dim}, {SPLIT_CHUNK}>::kFloats * 4 == {record_bytes},\n"
+        '              "flash_kda/_workspace.py disagrees with Record");\n')
+    cmd = [NVCC, "-std=c++17", "-DFLASH_KDA_BACKEND_CUDA", f"-DFLASH_KDA_HEAD_DIM={head_dim}",
+           "-DFLASH_KDA_DTYPE_BF16", "-I", str(PACKAGE_CSRC), "-c", str(src), "-o",
+           str(tmp_path / "record_size.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
