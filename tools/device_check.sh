@@ -5,10 +5,11 @@
 # as it happens, to $OUT/summary.txt, and the full logs are packed into $OUT/logs.tar.gz after each
 # step: a run cut short by a time limit still returns what it did (two files, under the device
 # tool's limit on returned files).
-#   usage: bash tools/device_check.sh [quick|tests|layouts|sanitize|bench|kernels|tune|all]...
+#   usage: bash tools/device_check.sh [quick|tests|layouts|sanitize|bench|kernels|tune|ncu|all]...
 # `bench` runs tools/bench.py with fla unless NO_FLA=1 (which also skips the fla test); `kernels`
 # prints per-kernel times for each two-kernel layout; `tune` times each kernel form and layout of
-# $LAYOUTS (below) without fla. FAST_ONLY=1 skips the portable build and tests.
+# $LAYOUTS (below) without fla; `ncu` profiles the two kernels with Nsight Compute. `quick`,
+# `kernels`, `tune` and `ncu` run only when named (not in `all`). FAST_ONLY=1 skips the portable build and tests.
 set -uo pipefail
 OUT=${OUT:-/tmp/flash_kda_out}; LOG=${LOG_DIR:-/tmp/flash_kda_logs}; mkdir -p "$OUT" "$LOG"
 exec > >(tee -a "$OUT/summary.txt") 2>&1
@@ -118,6 +119,17 @@ if [[ " $steps " == *" tune "* ]]; then
     echo "== FLASH_KDA_CUDA_SPLIT=$sp FLASH_KDA_CUDA_VSLICE=$vs FLASH_KDA_CUDA_THREADS=$th"
     FLASH_KDA_CUDA_SPLIT=$sp FLASH_KDA_CUDA_VSLICE=$vs FLASH_KDA_CUDA_THREADS=$th python3 tools/bench.py --no-fla --reps ${TUNE_REPS:-10} 2>&1 \
       | tee "$LOG/tune_${sp}_${vs}x${th}.txt" | tail -14
+  done
+fi
+pack
+if [[ " $steps " == *" ncu "* ]]; then
+  # Nsight Compute on each kernel of the default form, second call of tools/profile_case.py (warm
+  # module), T=2048 H=96 unless NCU_SHAPE="T H"; the full report goes to the logs, headlines here.
+  for k in kda_prep_kernel kda_recurrence_kernel; do
+    ncu --set full -k "regex:$k" --launch-skip 1 -c 1 --import-source yes --page details \
+      python3 tools/profile_case.py ${NCU_SHAPE:-2048 96} > "$LOG/ncu_$k.txt" 2>&1
+    grep -E "^ +(Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Block Limit (Registers|Shared Mem)|Warp Cycles Per Issued Instruction|Executed Ipc Active) " \
+      "$LOG/ncu_$k.txt" | sed "s/^ */$k: /"
   done
 fi
 echo "total: $(( $(date +%s) - t0 )) s"
