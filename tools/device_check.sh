@@ -5,11 +5,12 @@
 # as it happens, to $OUT/summary.txt, and the full logs are packed into $OUT/logs.tar.gz after each
 # step: a run cut short by a time limit still returns what it did (two files, under the device
 # tool's limit on returned files).
-#   usage: bash tools/device_check.sh [quick|tests|layouts|sanitize|bench|kernels|tune|ncu|all]...
+#   usage: bash tools/device_check.sh [quick|tests|layouts|sanitize|bench|kernels|tune|ab|ncu|all]...
 # `bench` runs tools/bench.py with fla unless NO_FLA=1 (which also skips the fla test); `kernels`
 # prints per-kernel times for each two-kernel layout; `tune` times each kernel form and layout of
-# $LAYOUTS (below) without fla; `ncu` profiles the two kernels with Nsight Compute. `quick`,
-# `kernels`, `tune` and `ncu` run only when named (not in `all`). FAST_ONLY=1 skips the portable build and tests.
+# $LAYOUTS (below) without fla; `ncu` profiles the two kernels with Nsight Compute; `ab` times the
+# working tree's kernels against another revision's (AB_CSRC, see the step). `quick`, `kernels`,
+# `tune`, `ab` and `ncu` run only when named (not in `all`). FAST_ONLY=1 skips the portable build and tests.
 set -uo pipefail
 OUT=${OUT:-/tmp/flash_kda_out}; LOG=${LOG_DIR:-/tmp/flash_kda_logs}; mkdir -p "$OUT" "$LOG"
 exec > >(tee -a "$OUT/summary.txt") 2>&1
@@ -120,6 +121,19 @@ if [[ " $steps " == *" tune "* ]]; then
     echo "== FLASH_KDA_CUDA_SPLIT=$sp FLASH_KDA_CUDA_VSLICE=$vs FLASH_KDA_CUDA_THREADS=$th"
     FLASH_KDA_CUDA_SPLIT=$sp FLASH_KDA_CUDA_VSLICE=$vs FLASH_KDA_CUDA_THREADS=$th python3 tools/bench.py --no-fla --reps ${TUNE_REPS:-10} 2>&1 \
       | tee "$LOG/tune_${sp}_${vs}x${th}.txt" | tail -14
+  done
+fi
+pack
+if [[ " $steps " == *" ab "* ]]; then
+  # A/B timing of two kernel-source revisions in one run: the working tree's against AB_CSRC, a copy
+  # of another revision's flash_kda/csrc (prepare it before the call, e.g.
+  #   mkdir -p .ab && git archive main flash_kda/csrc | tar -x -C .ab
+  # and pass AB_CSRC=.ab/flash_kda/csrc; .ab is git-ignored: name it in the device tool's carry).
+  for side in this other; do
+    csrc=; [[ $side == other ]] && csrc=$(realpath "${AB_CSRC:?AB_CSRC names the other csrc copy}")
+    echo "== $side sources${csrc:+ ($csrc)}"
+    FLASH_KDA_CSRC_DIR=$csrc python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$LOG/ab_kernels_$side.txt"
+    FLASH_KDA_CSRC_DIR=$csrc python3 tools/bench.py --no-fla 2>&1 | tee "$LOG/ab_bench_$side.txt" | grep --line-buffered -E "^\||host"
   done
 fi
 pack
