@@ -30,7 +30,7 @@ t0=$(date +%s)
 # into the summary every 30 s, so a build that stalls shows where.
 dims=${PREWARM_DIMS:-64,128,256}; dts=${PREWARM_DTYPES:-bf16,fp16}
 FLASH_KDA_BUILD_ON_IMPORT=0 python3 tools/prewarm.py --head-dims $dims --dtypes $dts > "$LOG/prewarm_fast.log" 2>&1 &
-pids=$!; pw=$!
+pw=$!; pids=$pw
 if [[ -z "${FAST_ONLY:-}" ]]; then
   FLASH_KDA_BUILD_ON_IMPORT=0 python3 tools/prewarm.py --kernel portable --head-dims $dims --dtypes $dts > "$LOG/prewarm_portable.log" 2>&1 &
   pids="$pids $!"
