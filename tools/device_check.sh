@@ -53,7 +53,8 @@ if [[ " $steps " == *" quick "* ]]; then
   # per-kernel times of the default.
   FLASH_KDA_CUDA_SPLIT=0 python3 -m flash_kda 2>&1 | tee "$LOG/main_job_fused.txt" | grep -E "accuracy|speed|result"
   python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$LOG/kernels_quick.txt"
-  python3 tools/host_time.py 2>&1 | grep "^|" | tee "$LOG/host_time.txt"  # where the host time goes
+  # where the host time goes: front end, raw op, the binding's workspace allocation
+  python3 tools/host_overhead.py --reps 300 2>&1 | tee "$LOG/host_overhead.txt" | grep -E "^  "
 fi
 pack
 if has tests; then

@@ -12,7 +12,8 @@ Tiny shapes, so that what is timed is the call, not the work. Each call is timed
 
 Either way each case is also timed with the compiled op replaced by a no-op ("python"): that is
 the front end alone (validation, routing, allocation of missing outputs), which is what this
-package adds on top of the raw op (timed alone on the first line).
+package adds on top of the raw op (timed alone on the first line; where the CUDA two-kernel form
+runs, also with a caller-provided workspace, so that the binding's allocation shows).
 """
 
 from __future__ import annotations
@@ -66,12 +67,13 @@ def cases(x, D):
     }
 
 
-def raw_op(x, D):
-    """The compiled op alone, with the arguments `fwd dense` hands it."""
+def raw_op(x, D, workspace=None):
+    """The compiled op alone, with the arguments `fwd dense` hands it (and `workspace`: None lets
+    the binding allocate the CUDA two-kernel form's scratch itself)."""
     op = _ops.kernel_for(x["q"].device, D, x["q"].dtype).op
     s = D ** -0.5
     return lambda: op(x["q"], x["k"], x["v"], x["g"], x["beta"], x["A_log"], x["dt_bias"], None,
-                      None, x["out"], None, s, -5.0, True, False, None)
+                      None, x["out"], None, s, -5.0, True, False, workspace)
 
 
 def _no_op(*args):
@@ -138,6 +140,11 @@ def main() -> int:
         kernel = _ops.kernel_for(device, args.D, DTYPES[args.dtype])  # memoised: calls find it
         raw = median_us(raw_op(x, args.D), args.reps, cuda)
         print(f"  {'raw op (C++ dispatch + launch/kernel)':46s} {raw:7.1f} us")
+        ws_bytes = flash_kda.get_workspace_size(args.T, args.H, 1)
+        if ws_bytes:  # the two-kernel form: the same with the scratch preallocated by the caller
+            ws = torch.empty(ws_bytes, dtype=torch.uint8, device=device)
+            raw_ws = median_us(raw_op(x, args.D, ws), args.reps, cuda)
+            print(f"  {'raw op, caller workspace (no allocation)':46s} {raw_ws:7.1f} us")
         print(f"  {'':46s} {'call':>10s} {'python':>10s}")
         for name, fn in cases(x, args.D).items():
             t = median_us(fn, args.reps, cuda)
