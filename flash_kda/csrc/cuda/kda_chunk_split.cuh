@@ -126,28 +126,6 @@ struct PrepLayout {
   static_assert(LD % 32 == 4 && LDA % 32 == 4 && LDV % 32 == 8, "bank-conflict-free fragments");
 };
 
-// The K-side phases of tc::run_block up to A (loads, norms, gate, decays, A_kk, A_qk), for one
-// chunk; ends with every thread past a barrier.
-template <class L>
-FLASH_KDA_DEVICE void k_side_A(const KdaParams& p, const portable::Task& t, int64_t t0, int len,
-                               float exp_a, VecOk vec, float* sm, int tid, int warp, Lane l) {
-  int* flags_sm = reinterpret_cast<int*>(sm + L::kFlags);
-  if (tid == 0) *flags_sm = 0;
-  load_chunk<L>(p, t, t0, len, exp_a, vec, sm, tid);
-  port::block_sync();
-  cumsum_and_boundaries<L>(sm, tid);
-  port::block_sync();
-  const int flags = *flags_sm;  // uniform across the block
-  if (flags != 0) {
-    compute_diag_fallback<L>(sm, tid, flags);
-    port::block_sync();
-  }
-  scale_for_A<L>(sm, tid);
-  port::block_sync();
-  compute_A<L>(sm, warp, l, flags);
-  port::block_sync();
-}
-
 // `cols` columns of a [C, ld] array: a right-hand side for apply_T.
 struct Rhs {
   float* X;
@@ -294,11 +272,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, float* scratch, float* sm, 
   const int warp = tid / 32;
   const Lane l{(tid % 32) / 4, tid % 4};
 
-  float exp_a = 0.0f;
-  if (p.A_log != nullptr) {
-    exp_a = port::exp(p.A_log[h]);
-    for (int c = tid; c < L::D; c += L::kThreads) sm[L::kDtb + c] = p.dt_bias[h * p.dt_bias_head_stride + c];
-  }
+  const float exp_a = load_gate_params<L>(p, h, sm, tid);
   port::block_sync();  // dt_bias visible to the loader
   k_side_A<L>(p, t, t0, len, exp_a, vec_ok<L>(p), sm, tid, warp, l);
   if (warp == 0) invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);

@@ -613,39 +613,52 @@ FLASH_KDA_DEVICE void update_state(float* sm, int warp, Lane l) {
 // ---------------------------------------------------------------------------------------------
 // The whole block: every chunk of its sequence, then the final state.
 // ---------------------------------------------------------------------------------------------
+// e^{A_log[h]} (0 without gate parameters), and dt_bias[h] into shared memory (visible after the
+// caller's next barrier).
+template <class L>
+FLASH_KDA_DEVICE float load_gate_params(const KdaParams& p, int h, float* sm, int tid) {
+  if (p.A_log == nullptr) return 0.0f;
+  const float exp_a = port::exp(p.A_log[h]);
+  for (int c = tid; c < L::D; c += L::kThreads) sm[L::kDtb + c] = p.dt_bias[h * p.dt_bias_head_stride + c];
+  return exp_a;
+}
+
+// The K-side phases of a chunk up to A (loads, norms, gate, decays, A_kk, A_qk), shared by
+// run_block and the two-kernel form's preparation (kda_chunk_split.cuh); ends with every thread
+// past a barrier. Call it with every thread past a barrier since the arrays' last use.
+template <class L>
+FLASH_KDA_DEVICE void k_side_A(const KdaParams& p, const portable::Task& t, int64_t t0, int len,
+                               float exp_a, VecOk vec, float* sm, int tid, int warp, Lane l) {
+  int* flags_sm = reinterpret_cast<int*>(sm + L::kFlags);
+  if (tid == 0) *flags_sm = 0;
+  load_chunk<L>(p, t, t0, len, exp_a, vec, sm, tid);
+  port::block_sync();
+  cumsum_and_boundaries<L>(sm, tid);
+  port::block_sync();
+  const int flags = *flags_sm;  // uniform across the block
+  if (flags != 0) {
+    compute_diag_fallback<L>(sm, tid, flags);  // reads raw k, q, γ: before scale_for_A
+    port::block_sync();
+  }
+  scale_for_A<L>(sm, tid);
+  port::block_sync();
+  compute_A<L>(sm, warp, l, flags);
+  port::block_sync();
+}
+
 template <class L>
 FLASH_KDA_DEVICE void run_block(const KdaParams& p, float* sm, int block, int tid) {
   const portable::Task t = portable::block_task<L>(p, block);
   const int warp = tid / 32;
   const Lane l{(tid % 32) / 4, tid % 4};
-  int* flags_sm = reinterpret_cast<int*>(sm + L::kFlags);
-  float exp_a = 0.0f;
-  if (p.A_log != nullptr) {
-    exp_a = port::exp(p.A_log[t.h]);
-    for (int c = tid; c < L::D; c += L::kThreads) {
-      sm[L::kDtb + c] = p.dt_bias[t.h * p.dt_bias_head_stride + c];
-    }
-  }
+  const float exp_a = load_gate_params<L>(p, t.h, sm, tid);
   portable::load_state<L>(p, t, sm, tid);
   const VecOk vec = vec_ok<L>(p);
 
   for (int64_t t0 = 0; t0 < t.r.len; t0 += L::C) {
     const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
-    if (tid == 0) *flags_sm = 0;
     port::block_sync();  // previous chunk done with every array; dt_bias and S visible
-    load_chunk<L>(p, t, t0, len, exp_a, vec, sm, tid);
-    port::block_sync();
-    cumsum_and_boundaries<L>(sm, tid);
-    port::block_sync();
-    const int flags = *flags_sm;  // uniform across the block
-    if (flags != 0) {
-      compute_diag_fallback<L>(sm, tid, flags);  // reads raw k, q, γ: before scale_for_A
-      port::block_sync();
-    }
-    scale_for_A<L>(sm, tid);
-    port::block_sync();
-    compute_A<L>(sm, warp, l, flags);
-    port::block_sync();
+    k_side_A<L>(p, t, t0, len, exp_a, vec, sm, tid, warp, l);
     scale_for_state<L>(sm, tid);
     port::block_sync();
     OutTile<L> tile = out_tile<L>(warp);
