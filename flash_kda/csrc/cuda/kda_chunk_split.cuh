@@ -73,15 +73,31 @@ FLASH_KDA_DEVICE void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// rows x cols floats from src (row stride lds) to dst (row stride ldd), 16 bytes per copy.
-template <int kThreads>
-FLASH_KDA_DEVICE void copy_rows_async(float* dst, int ldd, const float* src, int lds, int rows,
-                                      int cols, int tid) {
-  const int per_row = cols / 4;
-  for (int idx = tid; idx < rows * per_row; idx += kThreads) {
-    const int r = idx / per_row, c = (idx % per_row) * 4;
-    cp_async16(dst + r * ldd + c, src + static_cast<int64_t>(r) * lds + c);
+// Calls f(r, c) for every group of four floats (row r, columns c..c+3) of a [ROWS, COLS] tile, the
+// groups dealt to kThreads threads in turn. The shapes are compile-time constants and a thread's
+// groups lie a fixed number of rows apart, so the loop unrolls into a fixed sequence whose addresses
+// differ by immediates: no division, no 64-bit arithmetic per group. (The runtime-bounded loops this
+// replaces spent a third of the recurrence kernel's instructions on copy indexing: docs/performance.md.)
+template <int ROWS, int COLS, int kThreads, class F>
+FLASH_KDA_DEVICE void for_each_quad(int tid, F&& f) {
+  constexpr int kPerRow = COLS / 4, kItems = ROWS * kPerRow;
+  static_assert(COLS % 4 == 0, "groups of four");
+  if constexpr (kThreads % kPerRow == 0) {
+    constexpr int kRowStep = kThreads / kPerRow;
+    const int r0 = tid / kPerRow, c = (tid % kPerRow) * 4;
+#pragma unroll
+    for (int k = 0; k < (kItems + kThreads - 1) / kThreads; ++k) {
+      if (kItems % kThreads == 0 || r0 + k * kRowStep < ROWS) f(r0 + k * kRowStep, c);
+    }
+  } else {  // thread counts that do not cover whole rows (not a multiple of 32): the plain loop
+    for (int idx = tid; idx < kItems; idx += kThreads) f(idx / kPerRow, (idx % kPerRow) * 4);
   }
+}
+
+// A [ROWS, COLS] tile from src (row stride LDS) to dst (row stride LDD), 16 bytes per copy.
+template <int ROWS, int COLS, int LDS, int LDD, int kThreads>
+FLASH_KDA_DEVICE void copy_tile_async(float* dst, const float* src, int tid) {
+  for_each_quad<ROWS, COLS, kThreads>(tid, [&](int r, int c) { cp_async16(dst + r * LDD + c, src + r * LDS + c); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -104,8 +120,8 @@ struct PrepLayout {
   static constexpr int LDV = VS + 8;
   static constexpr int LDA = C + 4;
 
-  static constexpr int kK = 0;                      // [C, LD] k -> k e^{γ-γ_b} -> k e^γ -> W
-  static constexpr int kQ = kK + C * LD;            // [C, LD] q -> q e^{γ-γ_b} -> q e^γ
+  static constexpr int kK = 0;                      // [C, LD] k -> k e^{γ-γ_r} -> k e^γ -> W
+  static constexpr int kQ = kK + C * LD;            // [C, LD] q -> q e^{γ-γ_r} -> q e^γ
   static constexpr int kKe = kQ + C * LD;           // [C, LD] a -> γ -> k e^{γ_e-γ} -> k e^{γ_last-γ}
   static constexpr int kG = kKe;
   static constexpr int kVx = kKe + C * LD;          // [C, LDV] v -> U0
@@ -114,10 +130,10 @@ struct PrepLayout {
   static constexpr int kT = kAqk + C * LDA;         // [C, LDA] T = (I + diag(β) A_kk)^{-1} diag(β)
   static constexpr int kM = kT + C * LDA;           // [NPAIR, D]
   static constexpr int kGb = kM + NPAIR * D;        // [NB + 1, D]
-  static constexpr int kBeta = kGb + (NB + 1) * D;  // [C]
+  static constexpr int kGm = kGb + (NB + 1) * D;    // [NB, D]
+  static constexpr int kBeta = kGm + NB * D;        // [C]
   static constexpr int kEg = kBeta + C;             // [D]
-  static constexpr int kDtb = kEg + D;              // [D]
-  static constexpr int kFlags = kDtb + D;           // [4]
+  static constexpr int kFlags = kEg + D;            // [4]
   static constexpr int kFloats = kFlags + 4;
   static constexpr int kSmemBytes = kFloats * 4;
   static constexpr int kMinBlocks = kSmemBytes <= 112 * 1024 ? 2 : 1;
@@ -126,10 +142,14 @@ struct PrepLayout {
   static_assert(LD % 32 == 4 && LDA % 32 == 4 && LDV % 32 == 8, "bank-conflict-free fragments");
 };
 
-// `cols` columns of a [C, ld] array: a right-hand side for apply_T.
+// `cols` columns of a [C, ld] array: a right-hand side for apply_T, and where T X goes (global
+// rows of stride ld_out; rounded to TF32 if `round`, for an operand of later products).
 struct Rhs {
-  float* X;
+  const float* X;
   int ld, cols;
+  float* out;
+  int ld_out;
+  bool round;
 };
 
 // T = (I + diag(β) A_kk)^{-1} diag(β) for a 32-token chunk, by one warp. Lane j < 16 substitutes
@@ -192,21 +212,20 @@ FLASH_KDA_DEVICE void invert_T(float* T, const float* A, const float* beta, Lane
   }
 }
 
-// X <- T X for both right-hand sides, in place: a warp owns whole 8-column tiles and reads all of a
-// tile's rows before writing it. T is lower triangular, so row block m needs k < 16 (m + 1).
+// out <- T X for both right-hand sides, straight from the accumulators to global memory (each quad
+// of lanes writes 32 contiguous bytes per row). A warp owns whole 8-column tiles. T is lower
+// triangular, so row block m needs k < 16 (m + 1).
 template <class L>
 FLASH_KDA_DEVICE void apply_T(const float* T, Rhs r0, Rhs r1, int warp, Lane l) {
   static_assert(L::C == 32, "two row blocks of 16");
   const int tiles0 = r0.cols / 8, tiles = tiles0 + r1.cols / 8;
   for (int nt = warp; nt < tiles; nt += L::kWarps) {
     const Rhs& r = nt < tiles0 ? r0 : r1;
-    float* X = r.X + (nt < tiles0 ? nt : nt - tiles0) * 8;
+    const int col0 = (nt < tiles0 ? nt : nt - tiles0) * 8;
+    const float* X = r.X + col0;
     uint32_t b[4][2];
 #pragma unroll
     for (int kb = 0; kb < 4; ++kb) load_b_t(b[kb], X + kb * 8 * r.ld, r.ld, l);
-    // Every lane's reads of the tile before any lane overwrites it. (The mma.sync below converges
-    // the warp anyway, but only __syncwarp orders the shared-memory accesses; racecheck flagged it.)
-    __syncwarp();
     float acc[2][4];
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
@@ -221,8 +240,11 @@ FLASH_KDA_DEVICE void apply_T(const float* T, Rhs r0, Rhs r1, int warp, Lane l) 
 #pragma unroll
     for (int m = 0; m < 2; ++m)
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        X[(m * 16 + l.g + (e >= 2 ? 8 : 0)) * r.ld + 2 * l.t + (e & 1)] = acc[m][e];
+      for (int half = 0; half < 2; ++half) {
+        float2 x = make_float2(acc[m][2 * half], acc[m][2 * half + 1]);
+        if (r.round) x = make_float2(round_tf32(x.x), round_tf32(x.y));
+        *reinterpret_cast<float2*>(r.out + (m * 16 + l.g + 8 * half) * r.ld_out + col0 + 2 * l.t) = x;
+      }
   }
 }
 
@@ -231,8 +253,13 @@ FLASH_KDA_DEVICE void apply_T(const float* T, Rhs r0, Rhs r1, int warp, Lane l) 
 FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, int64_t slot, int C, int& n, int64_t& chunk) {
   if (p.cu_seqlens == nullptr) {
     const int64_t per = chunks_of(p.seq_len, C);
-    n = static_cast<int>(slot / per);
-    chunk = slot % per;
+    if (slot <= INT32_MAX && per <= INT32_MAX) {  // 32-bit division: a 64-bit one is a long subroutine
+      n = static_cast<int>(slot) / static_cast<int>(per);
+      chunk = static_cast<int>(slot) % static_cast<int>(per);
+    } else {
+      n = static_cast<int>(slot / per);
+      chunk = slot % per;
+    }
     return true;
   }
   int lo = 0, hi = p.num_seqs - 1;  // largest n with slot_base(n) <= slot
@@ -245,21 +272,18 @@ FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, int64_t slot, int C, int& n
   return chunk >= 0 && chunk * C < seq_range(p, n).len;
 }
 
-// Copies a [rows, cols] array (row stride lds floats) to global rows of stride cols, 16 bytes a step.
-template <int kThreads>
-FLASH_KDA_DEVICE void store_rows(float* dst, const float* src, int lds, int rows, int cols, int tid) {
-  const int per_row = cols / 4;
-  for (int idx = tid; idx < rows * per_row; idx += kThreads) {
-    const int r = idx / per_row, c = (idx % per_row) * 4;
-    st4(dst + r * cols + c, ld4(src + r * lds + c));
-  }
+// Copies a [ROWS, COLS] array (row stride LDS floats) to global rows of stride COLS, 16 bytes a step.
+template <int ROWS, int COLS, int LDS, int kThreads>
+FLASH_KDA_DEVICE void store_rows(float* dst, const float* src, int tid) {
+  for_each_quad<ROWS, COLS, kThreads>(tid, [&](int r, int c) { st4(dst + r * COLS + c, ld4(src + r * LDS + c)); });
 }
 
 template <class L>
 FLASH_KDA_DEVICE void prep_block(const KdaParams& p, float* scratch, float* sm, int64_t block, int tid) {
   using R = Record<L::D, L::C>;
-  const int h = static_cast<int>(block % p.hv);
-  const int64_t slot = block / p.hv;
+  // (block < 2^31: a grid's x extent)
+  const int h = static_cast<int>(block) % p.hv;
+  const int64_t slot = static_cast<int>(block) / p.hv;
   portable::Task t;
   int64_t chunk;
   if (!slot_chunk(p, slot, L::C, t.n, chunk)) return;  // uniform: the whole block leaves
@@ -272,35 +296,36 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, float* scratch, float* sm, 
   const int warp = tid / 32;
   const Lane l{(tid % 32) / 4, tid % 4};
 
-  const float exp_a = load_gate_params<L>(p, h, sm, tid);
-  port::block_sync();  // dt_bias visible to the loader
-  k_side_A<L>(p, t, t0, len, exp_a, vec_ok<L>(p), sm, tid, warp, l);
-  if (warp == 0) invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
-  scale_for_state<L>(sm, tid);  // the other warps meanwhile
-  port::block_sync();
-  apply_T<L>(sm + L::kT, Rhs{sm + L::kVx, L::LDV, L::D}, Rhs{sm + L::kK, L::LD, L::D}, warp, l);
-  port::block_sync();
+  k_side_A<L>(p, t, t0, len, gate_exp_a(p, h), vec_ok<L>(p), sm, tid, warp, l);
 
   float* rec = scratch + (slot * p.hv + h) * static_cast<int64_t>(R::kFloats);
-  // W is an operand from here on: round it once, as the fused body's producers do. (U0 is not: the
-  // recurrence subtracts from it in fp32.)
-  for (int idx = tid; idx < L::C * L::D / 4; idx += L::kThreads) {
-    const int r = idx / (L::D / 4), c = (idx % (L::D / 4)) * 4;
-    st4(rec + R::kW + r * L::D + c, round_tf32(ld4(sm + L::kK + r * L::LD + c)));
+  constexpr int C = L::C, D = L::D, kRest = L::kThreads - 32;
+  if (warp == 0) {
+    invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
+  } else {
+    // Meanwhile the other warps finish the state-side operands and store every part of the record
+    // that does not need T, so those stores overlap the inversion (a barrier of their own).
+    const int rt = tid - 32;
+    scale_for_state<L>(sm, rt, kRest);
+    asm volatile("bar.sync 1, %0;" ::"n"(kRest) : "memory");
+    store_rows<C, D, L::LD, kRest>(rec + R::kQ, sm + L::kQ, rt);
+    for_each_quad<D, C, kRest>(rt, [&](int c, int i) {  // transposed: row c of Klᵀ, tokens i..i+3
+      const float* col = sm + L::kKe + i * L::LD + c;
+      st4(rec + R::kKl + c * C + i, make_float4(col[0], col[L::LD], col[2 * L::LD], col[3 * L::LD]));
+    });
+    // A_qk: compute_A leaves the tiles above the diagonal sub-blocks unwritten; store zeros there.
+    // (Four columns never straddle a 16-column sub-block.)
+    for_each_quad<C, C, kRest>(rt, [&](int i, int j) {
+      st4(rec + R::kA + i * C + j, j / L::BS <= i / L::BS ? ld4(sm + L::kAqk + i * L::LDA + j)
+                                                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+    });
+    for (int c = rt; c < D; c += kRest) rec[R::kEg + c] = sm[L::kEg + c];
   }
-  store_rows<L::kThreads>(rec + R::kQ, sm + L::kQ, L::LD, L::C, L::D, tid);
-  for (int idx = tid; idx < L::D * L::C / 4; idx += L::kThreads) {  // transposed
-    const int c = idx / (L::C / 4), i = (idx % (L::C / 4)) * 4;
-    const float* col = sm + L::kKe + i * L::LD + c;
-    st4(rec + R::kKl + c * L::C + i, make_float4(col[0], col[L::LD], col[2 * L::LD], col[3 * L::LD]));
-  }
-  store_rows<L::kThreads>(rec + R::kU, sm + L::kVx, L::LDV, L::C, L::D, tid);
-  // A_qk: compute_A leaves the tiles above the diagonal sub-blocks unwritten; store zeros there.
-  for (int idx = tid; idx < L::C * L::C; idx += L::kThreads) {
-    const int i = idx / L::C, j = idx % L::C;
-    rec[R::kA + idx] = j / L::BS <= i / L::BS ? sm[L::kAqk + i * L::LDA + j] : 0.0f;
-  }
-  for (int c = tid; c < L::D; c += L::kThreads) rec[R::kEg + c] = sm[L::kEg + c];
+  port::block_sync();  // T and the state-side K visible
+  // U0 = T V and W = T (K e^γ), written from the accumulators. W is an operand from here on: round
+  // it once, as the fused body's producers do. (U0 is not: the recurrence subtracts from it in fp32.)
+  apply_T<L>(sm + L::kT, Rhs{sm + L::kVx, L::LDV, D, rec + R::kU, D, false},
+             Rhs{sm + L::kK, L::LD, D, rec + R::kW, D, true}, warp, l);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -348,12 +373,13 @@ FLASH_KDA_DEVICE float2 ld2(const float* p) { return *reinterpret_cast<const flo
 template <class L>
 FLASH_KDA_DEVICE void fetch_chunk(const float* rec, int v0, float* st, int tid) {
   using R = Record<L::D, L::C>;
-  copy_rows_async<L::kThreads>(st + L::kW, L::LDW, rec + R::kW, L::D, L::C, L::D, tid);
-  copy_rows_async<L::kThreads>(st + L::kQ, L::LDW, rec + R::kQ, L::D, L::C, L::D, tid);
-  copy_rows_async<L::kThreads>(st + L::kKl, L::LDK, rec + R::kKl, L::C, L::D, L::C, tid);
-  copy_rows_async<L::kThreads>(st + L::kU, L::LDU, rec + R::kU + v0, L::D, L::C, L::VS, tid);
-  copy_rows_async<L::kThreads>(st + L::kA, L::LDK, rec + R::kA, L::C, L::C, L::C, tid);
-  copy_rows_async<L::kThreads>(st + L::kEg, L::D, rec + R::kEg, L::D, 1, L::D, tid);
+  constexpr int C = L::C, D = L::D, T = L::kThreads;
+  copy_tile_async<C, D, D, L::LDW, T>(st + L::kW, rec + R::kW, tid);
+  copy_tile_async<C, D, D, L::LDW, T>(st + L::kQ, rec + R::kQ, tid);
+  copy_tile_async<D, C, C, L::LDK, T>(st + L::kKl, rec + R::kKl, tid);
+  copy_tile_async<C, L::VS, D, L::LDU, T>(st + L::kU, rec + R::kU + v0, tid);
+  copy_tile_async<C, C, C, L::LDK, T>(st + L::kA, rec + R::kA, tid);
+  copy_tile_async<1, D, D, D, T>(st + L::kEg, rec + R::kEg, tid);
 }
 
 // A fragment from an accumulator tile, in the permuted k order described above.

@@ -20,15 +20,21 @@
 // critical path: docs/performance.md.
 //
 // Decays in A. Sub-block I holds tokens [16I, 16I + 16); b(I) = 16I - 1 is the last token before it
-// (γ_b(0) = 0) and e(J) = 16J + 15 its last token. For a token i of I and j of J <= I,
-//     e^{γ_i - γ_j} = e^{γ_i - γ_b(I)} · e^{γ_e(J) - γ_j} · e^{γ_b(I) - γ_e(J)}
+// (γ_b(0) = 0), e(J) = 16J + 15 the last token of J, and r(I) a reference token, chosen per channel
+// (below). For a token i of I and j of J <= I,
+//     e^{γ_i - γ_j} = e^{γ_i - γ_r(I)} · e^{γ_e(J) - γ_j} · e^{γ_r(I) - γ_e(J)}
 // where the first factor goes into the row operand (independent of J), the second into the column
 // operand (independent of I) and the third is a per-channel vector M[I, J] folded into the column
-// operand as it is loaded. For J < I all three are <= 1. For J = I the third is the inverse decay
-// of the whole sub-block, 2^{span}; it stays finite as long as span <= kMaxSpan (log2 units), which
-// every chunk of realistic gates satisfies (a per-token log-decay of -5 would need 13 tokens at the
-// bound in one channel). A sub-block whose span exceeds it gets its diagonal tile from the direct
-// per-element formula instead (compute_diag_fallback), so no input can overflow.
+// operand as it is loaded. For J < I the last two are <= 1.
+//   The reference is the middle token m(I) = 16I + 7 where the decay over each half of the
+// sub-block spans at most kMaxSpan (log2 units): then every row factor is <= 2^kMaxSpan and the
+// diagonal tile's column factors e^{γ_m - γ_j} are too. A gate with KDA's lower bound of -5
+// (natural log per token; 57.7 in log2 units over 8 tokens) always qualifies. Elsewhere it is b(I),
+// as in the portable body: row factors <= 1, and the diagonal column factors reach the inverse
+// decay of the whole sub-block, 2^{span}, which stays finite if span <= kMaxSpan. A sub-block with a
+// channel beyond both gets its diagonal tile from the direct per-element formula instead
+// (compute_diag_fallback), so no input can overflow. (With b(I) alone, a bound of -5 allows spans of
+// 115 and sent ~40 % of the benchmark's chunks to the fallback: docs/performance.md, v5.)
 //
 // Masked entries (j > i) are computed by the tensor cores and discarded by a select, not a multiply.
 // As in the portable body, a NaN in a token can reach earlier tokens of its chunk through
@@ -66,20 +72,20 @@ struct Layout {
   static constexpr int LDV = VS + 8;
   static constexpr int LDA = C + 4;
 
-  static constexpr int kK = 0;                      // [C, LD] k -> k e^{γ-γ_b} -> k e^γ
-  static constexpr int kQ = kK + C * LD;            // [C, LD] q -> q e^{γ-γ_b} -> q e^γ
+  static constexpr int kK = 0;                      // [C, LD] k -> k e^{γ-γ_r} -> k e^γ
+  static constexpr int kQ = kK + C * LD;            // [C, LD] q -> q e^{γ-γ_r} -> q e^γ
   static constexpr int kKe = kQ + C * LD;           // [C, LD] a -> γ -> k e^{γ_e-γ} -> k e^{γ_last-γ}
   static constexpr int kG = kKe;                    //         (the loaders' name for γ's array)
   static constexpr int kS = kKe + C * LD;           // [VS, LD] the block's rows of the state
   static constexpr int kVx = kS + VS * LD;          // [C, LDV] v -> v - K S0ᵀ -> U
   static constexpr int kAkk = kVx + C * LDV;        // [C, LDA]
   static constexpr int kAqk = kAkk + C * LDA;       // [C, LDA]
-  static constexpr int kM = kAqk + C * LDA;         // [NPAIR, D] e^{γ_b(I) - γ_e(J)}
+  static constexpr int kM = kAqk + C * LDA;         // [NPAIR, D] e^{γ_r(I) - γ_e(J)}
   static constexpr int kGb = kM + NPAIR * D;        // [NB + 1, D] γ at token 16m - 1 (0 for m = 0)
-  static constexpr int kBeta = kGb + (NB + 1) * D;  // [C]
+  static constexpr int kGm = kGb + (NB + 1) * D;    // [NB, D] γ at the reference token (see above)
+  static constexpr int kBeta = kGm + NB * D;        // [C]
   static constexpr int kEg = kBeta + C;             // [D] e^{γ_last}
-  static constexpr int kDtb = kEg + D;              // [D]
-  static constexpr int kFlags = kDtb + D;           // [4] bit I: sub-block I takes the fallback
+  static constexpr int kFlags = kEg + D;            // [4] bit I: sub-block I takes the fallback
   static constexpr int kFloats = kFlags + 4;
   static constexpr int kSmemBytes = kFloats * 4;
   static constexpr int kMinBlocks = kSmemBytes <= 112 * 1024 && kThreads <= 256 ? 2 : 1;
@@ -196,14 +202,15 @@ FLASH_KDA_DEVICE int pair_index(int I, int J) { return I * (I + 1) / 2 + J; }  /
 // K-side of a chunk
 // ---------------------------------------------------------------------------------------------
 // Whether a tensor's rows can be read as 16-byte vectors: aligned base and strides that keep every
-// row start aligned (`per16` elements per 16 bytes). Checked once per block; otherwise scalar loads.
+// row start aligned (`per16` elements per 16 bytes, a power of two: bit tests rather than 64-bit
+// remainders, which cost dozens of instructions each). Checked once per block; otherwise scalar loads.
 FLASH_KDA_DEVICE bool rows_aligned(const void* base, const TokenStrides& s, int per16) {
-  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && s.batch % per16 == 0 &&
-         s.token % per16 == 0 && s.head % per16 == 0;
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && ((s.batch | s.token | s.head) & (per16 - 1)) == 0;
 }
 
 struct VecOk {
   bool q, k, v, g;
+  FLASH_KDA_DEVICE bool all() const { return q && k && v && g; }
 };
 
 template <class L>
@@ -213,8 +220,12 @@ FLASH_KDA_DEVICE VecOk vec_ok(const KdaParams& p) {
           rows_aligned(p.v, p.v_strides, h), rows_aligned(p.g, p.g_strides, p.g_fp32 ? 4 : h)};
 }
 
-// Eight consecutive elements of a tensor holding the input dtype, or fp32 if `fp32`.
-FLASH_KDA_DEVICE void load8(const void* base, int64_t off, bool fp32, bool vec, float (&x)[8]) {
+// Eight consecutive elements of a tensor holding the input dtype, or fp32 if `fp32`; 16-byte loads
+// if `vec` (always with kVec: the caller checked every tensor, and the scalar path is not compiled,
+// so it costs no predicated instructions).
+template <bool kVec>
+FLASH_KDA_DEVICE void load8(const void* base, int64_t off, bool fp32, bool vec_, float (&x)[8]) {
+  const bool vec = kVec || vec_;
   if (fp32) {
     const float* f = static_cast<const float*>(base) + off;
     if (vec) {
@@ -247,30 +258,39 @@ FLASH_KDA_DEVICE void store8(float* dst, const float (&x)[8]) {
 // a <- the gate's log-decay in log2 units (clamped like the portable body), v, sigmoid(b). A thread
 // reads 8 consecutive channels of a row; the D / 8 lanes of a row (one warp or part of one) reduce
 // the squared norm with shuffles. Tokens past the sequence end are zero.
-template <class L>
+template <class L, bool kVec>
 FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, int64_t t0, int len,
                                  float exp_a, VecOk vec, float* sm, int tid) {
   constexpr int D = L::D, RV = D / 8;        // vectors per row = lanes sharing a row
   constexpr int kPass = L::C * RV / L::kThreads;
   static_assert(RV <= 32 && 32 % RV == 0 && (L::C * RV) % L::kThreads == 0, "row lanes");
-  float qx[kPass][8], kx[kPass][8], gx[kPass][8];
+  const bool gate = p.A_log != nullptr;
+  float qx[kPass][8], kx[kPass][8], gx[kPass][8], dtb[kPass][8];
 #pragma unroll
   for (int r = 0; r < kPass; ++r) {
     const int item = tid + r * L::kThreads, i = item / RV, c = (item % RV) * 8;
+    // dt_bias straight from global memory (cached: every block of the head reads the same row), so
+    // the chunk's loads all go out at once, with no barrier before them.
+#pragma unroll
+    for (int e = 0; e < 8; ++e) dtb[r][e] = gate ? p.dt_bias[t.h * p.dt_bias_head_stride + c + e] : 0.0f;
     if (i < len) {
-      load8(p.q, token_offset(p.q_strides, t.r, t0 + i, t.hk) + c, false, vec.q, qx[r]);
-      load8(p.k, token_offset(p.k_strides, t.r, t0 + i, t.hk) + c, false, vec.k, kx[r]);
-      load8(p.g, token_offset(p.g_strides, t.r, t0 + i, t.h) + c, p.g_fp32, vec.g, gx[r]);
+      load8<kVec>(p.q, token_offset(p.q_strides, t.r, t0 + i, t.hk) + c, false, vec.q, qx[r]);
+      load8<kVec>(p.k, token_offset(p.k_strides, t.r, t0 + i, t.hk) + c, false, vec.k, kx[r]);
+      load8<kVec>(p.g, token_offset(p.g_strides, t.r, t0 + i, t.h) + c, p.g_fp32, vec.g, gx[r]);
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) qx[r][e] = kx[r][e] = gx[r][e] = 0.0f;
     }
   }
-  for (int item = tid; item < L::C * L::VS / 8; item += L::kThreads) {
+  constexpr int kVItems = L::C * L::VS / 8;  // a fixed count per thread: an unrolled loop
+#pragma unroll
+  for (int r = 0; r < (kVItems + L::kThreads - 1) / L::kThreads; ++r) {
+    const int item = tid + r * L::kThreads;
+    if (kVItems % L::kThreads != 0 && item >= kVItems) break;
     const int i = item / (L::VS / 8), c = (item % (L::VS / 8)) * 8;
     float vx[8];
     if (i < len) {
-      load8(p.v, token_offset(p.v_strides, t.r, t0 + i, t.h) + t.v0 + c, false, vec.v, vx);
+      load8<kVec>(p.v, token_offset(p.v_strides, t.r, t0 + i, t.h) + t.v0 + c, false, vec.v, vx);
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) vx[e] = 0.0f;
@@ -286,7 +306,6 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
     sm[L::kBeta + tid] = b;
   }
 
-  const bool gate = p.A_log != nullptr;
   const float lb2 = p.lower_bound * portable::kLog2e;
   constexpr float kMin2 = portable::kMinLogDecay;  // log2 units; only needs to stay finite
 #pragma unroll
@@ -311,7 +330,7 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
       kx[r][e] *= km;
       float a = gx[r][e];
       if (gate && i < len) {
-        a = lb2 * fast_sigmoid(exp_a * (a + sm[L::kDtb + c + e]));
+        a = lb2 * fast_sigmoid(exp_a * (a + dtb[r][e]));
       } else {
         a *= portable::kLog2e;
       }
@@ -323,8 +342,12 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   }
 }
 
+// Offset of a sub-block's reference token m(I) (see "Decays in A" above).
+constexpr int kRef = 7;
+
 // One thread per channel: γ <- cumulative sum of the log-decays (in place), then from its own
-// column γ at the sub-block boundaries (Gb), e^{γ_last}, the vectors M and the fallback flags.
+// column γ at the sub-block boundaries (Gb) and reference tokens (Gm), e^{γ_last}, the vectors M and
+// the fallback flags.
 template <class L>
 FLASH_KDA_DEVICE void cumsum_and_boundaries(float* sm, int tid) {
   constexpr int D = L::D;
@@ -347,12 +370,18 @@ FLASH_KDA_DEVICE void cumsum_and_boundaries(float* sm, int tid) {
     sm[L::kEg + c] = fast_exp2(gb[L::NB]);
 #pragma unroll
     for (int I = 0; I < L::NB; ++I) {
+      // The reference: the middle token where both halves span <= kMaxSpan (largest row factor,
+      // largest column factor), else the token before the sub-block, which keeps every row factor
+      // <= 1 (a middle reference would make the row factors before a huge decay overflow, and inf
+      // times the zero column factors of the other tiles is NaN). With that reference the diagonal
+      // tile is finite only if the whole span is <= kMaxSpan; otherwise the fallback computes it.
+      const float gm = gam[I * L::BS + kRef];
+      const bool mid = gb[I] - gm <= kMaxSpan && gm - gb[I + 1] <= kMaxSpan;
+      const float ref = mid ? gm : gb[I];
+      if (!mid && gb[I] - gb[I + 1] > kMaxSpan) atomicOr(flags, 1 << I);
+      sm[L::kGm + I * D + c] = ref;
 #pragma unroll
-      for (int J = 0; J <= I; ++J) {
-        const float x = gb[I] - gb[J + 1];  // <= 0 for J < I; the span of sub-block I for J = I
-        if (J == I && x > kMaxSpan) atomicOr(flags, 1 << I);
-        sm[L::kM + pair_index(I, J) * D + c] = fast_exp2(x);
-      }
+      for (int J = 0; J <= I; ++J) sm[L::kM + pair_index(I, J) * D + c] = fast_exp2(ref - gb[J + 1]);
     }
   }
 }
@@ -381,7 +410,7 @@ FLASH_KDA_DEVICE void compute_diag_fallback(float* sm, int tid, int flags) {
   }
 }
 
-// k -> k e^{γ - γ_b} and q -> q e^{γ - γ_b} (row operands), γ -> k e^{γ_e - γ} (column operand).
+// k -> k e^{γ - γ_r} and q -> q e^{γ - γ_r} (row operands), γ -> k e^{γ_e - γ} (column operand).
 // Four channels per step.
 template <class L>
 FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid) {
@@ -390,7 +419,7 @@ FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid) {
   for (int idx = tid; idx < L::C * D / 4; idx += L::kThreads) {
     const int i = idx / (D / 4), c = (idx % (D / 4)) * 4, I = i / L::BS, o = i * L::LD + c;
     const float4 g = ld4(sm + L::kKe + o), k = ld4(sm + L::kK + o);
-    const float4 fb = fast_exp2(g - ld4(Gb + I * D + c));
+    const float4 fb = fast_exp2(g - ld4(sm + L::kGm + I * D + c));
     st4(sm + L::kKe + o, k * fast_exp2(ld4(Gb + (I + 1) * D + c) - g));  // times M when loaded
     st4(sm + L::kK + o, round_tf32(k * fb));
     st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
@@ -436,14 +465,16 @@ FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
   }
 }
 
-// k -> k e^γ, q -> q e^γ (from the e^{γ - γ_b} forms) and Ke -> k e^{γ_last - γ}.
+// k -> k e^γ, q -> q e^γ (from the e^{γ - γ_r} forms) and Ke -> k e^{γ_last - γ}. (e^{γ_r} may
+// flush to 0 where e^γ of an earlier token would not: only for factors below 2^-126 · 2^kMaxSpan.)
+// (By threads [0, nthreads); the two-kernel form's preparation leaves warp 0 out.)
 template <class L>
-FLASH_KDA_DEVICE void scale_for_state(float* sm, int tid) {
+FLASH_KDA_DEVICE void scale_for_state(float* sm, int tid, int nthreads = L::kThreads) {
   constexpr int D = L::D;
   const float* Gb = sm + L::kGb;
-  for (int idx = tid; idx < L::C * D / 4; idx += L::kThreads) {
+  for (int idx = tid; idx < L::C * D / 4; idx += nthreads) {
     const int i = idx / (D / 4), c = (idx % (D / 4)) * 4, I = i / L::BS, o = i * L::LD + c;
-    const float4 fb = fast_exp2(ld4(Gb + I * D + c));
+    const float4 fb = fast_exp2(ld4(sm + L::kGm + I * D + c));
     st4(sm + L::kK + o, round_tf32(ld4(sm + L::kK + o) * fb));
     st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
     st4(sm + L::kKe + o, round_tf32(ld4(sm + L::kKe + o) *
@@ -613,14 +644,9 @@ FLASH_KDA_DEVICE void update_state(float* sm, int warp, Lane l) {
 // ---------------------------------------------------------------------------------------------
 // The whole block: every chunk of its sequence, then the final state.
 // ---------------------------------------------------------------------------------------------
-// e^{A_log[h]} (0 without gate parameters), and dt_bias[h] into shared memory (visible after the
-// caller's next barrier).
-template <class L>
-FLASH_KDA_DEVICE float load_gate_params(const KdaParams& p, int h, float* sm, int tid) {
-  if (p.A_log == nullptr) return 0.0f;
-  const float exp_a = port::exp(p.A_log[h]);
-  for (int c = tid; c < L::D; c += L::kThreads) sm[L::kDtb + c] = p.dt_bias[h * p.dt_bias_head_stride + c];
-  return exp_a;
+// e^{A_log[h]} (0 without gate parameters). (load_chunk reads dt_bias itself.)
+FLASH_KDA_DEVICE float gate_exp_a(const KdaParams& p, int h) {
+  return p.A_log == nullptr ? 0.0f : port::exp(p.A_log[h]);
 }
 
 // The K-side phases of a chunk up to A (loads, norms, gate, decays, A_kk, A_qk), shared by
@@ -631,7 +657,11 @@ FLASH_KDA_DEVICE void k_side_A(const KdaParams& p, const portable::Task& t, int6
                                float exp_a, VecOk vec, float* sm, int tid, int warp, Lane l) {
   int* flags_sm = reinterpret_cast<int*>(sm + L::kFlags);
   if (tid == 0) *flags_sm = 0;
-  load_chunk<L>(p, t, t0, len, exp_a, vec, sm, tid);
+  if (vec.all()) {  // uniform across the block
+    load_chunk<L, true>(p, t, t0, len, exp_a, vec, sm, tid);
+  } else {
+    load_chunk<L, false>(p, t, t0, len, exp_a, vec, sm, tid);
+  }
   port::block_sync();
   cumsum_and_boundaries<L>(sm, tid);
   port::block_sync();
@@ -651,13 +681,13 @@ FLASH_KDA_DEVICE void run_block(const KdaParams& p, float* sm, int block, int ti
   const portable::Task t = portable::block_task<L>(p, block);
   const int warp = tid / 32;
   const Lane l{(tid % 32) / 4, tid % 4};
-  const float exp_a = load_gate_params<L>(p, t.h, sm, tid);
+  const float exp_a = gate_exp_a(p, t.h);
   portable::load_state<L>(p, t, sm, tid);
   const VecOk vec = vec_ok<L>(p);
 
   for (int64_t t0 = 0; t0 < t.r.len; t0 += L::C) {
     const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
-    port::block_sync();  // previous chunk done with every array; dt_bias and S visible
+    port::block_sync();  // previous chunk done with every array; S visible
     k_side_A<L>(p, t, t0, len, exp_a, vec, sm, tid, warp, l);
     scale_for_state<L>(sm, tid);
     port::block_sync();
