@@ -140,7 +140,9 @@ fi
 pack
 if [[ " $steps " == *" ncu "* ]]; then
   # Nsight Compute on each kernel of the default form, second call of tools/profile_case.py (warm
-  # module), T=2048 H=96 unless NCU_SHAPE="T H"; the full report goes to the logs, headlines here.
+  # module), T=2048 H=96 unless NCU_SHAPE="T H" (NCU_KERNELS narrows the kernels); the full report,
+  # the stall counters and the SASS listing go to the logs; headlines, the top stall reasons and the
+  # per-phase split (tools/ncu_segments.py) here.
   for k in ${NCU_KERNELS:-kda_prep_kernel kda_recurrence_kernel}; do
     ncu --set full -k "regex:$k" --launch-skip 1 -c 1 --import-source yes -f -o "/tmp/ncu_$k" \
       python3 tools/profile_case.py ${NCU_SHAPE:-2048 96} > "$LOG/ncu_${k}_run.txt" 2>&1
@@ -149,9 +151,11 @@ if [[ " $steps " == *" ncu "* ]]; then
     ncu -i "/tmp/ncu_$k.ncu-rep" --page raw 2>&1 | grep -E "smsp__average_warp(s|_latency)_issue_stalled|smsp__pcsamp_warps_issue_stalled" \
       > "$LOG/ncu_${k}_stalls.txt"
     ncu -i "/tmp/ncu_$k.ncu-rep" --page source --print-source sass > "$LOG/ncu_${k}_sass.txt" 2>&1
+    python3 tools/ncu_segments.py "$LOG/ncu_${k}_sass.txt" > "$LOG/ncu_${k}_segments.txt" 2>&1
     grep -E "^ +(Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Block Limit (Registers|Shared Mem)|Warp Cycles Per Issued Instruction|Executed Ipc Active) " \
       "$LOG/ncu_$k.txt" | sed "s/^ */$k: /"
-    sort -k3 -g -r "$LOG/ncu_${k}_stalls.txt" 2>/dev/null | grep average_warp_latency | head -6 | sed "s/^ */$k: /"
+    grep average_warps_issue_stalled "$LOG/ncu_${k}_stalls.txt" | sort -k3 -g -r | head -6 | sed "s/^ */$k: /"
+    sed "s/^/$k: /" "$LOG/ncu_${k}_segments.txt"
   done
 fi
 echo "total: $(( $(date +%s) - t0 )) s"

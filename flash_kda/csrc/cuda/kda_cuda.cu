@@ -322,8 +322,8 @@ struct TcVariants<256> : TcChoice<TcVariant<64, 256>, TcVariant<32, 256>> {};
 // The two-kernel form per head dim: the preparation layouts (whole V width; 256 or 512 threads)
 // and the recurrence layouts (V slice, operand buffers: shared memory per block):
 //   D = 64:  preparation 50 KB; recurrence VS 64 or 32, two buffers (84 KB, 76 KB)
-//   D = 128: preparation 84 KB; recurrence VS 128, 64 or 32, two buffers (152 KB, 136 KB, 128 KB)
-//   D = 256: preparation 152 KB; recurrence VS 64 or 32, one buffer (121 KB, 117 KB)
+//   D = 128: preparation 85 KB; recurrence VS 128, 64 or 32, two buffers (152 KB, 136 KB, 128 KB)
+//   D = 256: preparation 153 KB; recurrence VS 64 or 32, one buffer (121 KB, 117 KB)
 template <int D>
 struct Split;
 template <>
