@@ -62,9 +62,12 @@ FLASH_KDA_HD int64_t split_scratch_bytes(const KdaParams& p) {
 // ---------------------------------------------------------------------------------------------
 // cp.async (sm_80): 16-byte global -> shared copies that complete in commit-group order.
 // ---------------------------------------------------------------------------------------------
-FLASH_KDA_DEVICE void cp_async16(float* dst, const float* src) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src) : "memory");
+// (dst: a shared-space byte address, so that a caller can add constant offsets to one base.)
+FLASH_KDA_DEVICE void cp_async16(unsigned dst, const float* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+FLASH_KDA_DEVICE unsigned shared_address(const float* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 FLASH_KDA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // Waits until at most N of this thread's groups are pending.
@@ -94,10 +97,29 @@ FLASH_KDA_DEVICE void for_each_quad(int tid, F&& f) {
   }
 }
 
-// A [ROWS, COLS] tile from src (row stride LDS) to dst (row stride LDD), 16 bytes per copy.
+// A [ROWS, COLS] tile from src (row stride LDS) to dst (row stride LDD), 16 bytes per copy. The
+// thread's first source and destination addresses are formed once; every further copy of the thread
+// is a constant offset from them, which the copy instruction takes as an immediate. (Offsets formed
+// in int and then added to the pointer cost a 64-bit multiply-add chain per copy instead: 19 % of
+// the recurrence's instructions, docs/performance.md v6.)
 template <int ROWS, int COLS, int LDS, int LDD, int kThreads>
 FLASH_KDA_DEVICE void copy_tile_async(float* dst, const float* src, int tid) {
-  for_each_quad<ROWS, COLS, kThreads>(tid, [&](int r, int c) { cp_async16(dst + r * LDD + c, src + r * LDS + c); });
+  constexpr int kPerRow = COLS / 4, kItems = ROWS * kPerRow;
+  if constexpr (kThreads % kPerRow == 0) {
+    constexpr int kRowStep = kThreads / kPerRow;
+    const int r0 = tid / kPerRow, c = (tid % kPerRow) * 4;
+    const float* s = src + (r0 * LDS + c);
+    const unsigned d = shared_address(dst + r0 * LDD + c);
+#pragma unroll
+    for (int k = 0; k < (kItems + kThreads - 1) / kThreads; ++k) {
+      if (kItems % kThreads == 0 || r0 + k * kRowStep < ROWS) {
+        cp_async16(d + k * kRowStep * LDD * 4, s + k * kRowStep * LDS);
+      }
+    }
+  } else {
+    for_each_quad<ROWS, COLS, kThreads>(
+        tid, [&](int r, int c) { cp_async16(shared_address(dst + r * LDD + c), src + r * LDS + c); });
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -513,14 +535,16 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const float* scratch,
   cp_async_commit();
   float s[L::D / 8][4];
   state_rows_io<L, false>(p, t, row0, l, s);
+  int64_t next = 0;  // offset of chunk c + 1's record from rec0 (a step per chunk, no multiply)
   for (int64_t c = 0; c < nchunks; ++c) {
+    next += rec_step;
     port::block_sync();  // every warp is done with chunk c - 1's buffer
     if (L::kStages == 2) {
-      if (c + 1 < nchunks) fetch_chunk<L>(rec0 + (c + 1) * rec_step, t.v0, sm + ((c + 1) & 1) * L::kStage, tid);
+      if (c + 1 < nchunks) fetch_chunk<L>(rec0 + next, t.v0, sm + ((c + 1) & 1) * L::kStage, tid);
       cp_async_commit();   // possibly empty: one group per chunk keeps the count exact
       cp_async_wait<1>();  // every group but the newest, i.e. chunk c's, has landed
     } else {
-      if (c > 0) fetch_chunk<L>(rec0 + c * rec_step, t.v0, sm, tid);
+      if (c > 0) fetch_chunk<L>(rec0 + (next - rec_step), t.v0, sm, tid);
       cp_async_commit();
       cp_async_wait<0>();
     }

@@ -253,7 +253,7 @@ struct TcVariant : VariantBase<tc::Layout<kHeadDim, VS, 32, T>, VS, T,
 };
 
 // One recurrence layout of the two-kernel form (V-slice width VS = 16 rows per warp, chunk 32,
-// one or two operand buffers). Its threads hold ~170-210 registers (ptxas), so 65536 registers
+// one or two operand buffers). Its threads hold ~170-255 registers (ptxas), so 65536 registers
 // allow one 256-thread block per multiprocessor, two of 128 threads, four of 64.
 template <int VS, int kStages>
 struct RecurrenceVariant
@@ -264,12 +264,13 @@ struct RecurrenceVariant
   using Base = VariantBase<L, VS, L::kThreads, 256 / L::kThreads>;
 
   // Estimated time of the busiest multiprocessor in units of a full-width slice's chunk. Fitted to
-  // H100 runs at D = 128 (docs/performance.md, v4-c): one block per multiprocessor takes 3.5, 2.35
-  // and 2.65 us per chunk at VS = 128, 64, 32: a chunk costs ~0.4 of a full slice whatever the
-  // width (barriers, copy waits), and a two-warp block hides its latencies poorly (x1.4).
+  // H100 runs at D = 128 (docs/performance.md, v6): alone on a multiprocessor a chunk took 3.3,
+  // 1.85 and 1.55 us at VS = 128, 64, 32 — the slice's share of the tensor-core products plus a
+  // fixed part (a two-warp block is not slower per row than wider ones, as the v4 model had it);
+  // two co-resident blocks are costed at 1.6x one (v4).
   static double cost(const KdaParams& p, const port::DeviceInfo& dev) {
     const auto load = Base::busiest(p, dev);
-    const double chunk = (0.4 + 0.6 * VS / kHeadDim) * (L::kThreads <= 64 ? 1.4 : 1.0);
+    const double chunk = 0.25 + 0.75 * VS / kHeadDim;
     return static_cast<double>(load.waves) * (load.shared ? 1.6 : 1.0) * chunk;
   }
 
