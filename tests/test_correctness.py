@@ -169,6 +169,27 @@ def test_strided_views(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ["inputs", "dt_bias"])
+def test_views_off_16_byte_alignment(device, which):
+    """Rows that start one element past a 16-byte boundary (legal: only the last dim must be
+    contiguous) take the kernels' scalar loads; `inputs` offsets q, k, v and g, `dt_bias` only the
+    gate bias (read with vector loads when aligned)."""
+    seed = fresh_seed()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = make_problem(B=1, T=70, hqk=2, hv=2, D=128, dtype=dtype, device=device, state=True, seed=seed)
+    names = ("q", "k", "v", "g") if which == "inputs" else ("dt_bias",)
+    shifted = {}
+    for name in names:
+        t = p[name]
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=device)
+        shifted[name] = flat[1:].view(t.shape)
+        shifted[name].copy_(t)
+        assert shifted[name].data_ptr() % 16 != 0
+    out, final = run_chunk(dict(p, **shifted))
+    check(p, out, final, seed, what=f"unaligned {which}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fwd_writes_in_place_and_matches_chunk_kda(device):
     seed = fresh_seed()
     dtype = torch.bfloat16

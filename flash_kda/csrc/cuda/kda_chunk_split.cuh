@@ -76,27 +76,6 @@ FLASH_KDA_DEVICE void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// Calls f(r, c) for every group of four floats (row r, columns c..c+3) of a [ROWS, COLS] tile, the
-// groups dealt to kThreads threads in turn. The shapes are compile-time constants and a thread's
-// groups lie a fixed number of rows apart, so the loop unrolls into a fixed sequence whose addresses
-// differ by immediates: no division, no 64-bit arithmetic per group. (The runtime-bounded loops this
-// replaces spent a third of the recurrence kernel's instructions on copy indexing: docs/performance.md.)
-template <int ROWS, int COLS, int kThreads, class F>
-FLASH_KDA_DEVICE void for_each_quad(int tid, F&& f) {
-  constexpr int kPerRow = COLS / 4, kItems = ROWS * kPerRow;
-  static_assert(COLS % 4 == 0, "groups of four");
-  if constexpr (kThreads % kPerRow == 0) {
-    constexpr int kRowStep = kThreads / kPerRow;
-    const int r0 = tid / kPerRow, c = (tid % kPerRow) * 4;
-#pragma unroll
-    for (int k = 0; k < (kItems + kThreads - 1) / kThreads; ++k) {
-      if (kItems % kThreads == 0 || r0 + k * kRowStep < ROWS) f(r0 + k * kRowStep, c);
-    }
-  } else {  // thread counts that do not cover whole rows (not a multiple of 32): the plain loop
-    for (int idx = tid; idx < kItems; idx += kThreads) f(idx / kPerRow, (idx % kPerRow) * 4);
-  }
-}
-
 // A [ROWS, COLS] tile from src (row stride LDS) to dst (row stride LDD), 16 bytes per copy. The
 // thread's first source and destination addresses are formed once; every further copy of the thread
 // is a constant offset from them, which the copy instruction takes as an immediate. (Offsets formed
@@ -164,16 +143,6 @@ struct PrepLayout {
   static_assert(LD % 32 == 4 && LDA % 32 == 4 && LDV % 32 == 8, "bank-conflict-free fragments");
 };
 
-// `cols` columns of a [C, ld] array: a right-hand side for apply_T, and where T X goes (global
-// rows of stride ld_out; rounded to TF32 if `round`, for an operand of later products).
-struct Rhs {
-  const float* X;
-  int ld, cols;
-  float* out;
-  int ld_out;
-  bool round;
-};
-
 // T = (I + diag(β) A_kk)^{-1} diag(β) for a 32-token chunk, by one warp. Lane j < 16 substitutes
 // column j of the identity through the first sub-block (T11), lane 16 + j through the second (T22);
 // then T21 = -T22 A21 T11 on the tensor cores. (A_kk is strictly lower triangular.)
@@ -234,39 +203,46 @@ FLASH_KDA_DEVICE void invert_T(float* T, const float* A, const float* beta, Lane
   }
 }
 
-// out <- T X for both right-hand sides, straight from the accumulators to global memory (each quad
-// of lanes writes 32 contiguous bytes per row). A warp owns whole 8-column tiles. T is lower
-// triangular, so row block m needs k < 16 (m + 1).
+// U0 <- T V and W <- T (K e^γ), straight from the accumulators to the record (rows of stride D; each
+// quad of lanes writes 32 contiguous bytes per row). A warp takes column tile j of both right-hand
+// sides, so each fragment of T it loads serves two products; tiles go to warps in turn, a fixed
+// number per warp (no runtime choice of operand). W is an operand from here on: rounded to TF32
+// once, as the fused body's producers do; U0 is not (the recurrence subtracts from it in fp32).
+// T is lower triangular, so row block m needs k < 16 (m + 1).
 template <class L>
-FLASH_KDA_DEVICE void apply_T(const float* T, Rhs r0, Rhs r1, int warp, Lane l) {
+FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, float* U0, float* W, int warp,
+                              Lane l) {
   static_assert(L::C == 32, "two row blocks of 16");
-  const int tiles0 = r0.cols / 8, tiles = tiles0 + r1.cols / 8;
-  for (int nt = warp; nt < tiles; nt += L::kWarps) {
-    const Rhs& r = nt < tiles0 ? r0 : r1;
-    const int col0 = (nt < tiles0 ? nt : nt - tiles0) * 8;
-    const float* X = r.X + col0;
-    uint32_t b[4][2];
+  constexpr int kTiles = L::D / 8, kSteps = (kTiles + L::kWarps - 1) / L::kWarps;
 #pragma unroll
-    for (int kb = 0; kb < 4; ++kb) load_b_t(b[kb], X + kb * 8 * r.ld, r.ld, l);
-    float acc[2][4];
+  for (int step = 0; step < kSteps; ++step) {
+    const int col0 = (warp + step * L::kWarps) * 8;
+    if (kTiles % L::kWarps != 0 && col0 >= L::D) break;
+    uint32_t bv[4][2], bk[4][2];
+#pragma unroll
+    for (int kb = 0; kb < 4; ++kb) {
+      load_b_t(bv[kb], V + kb * 8 * L::LDV + col0, L::LDV, l);
+      load_b_t(bk[kb], K + kb * 8 * L::LD + col0, L::LD, l);
+    }
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
-      zero(acc[m]);
+      float u[4], w[4];
+      zero(u);
+      zero(w);
 #pragma unroll
       for (int kb = 0; kb < 2 * (m + 1); ++kb) {
         uint32_t a[4];
         load_a(a, T + m * 16 * L::LDA + kb * 8, L::LDA, l);
-        mma(acc[m], a, b[kb]);
+        mma(u, a, bv[kb]);
+        mma(w, a, bk[kb]);
       }
-    }
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        float2 x = make_float2(acc[m][2 * half], acc[m][2 * half + 1]);
-        if (r.round) x = make_float2(round_tf32(x.x), round_tf32(x.y));
-        *reinterpret_cast<float2*>(r.out + (m * 16 + l.g + 8 * half) * r.ld_out + col0 + 2 * l.t) = x;
+        const int o = (m * 16 + l.g + 8 * half) * L::D + col0 + 2 * l.t;
+        *reinterpret_cast<float2*>(U0 + o) = make_float2(u[2 * half], u[2 * half + 1]);
+        *reinterpret_cast<float2*>(W + o) = make_float2(round_tf32(w[2 * half]), round_tf32(w[2 * half + 1]));
       }
+    }
   }
 }
 
@@ -328,7 +304,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, float* scratch, float* sm, 
     // Meanwhile the other warps finish the state-side operands and store every part of the record
     // that does not need T, so those stores overlap the inversion (a barrier of their own).
     const int rt = tid - 32;
-    scale_for_state<L>(sm, rt, kRest);
+    scale_for_state<L, kRest>(sm, rt);
     asm volatile("bar.sync 1, %0;" ::"n"(kRest) : "memory");
     store_rows<C, D, L::LD, kRest>(rec + R::kQ, sm + L::kQ, rt);
     for_each_quad<D, C, kRest>(rt, [&](int c, int i) {  // transposed: row c of Klᵀ, tokens i..i+3
@@ -344,10 +320,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, float* scratch, float* sm, 
     for (int c = rt; c < D; c += kRest) rec[R::kEg + c] = sm[L::kEg + c];
   }
   port::block_sync();  // T and the state-side K visible
-  // U0 = T V and W = T (K e^γ), written from the accumulators. W is an operand from here on: round
-  // it once, as the fused body's producers do. (U0 is not: the recurrence subtracts from it in fp32.)
-  apply_T<L>(sm + L::kT, Rhs{sm + L::kVx, L::LDV, D, rec + R::kU, D, false},
-             Rhs{sm + L::kK, L::LD, D, rec + R::kW, D, true}, warp, l);
+  apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec + R::kU, rec + R::kW, warp, l);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -198,6 +198,27 @@ FLASH_KDA_DEVICE void zero(float (&d)[4]) { d[0] = d[1] = d[2] = d[3] = 0.0f; }
 
 FLASH_KDA_DEVICE int pair_index(int I, int J) { return I * (I + 1) / 2 + J; }  // J <= I
 
+// Calls f(r, c) for every group of four floats (row r, columns c..c+3) of a [ROWS, COLS] tile, the
+// groups dealt to kThreads threads in turn. The shapes are compile-time constants and a thread's
+// groups lie a fixed number of rows apart, so the loop unrolls into a fixed sequence whose addresses
+// differ by immediates: no division, no 64-bit arithmetic per group. (The runtime-bounded loops this
+// replaces spent a third of the recurrence kernel's instructions on copy indexing: docs/performance.md.)
+template <int ROWS, int COLS, int kThreads, class F>
+FLASH_KDA_DEVICE void for_each_quad(int tid, F&& f) {
+  constexpr int kPerRow = COLS / 4, kItems = ROWS * kPerRow;
+  static_assert(COLS % 4 == 0, "groups of four");
+  if constexpr (kThreads % kPerRow == 0) {
+    constexpr int kRowStep = kThreads / kPerRow;
+    const int r0 = tid / kPerRow, c = (tid % kPerRow) * 4;
+#pragma unroll
+    for (int k = 0; k < (kItems + kThreads - 1) / kThreads; ++k) {
+      if (kItems % kThreads == 0 || r0 + k * kRowStep < ROWS) f(r0 + k * kRowStep, c);
+    }
+  } else {  // thread counts that do not cover whole rows (not a multiple of 32): the plain loop
+    for (int idx = tid; idx < kItems; idx += kThreads) f(idx / kPerRow, (idx % kPerRow) * 4);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // K-side of a chunk
 // ---------------------------------------------------------------------------------------------
@@ -209,15 +230,17 @@ FLASH_KDA_DEVICE bool rows_aligned(const void* base, const TokenStrides& s, int 
 }
 
 struct VecOk {
-  bool q, k, v, g;
-  FLASH_KDA_DEVICE bool all() const { return q && k && v && g; }
+  bool q, k, v, g, dtb;
+  FLASH_KDA_DEVICE bool all() const { return q && k && v && g && dtb; }
 };
 
 template <class L>
 FLASH_KDA_DEVICE VecOk vec_ok(const KdaParams& p) {
   constexpr int h = 16 / sizeof(port::input_t);
+  const bool dtb = p.dt_bias == nullptr ||
+                   (reinterpret_cast<uintptr_t>(p.dt_bias) % 16 == 0 && (p.dt_bias_head_stride & 3) == 0);
   return {rows_aligned(p.q, p.q_strides, h), rows_aligned(p.k, p.k_strides, h),
-          rows_aligned(p.v, p.v_strides, h), rows_aligned(p.g, p.g_strides, p.g_fp32 ? 4 : h)};
+          rows_aligned(p.v, p.v_strides, h), rows_aligned(p.g, p.g_strides, p.g_fp32 ? 4 : h), dtb};
 }
 
 // Eight consecutive elements of a tensor holding the input dtype, or fp32 if `fp32`; 16-byte loads
@@ -271,8 +294,12 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
     const int item = tid + r * L::kThreads, i = item / RV, c = (item % RV) * 8;
     // dt_bias straight from global memory (cached: every block of the head reads the same row), so
     // the chunk's loads all go out at once, with no barrier before them.
+    if (gate) {
+      load8<kVec>(p.dt_bias, t.h * p.dt_bias_head_stride + c, true, vec.dtb, dtb[r]);
+    } else {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) dtb[r][e] = gate ? p.dt_bias[t.h * p.dt_bias_head_stride + c + e] : 0.0f;
+      for (int e = 0; e < 8; ++e) dtb[r][e] = 0.0f;
+    }
     if (i < len) {
       load8<kVec>(p.q, token_offset(p.q_strides, t.r, t0 + i, t.hk) + c, false, vec.q, qx[r]);
       load8<kVec>(p.k, token_offset(p.k_strides, t.r, t0 + i, t.hk) + c, false, vec.k, kx[r]);
@@ -416,14 +443,14 @@ template <class L>
 FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid) {
   constexpr int D = L::D;
   const float* Gb = sm + L::kGb;
-  for (int idx = tid; idx < L::C * D / 4; idx += L::kThreads) {
-    const int i = idx / (D / 4), c = (idx % (D / 4)) * 4, I = i / L::BS, o = i * L::LD + c;
+  for_each_quad<L::C, D, L::kThreads>(tid, [&](int i, int c) {
+    const int I = i / L::BS, o = i * L::LD + c;
     const float4 g = ld4(sm + L::kKe + o), k = ld4(sm + L::kK + o);
     const float4 fb = fast_exp2(g - ld4(sm + L::kGm + I * D + c));
     st4(sm + L::kKe + o, k * fast_exp2(ld4(Gb + (I + 1) * D + c) - g));  // times M when loaded
     st4(sm + L::kK + o, round_tf32(k * fb));
     st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
-  }
+  });
 }
 
 // A_kk (strictly causal) and A_qk (causal) tiles on the tensor cores. Work unit = (pair (I, J),
@@ -467,19 +494,19 @@ FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
 
 // k -> k e^γ, q -> q e^γ (from the e^{γ - γ_r} forms) and Ke -> k e^{γ_last - γ}. (e^{γ_r} may
 // flush to 0 where e^γ of an earlier token would not: only for factors below 2^-126 · 2^kMaxSpan.)
-// (By threads [0, nthreads); the two-kernel form's preparation leaves warp 0 out.)
-template <class L>
-FLASH_KDA_DEVICE void scale_for_state(float* sm, int tid, int nthreads = L::kThreads) {
+// (By threads [0, kN); the two-kernel form's preparation leaves warp 0 out.)
+template <class L, int kN = L::kThreads>
+FLASH_KDA_DEVICE void scale_for_state(float* sm, int tid) {
   constexpr int D = L::D;
   const float* Gb = sm + L::kGb;
-  for (int idx = tid; idx < L::C * D / 4; idx += nthreads) {
-    const int i = idx / (D / 4), c = (idx % (D / 4)) * 4, I = i / L::BS, o = i * L::LD + c;
+  for_each_quad<L::C, D, kN>(tid, [&](int i, int c) {
+    const int I = i / L::BS, o = i * L::LD + c;
     const float4 fb = fast_exp2(ld4(sm + L::kGm + I * D + c));
     st4(sm + L::kK + o, round_tf32(ld4(sm + L::kK + o) * fb));
     st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
     st4(sm + L::kKe + o, round_tf32(ld4(sm + L::kKe + o) *
                                     fast_exp2(ld4(Gb + L::NB * D + c) - ld4(Gb + (I + 1) * D + c))));
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
