@@ -273,7 +273,7 @@ FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, int64_t slot, int C, int& n
 // Copies a [ROWS, COLS] array (row stride LDS floats) to global rows of stride COLS, 16 bytes a step.
 template <int ROWS, int COLS, int LDS, int kThreads>
 FLASH_KDA_DEVICE void store_rows(float* dst, const float* src, int tid) {
-  for_each_quad<ROWS, COLS, kThreads>(tid, [&](int r, int c) { st4(dst + r * COLS + c, ld4(src + r * LDS + c)); });
+  for_each_quad<ROWS, COLS, kThreads>(tid, [&](int r, int c) { st4_global(dst + r * COLS + c, ld4(src + r * LDS + c)); });
 }
 
 template <class L>
@@ -309,12 +309,12 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, float* scratch, float* sm, 
     store_rows<C, D, L::LD, kRest>(rec + R::kQ, sm + L::kQ, rt);
     for_each_quad<D, C, kRest>(rt, [&](int c, int i) {  // transposed: row c of Klᵀ, tokens i..i+3
       const float* col = sm + L::kKe + i * L::LD + c;
-      st4(rec + R::kKl + c * C + i, make_float4(col[0], col[L::LD], col[2 * L::LD], col[3 * L::LD]));
+      st4_global(rec + R::kKl + c * C + i, make_float4(col[0], col[L::LD], col[2 * L::LD], col[3 * L::LD]));
     });
     // A_qk: compute_A leaves the tiles above the diagonal sub-blocks unwritten; store zeros there.
     // (Four columns never straddle a 16-column sub-block.)
     for_each_quad<C, C, kRest>(rt, [&](int i, int j) {
-      st4(rec + R::kA + i * C + j, j / L::BS <= i / L::BS ? ld4(sm + L::kAqk + i * L::LDA + j)
+      st4_global(rec + R::kA + i * C + j, j / L::BS <= i / L::BS ? ld4(sm + L::kAqk + i * L::LDA + j)
                                                           : make_float4(0.0f, 0.0f, 0.0f, 0.0f));
     });
     for (int c = rt; c < D; c += kRest) rec[R::kEg + c] = sm[L::kEg + c];

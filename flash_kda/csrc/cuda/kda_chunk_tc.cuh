@@ -156,6 +156,12 @@ FLASH_KDA_DEVICE float4 operator*(float4 a, float4 b) {
 }
 using portable::ld4;  // 16-byte shared-memory read
 FLASH_KDA_DEVICE void st4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
+// A 16-byte store to global memory. (st4 of a float4 assembled from scalars was split by the
+// compiler into four 4-byte stores; this one cannot be.)
+FLASH_KDA_DEVICE void st4_global(float* p, float4 x) {
+  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(x.x), "f"(x.y), "f"(x.z), "f"(x.w)
+               : "memory");
+}
 
 // 1 / (1 + e^{-x}); e^{-x} = inf for very negative x gives 0, as it should.
 FLASH_KDA_DEVICE float fast_sigmoid(float x) {
@@ -454,40 +460,40 @@ FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid) {
 }
 
 // A_kk (strictly causal) and A_qk (causal) tiles on the tensor cores. Work unit = (pair (I, J),
-// column half h): a 16 x 8 tile of both matrices. Tiles above the diagonal sub-blocks are never
-// read (the products below stop at the causal edge), so they are not written.
+// column half h, matrix): a 16 x 8 tile of A_kk or of A_qk. (One unit per tile of both matrices
+// kept 6 of the preparation's 16 warps busy and the other 10 waiting at the next barrier: 12 % of
+// its stall samples, docs/performance.md v6; the column operand is now formed twice.) Tiles above
+// the diagonal sub-blocks are never read (the products below stop at the causal edge), so they are
+// not written.
 template <class L>
 FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
   constexpr int D = L::D;
-  for (int unit = warp; unit < 2 * L::NPAIR; unit += L::kWarps) {
-    const int pr = unit / 2, h = unit % 2;
+  for (int unit = warp; unit < 4 * L::NPAIR; unit += L::kWarps) {
+    const int pr = unit / 4, h = (unit / 2) % 2;
+    const bool qk = unit % 2 != 0;
     int I = 0;
     while (pair_index(I + 1, 0) <= pr) ++I;
     const int J = pr - pair_index(I, 0);
     if (I == J && ((flags >> I) & 1)) continue;  // done by compute_diag_fallback
     const int i0 = I * L::BS, j0 = J * L::BS + 8 * h;
-    const float* Kr = sm + L::kK + i0 * L::LD;
-    const float* Qr = sm + L::kQ + i0 * L::LD;
+    const float* R = sm + (qk ? L::kQ : L::kK) + i0 * L::LD;
     const float* Ke = sm + L::kKe + (j0 + l.g) * L::LD;
     const float* M = sm + L::kM + pr * D;
-    float kk[4], qk[4];
-    zero(kk);
-    zero(qk);
+    float acc[4];
+    zero(acc);
 #pragma unroll 4
     for (int kb = 0; kb < D; kb += 8) {
       uint32_t a[4], b[2];
       b[0] = tf32(Ke[kb + l.t] * M[kb + l.t]);
       b[1] = tf32(Ke[kb + l.t + 4] * M[kb + l.t + 4]);
-      load_a(a, Kr + kb, L::LD, l);
-      mma(kk, a, b);
-      load_a(a, Qr + kb, L::LD, l);
-      mma(qk, a, b);
+      load_a(a, R + kb, L::LD, l);
+      mma(acc, a, b);
     }
+    float* out = sm + (qk ? L::kAqk : L::kAkk);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = i0 + l.g + (e >= 2 ? 8 : 0), j = j0 + 2 * l.t + (e & 1);
-      sm[L::kAkk + i * L::LDA + j] = j < i ? round_tf32(kk[e]) : 0.0f;
-      sm[L::kAqk + i * L::LDA + j] = j <= i ? round_tf32(qk[e]) : 0.0f;
+      out[i * L::LDA + j] = (qk ? j <= i : j < i) ? round_tf32(acc[e]) : 0.0f;
     }
   }
 }
