@@ -32,8 +32,14 @@ def poison(t: torch.Tensor) -> torch.Tensor:
 
 
 def make_problem(*, B=1, T=64, hqk=2, hv=2, D=64, dtype=torch.float32, device="cpu", seqlens=None,
-                 gate=True, state=False, state_dtype=torch.float32, seed=None, gen=None):
-    """Fresh random inputs (never zeros). With seqlens, a varlen problem [S, H, D] + cu_seqlens."""
+                 gate=True, state=False, state_dtype=torch.float32, seed=None, gen=None,
+                 weak_decay=False):
+    """Fresh random inputs (never zeros). With seqlens, a varlen problem [S, H, D] + cu_seqlens.
+
+    The default decays are strong (log-decay about -2.5 per token: the state forgets within a few
+    tokens). weak_decay=True makes them -0.002 to -0.02 per token, so that the state carries across
+    chunks and the initial state reaches the last tokens: what the cross-chunk paths of a kernel
+    need to be tested."""
     g_ = gen or torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
     varlen = seqlens is not None
     S = sum(seqlens) if varlen else T
@@ -47,12 +53,17 @@ def make_problem(*, B=1, T=64, hqk=2, hv=2, D=64, dtype=torch.float32, device="c
     k = rnd(*lead, hqk, D)
     v = rnd(*lead, hv, D)
     beta = rnd(*lead, hv)
-    if gate:
+    if gate and weak_decay:
+        g = rnd(*lead, hv, D, scale=0.5)
+        A_log = torch.rand(hv, generator=g_) * 0.5 + 0.5     # exp(A_log) in (1.6, 2.7)
+        dt_bias = rnd(hv, D, scale=0.3) - 4.0                 # sigmoid(~ -8): log-decay ~ -2e-3
+    elif gate:
         g = rnd(*lead, hv, D)
         A_log = torch.rand(hv, generator=g_) * 2 - 1          # exp(A_log) in (0.37, 2.7)
         dt_bias = rnd(hv, D, scale=0.5)
     else:
-        g = -5 * torch.rand(*lead, hv, D, generator=g_)       # a log-decay in (-5, 0]
+        # a log-decay in (-5, 0], or in (-0.02, 0] when weak
+        g = (-0.02 if weak_decay else -5) * torch.rand(*lead, hv, D, generator=g_)
         A_log = dt_bias = None
     h0 = rnd(N, hv, D, D, scale=0.5) if state else None
     cu = torch.tensor([0] + list(torch.tensor(seqlens).cumsum(0).tolist()), dtype=torch.int32) \

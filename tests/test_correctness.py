@@ -207,6 +207,21 @@ def test_fwd_writes_in_place_and_matches_chunk_kda(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "nogate"])
+def test_weak_decay_carries_state_across_chunks(device, gate):
+    """Log-decays of -0.002 to -0.02 per token: the state and the initial state matter for every
+    chunk, so a kernel that mishandles what passes between chunks (the decay of the carried state,
+    its order with the chunk's update) fails here. (The default decays are strong enough that the
+    state is nearly forgotten within a chunk.)"""
+    seed = fresh_seed()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = make_problem(B=2, T=150, hqk=1, hv=2, D=64, dtype=dtype, device=device, gate=gate,
+                     state=True, seed=seed, weak_decay=True)
+    out, final = run_chunk(p)
+    check(p, out, final, seed, what="weak decay")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_extreme_decay_stays_finite(device):
     """Gate off with some g = -1000 (a log-decay that zeroes the state): no overflow, no NaN."""
     seed = fresh_seed()
@@ -219,6 +234,32 @@ def test_extreme_decay_stays_finite(device):
     p["g"] = g
     out, final = run_chunk(p)
     check(p, out, final, seed, what="g=-1000")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["values x1e6", "values x1e-6", "queries x1e-5, no l2norm",
+                                  "near-parallel keys, beta~1"])
+def test_magnitudes_far_from_one(device, case):
+    """Inputs whose products leave the range of 16-bit operands (fp16: max 65504, subnormal below
+    2^-14) unless the kernel scales them: the error must stay that of ordinary inputs.
+    (tools/recurrence_precision_model.py shows unscaled fp16 operands failing the first three.)"""
+    seed = fresh_seed()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=dtype, device=device, state=True,
+                     seed=seed)
+    l2 = True
+    if case.startswith("values"):
+        f = 1e6 if case == "values x1e6" else 1e-6
+        p["v"], p["initial_state"] = p["v"] * f, p["initial_state"] * f
+    elif case.startswith("queries"):
+        l2 = False  # raw q and k: q tiny, |k| ~ 1 so that the delta rule stays stable
+        p["q"], p["k"] = p["q"] * 1e-5, p["k"] * 0.1
+    else:
+        k = p["k"].float()
+        p["k"] = (k[:, :1] + 0.05 * k).to(dtype)  # every key near the first one
+        p["beta"] = p["beta"] + 4.0
+    out, final = run_chunk(p, use_qk_l2norm=l2)
+    check(p, out, final, seed, use_qk_l2norm=l2, what=case)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -59,22 +59,7 @@ FLASH_KDA_HD int64_t split_scratch_bytes(const KdaParams& p) {
   return num_slots(p, C) * p.hv * static_cast<int64_t>(Record<D, C>::kFloats) * 4;
 }
 
-// ---------------------------------------------------------------------------------------------
-// cp.async (sm_80): 16-byte global -> shared copies that complete in commit-group order.
-// ---------------------------------------------------------------------------------------------
-// (dst: a shared-space byte address, so that a caller can add constant offsets to one base.)
-FLASH_KDA_DEVICE void cp_async16(unsigned dst, const float* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-FLASH_KDA_DEVICE unsigned shared_address(const float* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-FLASH_KDA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// Waits until at most N of this thread's groups are pending.
-template <int N>
-FLASH_KDA_DEVICE void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
+// (cp_async16, shared_address, cp_async_commit, cp_async_wait: ptx.cuh)
 
 // A [ROWS, COLS] tile from src (row stride LDS) to dst (row stride LDD), 16 bytes per copy. The
 // thread's first source and destination addresses are formed once; every further copy of the thread
@@ -305,7 +290,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, float* scratch, float* sm, 
     // that does not need T, so those stores overlap the inversion (a barrier of their own).
     const int rt = tid - 32;
     scale_for_state<L, kRest>(sm, rt);
-    asm volatile("bar.sync 1, %0;" ::"n"(kRest) : "memory");
+    named_barrier<1, kRest>();
     store_rows<C, D, L::LD, kRest>(rec + R::kQ, sm + L::kQ, rt);
     for_each_quad<D, C, kRest>(rt, [&](int c, int i) {  // transposed: row c of Klᵀ, tokens i..i+3
       const float* col = sm + L::kKe + i * L::LD + c;

@@ -44,6 +44,7 @@
 #include "../kda_params.h"
 #include "../port.cuh"
 #include "kda_chunk_portable.cuh"
+#include "ptx.cuh"
 
 #if defined(__MUSACC__) || defined(FLASH_KDA_BACKEND_MUSA)
 #error "kda_chunk_tc.cuh uses NVIDIA inline PTX; MUSA builds use the portable body only"
@@ -129,23 +130,11 @@ struct Lane {
 // would turn fp32's canonical NaN (0x7fffffff) into -0, hiding a NaN.
 FLASH_KDA_DEVICE uint32_t tf32(float x) { return __float_as_uint(x); }
 
-FLASH_KDA_DEVICE float round_tf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return __uint_as_float(r);
-}
-FLASH_KDA_DEVICE float4 round_tf32(float4 x) {
+FLASH_KDA_DEVICE float4 round_tf32(float4 x) {  // (round_tf32(float): ptx.cuh)
   return make_float4(round_tf32(x.x), round_tf32(x.y), round_tf32(x.z), round_tf32(x.w));
 }
 
-// 2^x on the special-function unit (max relative error ~2^-22; results below 2^-126 flush to 0,
-// harmless for decay factors). The portable body keeps exp2f for MUSA's sake.
-FLASH_KDA_DEVICE float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-FLASH_KDA_DEVICE float4 fast_exp2(float4 x) {
+FLASH_KDA_DEVICE float4 fast_exp2(float4 x) {  // (fast_exp2(float): ptx.cuh)
   return make_float4(fast_exp2(x.x), fast_exp2(x.y), fast_exp2(x.z), fast_exp2(x.w));
 }
 FLASH_KDA_DEVICE float4 operator-(float4 a, float4 b) {
@@ -156,23 +145,10 @@ FLASH_KDA_DEVICE float4 operator*(float4 a, float4 b) {
 }
 using portable::ld4;  // 16-byte shared-memory read
 FLASH_KDA_DEVICE void st4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
-// A 16-byte store to global memory. (st4 of a float4 assembled from scalars was split by the
-// compiler into four 4-byte stores; this one cannot be.)
-FLASH_KDA_DEVICE void st4_global(float* p, float4 x) {
-  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(x.x), "f"(x.y), "f"(x.z), "f"(x.w)
-               : "memory");
-}
 
 // 1 / (1 + e^{-x}); e^{-x} = inf for very negative x gives 0, as it should.
 FLASH_KDA_DEVICE float fast_sigmoid(float x) {
   return __fdividef(1.0f, 1.0f + fast_exp2(-x * portable::kLog2e));
-}
-
-FLASH_KDA_DEVICE void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 // A tile whose element (m, k) is p[m * ld + k].

@@ -1,0 +1,340 @@
+// simt.h: runs the CUDA tensor-core bodies (kda_chunk_tc.cuh, kda_chunk_split.cuh) on the CPU.
+//
+// What it is for: checking the kernels' logic — indexing, fragment layouts, record offsets,
+// barriers, the order of phases — on a machine without a GPU (CI, or a session with no device).
+// What it is not: a model of the hardware's timing, memory ordering or floating-point details
+// beyond what is written below. Races are not found here (compute-sanitizer's racecheck does that
+// on a GPU): threads switch only at barriers and warp operations, in a fixed order.
+//
+// How: every CUDA thread of a block is a fiber (ucontext) on one OS thread. A fiber runs until it
+// waits at a barrier — __syncthreads, a named barrier, or the implicit warp barrier of a shuffle or
+// an mma — and the scheduler resumes the others in turn. Warp operations exchange values through a
+// per-warp buffer between two warp barriers. Shared memory is a host buffer per block; cp.async is
+// a copy at issue.
+//
+// This header stands in for port.cuh and ptx.cuh (it defines their include guards), and for the
+// CUDA built-ins the bodies use. Include it before any kernel header.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#define FLASH_KDA_PORT_CUH_ 1
+#define FLASH_KDA_PTX_CUH_ 1
+#define FLASH_KDA_DEVICE inline
+#define FLASH_KDA_DEVICE_NOINLINE
+
+// ---------------------------------------------------------------------------------------------
+// CUDA vector and 16-bit types, and the built-in functions the bodies call
+// ---------------------------------------------------------------------------------------------
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) uint2 { uint32_t x, y; };
+struct alignas(16) uint4 { uint32_t x, y, z, w; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint2 make_uint2(uint32_t x, uint32_t y) { return {x, y}; }
+
+inline uint32_t __float_as_uint(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+inline float __uint_as_float(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+inline int __float_as_int(float x) { int u; memcpy(&u, &x, 4); return u; }
+inline float __int_as_float(int u) { float x; memcpy(&x, &u, 4); return x; }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+
+struct __half { uint16_t x; };
+struct __half2 { __half x, y; };  // x: the low 16 bits
+struct __nv_bfloat16 { uint16_t x; };
+inline __half __float2half_rn(float f) {
+  const _Float16 h = static_cast<_Float16>(f);  // round to nearest even, subnormals and inf as fp16
+  __half r; memcpy(&r.x, &h, 2); return r;
+}
+inline float __half2float(__half h) { _Float16 f; memcpy(&f, &h.x, 2); return static_cast<float>(f); }
+inline __half2 __floats2half2_rn(float lo, float hi) { return {__float2half_rn(lo), __float2half_rn(hi)}; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x40)};  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return {static_cast<uint16_t>(u >> 16)};
+}
+inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float(static_cast<uint32_t>(b.x) << 16); }
+
+namespace simt {
+
+// ---------------------------------------------------------------------------------------------
+// Fibers, barriers, warps
+// ---------------------------------------------------------------------------------------------
+struct Barrier {
+  int expected = 0, arrived = 0;
+  uint64_t generation = 0;
+};
+
+struct Warp {
+  Barrier bar;
+  uint32_t slot[32][16];  // what each lane deposits for a warp operation
+};
+
+struct Block {
+  int threads = 0;
+  std::vector<ucontext_t> ctx;
+  std::vector<std::unique_ptr<char[]>> stacks;
+  std::vector<char> done;
+  ucontext_t scheduler;
+  int current = 0;
+  char* smem = nullptr;
+  Barrier all;
+  std::map<int, Barrier> named;
+  std::vector<Warp> warps;
+  std::function<void(int)> body;  // body(tid)
+  uint64_t progress = 0;          // barriers opened + threads finished (deadlock detection)
+};
+
+inline Block*& block() {
+  static Block* b = nullptr;
+  return b;
+}
+inline int tid() { return block()->current; }
+inline int lane() { return tid() % 32; }
+inline Warp& warp() { return block()->warps[tid() / 32]; }
+
+inline void yield() {
+  Block* b = block();
+  swapcontext(&b->ctx[b->current], &b->scheduler);
+}
+
+inline void wait(Barrier& bar) {
+  const uint64_t mine = bar.generation;
+  if (++bar.arrived == bar.expected) {
+    bar.arrived = 0;
+    ++bar.generation;
+    ++block()->progress;
+    return;
+  }
+  while (bar.generation == mine) yield();
+}
+
+inline void fiber_entry() {
+  Block* b = block();
+  const int t = b->current;
+  b->body(t);
+  b->done[t] = 1;
+  ++b->progress;
+}
+
+// Runs body(tid) for tid in [0, threads) as one block with smem_bytes of shared memory.
+inline void run_block(int threads, int smem_bytes, const std::function<void(int)>& body) {
+  if (threads % 32 != 0) throw std::runtime_error("simt: threads must be a multiple of 32");
+  constexpr size_t kStack = 256 * 1024;
+  Block b;
+  b.threads = threads;
+  b.ctx.resize(threads);
+  b.done.assign(threads, 0);
+  std::vector<float4> smem((smem_bytes + 15) / 16 + 1);
+  // Fill shared memory with NaN: a read of something never written shows up in the results.
+  for (float4& v : smem) v = make_float4(NAN, NAN, NAN, NAN);
+  b.smem = reinterpret_cast<char*>(smem.data());
+  b.all.expected = threads;
+  b.warps.resize(threads / 32);
+  for (Warp& w : b.warps) w.bar.expected = 32;
+  b.body = body;
+  Block* saved = block();
+  block() = &b;
+  for (int t = 0; t < threads; ++t) {
+    b.stacks.emplace_back(new char[kStack]);
+    getcontext(&b.ctx[t]);
+    b.ctx[t].uc_stack.ss_sp = b.stacks.back().get();
+    b.ctx[t].uc_stack.ss_size = kStack;
+    b.ctx[t].uc_link = &b.scheduler;
+    makecontext(&b.ctx[t], fiber_entry, 0);
+  }
+  for (int live = threads; live > 0;) {
+    const uint64_t before = b.progress;
+    live = 0;
+    for (int t = 0; t < threads; ++t) {
+      if (b.done[t]) continue;
+      b.current = t;
+      swapcontext(&b.scheduler, &b.ctx[t]);
+      live += !b.done[t];
+    }
+    // A whole pass in which no barrier opened and no thread finished, with threads left, is a
+    // deadlock (a barrier that some threads never reach): report it rather than spin.
+    if (live > 0 && b.progress == before) {
+      block() = saved;
+      throw std::runtime_error("simt: deadlock at a barrier");
+    }
+  }
+  block() = saved;
+}
+
+// Runs `blocks` blocks one after another (a grid; blocks never overlap here).
+inline void run_grid(int64_t blocks, int threads, int smem_bytes,
+                     const std::function<void(int64_t, float*, int)>& body) {
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    run_block(threads, smem_bytes, [&](int t) { body(blk, reinterpret_cast<float*>(block()->smem), t); });
+  }
+}
+
+// Lane `src`'s deposit of word w, after every lane of the warp deposited its own.
+inline void deposit(int w, uint32_t v) { warp().slot[lane()][w] = v; }
+inline uint32_t word(int src, int w) { return warp().slot[src][w]; }
+
+}  // namespace simt
+
+inline void __syncthreads() { simt::wait(simt::block()->all); }
+inline void __syncwarp(unsigned = 0xffffffffu) { simt::wait(simt::warp().bar); }
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int offset) {
+  static_assert(sizeof(T) == 4, "32-bit shuffles");
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  simt::deposit(0, u);
+  __syncwarp();
+  u = simt::word(simt::lane() ^ offset, 0);
+  __syncwarp();
+  memcpy(&v, &u, 4);
+  return v;
+}
+inline int atomicOr(int* p, int v) {  // fibers never interleave inside a call
+  const int old = *p;
+  *p = old | v;
+  return old;
+}
+inline size_t __cvta_generic_to_shared(const void* p) {
+  return static_cast<size_t>(static_cast<const char*>(p) - simt::block()->smem);
+}
+
+// ---------------------------------------------------------------------------------------------
+// port.cuh, device part
+// ---------------------------------------------------------------------------------------------
+namespace flash_kda {
+namespace port {
+using bf16_t = __nv_bfloat16;
+using fp16_t = __half;
+#if defined(FLASH_KDA_DTYPE_BF16)
+using input_t = bf16_t;
+#elif defined(FLASH_KDA_DTYPE_FP16)
+using input_t = fp16_t;
+#else
+#error "simt.h: define FLASH_KDA_DTYPE_BF16 or FLASH_KDA_DTYPE_FP16"
+#endif
+constexpr int kWarpSize = 32;
+
+inline float to_float(float x) { return x; }
+inline float to_float(fp16_t x) { return __half2float(x); }
+inline float to_float(bf16_t x) { return __bfloat162float(x); }
+template <class T>
+inline T from_float(float x);
+template <>
+inline float from_float<float>(float x) { return x; }
+template <>
+inline fp16_t from_float<fp16_t>(float x) { return __float2half_rn(x); }
+template <>
+inline bf16_t from_float<bf16_t>(float x) { return __float2bfloat16_rn(x); }
+
+inline float load_as_float(const void* base, int64_t i, bool is_fp32) {
+  return is_fp32 ? static_cast<const float*>(base)[i] : to_float(static_cast<const input_t*>(base)[i]);
+}
+inline void store_from_float(void* base, int64_t i, bool is_fp32, float x) {
+  if (is_fp32) {
+    static_cast<float*>(base)[i] = x;
+  } else {
+    static_cast<input_t*>(base)[i] = from_float<input_t>(x);
+  }
+}
+inline float exp2(float x) { return exp2f(x); }
+inline float exp(float x) { return expf(x); }
+inline float sqrt(float x) { return sqrtf(x); }
+inline void block_sync() { __syncthreads(); }
+}  // namespace port
+
+// ---------------------------------------------------------------------------------------------
+// ptx.cuh
+// ---------------------------------------------------------------------------------------------
+namespace tc {
+
+inline float round_tf32(float x) {  // cvt.rna.tf32.f32
+  if (isnan(x)) return x;
+  return __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
+}
+inline float fast_exp2(float x) {  // ex2.approx.ftz: results below 2^-126 flush to 0
+  const float y = exp2f(x);
+  return fabsf(y) < 1.17549435e-38f ? 0.0f : y;
+}
+inline void st4_global(float* p, float4 x) { memcpy(p, &x, 16); }
+
+// D += A B, m16n8k8 TF32: the operands' low 13 mantissa bits are ignored, as the hardware does.
+inline void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  for (int i = 0; i < 4; ++i) simt::deposit(i, a[i] & 0xffffe000u);
+  for (int i = 0; i < 2; ++i) simt::deposit(4 + i, b[i] & 0xffffe000u);
+  __syncwarp();
+  const int g = simt::lane() / 4, t = simt::lane() % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+    float acc = d[e];
+    for (int k = 0; k < 8; ++k) {
+      // A (row, k): lane (row % 8, k % 4), register (row >= 8) + 2 (k >= 4); B (k, col): lane
+      // (col, k % 4), register (k >= 4)
+      const float av = __uint_as_float(simt::word((row % 8) * 4 + k % 4, (row >= 8) + 2 * (k >= 4)));
+      const float bv = __uint_as_float(simt::word(col * 4 + k % 4, 4 + (k >= 4)));
+      acc = fmaf(av, bv, acc);
+    }
+    d[e] = acc;
+  }
+  __syncwarp();
+}
+
+// D += A B, m16n8k16 with fp16 operands (two per register, the lower k in the low half).
+inline float half_of(uint32_t reg, int hi) {
+  __half h;
+  h.x = static_cast<uint16_t>(hi ? reg >> 16 : reg & 0xffffu);
+  return __half2float(h);
+}
+inline void mma16(float (&d)[4], const uint32_t (&a)[4], uint2 b) {
+  for (int i = 0; i < 4; ++i) simt::deposit(i, a[i]);
+  simt::deposit(4, b.x);
+  simt::deposit(5, b.y);
+  __syncwarp();
+  const int g = simt::lane() / 4, t = simt::lane() % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+    float acc = d[e];
+    for (int k = 0; k < 16; ++k) {
+      // A (row, k): lane (row % 8, (k % 8) / 2), register (row >= 8) + 2 (k >= 8), half k % 2;
+      // B (k, col): lane (col, (k % 8) / 2), register (k >= 8), half k % 2
+      const float av = half_of(simt::word((row % 8) * 4 + (k % 8) / 2, (row >= 8) + 2 * (k >= 8)), k & 1);
+      const float bv = half_of(simt::word(col * 4 + (k % 8) / 2, 4 + (k >= 8)), k & 1);
+      acc = fmaf(av, bv, acc);
+    }
+    d[e] = acc;
+  }
+  __syncwarp();
+}
+
+inline void cp_async16(unsigned dst, const float* src) { memcpy(simt::block()->smem + dst, src, 16); }
+inline unsigned shared_address(const float* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+inline void cp_async_commit() {}
+template <int N>
+inline void cp_async_wait() {}
+
+template <int kId, int kThreads>
+inline void named_barrier() {
+  simt::Barrier& bar = simt::block()->named[kId];
+  bar.expected = kThreads;
+  simt::wait(bar);
+}
+
+}  // namespace tc
+}  // namespace flash_kda

@@ -1,0 +1,137 @@
+"""The CUDA two-kernel form's device code, run on the CPU by a SIMT emulator (tests/simt).
+
+kda_chunk_split.cuh's preparation and recurrence kernels (with kda_chunk_tc.cuh's phases) are
+compiled by the host C++ compiler against tests/simt/simt.h, which stands in for port.cuh, ptx.cuh
+and the CUDA built-ins: each CUDA thread is a fiber, warp operations (shuffles, mma.sync) are
+emulated lane by lane, shared memory starts as NaN. The real binding.cpp is compiled with it, so
+the op is called exactly like a kernel. Every layout the GPU can pick is run against the float64
+reference, with poisoned outputs.
+
+This checks the kernels' logic (indexing, fragment layouts, record offsets, phases, barriers) on
+any machine; it says nothing about speed, and nothing about races or memory ordering (threads
+switch only at barriers, in a fixed order): compute-sanitizer does that on a GPU. See
+tests/simt/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kda_testing import OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison, reference_of, rel_l2
+
+if not sys.platform.startswith("linux"):
+    pytest.skip("the SIMT emulator uses ucontext fibers (Linux)", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parent.parent
+CSRC = REPO / "flash_kda" / "csrc"
+SIMT = Path(__file__).resolve().parent / "simt"
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# (head dim, input dtype) -> the op, built once per session
+_ops: dict = {}
+
+
+def sim_op(D: int, dtype: torch.dtype):
+    key = (D, dtype)
+    if key not in _ops:
+        from torch.utils.cpp_extension import load
+        name = f"kda_fwd_simt_d{D}_{DTYPE_NAMES[dtype]}"
+        build = Path(os.environ["FLASH_KDA_CACHE_DIR"]) / "simt" / name
+        build.mkdir(parents=True, exist_ok=True)
+        load(name=f"flash_kda_{name}", sources=[str(CSRC / "binding.cpp"), str(SIMT / "split_sim.cpp")],
+             extra_cflags=["-O1", "-std=c++17", "-DFLASH_KDA_BACKEND_CPU", f"-DFLASH_KDA_HEAD_DIM={D}",
+                           f"-DFLASH_KDA_DTYPE_{DTYPE_NAMES[dtype].upper()}",
+                           f"-DFLASH_KDA_OP_NAME={name}", f"-I{CSRC}", f"-I{SIMT}"],
+             build_directory=str(build), is_python_module=False, verbose=False)
+        _ops[key] = getattr(torch.ops.flash_kda_kernels, name)
+    return _ops[key]
+
+
+def run(p, *, D, dtype, vs=None, prep_threads=None, state_dtype=torch.float32, use_qk_l2norm=True,
+        monkeypatch):
+    """The sim op on problem p (as make_problem returns it); returns (out, final_state)."""
+    if vs is not None:
+        monkeypatch.setenv("FLASH_KDA_SIM_VS", str(vs))
+    if prep_threads is not None:
+        monkeypatch.setenv("FLASH_KDA_SIM_PREP_THREADS", str(prep_threads))
+    varlen = p["cu_seqlens"] is not None
+    as4 = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t)
+    N = p["cu_seqlens"].numel() - 1 if varlen else p["q"].shape[0]
+    hv = p["v"].shape[-2]
+    out = poison(torch.empty_like(p["v"]))
+    final = poison(torch.empty(N, hv, D, D, dtype=state_dtype))
+    h0 = p["initial_state"]
+    sim_op(D, dtype)(as4(p["q"]), as4(p["k"]), as4(p["v"]), as4(p["g"]), as4(p["beta"]), p["A_log"],
+                     p["dt_bias"], None if h0 is None else h0.to(state_dtype), final, as4(out),
+                     p["cu_seqlens"], D ** -0.5, -5.0, use_qk_l2norm, False, None)
+    return out, final
+
+
+def check(p, out, final, *, what, use_qk_l2norm=True):
+    ref_out, ref_final = reference_of(p, use_qk_l2norm=use_qk_l2norm)
+    dtype = p["v"].dtype
+    e_out, e_st = rel_l2(out, ref_out), rel_l2(final, ref_final)
+    print(f"[simt] {what}: out rel-L2 {e_out:.2e}, final_state ({final.dtype}) {e_st:.2e}")
+    assert e_out <= OUT_TOL[dtype], f"{what}: out rel-L2 {e_out:.3e} > {OUT_TOL[dtype]}"
+    tol = STATE_TOL_FP32[dtype] if final.dtype == torch.float32 else STATE_TOL_LOWP[dtype]
+    assert e_st <= tol, f"{what}: final_state rel-L2 {e_st:.3e} > {tol}"
+
+
+def seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+# Every (head dim, recurrence V slice, preparation threads) that kda_cuda.cu can launch.
+LAYOUTS = [(64, 64, 256), (64, 32, 256),
+           (128, 128, 512), (128, 64, 512), (128, 32, 512), (128, 128, 256),
+           (256, 64, 512), (256, 32, 256)]
+
+
+@pytest.mark.parametrize("D,vs,prep_threads", LAYOUTS, ids=[f"D{d}-VS{v}-prep{t}" for d, v, t in LAYOUTS])
+def test_layouts(D, vs, prep_threads, monkeypatch):
+    """Dense, two value heads per query/key head, a partial last chunk, fp32 states in and out,
+    weak decays (the state and the initial state carry across chunks)."""
+    s = seed()
+    p = make_problem(B=2, T=70, hqk=1, hv=2, D=D, dtype=torch.bfloat16, state=True, seed=s,
+                     weak_decay=True)
+    out, final = run(p, D=D, dtype=torch.bfloat16, vs=vs, prep_threads=prep_threads,
+                     monkeypatch=monkeypatch)
+    check(p, out, final, what=f"D={D} VS={vs} prep {prep_threads} threads (seed {s})")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_varlen_and_state_dtypes(dtype, monkeypatch):
+    """Varlen with an empty and a one-token sequence; states in the input dtype; no gate
+    parameters (g is the log-decay)."""
+    s = seed()
+    p = make_problem(seqlens=[33, 0, 1, 64, 17], hqk=2, hv=2, D=128, dtype=dtype, state=True,
+                     state_dtype=dtype, gate=False, seed=s, weak_decay=True)
+    out, final = run(p, D=128, dtype=dtype, state_dtype=dtype, monkeypatch=monkeypatch)
+    check(p, out, final, what=f"varlen {dtype} (seed {s})")
+
+
+@pytest.mark.parametrize("case", ["values x1e6", "values x1e-6", "queries x1e-5, no l2norm",
+                                  "near-parallel keys, beta~1"])
+def test_magnitudes_far_from_one(case, monkeypatch):
+    """As test_correctness.test_magnitudes_far_from_one, on the emulated CUDA kernels."""
+    s = seed()
+    p = make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=torch.bfloat16, state=True, seed=s)
+    l2 = True
+    if case.startswith("values"):
+        f = 1e6 if case == "values x1e6" else 1e-6
+        p["v"], p["initial_state"] = p["v"] * f, p["initial_state"] * f
+    elif case.startswith("queries"):
+        l2 = False
+        p["q"], p["k"] = p["q"] * 1e-5, p["k"] * 0.1
+    else:
+        k = p["k"].float()
+        p["k"] = (k[:, :1] + 0.05 * k).to(torch.bfloat16)
+        p["beta"] = p["beta"] + 4.0
+    out, final = run(p, D=128, dtype=torch.bfloat16, use_qk_l2norm=l2, monkeypatch=monkeypatch)
+    check(p, out, final, what=f"{case} (seed {s})", use_qk_l2norm=l2)
