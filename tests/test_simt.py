@@ -3,9 +3,9 @@
 kda_chunk_split.cuh's preparation and recurrence kernels (with kda_chunk_tc.cuh's phases) are
 compiled by the host C++ compiler against tests/simt/simt.h, which stands in for port.cuh, ptx.cuh
 and the CUDA built-ins: each CUDA thread is a fiber, warp operations (shuffles, mma.sync) are
-emulated lane by lane, shared memory starts as NaN. The real binding.cpp is compiled with it, so
-the op is called exactly like a kernel. Every layout the GPU can pick is run against the float64
-reference, with poisoned outputs.
+emulated lane by lane, shared memory starts as NaN or 1e30. The real binding.cpp is compiled with
+it, so the op is called exactly like a kernel. Every layout the GPU can pick is run against the
+float64 reference, with poisoned outputs.
 
 This checks the kernels' logic (indexing, fragment layouts, record offsets, phases, barriers) on
 any machine; it says nothing about speed, and nothing about races or memory ordering (threads
