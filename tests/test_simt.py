@@ -1,7 +1,8 @@
-"""The CUDA two-kernel form's device code, run on the CPU by a SIMT emulator (tests/simt).
+"""The CUDA kernels' device code, run on the CPU by a SIMT emulator (tests/simt).
 
-kda_chunk_split.cuh's preparation and recurrence kernels (with kda_chunk_tc.cuh's phases) are
-compiled by the host C++ compiler against tests/simt/simt.h, which stands in for port.cuh, ptx.cuh
+The three CUDA bodies — the two-kernel form (kda_chunk_split.cuh: preparation and recurrence), the
+fused tensor-core body (kda_chunk_tc.cuh) and the portable body (kda_chunk_portable.cuh, also the
+MUSA one) — are compiled by the host C++ compiler against tests/simt/simt.h, which stands in for port.cuh, ptx.cuh
 and the CUDA built-ins: each CUDA thread is a fiber, warp operations (shuffles, mma.sync) are
 emulated lane by lane, shared memory starts as NaN or 1e30. The real binding.cpp is compiled with
 it, so the op is called exactly like a kernel. Every layout the GPU can pick is run against the
@@ -44,7 +45,7 @@ def sim_op(D: int, dtype: torch.dtype):
         name = f"kda_fwd_simt_d{D}_{DTYPE_NAMES[dtype]}"
         build = Path(os.environ["FLASH_KDA_CACHE_DIR"]) / "simt" / name
         build.mkdir(parents=True, exist_ok=True)
-        load(name=f"flash_kda_{name}", sources=[str(CSRC / "binding.cpp"), str(SIMT / "split_sim.cpp")],
+        load(name=f"flash_kda_{name}", sources=[str(CSRC / "binding.cpp"), str(SIMT / "cuda_sim.cpp")],
              extra_cflags=["-O1", "-std=c++17", "-DFLASH_KDA_BACKEND_CPU", f"-DFLASH_KDA_HEAD_DIM={D}",
                            f"-DFLASH_KDA_DTYPE_{DTYPE_NAMES[dtype].upper()}",
                            f"-DFLASH_KDA_OP_NAME={name}", f"-I{CSRC}", f"-I{SIMT}"],
@@ -53,13 +54,11 @@ def sim_op(D: int, dtype: torch.dtype):
     return _ops[key]
 
 
-def run(p, *, D, dtype, vs=None, prep_threads=None, state_dtype=torch.float32, use_qk_l2norm=True,
-        monkeypatch):
-    """The sim op on problem p (as make_problem returns it); returns (out, final_state)."""
-    if vs is not None:
-        monkeypatch.setenv("FLASH_KDA_SIM_VS", str(vs))
-    if prep_threads is not None:
-        monkeypatch.setenv("FLASH_KDA_SIM_PREP_THREADS", str(prep_threads))
+def run(p, *, D, dtype, layout=None, state_dtype=torch.float32, use_qk_l2norm=True, monkeypatch):
+    """The sim op on problem p (as make_problem returns it); returns (out, final_state).
+    layout: FLASH_KDA_SIM_* settings (tests/simt/cuda_sim.cpp), e.g. {"FORM": "fused", "VS": 32}."""
+    for key, value in (layout or {}).items():
+        monkeypatch.setenv(f"FLASH_KDA_SIM_{key}", str(value))
     varlen = p["cu_seqlens"] is not None
     as4 = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t)
     N = p["cu_seqlens"].numel() - 1 if varlen else p["q"].shape[0]
@@ -87,22 +86,33 @@ def seed() -> int:
     return random.SystemRandom().randrange(2**31)
 
 
-# Every (head dim, recurrence V slice, preparation threads) that kda_cuda.cu can launch.
-LAYOUTS = [(64, 64, 256), (64, 32, 256),
-           (128, 128, 512), (128, 64, 512), (128, 32, 512), (128, 128, 256),
-           (256, 64, 512), (256, 32, 256)]
+# Every layout kda_cuda.cu can launch: (head dim, FLASH_KDA_SIM_* settings).
+def _split(D, vs, prep):
+    return (D, {"FORM": "split", "VS": vs, "PREP_THREADS": prep})
 
 
-@pytest.mark.parametrize("D,vs,prep_threads", LAYOUTS, ids=[f"D{d}-VS{v}-prep{t}" for d, v, t in LAYOUTS])
-def test_layouts(D, vs, prep_threads, monkeypatch):
+LAYOUTS = ([_split(64, 64, 256), _split(64, 32, 256), _split(128, 128, 512), _split(128, 64, 512),
+            _split(128, 32, 512), _split(128, 128, 256), _split(256, 64, 512), _split(256, 32, 256)]
+           + [(D, {"FORM": "fused", "VS": vs}) for D, vs in [(64, 64), (64, 32), (128, 128), (128, 32),
+                                                             (256, 64), (256, 32)]]
+           + [(D, {"FORM": "portable", "PORTABLE": w}) for D in (64, 128, 256)
+              for w in ("wide", "narrow", "compact")])
+
+
+def _layout_id(case):
+    D, s = case
+    return f"D{D}-" + "-".join(str(v) for v in s.values())
+
+
+@pytest.mark.parametrize("D,layout", LAYOUTS, ids=[_layout_id(c) for c in LAYOUTS])
+def test_layouts(D, layout, monkeypatch):
     """Dense, two value heads per query/key head, a partial last chunk, fp32 states in and out,
     weak decays (the state and the initial state carry across chunks)."""
     s = seed()
     p = make_problem(B=2, T=70, hqk=1, hv=2, D=D, dtype=torch.bfloat16, state=True, seed=s,
                      weak_decay=True)
-    out, final = run(p, D=D, dtype=torch.bfloat16, vs=vs, prep_threads=prep_threads,
-                     monkeypatch=monkeypatch)
-    check(p, out, final, what=f"D={D} VS={vs} prep {prep_threads} threads (seed {s})")
+    out, final = run(p, D=D, dtype=torch.bfloat16, layout=layout, monkeypatch=monkeypatch)
+    check(p, out, final, what=f"D={D} {layout} (seed {s})")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -1,0 +1,145 @@
+// cuda_sim.cpp: flash_kda::launch_kda for the CUDA bodies, run on the CPU by simt.h. Compiled
+// together with the real binding.cpp (FLASH_KDA_BACKEND_CPU, a sim op name), so the tests call it
+// exactly as they call a real kernel: torch.ops.flash_kda_kernels.<op> on CPU tensors. What to
+// run is read from the environment at each call, among the layouts kda_cuda.cu can launch:
+//   FLASH_KDA_SIM_FORM          split (default: the two-kernel form), fused (tc::run_block) or
+//                               portable (portable::run_block, also the MUSA body)
+//   FLASH_KDA_SIM_VS            split: the recurrence's V slice (D = 64: 64, 32; D = 128: 128,
+//                               64, 32; D = 256: 64, 32); fused: the block's V slice (D = 64: 64,
+//                               32; D = 128: 128, 32; D = 256: 64, 32). Default: the first.
+//   FLASH_KDA_SIM_PREP_THREADS  split: 512 (default) or 256 (D = 64 has only 256)
+//   FLASH_KDA_SIM_PORTABLE      portable: wide (default), narrow or compact
+#include "simt.h"
+
+#include "cuda/kda_chunk_portable.cuh"
+#include "cuda/kda_chunk_split.cuh"
+#include "cuda/kda_chunk_tc.cuh"
+
+namespace flash_kda {
+namespace {
+
+constexpr int D = FLASH_KDA_HEAD_DIM, C = 32;
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
+}
+std::string env_str(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? v : fallback;
+}
+[[noreturn]] void no_layout(const std::string& what) {
+  throw std::runtime_error("cuda_sim: no " + what + " layout at head dim " + std::to_string(D));
+}
+
+template <class L>
+int64_t slice_blocks(const KdaParams& p) {
+  return static_cast<int64_t>(p.num_seqs) * p.hv * L::NVS;
+}
+
+// ---- split: preparation over every (slot, head), then the recurrence ----
+template <class L>
+void prep(const KdaParams& p) {
+  float* scratch = static_cast<float*>(p.workspace);
+  simt::run_grid(tc::num_slots(p, C) * p.hv, L::kThreads, L::kSmemBytes,
+                 [&](int64_t blk, float* sm, int t) { tc::prep_block<L>(p, scratch, sm, blk, t); });
+}
+
+template <int VS>
+void recurrence(const KdaParams& p) {
+  using L = tc::RecurrenceLayout<D, VS, C, D == 256 ? 1 : 2>;  // stages as kda_cuda.cu's Split<D>
+  const float* scratch = static_cast<const float*>(p.workspace);
+  simt::run_grid(slice_blocks<L>(p), L::kThreads, L::kSmemBytes, [&](int64_t blk, float* sm, int t) {
+    tc::recurrence_block<L>(p, scratch, sm, static_cast<int>(blk), t);
+  });
+}
+
+void split(const KdaParams& p) {
+  if (p.workspace == nullptr) throw std::runtime_error("cuda_sim: no scratch");
+  constexpr bool kWide = C * D / 8 >= 512;  // as kda_cuda.cu's PrepWide
+  if (kWide && env_int("FLASH_KDA_SIM_PREP_THREADS", 512) == 512) {
+    prep<tc::PrepLayout<D, C, kWide ? 512 : 256>>(p);
+  } else {
+    prep<tc::PrepLayout<D, C, 256>>(p);
+  }
+  const int vs = env_int("FLASH_KDA_SIM_VS", D == 128 ? 128 : 64);
+  if (vs == 32) {
+    recurrence<32>(p);
+  } else if (vs == 64) {
+    recurrence<64>(p);
+  } else if constexpr (D == 128) {
+    recurrence<128>(p);
+  } else {
+    no_layout("recurrence");
+  }
+}
+
+// ---- fused tensor-core body ----
+template <int VS, int T>
+void fused_with(const KdaParams& p) {
+  using L = tc::Layout<D, VS, C, T>;
+  simt::run_grid(slice_blocks<L>(p), L::kThreads, L::kSmemBytes, [&](int64_t blk, float* sm, int t) {
+    tc::run_block<L>(p, sm, static_cast<int>(blk), t);
+  });
+}
+
+void fused(const KdaParams& p) {  // kda_cuda.cu's TcVariants<D>
+  const int vs = env_int("FLASH_KDA_SIM_VS", D == 128 ? 128 : 64);
+  if (vs == 32) {
+    fused_with<32, 256>(p);
+  } else if constexpr (D == 128) {
+    if (vs != 128) no_layout("fused");
+    fused_with<128, 512>(p);
+  } else {
+    if (vs != 64) no_layout("fused");
+    fused_with<64, 256>(p);
+  }
+}
+
+// ---- portable body ----
+template <int VS, int CH>
+void portable_with(const KdaParams& p) {
+  using L = portable::Layout<D, VS, CH>;
+  simt::run_grid(slice_blocks<L>(p), L::kThreads, L::kSmemBytes, [&](int64_t blk, float* sm, int t) {
+    portable::run_block<L>(p, sm, static_cast<int>(blk), t);
+  });
+}
+
+void portable_body(const KdaParams& p) {  // kda_cuda.cu's Variants<D>: wide, narrow, compact
+  const std::string which = env_str("FLASH_KDA_SIM_PORTABLE", "wide");
+  constexpr int kWide = D == 256 ? 128 : D, kNarrow = kWide / 2;
+  constexpr int kChunk = D == 256 ? 16 : 32;
+  if (which == "wide") {
+    portable_with<kWide, kChunk>(p);
+  } else if (which == "narrow") {
+    portable_with<kNarrow, kChunk>(p);
+  } else if (which == "compact") {
+    portable_with<D == 256 ? 32 : kNarrow, kChunk / 2>(p);
+  } else {
+    no_layout("portable '" + which + "'");
+  }
+}
+
+}  // namespace
+
+int64_t workspace_bytes(const KdaParams& p) {
+  if (p.num_seqs <= 0 || p.hv <= 0 || env_str("FLASH_KDA_SIM_FORM", "split") != "split") return 0;
+  return tc::split_scratch_bytes<D, C>(p);
+}
+
+void launch_kda(const KdaParams& p, void*) {
+  if (p.head_dim != D) throw std::runtime_error("cuda_sim: compiled for another head dim");
+  if (p.num_seqs <= 0 || p.hv <= 0) return;
+  const std::string form = env_str("FLASH_KDA_SIM_FORM", "split");
+  if (form == "split") {
+    split(p);
+  } else if (form == "fused") {
+    fused(p);
+  } else if (form == "portable") {
+    portable_body(p);
+  } else {
+    throw std::runtime_error("cuda_sim: FLASH_KDA_SIM_FORM must be split, fused or portable");
+  }
+}
+
+}  // namespace flash_kda
