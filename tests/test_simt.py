@@ -145,3 +145,26 @@ def test_magnitudes_far_from_one(case, monkeypatch):
         p["beta"] = p["beta"] + 4.0
     out, final = run(p, D=128, dtype=torch.bfloat16, use_qk_l2norm=l2, monkeypatch=monkeypatch)
     check(p, out, final, what=f"{case} (seed {s})", use_qk_l2norm=l2)
+
+
+@pytest.mark.parametrize("D,layout", [(128, {"FORM": "split", "VS": 64, "PREP_THREADS": 512}),
+                                      (128, {"FORM": "split", "VS": 128, "PREP_THREADS": 256}),
+                                      (64, {"FORM": "fused", "VS": 32}),
+                                      (128, {"FORM": "portable", "PORTABLE": "narrow"})],
+                         ids=["split-VS64", "split-prep256", "fused-D64", "portable"])
+def test_results_do_not_depend_on_thread_order(D, layout, monkeypatch):
+    """The same inputs with the fibers resumed forward, in reverse and shuffled: the outputs must
+    be identical bit for bit. A difference means threads that touch the same shared memory between
+    two barriers, one of them writing (a race, such as session 6's cumulative-sum variant had)."""
+    p = make_problem(seqlens=[45, 1, 64], hqk=1, hv=2, D=D, dtype=torch.bfloat16, state=True,
+                     seed=seed(), weak_decay=True)
+    results = {}
+    for order in ("forward", "reverse", "shuffle"):
+        monkeypatch.setenv("FLASH_KDA_SIM_SEED", str(seed()))
+        results[order] = run(p, D=D, dtype=torch.bfloat16, layout={**layout, "ORDER": order},
+                             monkeypatch=monkeypatch)
+    out, final = results["forward"]
+    assert not torch.isnan(out).any() and not torch.isnan(final).any()
+    for order in ("reverse", "shuffle"):
+        assert torch.equal(results[order][0], out), f"output differs with {order} thread order"
+        assert torch.equal(results[order][1], final), f"final state differs with {order} thread order"

@@ -3,8 +3,11 @@
 // What it is for: checking the kernels' logic — indexing, fragment layouts, record offsets,
 // barriers, the order of phases — on a machine without a GPU (CI, or a session with no device).
 // What it is not: a model of the hardware's timing, memory ordering or floating-point details
-// beyond what is written below. Races are not found here (compute-sanitizer's racecheck does that
-// on a GPU): threads switch only at barriers and warp operations, in a fixed order.
+// beyond what is written below. Threads switch only at barriers and warp operations; the order in
+// which they are resumed can be changed (FLASH_KDA_SIM_ORDER), and a result that changes with it
+// reveals a race: two threads of a block (or lanes of a warp) that touch the same shared memory
+// between two barriers, one of them writing. Memory ordering and global-memory races between
+// blocks stay for compute-sanitizer on a GPU.
 //
 // How: every CUDA thread of a block is a fiber (ucontext) on one OS thread. A fiber runs until it
 // waits at a barrier — __syncthreads, a named barrier, or the implicit warp barrier of a shuffle or
@@ -134,6 +137,45 @@ inline void fiber_entry() {
   ++b->progress;
 }
 
+// The order in which the scheduler resumes the fibers on each pass, from FLASH_KDA_SIM_ORDER:
+// forward (default), reverse, or shuffle (a new pseudo-random order on every pass, seeded by
+// FLASH_KDA_SIM_SEED). Results that depend on it come from a race: threads that read what
+// others write between the same two barriers (tests compare the orders bit for bit).
+enum class Order { kForward, kReverse, kShuffle };
+struct Schedule {
+  Order order = Order::kForward;
+  uint64_t state = 1;
+};
+inline Schedule& schedule() {
+  static Schedule s;
+  return s;
+}
+inline void read_schedule() {
+  const char* o = std::getenv("FLASH_KDA_SIM_ORDER");
+  const std::string v = o != nullptr ? o : "";
+  Schedule& s = schedule();
+  s.order = v == "reverse" ? Order::kReverse : v == "shuffle" ? Order::kShuffle : Order::kForward;
+  if (v != "" && v != "forward" && v != "reverse" && v != "shuffle") {
+    throw std::runtime_error("simt: FLASH_KDA_SIM_ORDER must be forward, reverse or shuffle");
+  }
+  const char* seed = std::getenv("FLASH_KDA_SIM_SEED");
+  s.state = (seed != nullptr ? std::strtoull(seed, nullptr, 10) : 0) * 2 + 1;
+}
+inline void next_order(std::vector<int>& order) {
+  Schedule& s = schedule();
+  const int n = static_cast<int>(order.size());
+  if (s.order == Order::kForward) {
+    for (int t = 0; t < n; ++t) order[t] = t;
+  } else if (s.order == Order::kReverse) {
+    for (int t = 0; t < n; ++t) order[t] = n - 1 - t;
+  } else {
+    for (int t = n - 1; t > 0; --t) {  // Fisher-Yates with a 64-bit LCG
+      s.state = s.state * 6364136223846793005ull + 1442695040888963407ull;
+      std::swap(order[t], order[static_cast<int>((s.state >> 33) % static_cast<uint64_t>(t + 1))]);
+    }
+  }
+}
+
 // Runs body(tid) for tid in [0, threads) as one block with smem_bytes of shared memory, which
 // starts filled with `fill`.
 inline void run_block(int threads, int smem_bytes, float fill, const std::function<void(int)>& body) {
@@ -160,10 +202,13 @@ inline void run_block(int threads, int smem_bytes, float fill, const std::functi
     b.ctx[t].uc_link = &b.scheduler;
     makecontext(&b.ctx[t], fiber_entry, 0);
   }
+  std::vector<int> order(threads);
+  for (int t = 0; t < threads; ++t) order[t] = t;
   for (int live = threads; live > 0;) {
     const uint64_t before = b.progress;
     live = 0;
-    for (int t = 0; t < threads; ++t) {
+    next_order(order);
+    for (int t : order) {
       if (b.done[t]) continue;
       b.current = t;
       swapcontext(&b.scheduler, &b.ctx[t]);
@@ -185,6 +230,7 @@ inline void run_block(int threads, int smem_bytes, float fill, const std::functi
 // magnitude matters, as in a maximum, which ignores NaN).
 inline void run_grid(int64_t blocks, int threads, int smem_bytes,
                      const std::function<void(int64_t, float*, int)>& body) {
+  read_schedule();
   for (int64_t blk = 0; blk < blocks; ++blk) {
     run_block(threads, smem_bytes, blk % 2 == 0 ? NAN : 1e30f,
               [&](int t) { body(blk, reinterpret_cast<float*>(block()->smem), t); });
