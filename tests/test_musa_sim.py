@@ -230,7 +230,7 @@ def test_plan_for_mp31(fake_musa, jit):
     assert "MUSA SDK 5.1.0" in plan.compiler and "torch_musa 2.7.1" in plan.compiler
 
     rel = {str(p.relative_to(CSRC)) for p in toolchain().hashed_files(spec)}
-    assert {"port.cuh", "binding.cpp", "kda_params.h", "musa/kda_musa.mu", "cuda/kda_cuda.cu",
+    assert {"port.cuh", "port_device.cuh", "binding.cpp", "kda_params.h", "musa/kda_musa.mu", "cuda/kda_cuda.cu",
             "cuda/kda_chunk_portable.cuh"} <= rel
     assert not any(r.startswith("cpu/") for r in rel)
 

@@ -15,8 +15,9 @@
 // per-warp buffer between two warp barriers. Shared memory is a host buffer per block; cp.async is
 // a copy at issue.
 //
-// This header stands in for port.cuh and ptx.cuh (it defines their include guards), and for the
-// CUDA built-ins the bodies use. Include it before any kernel header.
+// This header stands in for port.cuh and ptx.cuh (it defines their include guards) and for the
+// CUDA built-ins the bodies use; port.cuh's device helpers (port_device.cuh) are the real ones.
+// Include it before any kernel header.
 #pragma once
 
 #include <math.h>
@@ -273,42 +274,14 @@ namespace flash_kda {
 namespace port {
 using bf16_t = __nv_bfloat16;
 using fp16_t = __half;
-#if defined(FLASH_KDA_DTYPE_BF16)
-using input_t = bf16_t;
-#elif defined(FLASH_KDA_DTYPE_FP16)
-using input_t = fp16_t;
-#else
-#error "simt.h: define FLASH_KDA_DTYPE_BF16 or FLASH_KDA_DTYPE_FP16"
-#endif
 constexpr int kWarpSize = 32;
 
-inline float to_float(float x) { return x; }
-inline float to_float(fp16_t x) { return __half2float(x); }
-inline float to_float(bf16_t x) { return __bfloat162float(x); }
-template <class T>
-inline T from_float(float x);
-template <>
-inline float from_float<float>(float x) { return x; }
-template <>
-inline fp16_t from_float<fp16_t>(float x) { return __float2half_rn(x); }
-template <>
-inline bf16_t from_float<bf16_t>(float x) { return __float2bfloat16_rn(x); }
-
-inline float load_as_float(const void* base, int64_t i, bool is_fp32) {
-  return is_fp32 ? static_cast<const float*>(base)[i] : to_float(static_cast<const input_t*>(base)[i]);
-}
-inline void store_from_float(void* base, int64_t i, bool is_fp32, float x) {
-  if (is_fp32) {
-    static_cast<float*>(base)[i] = x;
-  } else {
-    static_cast<input_t*>(base)[i] = from_float<input_t>(x);
-  }
-}
-inline float exp2(float x) { return exp2f(x); }
-inline float exp(float x) { return expf(x); }
-inline float sqrt(float x) { return sqrtf(x); }
-inline void block_sync() { __syncthreads(); }
 }  // namespace port
+}  // namespace flash_kda
+
+#include "port_device.cuh"  // the real device helpers, over the stand-ins above
+
+namespace flash_kda {
 
 // ---------------------------------------------------------------------------------------------
 // ptx.cuh
@@ -325,28 +298,36 @@ inline float fast_exp2(float x) {  // ex2.approx.ftz: results below 2^-126 flush
 }
 inline void st4_global(float* p, float4 x) { memcpy(p, &x, 16); }
 
-// D += A B, m16n8k8 TF32: the operands' low 13 mantissa bits are ignored, as the hardware does.
-inline void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  for (int i = 0; i < 4; ++i) simt::deposit(i, a[i] & 0xffffe000u);
-  for (int i = 0; i < 2; ++i) simt::deposit(4 + i, b[i] & 0xffffe000u);
+// The warp's D += A B for an m16n8kK tile, after every lane deposited its A registers as words
+// 0..3 and its B registers as words 4..5: a_at(word of lane, k) and b_at(...) give the operand
+// values. Each lane computes its four accumulators c0..c3 (rows g, g, g+8, g+8; columns 2t, 2t+1).
+template <int K, class A, class B>
+inline void warp_mma(float (&d)[4], A&& a_at, B&& b_at) {
   __syncwarp();
   const int g = simt::lane() / 4, t = simt::lane() % 4;
   for (int e = 0; e < 4; ++e) {
     const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
     float acc = d[e];
-    for (int k = 0; k < 8; ++k) {
-      // A (row, k): lane (row % 8, k % 4), register (row >= 8) + 2 (k >= 4); B (k, col): lane
-      // (col, k % 4), register (k >= 4)
-      const float av = __uint_as_float(simt::word((row % 8) * 4 + k % 4, (row >= 8) + 2 * (k >= 4)));
-      const float bv = __uint_as_float(simt::word(col * 4 + k % 4, 4 + (k >= 4)));
-      acc = fmaf(av, bv, acc);
-    }
+    for (int k = 0; k < K; ++k) acc = fmaf(a_at(row, k), b_at(k, col), acc);
     d[e] = acc;
   }
   __syncwarp();
 }
 
-// D += A B, m16n8k16 with fp16 operands (two per register, the lower k in the low half).
+// D += A B, m16n8k8 TF32: the operands' low 13 mantissa bits are ignored, as the hardware does.
+// A (row, k): lane (row % 8, k % 4), register (row >= 8) + 2 (k >= 4); B (k, col): lane
+// (col, k % 4), register k >= 4.
+inline void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  for (int i = 0; i < 4; ++i) simt::deposit(i, a[i] & 0xffffe000u);
+  for (int i = 0; i < 2; ++i) simt::deposit(4 + i, b[i] & 0xffffe000u);
+  warp_mma<8>(
+      d, [](int row, int k) { return __uint_as_float(simt::word((row % 8) * 4 + k % 4, (row >= 8) + 2 * (k >= 4))); },
+      [](int k, int col) { return __uint_as_float(simt::word(col * 4 + k % 4, 4 + (k >= 4))); });
+}
+
+// D += A B, m16n8k16 with fp16 operands, two per register (the lower k in the low half).
+// A (row, k): lane (row % 8, (k % 8) / 2), register (row >= 8) + 2 (k >= 8); B (k, col): lane
+// (col, (k % 8) / 2), register k >= 8.
 inline float half_of(uint32_t reg, int hi) {
   __half h;
   h.x = static_cast<uint16_t>(hi ? reg >> 16 : reg & 0xffffu);
@@ -356,21 +337,12 @@ inline void mma16(float (&d)[4], const uint32_t (&a)[4], uint2 b) {
   for (int i = 0; i < 4; ++i) simt::deposit(i, a[i]);
   simt::deposit(4, b.x);
   simt::deposit(5, b.y);
-  __syncwarp();
-  const int g = simt::lane() / 4, t = simt::lane() % 4;
-  for (int e = 0; e < 4; ++e) {
-    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
-    float acc = d[e];
-    for (int k = 0; k < 16; ++k) {
-      // A (row, k): lane (row % 8, (k % 8) / 2), register (row >= 8) + 2 (k >= 8), half k % 2;
-      // B (k, col): lane (col, (k % 8) / 2), register (k >= 8), half k % 2
-      const float av = half_of(simt::word((row % 8) * 4 + (k % 8) / 2, (row >= 8) + 2 * (k >= 8)), k & 1);
-      const float bv = half_of(simt::word(col * 4 + (k % 8) / 2, 4 + (k >= 8)), k & 1);
-      acc = fmaf(av, bv, acc);
-    }
-    d[e] = acc;
-  }
-  __syncwarp();
+  warp_mma<16>(
+      d,
+      [](int row, int k) {
+        return half_of(simt::word((row % 8) * 4 + (k % 8) / 2, (row >= 8) + 2 * (k >= 8)), k & 1);
+      },
+      [](int k, int col) { return half_of(simt::word(col * 4 + (k % 8) / 2, 4 + (k >= 8)), k & 1); });
 }
 
 inline void cp_async16(unsigned dst, const float* src) { memcpy(simt::block()->smem + dst, src, 16); }
