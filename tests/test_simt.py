@@ -168,3 +168,43 @@ def test_results_do_not_depend_on_thread_order(D, layout, monkeypatch):
     for order in ("reverse", "shuffle"):
         assert torch.equal(results[order][0], out), f"output differs with {order} thread order"
         assert torch.equal(results[order][1], final), f"final state differs with {order} thread order"
+
+
+@pytest.mark.parametrize("form", ["split", "fused"])
+@pytest.mark.parametrize("case", ["unaligned inputs", "unaligned dt_bias", "g=-1000"])
+def test_load_paths_and_decay_fallback(form, case, monkeypatch):
+    """The tensor-core bodies' other paths: rows one element past a 16-byte boundary take the
+    scalar loads (inputs, or the gate bias alone); log-decays of -1000 (gate off) make sub-block
+    spans too wide for the factored decays, so the diagonal tiles come from the direct formula
+    (compute_diag_fallback). As test_correctness's tests of the same names, on the emulated
+    kernels."""
+    s = seed()
+    gate = case != "g=-1000"
+    p = make_problem(B=1, T=70, hqk=2, hv=2, D=128, dtype=torch.bfloat16, state=True, seed=s,
+                     gate=gate, weak_decay=True)
+    if case == "g=-1000":
+        g = p["g"].clone()
+        g[:, 10:12] = -1000.0
+        g[:, 50, :, :7] = -1000.0
+        p["g"] = g
+    else:
+        for name in ("q", "k", "v", "g") if case == "unaligned inputs" else ("dt_bias",):
+            t = p[name]
+            flat = torch.empty(t.numel() + 1, dtype=t.dtype)
+            p[name] = flat[1:].view(t.shape)
+            p[name].copy_(t)
+            assert p[name].data_ptr() % 16 != 0
+    out, final = run(p, D=128, dtype=torch.bfloat16, layout={"FORM": form}, monkeypatch=monkeypatch)
+    check(p, out, final, what=f"{form}, {case} (seed {s})")
+
+
+def test_nan_stays_in_its_row_and_sequence(monkeypatch):
+    """A NaN in one value of one token of the second sequence: the first sequence stays finite;
+    from that token on, the affected value row is NaN (as in the reference)."""
+    p = make_problem(B=2, T=40, hqk=1, hv=1, D=64, dtype=torch.bfloat16, state=True, seed=seed())
+    v = p["v"].clone()
+    v[1, 5, 0, 3] = float("nan")
+    p["v"] = v
+    out, final = run(p, D=64, dtype=torch.bfloat16, monkeypatch=monkeypatch)
+    assert torch.isfinite(out[0]).all() and torch.isfinite(final[0]).all(), "NaN leaked across batch"
+    assert torch.isnan(out[1, 5:, 0, 3]).all() and torch.isnan(final[1]).any()
