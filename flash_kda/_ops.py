@@ -41,6 +41,13 @@ def kernel_for(device: torch.device, head_dim: int, dtype: torch.dtype) -> "jit.
     return kernel
 
 
+def loaded_kernel(device: torch.device, head_dim: int, dtype: torch.dtype):
+    """The kernel for this device/head dim/dtype if this process has loaded it, else None (never
+    builds: the caller takes its checked path, which builds, on None)."""
+    variant = None if device == _CPU else os.environ.get("FLASH_KDA_KERNEL")
+    return _kernels.get((device, head_dim, dtype, variant))
+
+
 def forget_kernels() -> None:
     """Drop memoised kernels (tests that change the cache or environment)."""
     with _kernels_lock:

@@ -4,15 +4,20 @@ nothing here writes to a caller's tensor.
 ``check_problem`` returns a ``Problem``: the inputs as 4-D token-major views (varlen ``[S, H, D]``
 gains a leading batch dim of 1), plus the facts the kernel call needs.
 
-These checks run on every call, so they are written for host time: reading one tensor attribute
-costs ~0.1 us, and the whole front end should cost about 10 us (tools/host_overhead.py). Hence:
+``fwd`` (the FlashKDA surface, the hot one) runs these checks only when the compiled op refuses
+its arguments (api._fwd_unchecked): the binding's checks (binding.cpp, check_memory and
+checked_params) reject at least everything rejected here, tersely, and these then say what is
+wrong; tests/test_validation.py runs every bad case through both entry points. A rule added here
+must be added there. ``chunk_kda`` runs them on every call. They are written for host time all
+the same: reading one tensor attribute costs ~0.1 us, and the whole front end about 10 us
+(tools/host_overhead.py). Hence:
 - each check first tests the good case in one expression; the loop that names the culprit runs
   only when that fails;
 - contiguous tensors (the common case) take short paths: no stride walks, one ``nbytes`` span;
 - every input's byte span is computed once per call (``Problem.spans``) and reused by the
   aliasing checks of both destinations;
 - a ``cu_seqlens`` on the device is copied back to the host (which waits for the queued GPU work)
-  only when it is not the tensor checked last, unchanged (``_check_offset_values``).
+  only when it is not the tensor checked last, unchanged (``check_offset_values``).
 """
 
 from __future__ import annotations
@@ -238,7 +243,7 @@ def check_cu_seqlens(cu_seqlens, total: int, device) -> torch.Tensor:
     on_device = cu_seqlens.device == device
     if not on_device and not cu_seqlens.is_cpu:
         raise ValueError(f"cu_seqlens must be on {device} (or the CPU), got {cu_seqlens.device}")
-    _check_offset_values(cu_seqlens, total, device)
+    check_offset_values(cu_seqlens, total, device)
     if not on_device:
         cu_seqlens = cu_seqlens.to(device, non_blocking=True)
     if not cu_seqlens.is_contiguous():
@@ -260,7 +265,7 @@ def _offsets_state(cu: torch.Tensor) -> tuple:
     return (cu._version, cu.data_ptr(), cu.shape, cu.stride(), cu.dtype)
 
 
-def _check_offset_values(cu: torch.Tensor, total: int, device) -> None:
+def check_offset_values(cu: torch.Tensor, total: int, device) -> None:
     """cu_seqlens starts at 0, is non-decreasing and ends at `total`.
 
     A host tensor is always read (no synchronisation). A device tensor is read unless it is the

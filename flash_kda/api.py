@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from . import _ops
-from ._validate import check_destinations, check_problem, check_workspace, require_tensor
+from ._validate import (check_destinations, check_offset_values, check_problem, check_workspace,
+                        require_tensor, same_view)
 from ._workspace import split_possible, split_scratch_bytes, split_selected, varlen_slots
 
 
@@ -64,8 +65,11 @@ def fwd(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound,
 
     q/k are L2-normalised in the kernel, the gate uses A_log/dt_bias, beta goes through sigmoid.
     """
+    if _fwd_unchecked(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
+                      final_state, cu_seqlens, workspace):
+        return
     # FlashKDA's surface always has the gate parameters and `out`. One expression for the good
-    # case (this runs on every call); require_tensor names what is wrong.
+    # case; require_tensor names what is wrong.
     T = torch.Tensor
     if not (isinstance(A_log, T) and isinstance(dt_bias, T) and isinstance(out, T)
             and (workspace is None or isinstance(workspace, T))):
@@ -78,6 +82,57 @@ def fwd(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound,
     if workspace is not None:
         check_workspace(workspace, p, out, final_state)
     _run(p, _as4d(out, p.packed), final_state, in_place, use_qk_l2norm=True, workspace=workspace)
+
+
+# The prefix of the compiled op's argument errors (binding.cpp, kInvalid).
+_INVALID = "flash_kda: invalid arguments: "
+_OFFSET_DTYPES = (torch.int32, torch.int64)
+_REALS = (float, int)  # exactly these types (not bool): the op's float arguments
+
+
+def _fwd_unchecked(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
+                   final_state, cu_seqlens, workspace) -> bool:
+    """fwd's fast path: the compiled op with the arguments as given, its own checks (binding.cpp:
+    every argument, device, stride and overlap rule of _validate.py, tersely) standing in for the
+    Python ones, which cost more host time than launching the kernels. True if it ran. False —
+    nothing run, nothing written — where it does not apply (not yet loaded, tracing, [S, H, K]
+    inputs, cu_seqlens elsewhere than q's device, arguments of unexpected types) or where the op
+    rejected the arguments: then fwd's checked path runs and names the problem."""
+    T = torch.Tensor
+    if not (isinstance(q, T) and isinstance(k, T) and isinstance(v, T) and isinstance(g, T)
+            and isinstance(beta, T) and isinstance(out, T) and isinstance(A_log, T)
+            and isinstance(dt_bias, T) and (initial_state is None or isinstance(initial_state, T))
+            and (final_state is None or isinstance(final_state, T))
+            and (workspace is None or isinstance(workspace, T))
+            and (scale is None or type(scale) in _REALS) and type(lower_bound) in _REALS):
+        return False
+    if torch.compiler.is_compiling() or q.dim() != 4:
+        return False
+    device = q.device
+    head_dim = q.shape[3]
+    kernel = _ops.loaded_kernel(device, head_dim, q.dtype)
+    if kernel is None:
+        return False
+    if cu_seqlens is not None:
+        if not (isinstance(cu_seqlens, T) and cu_seqlens.dtype in _OFFSET_DTYPES
+                and cu_seqlens.dim() == 1 and cu_seqlens.device == device):
+            return False
+        try:
+            check_offset_values(cu_seqlens, q.shape[1], device)
+        except ValueError:
+            return False  # the checked path reports it (after any earlier problem)
+    in_place = initial_state is not None and final_state is not None and same_view(final_state, initial_state)
+    try:
+        kernel.op(q, k, v, g, beta, A_log, dt_bias, None if in_place else initial_state, final_state,
+                  out, cu_seqlens, head_dim ** -0.5 if scale is None else scale, lower_bound, True,
+                  in_place, workspace)
+    except ValueError as e:
+        if str(e).startswith(_INVALID):
+            return False
+        raise
+    except NotImplementedError:
+        return False  # a tensor on a device whose dispatch key has no kernel (meta, ...)
+    return True
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,

@@ -78,6 +78,30 @@ CASES = [
 ]
 
 
+# fwd has no output_final_state flag, and requires the gate parameters.
+FWD_CASES = [(n, b, TypeError, "dt_bias must be a torch.Tensor") if n == "A_log-alone"
+             else (n, b, e, t.replace("output", "out")) for n, b, e, t in CASES if n != "flag-not-bool"]
+
+
+@pytest.mark.parametrize("case", FWD_CASES, ids=[c[0] for c in FWD_CASES])
+def test_fwd_rejects_and_touches_nothing(case):
+    """As test_chunk_kda_rejects_and_touches_nothing, through fwd with its kernel already loaded:
+    fwd then calls the compiled op first, whose own checks must reject everything these cases
+    break (else the kernels would run on them), and only then explains in Python."""
+    call_fwd(good())  # loads the kernel: fwd's unchecked path applies from here on
+    name, breaker, exc, text = case
+    p = good()
+    over = breaker(p)
+    if "output" in over:
+        over["out"] = over.pop("output")
+    tensors = dict(p, **{k: v for k, v in over.items() if isinstance(v, torch.Tensor)})
+    before = snapshot(tensors)
+    with pytest.raises(exc) as info:
+        call_fwd(p, **over)
+    assert text in str(info.value), f"message {str(info.value)!r} should mention {text!r}"
+    assert unchanged(before, tensors) == []
+
+
 def _overlapping_states(s):
     """initial/final states of s's shape in one buffer, the final shifted by one element."""
     big = torch.randn(s.numel() + 1).to(s.dtype)

@@ -10,7 +10,11 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "kda_params.h"
 
@@ -71,14 +75,105 @@ StateStrides state_strides(const at::Tensor& s, const char* name, int64_t n, int
   return StateStrides{s.stride(0), s.stride(1), s.stride(2)};
 }
 
-void kda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-             const at::Tensor& beta, const std::optional<at::Tensor>& A_log,
-             const std::optional<at::Tensor>& dt_bias,
-             const std::optional<at::Tensor>& initial_state,
-             const std::optional<at::Tensor>& final_state, const at::Tensor& out,
-             const std::optional<at::Tensor>& cu_seqlens, double scale, double lower_bound,
-             bool use_qk_l2norm, bool state_in_place,
-             const std::optional<at::Tensor>& workspace) {
+// The prefix of every argument error this op raises. flash_kda.fwd calls the op first without its
+// own checks (they cost more host time than the kernels' launch); on an error with this prefix it
+// runs its Python checks, which name the problem precisely (flash_kda/_validate.py). So these
+// checks must reject at least everything that those do.
+constexpr const char* kInvalid = "flash_kda: invalid arguments: ";
+
+// [first, last] byte address a tensor's elements touch (strides already checked non-negative).
+struct Span {
+  uintptr_t first = 0, last = 0;
+  bool empty = true;
+};
+Span span_of(const at::Tensor& t) {
+  Span s;
+  if (t.numel() == 0) return s;
+  int64_t extent = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  s.first = reinterpret_cast<uintptr_t>(t.data_ptr());
+  s.last = s.first + static_cast<uintptr_t>((extent + 1) * t.element_size()) - 1;
+  s.empty = false;
+  return s;
+}
+bool meet(const Span& a, const Span& b) {
+  return !a.empty && !b.empty && a.first <= b.last && b.first <= a.last;
+}
+// Two elements at one address (an expanded view): not a valid destination.
+bool internal_overlap(const at::Tensor& t) {
+  if (t.is_contiguous()) return false;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims with size > 1
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 1;
+  for (const auto& [stride, size] : dims) {
+    if (stride < reach) return true;
+    reach = stride * size;
+  }
+  return false;
+}
+
+// Devices, strides and memory: every tensor on q's device with non-negative strides; no
+// destination (out, final_state) with overlapping elements or sharing memory with an input or
+// with the other destination (an in-place state update comes as final_state alone, no
+// initial_state); a workspace sharing memory with no argument.
+void check_memory(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                  const at::Tensor& beta, const std::optional<at::Tensor>& A_log,
+                  const std::optional<at::Tensor>& dt_bias,
+                  const std::optional<at::Tensor>& initial_state,
+                  const std::optional<at::Tensor>& final_state, const at::Tensor& out,
+                  const std::optional<at::Tensor>& cu_seqlens,
+                  const std::optional<at::Tensor>& workspace) {
+  std::vector<const at::Tensor*> inputs{&q, &k, &v, &g, &beta};
+  for (const auto* opt : {&A_log, &dt_bias, &cu_seqlens, &initial_state}) {
+    if (opt->has_value()) inputs.push_back(&opt->value());
+  }
+  std::vector<const at::Tensor*> all = inputs;
+  all.push_back(&out);
+  if (final_state.has_value()) all.push_back(&final_state.value());
+  for (const at::Tensor* t : all) {
+    TORCH_CHECK(t->device() == q.device(), "every tensor must be on q's device");
+    for (int64_t d = 0; d < t->dim(); ++d) TORCH_CHECK(t->stride(d) >= 0, "negative strides");
+  }
+  TORCH_CHECK(beta.dim() != 3 || beta.size(2) <= 1 || beta.stride(2) == 1,
+              "beta: the last dim must be contiguous");
+  // The inputs' spans (initial_state last: final_state may be it)
+  std::vector<Span> in_spans;
+  for (const at::Tensor* t : inputs) in_spans.push_back(span_of(*t));
+  const size_t n_plain = in_spans.size() - (initial_state.has_value() ? 1 : 0);
+  const Span out_span = span_of(out);
+  TORCH_CHECK(!internal_overlap(out), "out has overlapping elements");
+  for (const Span& s : in_spans) TORCH_CHECK(!meet(out_span, s), "out overlaps an input");
+  Span state_span;
+  if (final_state.has_value()) {
+    state_span = span_of(*final_state);
+    TORCH_CHECK(!internal_overlap(*final_state), "final_state has overlapping elements");
+    for (size_t i = 0; i < n_plain; ++i) TORCH_CHECK(!meet(state_span, in_spans[i]), "final_state overlaps an input");
+    // (in place: the op gets final_state alone; otherwise the two must not meet)
+    if (initial_state.has_value()) TORCH_CHECK(!meet(state_span, in_spans.back()), "the states overlap");
+    TORCH_CHECK(!meet(state_span, out_span), "out overlaps final_state");
+  }
+  if (workspace.has_value() && workspace->defined()) {
+    TORCH_CHECK(workspace->device() == q.device(), "workspace must be on q's device");
+    const Span w = span_of(*workspace);
+    for (const Span& s : in_spans) TORCH_CHECK(!meet(w, s), "workspace overlaps an input");
+    TORCH_CHECK(!meet(w, out_span) && !meet(w, state_span), "workspace overlaps a destination");
+  }
+}
+
+// Every check on the arguments, then the problem as plain data. Throws c10::Error (kda_fwd turns
+// it into a ValueError with kInvalid in front) before anything is allocated, launched or written.
+KdaParams checked_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& g, const at::Tensor& beta,
+                         const std::optional<at::Tensor>& A_log,
+                         const std::optional<at::Tensor>& dt_bias,
+                         const std::optional<at::Tensor>& initial_state,
+                         const std::optional<at::Tensor>& final_state, const at::Tensor& out,
+                         const std::optional<at::Tensor>& cu_seqlens, double scale,
+                         double lower_bound, bool use_qk_l2norm, bool state_in_place,
+                         const std::optional<at::Tensor>& workspace) {
   constexpr int64_t D = FLASH_KDA_HEAD_DIM;
   TORCH_CHECK(q.scalar_type() == kInputDtype && k.scalar_type() == kInputDtype &&
                   v.scalar_type() == kInputDtype && out.scalar_type() == kInputDtype,
@@ -161,6 +256,28 @@ void kda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   p.scale = static_cast<float>(scale);
   p.use_qk_l2norm = use_qk_l2norm;
 
+  check_memory(q, k, v, g, beta, A_log, dt_bias,
+               state_in_place ? std::optional<at::Tensor>() : initial_state,
+               final_state, out, cu_seqlens, workspace);
+  TORCH_CHECK(std::isfinite(scale) && std::isfinite(lower_bound), "scale and lower_bound must be finite");
+  return p;
+}
+
+void kda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+             const at::Tensor& beta, const std::optional<at::Tensor>& A_log,
+             const std::optional<at::Tensor>& dt_bias,
+             const std::optional<at::Tensor>& initial_state,
+             const std::optional<at::Tensor>& final_state, const at::Tensor& out,
+             const std::optional<at::Tensor>& cu_seqlens, double scale, double lower_bound,
+             bool use_qk_l2norm, bool state_in_place,
+             const std::optional<at::Tensor>& workspace) {
+  KdaParams p;
+  try {
+    p = checked_params(q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, out, cu_seqlens,
+                       scale, lower_bound, use_qk_l2norm, state_in_place, workspace);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK_VALUE(false, kInvalid, e.what_without_backtrace());
+  }
   if (p.num_seqs == 0) return;  // no sequences: nothing to read or write
 
 #if defined(FLASH_KDA_BACKEND_CUDA)
