@@ -430,10 +430,16 @@ def _explain_shapes(q, k, v, g, beta, varlen: bool) -> None:
     raise AssertionError("_check_shapes rejected shapes that _explain_shapes accepts")
 
 
+# Magnitudes below this round to a finite fp32 (the largest fp32 plus half its last place; the
+# binding tests the same thing by converting).
+_FP32_LIMIT = 2.0**128 - 2.0**103
+
+
 def _finite_real(x) -> bool:
+    """A real number (not a bool) that stays finite as the kernels' fp32."""
     if type(x) is float:  # the common case, without the slower ABC check
-        return math.isfinite(x)
-    return not isinstance(x, bool) and isinstance(x, numbers.Real) and math.isfinite(x)
+        return abs(x) < _FP32_LIMIT
+    return not isinstance(x, bool) and isinstance(x, numbers.Real) and abs(float(x)) < _FP32_LIMIT
 
 
 def _check_gate_params(A_log, dt_bias, hv: int, K: int) -> None:
@@ -462,9 +468,9 @@ def check_problem(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_
     if scale is None:
         scale = K ** -0.5
     if not _finite_real(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+        raise TypeError(f"scale must be a float, finite in fp32, or None; got {scale!r}")
     if not _finite_real(lower_bound):
-        raise TypeError(f"lower_bound must be a finite float, got {lower_bound!r}")
+        raise TypeError(f"lower_bound must be a float, finite in fp32; got {lower_bound!r}")
     _check_gate_params(A_log, dt_bias, hv, K)
     if A_log is not None:
         spans["A_log"] = _checked_span(A_log, "A_log")

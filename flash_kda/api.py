@@ -115,13 +115,15 @@ def _fwd_unchecked(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, in
         return False
     if cu_seqlens is not None:
         if not (isinstance(cu_seqlens, T) and cu_seqlens.dtype in _OFFSET_DTYPES
-                and cu_seqlens.dim() == 1 and cu_seqlens.device == device):
+                and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1
+                and cu_seqlens.device == device):
             return False
         try:
             check_offset_values(cu_seqlens, q.shape[1], device)
         except ValueError:
             return False  # the checked path reports it (after any earlier problem)
-    in_place = initial_state is not None and final_state is not None and same_view(final_state, initial_state)
+    in_place = (initial_state is not None and final_state is not None
+                and same_view(final_state, initial_state))
     try:
         kernel.op(q, k, v, g, beta, A_log, dt_bias, None if in_place else initial_state, final_state,
                   out, cu_seqlens, head_dim ** -0.5 if scale is None else scale, lower_bound, True,

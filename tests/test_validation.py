@@ -61,6 +61,7 @@ CASES = [
     ("scale-nan", lambda p: dict(scale=float("nan")), TypeError, "scale"),
     ("scale-str", lambda p: dict(scale="0.1"), TypeError, "scale"),
     ("lower-bound-inf", lambda p: dict(lower_bound=float("inf")), TypeError, "lower_bound"),
+    ("scale-beyond-fp32", lambda p: dict(scale=1e39), TypeError, "scale"),
     ("A_log-alone", lambda p: dict(dt_bias=None), ValueError, "come together"),
     ("A_log-shape", lambda p: dict(A_log=p["A_log"][:2]), ValueError, "A_log must be [Hv]"),
     ("A_log-dtype", lambda p: dict(A_log=p["A_log"].bfloat16()), TypeError, "float32"),
@@ -150,6 +151,18 @@ def test_bad_cu_seqlens(bad, text):
     before = snapshot(p)
     with pytest.raises(ValueError, match=text):
         call_chunk(p)
+    assert unchanged(before, p) == []
+
+
+@pytest.mark.parametrize("entry", ["chunk_kda", "fwd"])
+def test_empty_cu_seqlens(entry):
+    p = good(varlen=True)
+    # [1, S, H, D]: the layout fwd's unchecked path takes (it applies from the first call on)
+    p.update({k: p[k].unsqueeze(0) for k in ("q", "k", "v", "g", "beta", "out")})
+    call_fwd(good())
+    before = snapshot(p)
+    with pytest.raises(ValueError, match="at least one element"):
+        (call_chunk if entry == "chunk_kda" else call_fwd)(p, cu_seqlens=torch.zeros(0, dtype=torch.int32))
     assert unchanged(before, p) == []
 
 

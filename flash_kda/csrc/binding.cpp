@@ -62,7 +62,7 @@ TokenStrides token_strides(const at::Tensor& t, const char* name, int64_t heads,
               t.sizes());
   TORCH_CHECK(t.size(2) == heads, name, ": expected ", heads, " heads, got ", t.size(2));
   if (has_dim) {
-    TORCH_CHECK(t.size(3) == dim && t.stride(3) == 1, name, ": last dim must be ", dim,
+    TORCH_CHECK(t.size(3) == dim && (t.stride(3) == 1 || t.numel() == 0), name, ": last dim must be ", dim,
                 " and contiguous");
   }
   return TokenStrides{t.stride(0), t.stride(1), t.stride(2)};
@@ -71,7 +71,7 @@ TokenStrides token_strides(const at::Tensor& t, const char* name, int64_t heads,
 StateStrides state_strides(const at::Tensor& s, const char* name, int64_t n, int64_t h, int64_t d) {
   TORCH_CHECK(s.dim() == 4 && s.size(0) == n && s.size(1) == h && s.size(2) == d && s.size(3) == d,
               name, ": expected [", n, ", ", h, ", ", d, ", ", d, "], got ", s.sizes());
-  TORCH_CHECK(s.stride(3) == 1, name, ": last dim must be contiguous");
+  TORCH_CHECK(s.stride(3) == 1 || s.numel() == 0, name, ": last dim must be contiguous");
   return StateStrides{s.stride(0), s.stride(1), s.stride(2)};
 }
 
@@ -207,7 +207,7 @@ KdaParams checked_params(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK(A_log.has_value() == dt_bias.has_value(), "A_log and dt_bias come together");
   if (A_log.has_value()) {
     TORCH_CHECK(A_log->scalar_type() == c10::ScalarType::Float && A_log->dim() == 1 &&
-                    A_log->size(0) == hv && A_log->stride(0) == 1,
+                    A_log->size(0) == hv && (hv == 1 || A_log->stride(0) == 1),
                 "A_log must be float32 [hv] contiguous");
     TORCH_CHECK(dt_bias->scalar_type() == c10::ScalarType::Float && dt_bias->dim() == 2 &&
                     dt_bias->size(0) == hv && dt_bias->size(1) == D && dt_bias->stride(1) == 1,
@@ -259,7 +259,9 @@ KdaParams checked_params(const at::Tensor& q, const at::Tensor& k, const at::Ten
   check_memory(q, k, v, g, beta, A_log, dt_bias,
                state_in_place ? std::optional<at::Tensor>() : initial_state,
                final_state, out, cu_seqlens, workspace);
-  TORCH_CHECK(std::isfinite(scale) && std::isfinite(lower_bound), "scale and lower_bound must be finite");
+  // (as the kernels take them: fp32)
+  TORCH_CHECK(std::isfinite(static_cast<float>(scale)) && std::isfinite(static_cast<float>(lower_bound)),
+              "scale and lower_bound must be finite in fp32");
   return p;
 }
 
