@@ -4,13 +4,13 @@ nothing here writes to a caller's tensor.
 ``check_problem`` returns a ``Problem``: the inputs as 4-D token-major views (varlen ``[S, H, D]``
 gains a leading batch dim of 1), plus the facts the kernel call needs.
 
-``fwd`` (the FlashKDA surface, the hot one) runs these checks only when the compiled op refuses
-its arguments (api._fwd_unchecked): the binding's checks (binding.cpp, check_memory and
+Both entry points run these checks only when the compiled op refuses their arguments or cannot
+take them as given (api._run_unchecked): the binding's checks (binding.cpp, check_memory and
 checked_params) reject at least everything rejected here, tersely, and these then say what is
-wrong; tests/test_validation.py runs every bad case through both entry points. A rule added here
-must be added there. ``chunk_kda`` runs them on every call. They are written for host time all
-the same: reading one tensor attribute costs ~0.1 us, and the whole front end about 10 us
-(tools/host_overhead.py). Hence:
+wrong; tests/test_validation.py runs every bad case through both entry points with the kernel
+loaded. A rule added here must be added there. They are written for host time all the same
+(they run on every call of [S, H, K] varlen inputs, and under torch.compile): reading one tensor
+attribute costs ~0.1 us, and the whole of them about 10 us (tools/host_overhead.py). Hence:
 - each check first tests the good case in one expression; the loop that names the culprit runs
   only when that fails;
 - contiguous tensors (the common case) take short paths: no stride walks, one ``nbytes`` span;

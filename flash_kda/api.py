@@ -65,8 +65,9 @@ def fwd(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound,
 
     q/k are L2-normalised in the kernel, the gate uses A_log/dt_bias, beta goes through sigmoid.
     """
-    if _fwd_unchecked(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
-                      final_state, cu_seqlens, workspace):
+    if isinstance(A_log, torch.Tensor) and isinstance(dt_bias, torch.Tensor) and _run_unchecked(
+            q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state,
+            cu_seqlens, workspace, use_qk_l2norm=True):
         return
     # FlashKDA's surface always has the gate parameters and `out`. One expression for the good
     # case; require_tensor names what is wrong.
@@ -90,18 +91,19 @@ _OFFSET_DTYPES = (torch.int32, torch.int64)
 _REALS = (float, int)  # exactly these types (not bool): the op's float arguments
 
 
-def _fwd_unchecked(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
-                   final_state, cu_seqlens, workspace) -> bool:
-    """fwd's fast path: the compiled op with the arguments as given, its own checks (binding.cpp:
-    every argument, device, stride and overlap rule of _validate.py, tersely) standing in for the
-    Python ones, which cost more host time than launching the kernels. True if it ran. False —
-    nothing run, nothing written — where it does not apply (not yet loaded, tracing, [S, H, K]
-    inputs, cu_seqlens elsewhere than q's device, arguments of unexpected types) or where the op
-    rejected the arguments: then fwd's checked path runs and names the problem."""
+def _run_unchecked(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
+                   final_state, cu_seqlens, workspace, use_qk_l2norm: bool) -> bool:
+    """The entry points' fast path: the compiled op with the arguments as given, its own checks
+    (binding.cpp: every argument, device, stride and overlap rule of _validate.py, tersely)
+    standing in for the Python ones, which cost more host time than launching the kernels. True if
+    it ran. False — nothing run, nothing written — where it does not apply (not yet loaded,
+    tracing, [S, H, K] inputs, cu_seqlens elsewhere than q's device, arguments of unexpected types)
+    or where the op rejected the arguments: then the checked path runs and names the problem."""
     T = torch.Tensor
     if not (isinstance(q, T) and isinstance(k, T) and isinstance(v, T) and isinstance(g, T)
-            and isinstance(beta, T) and isinstance(out, T) and isinstance(A_log, T)
-            and isinstance(dt_bias, T) and (initial_state is None or isinstance(initial_state, T))
+            and isinstance(beta, T) and isinstance(out, T)
+            and (A_log is None or isinstance(A_log, T)) and (dt_bias is None or isinstance(dt_bias, T))
+            and (initial_state is None or isinstance(initial_state, T))
             and (final_state is None or isinstance(final_state, T))
             and (workspace is None or isinstance(workspace, T))
             and (scale is None or type(scale) in _REALS) and type(lower_bound) in _REALS):
@@ -126,8 +128,8 @@ def _fwd_unchecked(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, in
                 and same_view(final_state, initial_state))
     try:
         kernel.op(q, k, v, g, beta, A_log, dt_bias, None if in_place else initial_state, final_state,
-                  out, cu_seqlens, head_dim ** -0.5 if scale is None else scale, lower_bound, True,
-                  in_place, workspace)
+                  out, cu_seqlens, head_dim ** -0.5 if scale is None else scale, lower_bound,
+                  use_qk_l2norm, in_place, workspace)
     except ValueError as e:
         if str(e).startswith(_INVALID):
             return False
@@ -161,6 +163,11 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     """
     if not isinstance(output_final_state, bool) or not isinstance(use_qk_l2norm_in_kernel, bool):
         raise TypeError("output_final_state and use_qk_l2norm_in_kernel must be bool")
+    fast = _chunk_kda_unchecked(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                cu_seqlens, A_log, dt_bias, lower_bound, use_qk_l2norm_in_kernel,
+                                output, final_state)
+    if fast is not None:
+        return fast
     p = check_problem(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_bias, lower_bound)
     in_place = check_destinations(p, final_state, output, "output")
     if output is None:
@@ -171,4 +178,31 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         final_state = torch.empty(p.num_seqs, hv, K, K, dtype=state_dtype, device=v.device)
     _run(p, _as4d(output, p.packed), final_state, in_place, use_qk_l2norm=use_qk_l2norm_in_kernel,
          workspace=None)
+    return (output, final_state) if output_final_state else output
+
+
+def _chunk_kda_unchecked(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                         A_log, dt_bias, lower_bound, use_qk_l2norm, output, final_state):
+    """chunk_kda through _run_unchecked, its missing destinations allocated first (shapes read off
+    the arguments as given; if the op then refuses them, they are dropped). Its result, or None
+    where the checked path must run."""
+    T = torch.Tensor
+    if not (isinstance(q, T) and isinstance(v, T) and q.dim() == 4 and v.dim() == 4
+            and (output is None or isinstance(output, T))
+            and (initial_state is None or isinstance(initial_state, T))
+            and (final_state is None or isinstance(final_state, T))
+            and (cu_seqlens is None or isinstance(cu_seqlens, T) and cu_seqlens.dim() == 1)):
+        return None
+    if output is None:
+        output = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if final_state is None and output_final_state:
+        n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        if n < 0:
+            return None
+        state_dtype = initial_state.dtype if initial_state is not None else torch.float32
+        final_state = torch.empty(n, v.shape[2], q.shape[3], q.shape[3], dtype=state_dtype,
+                                  device=v.device)
+    if not _run_unchecked(q, k, v, g, beta, scale, output, A_log, dt_bias, lower_bound,
+                          initial_state, final_state, cu_seqlens, None, use_qk_l2norm):
+        return None
     return (output, final_state) if output_final_state else output

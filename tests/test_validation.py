@@ -86,10 +86,10 @@ FWD_CASES = [(n, b, TypeError, "dt_bias must be a torch.Tensor") if n == "A_log-
 
 @pytest.mark.parametrize("case", FWD_CASES, ids=[c[0] for c in FWD_CASES])
 def test_fwd_rejects_and_touches_nothing(case):
-    """As test_chunk_kda_rejects_and_touches_nothing, through fwd with its kernel already loaded:
-    fwd then calls the compiled op first, whose own checks must reject everything these cases
-    break (else the kernels would run on them), and only then explains in Python."""
-    call_fwd(good())  # loads the kernel: fwd's unchecked path applies from here on
+    """As test_chunk_kda_rejects_and_touches_nothing, through fwd: with its kernel loaded, fwd
+    calls the compiled op first, whose own checks must reject everything these cases break (else
+    the kernels would run on them), and only then explains in Python."""
+    call_fwd(good())  # loads the kernel: the unchecked path applies from here on
     name, breaker, exc, text = case
     p = good()
     over = breaker(p)
@@ -111,6 +111,9 @@ def _overlapping_states(s):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_chunk_kda_rejects_and_touches_nothing(case):
+    """With the kernel loaded, so that chunk_kda tries the compiled op first (its checks must
+    refuse every case) and explains in Python after."""
+    call_chunk(good())
     name, breaker, exc, text = case
     p = good()
     over = breaker(p)
