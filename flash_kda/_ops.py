@@ -28,8 +28,7 @@ def kernel_for(device: torch.device, head_dim: int, dtype: torch.dtype) -> "jit.
     holds its raw value, which jit.env.kernel_variant() parses and validates on a miss. The CPU
     module has a single variant, so CPU calls skip the environment read (~1 us).
     """
-    variant = None if device == _CPU else os.environ.get("FLASH_KDA_KERNEL")
-    key = (device, head_dim, dtype, variant)
+    key = _key(device, head_dim, dtype)
     kernel = _kernels.get(key)
     if kernel is None:
         with _kernels_lock:
@@ -44,8 +43,12 @@ def kernel_for(device: torch.device, head_dim: int, dtype: torch.dtype) -> "jit.
 def loaded_kernel(device: torch.device, head_dim: int, dtype: torch.dtype):
     """The kernel for this device/head dim/dtype if this process has loaded it, else None (never
     builds: the caller takes its checked path, which builds, on None)."""
+    return _kernels.get(_key(device, head_dim, dtype))
+
+
+def _key(device: torch.device, head_dim: int, dtype: torch.dtype) -> tuple:
     variant = None if device == _CPU else os.environ.get("FLASH_KDA_KERNEL")
-    return _kernels.get((device, head_dim, dtype, variant))
+    return (device, head_dim, dtype, variant)
 
 
 def forget_kernels() -> None:

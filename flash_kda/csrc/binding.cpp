@@ -62,8 +62,8 @@ TokenStrides token_strides(const at::Tensor& t, const char* name, int64_t heads,
               t.sizes());
   TORCH_CHECK(t.size(2) == heads, name, ": expected ", heads, " heads, got ", t.size(2));
   if (has_dim) {
-    TORCH_CHECK(t.size(3) == dim && (t.stride(3) == 1 || t.numel() == 0), name, ": last dim must be ", dim,
-                " and contiguous");
+    TORCH_CHECK(t.size(3) == dim && (t.stride(3) == 1 || t.numel() == 0), name,
+                ": last dim must be ", dim, " and contiguous");
   }
   return TokenStrides{t.stride(0), t.stride(1), t.stride(2)};
 }
@@ -75,10 +75,10 @@ StateStrides state_strides(const at::Tensor& s, const char* name, int64_t n, int
   return StateStrides{s.stride(0), s.stride(1), s.stride(2)};
 }
 
-// The prefix of every argument error this op raises. flash_kda.fwd calls the op first without its
-// own checks (they cost more host time than the kernels' launch); on an error with this prefix it
-// runs its Python checks, which name the problem precisely (flash_kda/_validate.py). So these
-// checks must reject at least everything that those do.
+// The prefix of every argument error this op raises. flash_kda.fwd and chunk_kda call the op first
+// without their own checks (they cost more host time than the kernels' launch); on an error with
+// this prefix they run their Python checks, which name the problem precisely
+// (flash_kda/_validate.py). So these checks must reject at least everything that those do.
 constexpr const char* kInvalid = "flash_kda: invalid arguments: ";
 
 // [first, last] byte address a tensor's elements touch (strides already checked non-negative).
@@ -150,7 +150,9 @@ void check_memory(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (final_state.has_value()) {
     state_span = span_of(*final_state);
     TORCH_CHECK(!internal_overlap(*final_state), "final_state has overlapping elements");
-    for (size_t i = 0; i < n_plain; ++i) TORCH_CHECK(!meet(state_span, in_spans[i]), "final_state overlaps an input");
+    for (size_t i = 0; i < n_plain; ++i) {
+      TORCH_CHECK(!meet(state_span, in_spans[i]), "final_state overlaps an input");
+    }
     // (in place: the op gets final_state alone; otherwise the two must not meet)
     if (initial_state.has_value()) TORCH_CHECK(!meet(state_span, in_spans.back()), "the states overlap");
     TORCH_CHECK(!meet(state_span, out_span), "out overlaps final_state");
