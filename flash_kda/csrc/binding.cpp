@@ -182,6 +182,11 @@ KdaParams checked_params(const at::Tensor& q, const at::Tensor& k, const at::Ten
               "q, k, v, out must be ", kInputDtype, " for this specialisation");
   const int64_t B = q.size(0), T = q.size(1), hqk = q.size(2), hv = v.size(2);
   TORCH_CHECK(hqk > 0 && hv % hqk == 0, "value heads must be a multiple of query/key heads");
+  // KdaParams holds head and sequence counts as int (the kernels' block indices): a count past
+  // 2^31 - 1 would wrap (a negative sequence count runs nothing and reports success).
+  constexpr int64_t kIntMax = 2147483647;
+  const int64_t seqs = cu_seqlens.has_value() ? cu_seqlens->numel() - 1 : B;
+  TORCH_CHECK(hv <= kIntMax && seqs <= kIntMax, "head and sequence counts must be below 2^31");
 
   KdaParams p{};
   p.seq_len = T;
