@@ -103,3 +103,15 @@ def unchanged(before: dict, tensors: dict) -> list[str]:
         if not torch.equal(a, b):
             changed.append(k)
     return changed
+
+
+def zero_channels(p):
+    """Exact zeros where a kernel that scales rows or channels by their largest magnitude has a
+    zero to scale: value channel 5 in every token (a zero row of U and of the new state), key
+    channel 7 over tokens 32..63 (a whole chunk of a CUDA kernel: a zero channel of K e^{γ_last-γ}
+    while the state's channel 7, from the initial state, is not zero)."""
+    v, k = p["v"].clone(), p["k"].clone()
+    v[..., 5] = 0
+    k[:, 32:64, :, 7] = 0
+    p["v"], p["k"] = v, k
+    return p

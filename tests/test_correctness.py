@@ -13,7 +13,7 @@ import flash_kda
 from flash_kda import _workspace
 from conftest import DEVICES, cuda_ok
 from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison,
-                         reference_of, rel_l2)
+                         reference_of, rel_l2, zero_channels)
 
 GPU_DTYPES = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -260,6 +260,17 @@ def test_magnitudes_far_from_one(device, case):
         p["beta"] = p["beta"] + 4.0
     out, final = run_chunk(p, use_qk_l2norm=l2)
     check(p, out, final, seed, use_qk_l2norm=l2, what=case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_channels(device):
+    """A scale chosen from a largest magnitude of 0 must not become an overflow (inf · 0 = NaN)."""
+    seed = fresh_seed()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = zero_channels(make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=dtype, device=device,
+                                   state=True, seed=seed, weak_decay=True))
+    out, final = run_chunk(p)
+    check(p, out, final, seed, what="zero channels")
 
 
 @pytest.mark.parametrize("device", DEVICES)

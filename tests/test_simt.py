@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kda_testing import OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison, reference_of, rel_l2
+from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison, reference_of,
+                         rel_l2, zero_channels)
 
 if not sys.platform.startswith("linux"):
     pytest.skip("the SIMT emulator uses ucontext fibers (Linux)", allow_module_level=True)
@@ -145,6 +146,16 @@ def test_magnitudes_far_from_one(case, monkeypatch):
         p["beta"] = p["beta"] + 4.0
     out, final = run(p, D=128, dtype=torch.bfloat16, use_qk_l2norm=l2, monkeypatch=monkeypatch)
     check(p, out, final, what=f"{case} (seed {s})", use_qk_l2norm=l2)
+
+
+@pytest.mark.parametrize("form", ["split", "fused"])
+def test_zero_channels(form, monkeypatch):
+    """As test_correctness.test_zero_channels, on the emulated kernels."""
+    s = seed()
+    p = zero_channels(make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=torch.bfloat16, state=True,
+                                   seed=s, weak_decay=True))
+    out, final = run(p, D=128, dtype=torch.bfloat16, layout={"FORM": form}, monkeypatch=monkeypatch)
+    check(p, out, final, what=f"{form}, zero channels (seed {s})")
 
 
 @pytest.mark.parametrize("D,layout", [(128, {"FORM": "split", "VS": 64, "PREP_THREADS": 512}),

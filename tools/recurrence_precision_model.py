@@ -17,6 +17,9 @@ one of these modes:
                  power-of-two scale (exact) that brings the largest magnitude of each scaled group
                  into [2^14, 2^15): S and U per state row, W, Q e^γ and A_qk per token, Klᵀ
                  per channel; the products are unscaled in fp32 (branch wip/fp16-recurrence)
+    fp16-chunk   S and U scaled per state row as in fp16-scaled, but each record array (W,
+                 Q e^γ, A_qk, Klᵀ) with one scale for the whole chunk: fewer multiplies in the
+                 recurrence (docs/performance.md v8), if the accuracy holds
     fp16-SU      scales on S and U only (the state-side operands); the records W, Q e^γ, A_qk
                  and Kl rounded to fp16 as they are
     fp16         fp16 operands without scales (shows what the scales are for)
@@ -41,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flash_kda.reference import gate_log_decay, kda_reference, l2norm  # noqa: E402
 
 C = 32  # tokens per chunk, as in the kernels
-MODES = ("tf32", "fp16-scaled", "fp16-SU", "fp16", "bf16")
+MODES = ("tf32", "fp16-scaled", "fp16-chunk", "fp16-SU", "fp16", "bf16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,6 +76,8 @@ def operand(x: torch.Tensor, mode: str, dims=None, record=False) -> torch.Tensor
     of the preparation's arrays rather than S or U)."""
     if mode == "fp16-SU":
         mode = "fp16" if record else "fp16-scaled"
+    if mode == "fp16-chunk":
+        return to_fp16_scaled(x.float().double(), None if record else dims)
     if mode == "tf32":
         return to_tf32(x)
     if mode == "fp16-scaled":
