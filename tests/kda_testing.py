@@ -115,3 +115,14 @@ def zero_channels(p):
     k[:, 32:64, :, 7] = 0
     p["v"], p["k"] = v, k
     return p
+
+
+def huge_state_channel(p):
+    """An initial state of 1e30 in key channel 3 (every value row), and keys that are zero in that
+    channel throughout: the state dwarfs its updates by ~2^100, so a kernel that scales the state by
+    the reciprocal size of the update (to put the update in a 16-bit format's range) overflows."""
+    h0, k = p["initial_state"].clone(), p["k"].clone()
+    h0[..., 3] = 1e30
+    k[..., 3] = 0
+    p["initial_state"], p["k"] = h0, k
+    return p

@@ -13,7 +13,7 @@ import flash_kda
 from flash_kda import _workspace
 from conftest import DEVICES, cuda_ok
 from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison,
-                         reference_of, rel_l2, zero_channels)
+                         reference_of, rel_l2, huge_state_channel, zero_channels)
 
 GPU_DTYPES = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -271,6 +271,17 @@ def test_zero_channels(device):
                                    state=True, seed=seed, weak_decay=True))
     out, final = run_chunk(p)
     check(p, out, final, seed, what="zero channels")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_far_beyond_its_updates(device):
+    """kda_testing.huge_state_channel: finite results with the error of ordinary inputs."""
+    seed = fresh_seed()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = huge_state_channel(make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=dtype, device=device,
+                                        state=True, seed=seed, weak_decay=True))
+    out, final = run_chunk(p)
+    check(p, out, final, seed, what="huge state channel")
 
 
 @pytest.mark.parametrize("device", DEVICES)

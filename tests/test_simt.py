@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison, reference_of,
-                         rel_l2, zero_channels)
+                         rel_l2, huge_state_channel, zero_channels)
 
 if not sys.platform.startswith("linux"):
     pytest.skip("the SIMT emulator uses ucontext fibers (Linux)", allow_module_level=True)
@@ -149,13 +149,16 @@ def test_magnitudes_far_from_one(case, monkeypatch):
 
 
 @pytest.mark.parametrize("form", ["split", "fused"])
-def test_zero_channels(form, monkeypatch):
-    """As test_correctness.test_zero_channels, on the emulated kernels."""
+@pytest.mark.parametrize("case", ["zero channels", "huge state channel"])
+def test_zeros_and_huge_states(case, form, monkeypatch):
+    """As test_correctness.test_zero_channels and test_state_far_beyond_its_updates, on the
+    emulated kernels."""
     s = seed()
-    p = zero_channels(make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=torch.bfloat16, state=True,
-                                   seed=s, weak_decay=True))
+    edit = zero_channels if case == "zero channels" else huge_state_channel
+    p = edit(make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=torch.bfloat16, state=True, seed=s,
+                          weak_decay=True))
     out, final = run(p, D=128, dtype=torch.bfloat16, layout={"FORM": form}, monkeypatch=monkeypatch)
-    check(p, out, final, what=f"{form}, zero channels (seed {s})")
+    check(p, out, final, what=f"{form}, {case} (seed {s})")
 
 
 @pytest.mark.parametrize("D,layout", [(128, {"FORM": "split", "VS": 64, "PREP_THREADS": 512}),
