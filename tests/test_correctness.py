@@ -263,25 +263,18 @@ def test_magnitudes_far_from_one(device, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_zero_channels(device):
-    """A scale chosen from a largest magnitude of 0 must not become an overflow (inf · 0 = NaN)."""
+@pytest.mark.parametrize("case", ["zero channels", "huge state channel"])
+def test_zeros_and_huge_states(device, case):
+    """kda_testing.zero_channels and huge_state_channel: a kernel that scales rows or channels by
+    their largest magnitude must not turn a zero's scale, or a state far beyond its updates, into
+    an overflow (inf, or inf · 0 = NaN); the error must stay that of ordinary inputs."""
     seed = fresh_seed()
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    p = zero_channels(make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=dtype, device=device,
-                                   state=True, seed=seed, weak_decay=True))
+    edit = zero_channels if case == "zero channels" else huge_state_channel
+    p = edit(make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=dtype, device=device, state=True,
+                          seed=seed, weak_decay=True))
     out, final = run_chunk(p)
-    check(p, out, final, seed, what="zero channels")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_state_far_beyond_its_updates(device):
-    """kda_testing.huge_state_channel: finite results with the error of ordinary inputs."""
-    seed = fresh_seed()
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    p = huge_state_channel(make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=dtype, device=device,
-                                        state=True, seed=seed, weak_decay=True))
-    out, final = run_chunk(p)
-    check(p, out, final, seed, what="huge state channel")
+    check(p, out, final, seed, what=case)
 
 
 @pytest.mark.parametrize("device", DEVICES)
