@@ -19,7 +19,7 @@ one of these modes:
                  per channel; the products are unscaled in fp32 (branch wip/fp16-recurrence)
     fp16-chunk   S and U scaled per state row as in fp16-scaled, but each record array (W,
                  Q e^γ, A_qk, Klᵀ) with one scale for the whole chunk: fewer multiplies in the
-                 recurrence (docs/performance.md v8), if the accuracy holds
+                 recurrence (docs/performance.md v8); same errors as fp16-scaled here
     fp16-SU      scales on S and U only (the state-side operands); the records W, Q e^γ, A_qk
                  and Kl rounded to fp16 as they are
     fp16         fp16 operands without scales (shows what the scales are for)
