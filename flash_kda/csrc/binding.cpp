@@ -235,10 +235,8 @@ KdaParams checked_params(const at::Tensor& q, const at::Tensor& k, const at::Ten
     TORCH_CHECK(cu_seqlens->device() == q.device(), "cu_seqlens must be on q's device");
     p.cu_seqlens = cu_seqlens->data_ptr();
     p.cu_seqlens_int64 = cu_seqlens->scalar_type() == c10::ScalarType::Long;
-    p.num_seqs = static_cast<int>(cu_seqlens->size(0) - 1);
-  } else {
-    p.num_seqs = static_cast<int>(B);
   }
+  p.num_seqs = static_cast<int>(seqs);  // (checked above to fit; cu_seqlens is 1-D by now)
 
   const std::optional<at::Tensor>& h0 = state_in_place ? final_state : initial_state;
   TORCH_CHECK(!state_in_place || final_state.has_value(), "state_in_place needs final_state");
