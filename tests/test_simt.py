@@ -116,6 +116,18 @@ def test_layouts(D, layout, monkeypatch):
     check(p, out, final, what=f"D={D} {layout} (seed {s})")
 
 
+@pytest.mark.parametrize("form", ["split", "fused"])
+def test_odd_head_and_sequence_counts(form, monkeypatch):
+    """Three sequences of three chunks, six value heads over two query/key heads (groups of three):
+    the preparation splits its block index by FastDiv (fast_div.h) with divisors that are not
+    powers of two; every (sequence, chunk, head) must land on its own tokens and record."""
+    s = seed()
+    p = make_problem(B=3, T=70, hqk=2, hv=6, D=64, dtype=torch.bfloat16, state=True, seed=s,
+                     weak_decay=True)
+    out, final = run(p, D=64, dtype=torch.bfloat16, layout={"FORM": form, "VS": 32}, monkeypatch=monkeypatch)
+    check(p, out, final, what=f"B=3 hqk=2 hv=6 {form} (seed {s})")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_varlen_and_state_dtypes(dtype, monkeypatch):
     """Varlen with an empty and a one-token sequence; states in the input dtype; no gate

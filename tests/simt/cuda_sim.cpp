@@ -41,8 +41,10 @@ int64_t slice_blocks(const KdaParams& p) {
 template <class L>
 void prep(const KdaParams& p) {
   float* scratch = static_cast<float*>(p.workspace);
-  simt::run_grid(tc::num_slots(p, C) * p.hv, L::kThreads, L::kSmemBytes,
-                 [&](int64_t blk, float* sm, int t) { tc::prep_block<L>(p, scratch, sm, blk, t); });
+  const tc::PrepGrid g = tc::make_prep_grid<L>(p);
+  simt::run_grid(tc::num_slots(p, C) * p.hv, L::kThreads, L::kSmemBytes, [&](int64_t blk, float* sm, int t) {
+    tc::prep_block<L>(p, g, scratch, sm, static_cast<uint32_t>(blk), t);
+  });
 }
 
 template <int VS>

@@ -21,6 +21,7 @@
 // gets undefined values (the front end rejects it before launching, as for every body).
 #pragma once
 
+#include "../fast_div.h"
 #include "../kda_params.h"
 #include "../port.cuh"
 #include "kda_chunk_tc.cuh"
@@ -51,6 +52,29 @@ FLASH_KDA_HD int64_t slot_base(const KdaParams& p, int n, int C) {
 FLASH_KDA_HD int64_t num_slots(const KdaParams& p, int C) {
   if (p.cu_seqlens == nullptr) return static_cast<int64_t>(p.num_seqs) * chunks_of(p.seq_len, C);
   return p.seq_len / C + p.num_seqs;
+}
+
+// What every preparation block would otherwise derive from p in each of its warps (~150 of the
+// ~1,000 instructions a warp executes per chunk, docs/performance.md v9): the divisors that split
+// the block index, as FastDiv, and whether every input can be read by 16-byte loads. Computed once
+// per launch on the host (make_prep_grid) and passed beside p.
+struct PrepGrid {
+  FastDiv by_hv;      // block -> (slot, value head)
+  FastDiv by_group;   // value head -> query/key head (hv / hqk value heads share one)
+  FastDiv by_chunks;  // dense: slot -> (sequence, chunk); chunks per sequence, at most 2^31 - 1
+  VecOk vec;          // vec_ok of p
+};
+
+template <class L>
+PrepGrid make_prep_grid(const KdaParams& p) {
+  PrepGrid g;
+  g.by_hv = FastDiv::of(p.hv);
+  g.by_group = FastDiv::of(p.hv / p.hqk);
+  // A slot index is below 2^31 (it comes from a grid's x index), so capping the divisor at 2^31 - 1
+  // changes no quotient: a longer sequence holds every slot as its chunk of sequence 0.
+  g.by_chunks = FastDiv::of(p.cu_seqlens == nullptr ? chunks_of(p.seq_len, L::C) : 1);
+  g.vec = vec_ok<L>(p);
+  return g;
 }
 
 // Bytes of scratch the split path needs for p (the host sizes the workspace with it).
@@ -233,16 +257,13 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, fl
 
 // The (sequence, chunk) of a slot: dense by division, varlen by binary search over slot_base.
 // False for an unused slot.
-FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, int64_t slot, int C, int& n, int64_t& chunk) {
+FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, const PrepGrid& g, uint32_t slot, int C, int& n,
+                                 int64_t& chunk) {
   if (p.cu_seqlens == nullptr) {
-    const int64_t per = chunks_of(p.seq_len, C);
-    if (slot <= INT32_MAX && per <= INT32_MAX) {  // 32-bit division: a 64-bit one is a long subroutine
-      n = static_cast<int>(slot) / static_cast<int>(per);
-      chunk = static_cast<int>(slot) % static_cast<int>(per);
-    } else {
-      n = static_cast<int>(slot / per);
-      chunk = slot % per;
-    }
+    uint32_t q, r;
+    g.by_chunks.divmod(slot, q, r);
+    n = static_cast<int>(q);
+    chunk = r;
     return true;
   }
   int lo = 0, hi = p.num_seqs - 1;  // largest n with slot_base(n) <= slot
@@ -262,16 +283,17 @@ FLASH_KDA_DEVICE void store_rows(float* dst, const float* src, int tid) {
 }
 
 template <class L>
-FLASH_KDA_DEVICE void prep_block(const KdaParams& p, float* scratch, float* sm, int64_t block, int tid) {
+FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* scratch, float* sm, uint32_t block,
+                                 int tid) {
   using R = Record<L::D, L::C>;
-  // (block < 2^31: a grid's x extent)
-  const int h = static_cast<int>(block) % p.hv;
-  const int64_t slot = static_cast<int>(block) / p.hv;
+  uint32_t slot, hu;  // (block < 2^31: a grid's x index)
+  g.by_hv.divmod(block, slot, hu);
+  const int h = static_cast<int>(hu);
   portable::Task t;
   int64_t chunk;
-  if (!slot_chunk(p, slot, L::C, t.n, chunk)) return;  // uniform: the whole block leaves
+  if (!slot_chunk(p, g, slot, L::C, t.n, chunk)) return;  // uniform: the whole block leaves
   t.h = h;
-  t.hk = h / (p.hv / p.hqk);
+  t.hk = static_cast<int>(g.by_group.div(hu));
   t.v0 = 0;
   t.r = seq_range(p, t.n);
   const int64_t t0 = chunk * L::C;
@@ -279,9 +301,9 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, float* scratch, float* sm, 
   const int warp = tid / 32;
   const Lane l{(tid % 32) / 4, tid % 4};
 
-  k_side_A<L>(p, t, t0, len, gate_exp_a(p, h), vec_ok<L>(p), sm, tid, warp, l);
+  k_side_A<L>(p, t, t0, len, gate_exp_a(p, h), g.vec, sm, tid, warp, l);
 
-  float* rec = scratch + (slot * p.hv + h) * static_cast<int64_t>(R::kFloats);
+  float* rec = scratch + static_cast<int64_t>(block) * R::kFloats;  // (slot, h) = slot hv + h
   constexpr int C = L::C, D = L::D, kRest = L::kThreads - 32;
   if (warp == 0) {
     invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);

@@ -206,18 +206,19 @@ FLASH_KDA_DEVICE void for_each_quad(int tid, F&& f) {
 // ---------------------------------------------------------------------------------------------
 // Whether a tensor's rows can be read as 16-byte vectors: aligned base and strides that keep every
 // row start aligned (`per16` elements per 16 bytes, a power of two: bit tests rather than 64-bit
-// remainders, which cost dozens of instructions each). Checked once per block; otherwise scalar loads.
-FLASH_KDA_DEVICE bool rows_aligned(const void* base, const TokenStrides& s, int per16) {
+// remainders, which cost dozens of instructions each). Checked once per block (the preparation:
+// once per launch, on the host, PrepGrid); otherwise scalar loads.
+FLASH_KDA_HD bool rows_aligned(const void* base, const TokenStrides& s, int per16) {
   return reinterpret_cast<uintptr_t>(base) % 16 == 0 && ((s.batch | s.token | s.head) & (per16 - 1)) == 0;
 }
 
 struct VecOk {
   bool q, k, v, g, dtb;
-  FLASH_KDA_DEVICE bool all() const { return q && k && v && g && dtb; }
+  FLASH_KDA_HD bool all() const { return q && k && v && g && dtb; }
 };
 
 template <class L>
-FLASH_KDA_DEVICE VecOk vec_ok(const KdaParams& p) {
+FLASH_KDA_HD VecOk vec_ok(const KdaParams& p) {
   constexpr int h = 16 / sizeof(port::input_t);
   const bool dtb = p.dt_bias == nullptr ||
                    (reinterpret_cast<uintptr_t>(p.dt_bias) % 16 == 0 && (p.dt_bias_head_stride & 3) == 0);

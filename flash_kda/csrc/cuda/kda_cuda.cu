@@ -56,13 +56,13 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_tc_kernel(cons
 
 // The two-kernel form (kda_chunk_split.cuh): preparation over (slot, head), then the recurrence.
 template <class L>
-__global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_prep_kernel(const KdaParams p) {
+__global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_prep_kernel(const KdaParams p, const tc::PrepGrid g) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
 #else
   extern __shared__ float4 smem_f4[];
-  tc::prep_block<L>(p, static_cast<float*>(p.workspace), reinterpret_cast<float*>(smem_f4),
-                    static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x));
+  tc::prep_block<L>(p, g, static_cast<float*>(p.workspace), reinterpret_cast<float*>(smem_f4), blockIdx.x,
+                    static_cast<int>(threadIdx.x));
 #endif
 }
 
@@ -90,14 +90,15 @@ void ensure_max_dynamic_smem(Kernel kernel, int bytes, int device, unsigned long
   done_mask |= bit;
 }
 
-// Launches `kernel` of layout L with `blocks` blocks (one per sequence x head x V slice).
-template <class L, class Kernel>
-void launch_layout(const char* name, Kernel kernel, int64_t blocks, const KdaParams& p,
-                   const port::DeviceInfo& dev, port::stream_t stream) {
+// Launches `kernel` of layout L with `blocks` blocks (one per sequence x head x V slice) and the
+// kernel's arguments (p, and what else it takes).
+template <class L, class Kernel, class... Args>
+void launch_layout(const char* name, Kernel kernel, int64_t blocks, const port::DeviceInfo& dev,
+                   port::stream_t stream, const Args&... args) {
   if (blocks > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
   static unsigned long long smem_set = 0;  // one mask per instantiation: L differs per kernel
   ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
-  port::launch(name, kernel, static_cast<unsigned>(blocks), L::kThreads, L::kSmemBytes, stream, p);
+  port::launch(name, kernel, static_cast<unsigned>(blocks), L::kThreads, L::kSmemBytes, stream, args...);
 }
 
 // One block layout (V-slice width VS, chunk C): its shared-memory need, grid size, cost and launch.
@@ -121,7 +122,7 @@ struct PortableVariant {
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    launch_layout<L>("kda_portable_kernel launch", kda_portable_kernel<L>, blocks(p), p, dev, stream);
+    launch_layout<L>("kda_portable_kernel launch", kda_portable_kernel<L>, blocks(p), dev, stream, p);
   }
 };
 
@@ -248,7 +249,7 @@ struct TcVariant : VariantBase<tc::Layout<kHeadDim, VS, 32, T>, VS, T,
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    launch_layout<L>("kda_tc_kernel launch", kda_tc_kernel<L>, Base::blocks(p), p, dev, stream);
+    launch_layout<L>("kda_tc_kernel launch", kda_tc_kernel<L>, Base::blocks(p), dev, stream, p);
   }
 };
 
@@ -275,8 +276,7 @@ struct RecurrenceVariant
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), p,
-                     dev, stream);
+    launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream, p);
   }
 };
 
@@ -356,9 +356,11 @@ bool launch_split(const KdaParams& p, const port::DeviceInfo& dev, port::stream_
   const int64_t blocks = tc::num_slots(p, kSplitChunk) * p.hv;
   if (blocks > 0) {
     if (prep_threads() == 512) {
-      launch_layout<PrepWide>("kda_prep_kernel launch", kda_prep_kernel<PrepWide>, blocks, p, dev, stream);
+      launch_layout<PrepWide>("kda_prep_kernel launch", kda_prep_kernel<PrepWide>, blocks, dev, stream, p,
+                              tc::make_prep_grid<PrepWide>(p));
     } else {
-      launch_layout<PrepNarrow>("kda_prep_kernel launch", kda_prep_kernel<PrepNarrow>, blocks, p, dev, stream);
+      launch_layout<PrepNarrow>("kda_prep_kernel launch", kda_prep_kernel<PrepNarrow>, blocks, dev, stream, p,
+                                tc::make_prep_grid<PrepNarrow>(p));
     }
   }
   return Split<kHeadDim>::launch(p, dev, stream);
