@@ -5,6 +5,7 @@ that import flash_kda against a throwaway cache."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,3 +73,19 @@ def compiles(stderr: str) -> int:
 
 def entries(cache: Path) -> list[Path]:
     return sorted(p for p in cache.iterdir() if p.is_dir() and (p / "meta.json").exists())
+
+
+def include_closure(root: Path, start: list[str]) -> set[str]:
+    """Every file under root that `start` (paths relative to root) reaches by #include "..."."""
+    seen, todo = set(), list(start)
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        path = root / rel
+        for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', path.read_text(), re.M):
+            target = (path.parent / name).resolve()
+            if target.is_file() and root.resolve() in target.parents:
+                todo.append(str(target.relative_to(root.resolve())))
+    return seen

@@ -233,6 +233,9 @@ def test_plan_for_mp31(fake_musa, jit):
     assert {"port.cuh", "port_device.cuh", "binding.cpp", "kda_params.h", "musa/kda_musa.mu", "cuda/kda_cuda.cu",
             "cuda/kda_chunk_portable.cuh"} <= rel
     assert not any(r.startswith("cpu/") for r in rel)
+    from jit_testing import include_closure  # every header the translation unit can reach
+    reached = include_closure(CSRC, ["musa/kda_musa.mu", "binding.cpp"])
+    assert "cuda/kda_cuda.cu" in reached and reached <= rel, f"not in the key: {sorted(reached - rel)}"
 
     fp16 = toolchain().plan(musa_spec(head_dim=64, dtype="fp16"))
     assert "-DFLASH_KDA_HEAD_DIM=64" in fp16.extra_device_cflags

@@ -213,7 +213,7 @@ class MusaToolchain(Toolchain):
 
     def source_paths(self, spec) -> list[str]:
         # The MUSA translation unit compiles the shared CUDA/MUSA body; all of it defines the module.
-        return ["port.cuh", "port_device.cuh", "cuda", "musa"]
+        return ["port.cuh", "port_device.cuh", "fast_div.h", "cuda", "musa"]
 
     # ---- compiler -----------------------------------------------------------------------------
     def musa_home(self) -> str:
