@@ -54,8 +54,8 @@ FLASH_KDA_HD int64_t num_slots(const KdaParams& p, int C) {
   return p.seq_len / C + p.num_seqs;
 }
 
-// What every preparation block would otherwise derive from p in each of its warps (~150 of the
-// ~1,000 instructions a warp executes per chunk, docs/performance.md v9): the divisors that split
+// What every preparation block would otherwise derive from p in each of its warps (about 200 of
+// the ~1,600 instructions a warp executed per chunk, docs/performance.md v9): the divisors that split
 // the block index, as FastDiv, and whether every input can be read by 16-byte loads. Computed once
 // per launch on the host (make_prep_grid) and passed beside p.
 struct PrepGrid {
