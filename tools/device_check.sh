@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The H100 verification run, as one command (device time is scarce): install flash_kda, prewarm
+# The GPU verification run (H100, H200), as one command (device time is scarce): install flash_kda, prewarm
 # the CUDA modules in parallel, run the main job, the GPU tests (fast and portable kernels), fla
 # compatibility, compute-sanitizer on small shapes, and the benchmark. Everything printed also goes,
 # as it happens, to $OUT/summary.txt, and the full logs are packed into $OUT/logs.tar.gz after each
