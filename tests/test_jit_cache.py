@@ -423,3 +423,29 @@ def test_cuda_key_covers_every_header_the_cuda_module_compiles():
     assert {"port.cuh", "kda_params.h", "cuda/ptx.cuh"} <= included  # the closure works
     assert included <= rel, f"not in the key: {sorted(included - rel)}"
     assert not any(r.startswith(("cpu/", "musa/")) for r in rel)
+
+
+def test_key_follows_includes_beyond_the_declared_sources(tmp_path, monkeypatch):
+    """A header that a backend's sources reach by #include but that its source_paths does not
+    name is still hashed, so editing it changes the cache key (session 9 found fast_div.h missing
+    from two backends' lists: only the tests' include walk caught it)."""
+    from flash_kda.jit import cache
+    from flash_kda.jit.backends.base import PACKAGE_CSRC
+    from flash_kda.jit.backends.cpu import CpuToolchain
+    csrc = tmp_path / "csrc"
+    shutil.copytree(PACKAGE_CSRC, csrc)
+    (csrc / "nested").mkdir()
+    (csrc / "nested" / "deeper.h").write_text("#pragma once\n#define FLASH_KDA_DEEPER 1\n")
+    (csrc / "extra_new.h").write_text('#pragma once\n#include "nested/deeper.h"\n')
+    tu = csrc / "cpu" / "kda_cpu.cpp"
+    tu.write_text('#include "../extra_new.h"\n' + tu.read_text())
+    (csrc / "unrelated.h").write_text("#pragma once\n")  # reached by nothing
+    monkeypatch.setenv("FLASH_KDA_CSRC_DIR", str(csrc))
+    tc, spec = CpuToolchain(), KernelSpec("cpu", "x86_64_v3", 128, "bf16")
+    assert not any(p.startswith(("extra", "nested")) for p in tc.source_paths(spec))
+    rel = {str(p.relative_to(csrc.resolve())) for p in tc.hashed_files(spec)}
+    assert {"extra_new.h", "nested/deeper.h", "cpu/kda_cpu.cpp", "kda_params.h"} <= rel
+    assert "unrelated.h" not in rel and not any(r.startswith(("cuda/", "musa/")) for r in rel)
+    before = cache.digest_files(tc.hashed_files(spec), csrc.resolve())
+    (csrc / "nested" / "deeper.h").write_text("#pragma once\n#define FLASH_KDA_DEEPER 2\n")
+    assert cache.digest_files(tc.hashed_files(spec), csrc.resolve()) != before

@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..includes import local_includes
+
 PACKAGE_CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
 
 
@@ -140,13 +142,14 @@ class Toolchain(ABC):
 
     def hashed_files(self, spec) -> list[Path]:
         """Files whose contents define the module: the shared header and binding plus the
-        backend's own files. Editing any of them changes the cache key; editing another
-        backend's files does not."""
+        backend's own files, and every file under csrc/ those reach by ``#include "..."`` (so a
+        header missing from ``source_paths`` is still covered). Editing any of them changes the
+        cache key; editing another backend's files does not."""
         files = []
         for rel in SHARED_SOURCES + self.source_paths(spec):
             path = csrc_dir() / rel
             files += [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
-        return sorted(set(files))
+        return sorted(local_includes(csrc_dir(), files))
 
     @abstractmethod
     def source_paths(self, spec) -> list[str]:
