@@ -153,4 +153,6 @@ class Toolchain(ABC):
 
     @abstractmethod
     def source_paths(self, spec) -> list[str]:
-        """Files and directories under csrc/ that this backend compiles from (beyond the shared ones)."""
+        """Files and directories under csrc/ that this backend compiles from (beyond the shared
+        ones). Headers they reach by ``#include "..."`` need not be listed: hashed_files follows
+        the includes."""
