@@ -79,6 +79,16 @@ def make_problem(*, B=1, T=64, hqk=2, hv=2, D=64, dtype=torch.float32, device="c
     )
 
 
+def with_fp32_gates(p32: dict, dtype) -> dict:
+    """A float32 problem with q, k, v in `dtype` and g, beta left in float32 (values that 16-bit
+    types do not hold): the contract allows fp32 g and beta beside 16-bit inputs, and the kernels
+    read them by a path of their own."""
+    p = dict(p32)
+    for name in ("q", "k", "v"):
+        p[name] = p32[name].to(dtype)
+    return p
+
+
 def reference_of(p: dict, scale=None, use_qk_l2norm=True, lower_bound=-5.0):
     return kda_reference(p["q"].cpu(), p["k"].cpu(), p["v"].cpu(), p["g"].cpu(), p["beta"].cpu(),
                          scale=scale,

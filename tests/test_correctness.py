@@ -13,7 +13,7 @@ import flash_kda
 from flash_kda import _workspace
 from conftest import DEVICES, cuda_ok
 from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison,
-                         reference_of, rel_l2, huge_state_channel, zero_channels)
+                         reference_of, rel_l2, huge_state_channel, with_fp32_gates, zero_channels)
 
 GPU_DTYPES = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -107,6 +107,18 @@ def test_grouped_heads_gate_l2norm(device, gate, l2norm):
     out, final = run_chunk(p, use_qk_l2norm=l2norm, scale=0.3, lower_bound=-3.0)
     check(p, out, final, seed, use_qk_l2norm=l2norm, scale=0.3, lower_bound=-3.0,
           what=f"Hqk2 Hv8 gate={gate} l2norm={l2norm}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gate", [True, False], ids=["gate-params", "log-decay"])
+def test_fp32_g_and_beta_beside_16bit_inputs(device, gate):
+    """g and beta in float32 with bf16 q, k, v (varlen, a short last chunk): their own read path."""
+    seed = fresh_seed()
+    p32 = make_problem(seqlens=[45, 70], hqk=2, hv=4, D=64, dtype=torch.float32, device=device,
+                       state=True, gate=gate, seed=seed, weak_decay=True)
+    p = with_fp32_gates(p32, torch.bfloat16)
+    out, final = run_chunk(p)
+    check(p, out, final, seed, what=f"fp32 g, beta (gate={gate})")
 
 
 @pytest.mark.parametrize("device", DEVICES)

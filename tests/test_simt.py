@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison, reference_of,
-                         rel_l2, huge_state_channel, zero_channels)
+                         rel_l2, huge_state_channel, with_fp32_gates, zero_channels)
 
 if not sys.platform.startswith("linux"):
     pytest.skip("the SIMT emulator uses ucontext fibers (Linux)", allow_module_level=True)
@@ -137,6 +137,19 @@ def test_varlen_and_state_dtypes(dtype, monkeypatch):
                      state_dtype=dtype, gate=False, seed=s, weak_decay=True)
     out, final = run(p, D=128, dtype=dtype, state_dtype=dtype, monkeypatch=monkeypatch)
     check(p, out, final, what=f"varlen {dtype} (seed {s})")
+
+
+@pytest.mark.parametrize("form", ["split", "fused", "portable"])
+def test_fp32_g_and_beta(form, monkeypatch):
+    """g and beta in float32 beside bf16 q, k, v, with and without gate parameters: the loaders'
+    fp32 read paths (as test_correctness.test_fp32_g_and_beta_beside_16bit_inputs)."""
+    for gate in (True, False):
+        s = seed()
+        p32 = make_problem(seqlens=[45, 70], hqk=2, hv=2, D=64, dtype=torch.float32, state=True,
+                           gate=gate, seed=s, weak_decay=True)
+        p = with_fp32_gates(p32, torch.bfloat16)
+        out, final = run(p, D=64, dtype=torch.bfloat16, layout={"FORM": form}, monkeypatch=monkeypatch)
+        check(p, out, final, what=f"fp32 g, beta, gate={gate}, {form} (seed {s})")
 
 
 @pytest.mark.parametrize("case", ["values x1e6", "values x1e-6", "queries x1e-5, no l2norm",

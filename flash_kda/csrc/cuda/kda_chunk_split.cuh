@@ -301,7 +301,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
   const int warp = tid / 32;
   const Lane l{(tid % 32) / 4, tid % 4};
 
-  k_side_A<L>(p, t, t0, len, gate_exp_a(p, h), g.vec, sm, tid, warp, l);
+  k_side_A<L>(p, t, t0, len, g.vec, sm, tid, warp, l);
 
   float* rec = scratch + static_cast<int64_t>(block) * R::kFloats;  // (slot, h) = slot hv + h
   constexpr int C = L::C, D = L::D, kRest = L::kThreads - 32;

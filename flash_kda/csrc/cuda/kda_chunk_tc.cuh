@@ -260,62 +260,91 @@ FLASH_KDA_DEVICE void store8(float* dst, const float (&x)[8]) {
   st4(dst + 4, make_float4(x[4], x[5], x[6], x[7]));
 }
 
+// Element i of a buffer of fp32 or of the input dtype, as raw bits (a 16-bit element in the low
+// half), and its value: load_as_float in two steps, so that the read can be issued early and the
+// conversion, which waits for it, placed late.
+FLASH_KDA_DEVICE uint32_t load_bits(const void* base, int64_t i, bool is_fp32) {
+  return is_fp32 ? static_cast<const uint32_t*>(base)[i] : static_cast<const uint16_t*>(base)[i];
+}
+FLASH_KDA_DEVICE float float_from_bits(uint32_t bits, bool is_fp32) {
+  if (is_fp32) return __uint_as_float(bits);
+  const uint16_t h = static_cast<uint16_t>(bits);
+  return port::to_float(*reinterpret_cast<const port::input_t*>(&h));
+}
+
+// Zeros for a row past the chunk's end (a select, not a multiply: the reread row may hold a NaN).
+FLASH_KDA_DEVICE void zero_past_end(bool dead, float (&x)[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) x[e] = dead ? 0.0f : x[e];
+}
+
 // Chunk input, normalised on the way in: q <- scale · q / ||q||, k <- k / ||k|| (norms optional),
 // a <- the gate's log-decay in log2 units (clamped like the portable body), v, sigmoid(b). A thread
 // reads 8 consecutive channels of a row; the D / 8 lanes of a row (one warp or part of one) reduce
 // the squared norm with shuffles. Tokens past the sequence end are zero.
+//
+// Every global read of the chunk (q, k, g, dt_bias, v, b and A_log[h]) is issued before any loaded
+// value is used, in code without branches around the reads, so that their latencies overlap: one
+// round trip per chunk. (Written with the reads under `if (i < len)` and v and b after the norms,
+// the SASS waited for q and k before issuing v's read and for v before b's, and for A_log before
+// all of them: four DRAM or L2 round trips in a row per block, docs/performance.md v11.) Rows past
+// the chunk's end read the chunk's last row instead, which lies in the tensor (len >= 1: the
+// callers never load an empty chunk), and are replaced by zeros afterwards, as the arrays held
+// before. (The gates' zeros are what the result needs, to keep γ_last at the last real token; q,
+// k and v of those rows meet only zero coefficients, β = 0, and the reread row is a real one.)
 template <class L, bool kVec>
-FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, int64_t t0, int len,
-                                 float exp_a, VecOk vec, float* sm, int tid) {
+FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, int64_t t0, int len, VecOk vec,
+                                 float* sm, int tid) {
   constexpr int D = L::D, RV = D / 8;        // vectors per row = lanes sharing a row
   constexpr int kPass = L::C * RV / L::kThreads;
+  constexpr int kVItems = L::C * L::VS / 8;  // v's 8-element items, a fixed count per thread
+  constexpr int kVPass = (kVItems + L::kThreads - 1) / L::kThreads;
   static_assert(RV <= 32 && 32 % RV == 0 && (L::C * RV) % L::kThreads == 0, "row lanes");
   const bool gate = p.A_log != nullptr;
-  float qx[kPass][8], kx[kPass][8], gx[kPass][8], dtb[kPass][8];
+  const int last = len - 1;
+
+  // 1. The reads.
+  float qx[kPass][8], kx[kPass][8], gx[kPass][8], dtb[kPass][8], vx[kVPass][8];
+  const float a_log = gate ? p.A_log[t.h] : 0.0f;
+  // b as raw bits, converted in part 2: a conversion here would wait for the read and hold back
+  // every read issued after it
+  uint32_t b_bits = 0;
+  if (tid < L::C) b_bits = load_bits(p.beta, token_offset(p.beta_strides, t.r, t0 + min(tid, last), t.h), p.beta_fp32);
 #pragma unroll
   for (int r = 0; r < kPass; ++r) {
-    const int item = tid + r * L::kThreads, i = item / RV, c = (item % RV) * 8;
-    // dt_bias straight from global memory (cached: every block of the head reads the same row), so
-    // the chunk's loads all go out at once, with no barrier before them.
+    const int item = tid + r * L::kThreads, i = min(item / RV, last), c = (item % RV) * 8;
+    // dt_bias straight from global memory (cached: every block of the head reads the same row)
     if (gate) {
       load8<kVec>(p.dt_bias, t.h * p.dt_bias_head_stride + c, true, vec.dtb, dtb[r]);
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) dtb[r][e] = 0.0f;
     }
-    if (i < len) {
-      load8<kVec>(p.q, token_offset(p.q_strides, t.r, t0 + i, t.hk) + c, false, vec.q, qx[r]);
-      load8<kVec>(p.k, token_offset(p.k_strides, t.r, t0 + i, t.hk) + c, false, vec.k, kx[r]);
-      load8<kVec>(p.g, token_offset(p.g_strides, t.r, t0 + i, t.h) + c, p.g_fp32, vec.g, gx[r]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) qx[r][e] = kx[r][e] = gx[r][e] = 0.0f;
-    }
+    load8<kVec>(p.q, token_offset(p.q_strides, t.r, t0 + i, t.hk) + c, false, vec.q, qx[r]);
+    load8<kVec>(p.k, token_offset(p.k_strides, t.r, t0 + i, t.hk) + c, false, vec.k, kx[r]);
+    load8<kVec>(p.g, token_offset(p.g_strides, t.r, t0 + i, t.h) + c, p.g_fp32, vec.g, gx[r]);
   }
-  constexpr int kVItems = L::C * L::VS / 8;  // a fixed count per thread: an unrolled loop
 #pragma unroll
-  for (int r = 0; r < (kVItems + L::kThreads - 1) / L::kThreads; ++r) {
+  for (int r = 0; r < kVPass; ++r) {  // (items past kVItems, where threads outnumber them, reread the last)
+    const int item = min(tid + r * L::kThreads, kVItems - 1);
+    const int i = min(item / (L::VS / 8), last), c = (item % (L::VS / 8)) * 8;
+    load8<kVec>(p.v, token_offset(p.v_strides, t.r, t0 + i, t.h) + t.v0 + c, false, vec.v, vx[r]);
+  }
+
+  // 2. Their uses. Rows past the end are zeroed just before their stores, the norms and gates having
+  // been computed from the reread row; for whole chunks (the common case) this costs nothing.
+  const bool short_chunk = len < L::C;  // uniform
+#pragma unroll
+  for (int r = 0; r < kVPass; ++r) {
     const int item = tid + r * L::kThreads;
     if (kVItems % L::kThreads != 0 && item >= kVItems) break;
     const int i = item / (L::VS / 8), c = (item % (L::VS / 8)) * 8;
-    float vx[8];
-    if (i < len) {
-      load8<kVec>(p.v, token_offset(p.v_strides, t.r, t0 + i, t.h) + t.v0 + c, false, vec.v, vx);
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) vx[e] = 0.0f;
-    }
-    store8(sm + L::kVx + i * L::LDV + c, vx);
+    if (short_chunk) zero_past_end(i >= len, vx[r]);
+    store8(sm + L::kVx + i * L::LDV + c, vx[r]);
   }
-  if (tid < L::C) {
-    float b = 0.0f;
-    if (tid < len) {
-      b = fast_sigmoid(port::load_as_float(p.beta, token_offset(p.beta_strides, t.r, t0 + tid, t.h),
-                                           p.beta_fp32));
-    }
-    sm[L::kBeta + tid] = b;
-  }
+  if (tid < L::C) sm[L::kBeta + tid] = tid < len ? fast_sigmoid(float_from_bits(b_bits, p.beta_fp32)) : 0.0f;
 
+  const float exp_a = gate ? port::exp(a_log) : 0.0f;
   const float lb2 = p.lower_bound * portable::kLog2e;
   constexpr float kMin2 = portable::kMinLogDecay;  // log2 units; only needs to stay finite
 #pragma unroll
@@ -338,13 +367,22 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
     for (int e = 0; e < 8; ++e) {
       qx[r][e] *= qm;
       kx[r][e] *= km;
-      float a = gx[r][e];
-      if (gate && i < len) {
-        a = lb2 * fast_sigmoid(exp_a * (a + dtb[r][e]));
-      } else {
-        a *= portable::kLog2e;
-      }
-      gx[r][e] = a < kMin2 ? kMin2 : a;  // NaN passes
+    }
+    // (computed for every row and then selected: a branch per element would serialise the
+    // elements' exp2 / reciprocal chains)
+    if (gate) {  // uniform
+#pragma unroll
+      for (int e = 0; e < 8; ++e) gx[r][e] = lb2 * fast_sigmoid(exp_a * (gx[r][e] + dtb[r][e]));
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) gx[r][e] *= portable::kLog2e;
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) gx[r][e] = gx[r][e] < kMin2 ? kMin2 : gx[r][e];  // NaN passes
+    if (short_chunk) {
+      zero_past_end(i >= len, qx[r]);
+      zero_past_end(i >= len, kx[r]);
+      zero_past_end(i >= len, gx[r]);
     }
     store8(sm + L::kQ + i * L::LD + c, qx[r]);
     store8(sm + L::kK + i * L::LD + c, kx[r]);
@@ -654,23 +692,18 @@ FLASH_KDA_DEVICE void update_state(float* sm, int warp, Lane l) {
 // ---------------------------------------------------------------------------------------------
 // The whole block: every chunk of its sequence, then the final state.
 // ---------------------------------------------------------------------------------------------
-// e^{A_log[h]} (0 without gate parameters). (load_chunk reads dt_bias itself.)
-FLASH_KDA_DEVICE float gate_exp_a(const KdaParams& p, int h) {
-  return p.A_log == nullptr ? 0.0f : port::exp(p.A_log[h]);
-}
-
 // The K-side phases of a chunk up to A (loads, norms, gate, decays, A_kk, A_qk), shared by
 // run_block and the two-kernel form's preparation (kda_chunk_split.cuh); ends with every thread
 // past a barrier. Call it with every thread past a barrier since the arrays' last use.
 template <class L>
-FLASH_KDA_DEVICE void k_side_A(const KdaParams& p, const portable::Task& t, int64_t t0, int len,
-                               float exp_a, VecOk vec, float* sm, int tid, int warp, Lane l) {
+FLASH_KDA_DEVICE void k_side_A(const KdaParams& p, const portable::Task& t, int64_t t0, int len, VecOk vec,
+                               float* sm, int tid, int warp, Lane l) {
   int* flags_sm = reinterpret_cast<int*>(sm + L::kFlags);
   if (tid == 0) *flags_sm = 0;
   if (vec.all()) {  // uniform across the block
-    load_chunk<L, true>(p, t, t0, len, exp_a, vec, sm, tid);
+    load_chunk<L, true>(p, t, t0, len, vec, sm, tid);
   } else {
-    load_chunk<L, false>(p, t, t0, len, exp_a, vec, sm, tid);
+    load_chunk<L, false>(p, t, t0, len, vec, sm, tid);
   }
   port::block_sync();
   cumsum_and_boundaries<L>(sm, tid);
@@ -691,14 +724,13 @@ FLASH_KDA_DEVICE void run_block(const KdaParams& p, float* sm, int block, int ti
   const portable::Task t = portable::block_task<L>(p, block);
   const int warp = tid / 32;
   const Lane l{(tid % 32) / 4, tid % 4};
-  const float exp_a = gate_exp_a(p, t.h);
   portable::load_state<L>(p, t, sm, tid);
   const VecOk vec = vec_ok<L>(p);
 
   for (int64_t t0 = 0; t0 < t.r.len; t0 += L::C) {
     const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
     port::block_sync();  // previous chunk done with every array; S visible
-    k_side_A<L>(p, t, t0, len, exp_a, vec, sm, tid, warp, l);
+    k_side_A<L>(p, t, t0, len, vec, sm, tid, warp, l);
     scale_for_state<L>(sm, tid);
     port::block_sync();
     OutTile<L> tile = out_tile<L>(warp);
