@@ -345,6 +345,24 @@ inline void mma16(float (&d)[4], const uint32_t (&a)[4], uint2 b) {
       [](int k, int col) { return half_of(simt::word(col * 4 + (k % 8) / 2, 4 + (k >= 8)), k & 1); });
 }
 
+// ldmatrix .x4 / .x2 (b16): lane 8m + i deposits the shared address of row i of matrix m; lane
+// (g, t) then reads word t of row g of each matrix. A misaligned row address is an error on the
+// hardware, and here.
+template <int N>
+inline void ldmatrix_n(uint32_t (&r)[N], unsigned addr) {
+  simt::deposit(0, addr);
+  __syncwarp();
+  const int g = simt::lane() / 4, t = simt::lane() % 4;
+  for (int m = 0; m < N; ++m) {
+    const unsigned row = simt::word(8 * m + g, 0);
+    if (row % 16 != 0) throw std::runtime_error("simt: ldmatrix row address not 16-byte aligned");
+    memcpy(&r[m], simt::block()->smem + row + 4 * t, 4);
+  }
+  __syncwarp();
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], unsigned addr) { ldmatrix_n<4>(r, addr); }
+inline void ldmatrix_x2(uint32_t (&r)[2], unsigned addr) { ldmatrix_n<2>(r, addr); }
+
 inline void cp_async16(unsigned dst, const float* src) { memcpy(simt::block()->smem + dst, src, 16); }
 inline unsigned shared_address(const float* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
 inline void cp_async_commit() {}

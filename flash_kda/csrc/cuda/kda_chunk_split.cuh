@@ -150,6 +150,7 @@ struct PrepLayout {
   static_assert(C == 32, "invert_T handles two 16-token sub-blocks");
   static_assert((C * D) % kThreads == 0 && C <= kThreads && D <= kThreads, "loader layout");
   static_assert(LD % 32 == 4 && LDA % 32 == 4 && LDV % 32 == 8, "bank-conflict-free fragments");
+  static_assert(kK % 4 == 0 && kQ % 4 == 0 && kKe % 4 == 0 && kT % 4 == 0 && kM % 4 == 0, "16-byte rows for ldmatrix");
 };
 
 // T = (I + diag(β) A_kk)^{-1} diag(β) for a 32-token chunk, by one warp. Lane j < 16 substitutes
@@ -223,6 +224,7 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, fl
                               Lane l) {
   static_assert(L::C == 32, "two row blocks of 16");
   constexpr int kTiles = L::D / 8, kSteps = (kTiles + L::kWarps - 1) / L::kWarps;
+  const unsigned t_row = frag_a_row(T, L::LDA, 4 * l.g + l.t);
 #pragma unroll
   for (int step = 0; step < kSteps; ++step) {
     const int col0 = (warp + step * L::kWarps) * 8;
@@ -241,7 +243,7 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, fl
 #pragma unroll
       for (int kb = 0; kb < 2 * (m + 1); ++kb) {
         uint32_t a[4];
-        load_a(a, T + m * 16 * L::LDA + kb * 8, L::LDA, l);
+        ldmatrix_x4(a, t_row + 4 * (m * 16 * L::LDA + kb * 8));
         mma(u, a, bv[kb]);
         mma(w, a, bk[kb]);
       }

@@ -107,6 +107,7 @@ struct Layout {
   static_assert((C * D) % kThreads == 0 && (C * VS) % kThreads == 0, "whole loads per thread");
   static_assert(C <= kThreads && D <= kThreads, "the loaders give one thread per token / channel");
   static_assert(LD % 32 == 4 && LDA % 32 == 4 && LDV % 32 == 8, "bank-conflict-free fragments");
+  static_assert(kK % 4 == 0 && kQ % 4 == 0 && kKe % 4 == 0 && kM % 4 == 0, "16-byte rows for ldmatrix (compute_A)");
 };
 
 // log2 of the largest inverse decay a diagonal tile may carry (see the header comment): operands
@@ -174,6 +175,19 @@ FLASH_KDA_DEVICE void load_b(uint32_t (&b)[2], const float* p, int ld, Lane l) {
 FLASH_KDA_DEVICE void load_b_t(uint32_t (&b)[2], const float* p, int ld, Lane l) {
   b[0] = tf32(p[l.t * ld + l.g]);
   b[1] = tf32(p[(l.t + 4) * ld + l.g]);
+}
+
+// The same A (load_a) and B (load_b) fragments by ldmatrix (ptx.cuh): one instruction instead of
+// four or two shared loads. The lane's row address is formed once (frag_a_row / frag_b_row of the
+// tile's top-left element p, row stride ld floats); the tile k columns to the right is at + 4k bytes.
+// Rows must start 16-byte aligned (p and ld multiples of 4 floats). Lane i gives A's row i % 16,
+// columns 4 (i / 16) .. + 3 (the four 8 x 4 quarters a0..a3), and B's row (column n) i % 8, k
+// columns 4 ((i / 8) % 2) .. + 3 (b0, b1; lanes 16..31 repeat 0..15, unused by .x2).
+FLASH_KDA_DEVICE unsigned frag_a_row(const float* p, int ld, int lane) {
+  return shared_address(p + (lane % 16) * ld + (lane / 16) * 4);
+}
+FLASH_KDA_DEVICE unsigned frag_b_row(const float* p, int ld, int lane) {
+  return shared_address(p + (lane % 8) * ld + ((lane / 8) % 2) * 4);
 }
 
 FLASH_KDA_DEVICE void zero(float (&d)[4]) { d[0] = d[1] = d[2] = d[3] = 0.0f; }
@@ -490,25 +504,32 @@ FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
     while (pair_index(I + 1, 0) <= pr) ++I;
     const int J = pr - pair_index(I, 0);
     if (I == J && ((flags >> I) & 1)) continue;  // done by compute_diag_fallback
-    const int i0 = I * L::BS, j0 = J * L::BS + 8 * h;
-    const float* R = sm + (qk ? L::kQ : L::kK) + i0 * L::LD;
-    const float* Ke = sm + L::kKe + (j0 + l.g) * L::LD;
-    const float* M = sm + L::kM + pr * D;
-    float acc[4];
-    zero(acc);
+    const int i0 = I * L::BS, j0 = J * L::BS + 8 * h, lane = 4 * l.g + l.t;
+    const unsigned R = frag_a_row(sm + (qk ? L::kQ : L::kK) + i0 * L::LD, L::LD, lane);
+    const unsigned Ke = frag_b_row(sm + L::kKe + j0 * L::LD, L::LD, lane);
+    // M's factors for B's two registers (channels kb + t, kb + t + 4) by the same ldmatrix, every
+    // row address of a matrix on the one vector (row stride 0): one instruction for two loads
+    const unsigned M = frag_b_row(sm + L::kM + pr * D, 0, lane);
+    // Two accumulators (even and odd k-blocks), summed at the end: the mma chain of a unit, which
+    // is the phase's latency, is half as long.
+    float acc[2][4];
+    zero(acc[0]);
+    zero(acc[1]);
 #pragma unroll 4
     for (int kb = 0; kb < D; kb += 8) {
-      uint32_t a[4], b[2];
-      b[0] = tf32(Ke[kb + l.t] * M[kb + l.t]);
-      b[1] = tf32(Ke[kb + l.t + 4] * M[kb + l.t + 4]);
-      load_a(a, R + kb, L::LD, l);
-      mma(acc, a, b);
+      uint32_t a[4], b[2], m[2];
+      ldmatrix_x2(b, Ke + 4 * kb);
+      ldmatrix_x2(m, M + 4 * kb);
+      b[0] = tf32(__uint_as_float(b[0]) * __uint_as_float(m[0]));
+      b[1] = tf32(__uint_as_float(b[1]) * __uint_as_float(m[1]));
+      ldmatrix_x4(a, R + 4 * kb);
+      mma(acc[(kb / 8) % 2], a, b);
     }
     float* out = sm + (qk ? L::kAqk : L::kAkk);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = i0 + l.g + (e >= 2 ? 8 : 0), j = j0 + 2 * l.t + (e & 1);
-      out[i * L::LDA + j] = (qk ? j <= i : j < i) ? round_tf32(acc[e]) : 0.0f;
+      out[i * L::LDA + j] = (qk ? j <= i : j < i) ? round_tf32(acc[0][e] + acc[1][e]) : 0.0f;
     }
   }
 }

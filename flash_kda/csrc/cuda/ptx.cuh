@@ -48,6 +48,23 @@ FLASH_KDA_DEVICE void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// ldmatrix (sm_75+): N 8 x 8 matrices of 16-bit elements from shared memory, one register per
+// matrix and lane. Lane 8m + i gives the shared address of row i of matrix m (16-byte aligned;
+// lanes past 8N give none that is read); lane (g, t) = (lane / 4, lane % 4) receives 32-bit word
+// t of row g of matrix m in r[m]. A row of 16 bytes is also four fp32 values, so one ldmatrix.x4
+// is a whole TF32 A fragment and one .x2 a B fragment (kda_chunk_tc.cuh, ld_frag_a / ld_frag_b):
+// one instruction where four or two shared loads were. (A "memory" clobber: the compiler must not
+// move the read across a store or barrier it does not see as one.)
+FLASH_KDA_DEVICE void ldmatrix_x4(uint32_t (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+FLASH_KDA_DEVICE void ldmatrix_x2(uint32_t (&r)[2], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(addr) : "memory");
+}
+
 // cp.async (sm_80): 16-byte global -> shared copies that complete in commit-group order.
 // (dst: a shared-space byte address, so that a caller can add constant offsets to one base.)
 FLASH_KDA_DEVICE void cp_async16(unsigned dst, const float* src) {
