@@ -52,7 +52,7 @@ FLASH_KDA_DEVICE void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t 
 // matrix and lane. Lane 8m + i gives the shared address of row i of matrix m (16-byte aligned;
 // lanes past 8N give none that is read); lane (g, t) = (lane / 4, lane % 4) receives 32-bit word
 // t of row g of matrix m in r[m]. A row of 16 bytes is also four fp32 values, so one ldmatrix.x4
-// is a whole TF32 A fragment and one .x2 a B fragment (kda_chunk_tc.cuh, ld_frag_a / ld_frag_b):
+// is a whole TF32 A fragment and one .x2 a B fragment (kda_chunk_tc.cuh, frag_a_row / frag_b_row):
 // one instruction where four or two shared loads were. (A "memory" clobber: the compiler must not
 // move the read across a store or barrier it does not see as one.)
 FLASH_KDA_DEVICE void ldmatrix_x4(uint32_t (&r)[4], unsigned addr) {
