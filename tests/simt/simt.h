@@ -99,6 +99,7 @@ struct Block {
   ucontext_t scheduler;
   int current = 0;
   char* smem = nullptr;
+  size_t smem_bytes = 0;
   Barrier all;
   std::map<int, Barrier> named;
   std::vector<Warp> warps;
@@ -189,6 +190,7 @@ inline void run_block(int threads, int smem_bytes, float fill, const std::functi
   std::vector<float4> smem((smem_bytes + 15) / 16 + 1);
   for (float4& v : smem) v = make_float4(fill, fill, fill, fill);
   b.smem = reinterpret_cast<char*>(smem.data());
+  b.smem_bytes = static_cast<size_t>(smem_bytes);
   b.all.expected = threads;
   b.warps.resize(threads / 32);
   for (Warp& w : b.warps) w.bar.expected = 32;
@@ -346,16 +348,22 @@ inline void mma16(float (&d)[4], const uint32_t (&a)[4], uint2 b) {
 }
 
 // ldmatrix .x4 / .x2 (b16): lane 8m + i deposits the shared address of row i of matrix m; lane
-// (g, t) then reads word t of row g of each matrix. A misaligned row address is an error on the
-// hardware, and here.
+// (g, t) then reads word t of row g of each matrix. Errors here as on the hardware: a misaligned
+// row address, a row outside the block's shared memory, lanes of one warp issuing different
+// variants (.x2 beside .x4).
 template <int N>
 inline void ldmatrix_n(uint32_t (&r)[N], unsigned addr) {
   simt::deposit(0, addr);
+  simt::deposit(1, N);
   __syncwarp();
+  for (int l = 0; l < 32; ++l) {
+    if (simt::word(l, 1) != N) throw std::runtime_error("simt: lanes of a warp issued different ldmatrix variants");
+  }
   const int g = simt::lane() / 4, t = simt::lane() % 4;
   for (int m = 0; m < N; ++m) {
     const unsigned row = simt::word(8 * m + g, 0);
     if (row % 16 != 0) throw std::runtime_error("simt: ldmatrix row address not 16-byte aligned");
+    if (row + 16 > simt::block()->smem_bytes) throw std::runtime_error("simt: ldmatrix row outside shared memory");
     memcpy(&r[m], simt::block()->smem + row + 4 * t, 4);
   }
   __syncwarp();

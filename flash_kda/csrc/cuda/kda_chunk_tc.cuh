@@ -283,7 +283,9 @@ FLASH_KDA_DEVICE uint32_t load_bits(const void* base, int64_t i, bool is_fp32) {
 FLASH_KDA_DEVICE float float_from_bits(uint32_t bits, bool is_fp32) {
   if (is_fp32) return __uint_as_float(bits);
   const uint16_t h = static_cast<uint16_t>(bits);
-  return port::to_float(*reinterpret_cast<const port::input_t*>(&h));
+  port::input_t x;
+  memcpy(&x, &h, sizeof(x));  // (the 16 bits as the input type, without type punning)
+  return port::to_float(x);
 }
 
 // Zeros for a row past the chunk's end (a select, not a multiply: the reread row may hold a NaN).
@@ -511,19 +513,25 @@ FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
     // row address of a matrix on the one vector (row stride 0): one instruction for two loads
     const unsigned M = frag_b_row(sm + L::kM + pr * D, 0, lane);
     // Two accumulators (even and odd k-blocks), summed at the end: the mma chain of a unit, which
-    // is the phase's latency, is half as long.
+    // is the phase's latency, is half as long. (Two k-blocks per step, so that which accumulator a
+    // k-block goes to never depends on the unroll factor.)
     float acc[2][4];
     zero(acc[0]);
     zero(acc[1]);
-#pragma unroll 4
-    for (int kb = 0; kb < D; kb += 8) {
-      uint32_t a[4], b[2], m[2];
-      ldmatrix_x2(b, Ke + 4 * kb);
-      ldmatrix_x2(m, M + 4 * kb);
-      b[0] = tf32(__uint_as_float(b[0]) * __uint_as_float(m[0]));
-      b[1] = tf32(__uint_as_float(b[1]) * __uint_as_float(m[1]));
-      ldmatrix_x4(a, R + 4 * kb);
-      mma(acc[(kb / 8) % 2], a, b);
+    static_assert(D % 16 == 0, "k-blocks in pairs");
+#pragma unroll 2
+    for (int kb2 = 0; kb2 < D; kb2 += 16) {
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const int kb = kb2 + 8 * h2;
+        uint32_t a[4], b[2], m[2];
+        ldmatrix_x2(b, Ke + 4 * kb);
+        ldmatrix_x2(m, M + 4 * kb);
+        b[0] = tf32(__uint_as_float(b[0]) * __uint_as_float(m[0]));
+        b[1] = tf32(__uint_as_float(b[1]) * __uint_as_float(m[1]));
+        ldmatrix_x4(a, R + 4 * kb);
+        mma(acc[h2], a, b);
+      }
     }
     float* out = sm + (qk ? L::kAqk : L::kAkk);
 #pragma unroll
