@@ -141,7 +141,9 @@ struct PrepLayout {
   static constexpr int kM = kT + C * LDA;           // [NPAIR, D]
   static constexpr int kGb = kM + NPAIR * D;        // [NB + 1, D]
   static constexpr int kGm = kGb + (NB + 1) * D;    // [NB, D]
-  static constexpr int kBeta = kGm + NB * D;        // [C]
+  static constexpr int kEr = kGm + NB * D;          // [NB, D]
+  static constexpr int kEl = kEr + NB * D;          // [NB, D]
+  static constexpr int kBeta = kEl + NB * D;        // [C]
   static constexpr int kEg = kBeta + C;             // [D]
   static constexpr int kFlags = kEg + D;            // [4]
   static constexpr int kFloats = kFlags + 4;

@@ -84,7 +84,9 @@ struct Layout {
   static constexpr int kM = kAqk + C * LDA;         // [NPAIR, D] e^{γ_r(I) - γ_e(J)}
   static constexpr int kGb = kM + NPAIR * D;        // [NB + 1, D] γ at token 16m - 1 (0 for m = 0)
   static constexpr int kGm = kGb + (NB + 1) * D;    // [NB, D] γ at the reference token (see above)
-  static constexpr int kBeta = kGm + NB * D;        // [C]
+  static constexpr int kEr = kGm + NB * D;          // [NB, D] e^{γ_r(I)}          } scale_for_state's
+  static constexpr int kEl = kEr + NB * D;          // [NB, D] e^{γ_last - γ_e(I)} } factors
+  static constexpr int kBeta = kEl + NB * D;        // [C]
   static constexpr int kEg = kBeta + C;             // [D] e^{γ_last}
   static constexpr int kFlags = kEg + D;            // [4] bit I: sub-block I takes the fallback
   static constexpr int kFloats = kFlags + 4;
@@ -444,6 +446,10 @@ FLASH_KDA_DEVICE void cumsum_and_boundaries(float* sm, int tid) {
       const float ref = mid ? gm : gb[I];
       if (!mid && gb[I] - gb[I + 1] > kMaxSpan) atomicOr(flags, 1 << I);
       sm[L::kGm + I * D + c] = ref;
+      // scale_for_state's factors, which depend on the sub-block and channel only (per element
+      // they were 16 exponentials of the same value per channel, one per row)
+      sm[L::kEr + I * D + c] = fast_exp2(ref);
+      sm[L::kEl + I * D + c] = fast_exp2(gb[L::NB] - gb[I + 1]);
 #pragma unroll
       for (int J = 0; J <= I; ++J) sm[L::kM + pair_index(I, J) * D + c] = fast_exp2(ref - gb[J + 1]);
     }
@@ -548,14 +554,12 @@ FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
 template <class L, int kN = L::kThreads>
 FLASH_KDA_DEVICE void scale_for_state(float* sm, int tid) {
   constexpr int D = L::D;
-  const float* Gb = sm + L::kGb;
   for_each_quad<L::C, D, kN>(tid, [&](int i, int c) {
     const int I = i / L::BS, o = i * L::LD + c;
-    const float4 fb = fast_exp2(ld4(sm + L::kGm + I * D + c));
+    const float4 fb = ld4(sm + L::kEr + I * D + c);  // e^{γ_r(I)}
     st4(sm + L::kK + o, round_tf32(ld4(sm + L::kK + o) * fb));
     st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
-    st4(sm + L::kKe + o, round_tf32(ld4(sm + L::kKe + o) *
-                                    fast_exp2(ld4(Gb + L::NB * D + c) - ld4(Gb + (I + 1) * D + c))));
+    st4(sm + L::kKe + o, round_tf32(ld4(sm + L::kKe + o) * ld4(sm + L::kEl + I * D + c)));
   });
 }
 
