@@ -306,9 +306,9 @@ struct TcChoice {
 
 // Tensor-core layouts per head dim (shared memory per block):
 //   D = 64:  VS 64 (64 KB), 32 (51 KB)
-//   D = 128: VS 128 with 512 threads (141 KB), 32 (90 KB). (VS 128 with 256 threads measured
+//   D = 128: VS 128 with 512 threads (148 KB), 32 (87 KB). (VS 128 with 256 threads measured
 //            ~12 % slower than with 512 everywhere; VS 64 lost to one of these on every bench shape.)
-//   D = 256: VS 64 (186 KB), 32 (152 KB)   (a 128-row fp32 slice would not fit; 512 threads
+//   D = 256: VS 64 (194 KB), 32 (157 KB)   (a 128-row fp32 slice would not fit; 512 threads
 //            would need more registers than a multiprocessor has at this head dim)
 template <int D>
 struct TcVariants;
@@ -322,9 +322,9 @@ struct TcVariants<256> : TcChoice<TcVariant<64, 256>, TcVariant<32, 256>> {};
 
 // The two-kernel form per head dim: the preparation layouts (whole V width; 256 or 512 threads)
 // and the recurrence layouts (V slice, operand buffers: shared memory per block):
-//   D = 64:  preparation 50 KB; recurrence VS 64 or 32, two buffers (84 KB, 76 KB)
-//   D = 128: preparation 85 KB; recurrence VS 128, 64 or 32, two buffers (152 KB, 136 KB, 128 KB)
-//   D = 256: preparation 153 KB; recurrence VS 64 or 32, one buffer (121 KB, 117 KB)
+//   D = 64:  preparation 51 KB; recurrence VS 64 or 32, two buffers (84 KB, 76 KB)
+//   D = 128: preparation 87 KB; recurrence VS 128, 64 or 32, two buffers (152 KB, 136 KB, 128 KB)
+//   D = 256: preparation 157 KB; recurrence VS 64 or 32, one buffer (121 KB, 117 KB)
 template <int D>
 struct Split;
 template <>
