@@ -56,11 +56,13 @@ def chains(instrs):
     out = []
     for addr, text in instrs:
         m = LDG.match(text)
-        # the operands after the destination (the first one): the registers the instruction reads,
-        # a load's address registers included
+        # The registers the instruction reads: the operands after the destination (the first one),
+        # a load's address registers included; a store's first operand is its address, read too.
         body = re.sub(r"^@!?P\w+\s+", "", text).split(None, 1)
         operands = (body[1] if len(body) > 1 else "").split(",", 1)
-        read = {int(r) for r in REG.findall(operands[1] if len(operands) > 1 else "")}
+        writes = bool(operands[0]) and not operands[0].lstrip().startswith("[")
+        read_text = (operands[1] if len(operands) > 1 else "") if writes else ",".join(operands)
+        read = {int(r) for r in REG.findall(read_text)}
         still = []
         for first, n, depth in pending:
             if any(first <= r < first + n for r in read):
@@ -73,9 +75,10 @@ def chains(instrs):
             pending.append((int(m.group(2)[1:]), load_width(m.group(1)), depth))
             out.append((addr, text, depth))
         else:
-            # a write to a pending load's destination ends that load's tracking (the register is reused)
-            dst = REG.findall(operands[0]) if operands and operands[0] else []
-            if dst and not text.startswith(("ST", "@")):
+            # an unpredicated write to a pending load's destination ends that load's tracking (the
+            # register is reused)
+            dst = REG.findall(operands[0]) if writes else []
+            if dst and not text.startswith("@"):
                 d = int(dst[0])
                 pending = [(f, n, dp) for f, n, dp in pending if not (f <= d < f + n)]
     return out
