@@ -1,6 +1,6 @@
 """Scratch size of the CUDA two-kernel path, as the C++ side computes it.
 
-Must match ``Record<D, C>`` / ``num_slots`` / ``split_scratch_bytes`` in
+Must match ``Record<D, C>`` / ``num_slots`` / ``split_scratch_bytes`` / ``carry_bytes`` in
 csrc/cuda/kda_chunk_split.cuh (and the chunk kSplitChunk in csrc/cuda/kda_cuda.cu): one fp32
 Record per (slot, value head), a slot per chunk of C tokens.
 """
@@ -26,6 +26,26 @@ def varlen_slots(total_tokens: int, num_seqs: int, chunk: int = SPLIT_CHUNK) -> 
     return total_tokens // chunk + num_seqs
 
 
+def carry_bytes(num_seqs: int, hv: int, head_dim: int) -> int:
+    """The fp32 state [N, hv, D, D] that a call cut into pieces carries from one stretch of chunks to
+    the next (``carry_bytes`` in kda_chunk_split.cuh); placed after the records."""
+    return num_seqs * hv * head_dim * head_dim * 4
+
+
+def _atoi(value: str) -> int:
+    """C's atoi: optional blanks and sign, then leading digits; no digits reads as 0."""
+    m = re.match(r"\s*([+-]?\d+)", value)
+    return int(m.group(1)) if m is not None else 0
+
+
+def pieces_asked() -> bool:
+    """Whether FLASH_KDA_CUDA_PIECES asks to cut calls into several pieces (a value atoi reads as 2 or
+    more), as kda_cuda.cu's split_pieces reads it (once per process there, here on every call). Dense
+    calls are then cut and need the carry state too; get_workspace_size, which cannot tell dense from
+    varlen, counts it whenever pieces are asked for."""
+    return _atoi(os.environ.get("FLASH_KDA_CUDA_PIECES", "")) >= 2
+
+
 def split_possible() -> bool:
     """Whether this process may run the CUDA two-kernel form: a CUDA build of torch with a visible
     device, and the fast kernel variant (FLASH_KDA_KERNEL). CPU, MUSA and portable builds use no
@@ -43,7 +63,4 @@ def split_selected() -> bool:
     no digits reads as 0). Parsed as kda_cuda.cu parses it; C++ reads it once per process, this on
     every call: set it before the first launch."""
     value = os.environ.get("FLASH_KDA_CUDA_SPLIT", "")
-    if value == "":
-        return True
-    m = re.match(r"\s*([+-]?\d+)", value)
-    return m is not None and int(m.group(1)) != 0
+    return value == "" or _atoi(value) != 0

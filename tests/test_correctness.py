@@ -4,6 +4,7 @@ a GPU is present (skipped with a reason otherwise)."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -344,3 +345,75 @@ def test_fwd_caller_workspace(varlen):
     for bad in (too_small, misaligned):
         out, final = run(bad)
         assert torch.equal(out, out0) and torch.equal(final, final0), f"seed {seed}"
+
+
+# A child process: FLASH_KDA_CUDA_PIECES is read once per process by the launcher, so each piece
+# count gets its own. It runs fwd eagerly, then captures the same call in a CUDA graph and replays
+# it, and saves both results.
+_PIECES_CHILD = r"""
+import sys
+import torch
+import flash_kda
+from kda_testing import make_problem, poison
+seed, path = int(sys.argv[1]), sys.argv[2]
+p = make_problem(B=2, T=1000, hqk=2, hv=4, D=128, dtype=torch.bfloat16, device="cuda", state=True,
+                 seed=seed, weak_decay=True)
+out = poison(torch.empty_like(p["v"]))
+final = poison(torch.empty_like(p["initial_state"]))
+def call():
+    flash_kda.fwd(p["q"], p["k"], p["v"], p["g"], p["beta"], 128 ** -0.5, out, p["A_log"], p["dt_bias"],
+                  -5.0, initial_state=p["initial_state"], final_state=final)
+call()
+eager = (out.clone(), final.clone())
+side = torch.cuda.Stream()
+side.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(side):
+    call()  # warm-up on a side stream, as torch.cuda.graphs recommends
+torch.cuda.current_stream().wait_stream(side)
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    out.fill_(float("nan"))
+    final.fill_(float("nan"))
+    call()
+out.fill_(0.0)
+final.fill_(0.0)
+graph.replay()
+torch.cuda.synchronize()
+torch.save({"eager": eager, "graph": (out.cpu(), final.cpu())}, path)
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_ok(), reason="no CUDA device on this machine (CPU-only CI)")
+def test_pieces_match_one_piece_and_capture(tmp_path):
+    """FLASH_KDA_CUDA_PIECES cuts a dense call into stretches of chunks whose recurrences run on a
+    second stream beside the next stretch's preparation (kda_cuda.cu, overlap.cuh). The results
+    must equal the one-piece call's bit for bit (same arithmetic; the state between stretches is
+    carried in fp32), eagerly and when the call is captured in a CUDA graph and replayed, and be
+    within the reference's tolerances. 1000 tokens are 32 chunks: 3 pieces start stretches at
+    chunks 10 and 21, 8 pieces at every fourth chunk."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    seed = fresh_seed()
+    results = {}
+    for pieces in (1, 3, 8):
+        path = tmp_path / f"pieces{pieces}.pt"
+        env = {**os.environ, "FLASH_KDA_CUDA_PIECES": str(pieces),
+               "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+        res = subprocess.run([sys.executable, "-c", _PIECES_CHILD, str(seed), str(path)], env=env,
+                             capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, f"{pieces} pieces (seed {seed}):\n{res.stderr[-3000:]}"
+        results[pieces] = torch.load(path)
+    # The children's inputs, rebuilt on the CPU (make_problem draws on a CPU generator).
+    p = make_problem(B=2, T=1000, hqk=2, hv=4, D=128, dtype=torch.bfloat16, state=True, seed=seed,
+                     weak_decay=True)
+    base_out, base_final = (t.cpu() for t in results[1]["eager"])
+    check(p, base_out, base_final, seed, what="one piece")
+    for pieces, r in results.items():
+        for how in ("eager", "graph"):
+            out, final = r[how]
+            assert torch.equal(out.cpu(), base_out), f"{pieces} pieces, {how}: output differs (seed {seed})"
+            assert torch.equal(final.cpu(), base_final), f"{pieces} pieces, {how}: final state differs (seed {seed})"

@@ -116,6 +116,47 @@ def test_layouts(D, layout, monkeypatch):
     check(p, out, final, what=f"D={D} {layout} (seed {s})")
 
 
+# (head dim, recurrence V slice, preparation threads, states): one split layout per head dim, plus
+# a narrow slice and the 256-thread preparation at D = 128; each with one kind of state (fp32 in and
+# out, bf16 in and out, none in).
+PIECE_CASES = [(64, 32, 256, "bf16"), (128, 128, 512, "fp32"), (128, 64, 256, "none"), (256, 64, 512, "fp32")]
+
+
+@pytest.mark.parametrize("D,vs,prep,states", PIECE_CASES, ids=[f"D{d}-VS{v}-prep{t}-{st}" for d, v, t, st in PIECE_CASES])
+def test_pieces_match_one_piece(D, vs, prep, states, monkeypatch):
+    """A dense call cut into stretches of chunks (FLASH_KDA_CUDA_PIECES on a GPU; here the pieces
+    run one after the other): each stretch's preparation covers only its chunks, each recurrence
+    starts from the state the previous one left in the carry (fp32). 150 tokens are 5 chunks:
+    3 pieces are [0, 1) + [1, 3) + [3, 5) (stretches starting at odd chunks), 9 are cut to 5 of one
+    chunk each. The arithmetic is the same as in one piece, so the outputs must be identical bit for
+    bit, and within the tolerances of the float64 reference. The scratch starts as NaN
+    (cuda_sim.cpp), so a stretch reading a record or carry its predecessors did not write fails."""
+    layout = {"FORM": "split", "VS": vs, "PREP_THREADS": prep}
+    state_dtype = torch.bfloat16 if states == "bf16" else torch.float32
+    s = seed()
+    p = make_problem(B=2, T=150, hqk=1, hv=2, D=D, dtype=torch.bfloat16, state=states != "none",
+                     state_dtype=state_dtype, seed=s, weak_decay=True)
+    whole = run(p, D=D, dtype=torch.bfloat16, layout={**layout, "PIECES": 1}, state_dtype=state_dtype,
+                monkeypatch=monkeypatch)
+    check(p, *whole, what=f"D={D} VS={vs} one piece, states {states} (seed {s})")
+    for pieces in (3, 9):
+        cut = run(p, D=D, dtype=torch.bfloat16, layout={**layout, "PIECES": pieces}, state_dtype=state_dtype,
+                  monkeypatch=monkeypatch)
+        assert torch.equal(cut[0], whole[0]), f"{pieces} pieces: output differs from one piece (seed {s})"
+        assert torch.equal(cut[1], whole[1]), f"{pieces} pieces: final state differs (seed {s})"
+
+
+def test_pieces_leave_varlen_whole(monkeypatch):
+    """Varlen calls are not cut (the host cannot see the sequences' lengths without a copy from the
+    device): with pieces asked for, a varlen call runs in one piece and is still right."""
+    s = seed()
+    p = make_problem(seqlens=[70, 1, 100], hqk=1, hv=2, D=64, dtype=torch.bfloat16, state=True, seed=s,
+                     weak_decay=True)
+    out, final = run(p, D=64, dtype=torch.bfloat16, layout={"FORM": "split", "VS": 64, "PIECES": 3},
+                     monkeypatch=monkeypatch)
+    check(p, out, final, what=f"varlen with PIECES=3 (seed {s})")
+
+
 @pytest.mark.parametrize("form", ["split", "fused"])
 def test_odd_head_and_sequence_counts(form, monkeypatch):
     """Three sequences of three chunks, six value heads over two query/key heads (groups of three):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """GPU benchmark: flash_kda.fwd vs fla's Triton chunk_kda, side by side, in one run.
 
-    python tools/bench.py [--reps 30] [--shapes all|quick] [--no-fla]
+    python tools/bench.py [--reps 30] [--shapes all|quick] [--only T=32768,H=96] [--no-states] [--no-fla]
 
 bf16, K = V = 128, gate parameters and l2norm on, each shape without states and with fp32
 initial + final state. Times are CUDA-event medians over rotating input sets (so L2 does not
@@ -110,6 +110,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--shapes", choices=["all", "quick"], default="all")
+    ap.add_argument("--only", default="",
+                    help="comma-separated parts of shape labels: time only shapes whose label contains one")
+    ap.add_argument("--no-states", action="store_true", help="skip the fp32-state rows")
     ap.add_argument("--no-fla", action="store_true")
     args = ap.parse_args()
     os.environ["FLA_FLASH_KDA"] = "0"
@@ -122,13 +125,17 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, "
-          f"torch {torch.__version__}, flash_kda kernel {os.environ.get('FLASH_KDA_KERNEL', 'fast')}")
+          f"torch {torch.__version__}, flash_kda kernel {os.environ.get('FLASH_KDA_KERNEL', 'fast')}, "
+          f"pieces {os.environ.get('FLASH_KDA_CUDA_PIECES', '1')}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = SHAPES if args.shapes == "all" else SHAPES[:1] + SHAPES[-1:]
+    if args.only:
+        parts = [x.strip() for x in args.only.split(",") if x.strip()]
+        shapes = [s for s in shapes if any(x in s[0] for x in parts)]
     rows = []
     with torch.inference_mode():
         for label, seqlens, T, H in shapes:
-            for states in (False, True):
+            for states in (False,) if args.no_states else (False, True):
                 probe = make_inputs(seqlens, T, H, states, gen)
                 nbytes = bytes_moved(probe)
                 nsets = max(2, min(8, int(200e6 // nbytes) + 1))  # > L2 (50 MB) in total

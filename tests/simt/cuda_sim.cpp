@@ -9,7 +9,16 @@
 //                               32; D = 128: 128, 32; D = 256: 64, 32). Default: the first.
 //   FLASH_KDA_SIM_PREP_THREADS  split: 512 (default) or 256 (D = 64 has only 256)
 //   FLASH_KDA_SIM_PORTABLE      portable: wide (default), narrow or compact
+//   FLASH_KDA_SIM_PIECES        split, dense: cut the call into this many stretches of chunks
+//                               (kda_cuda.cu's FLASH_KDA_CUDA_PIECES; default 1). The pieces run
+//                               one after the other here (preparation i, recurrence i, ...): this
+//                               checks the stretches' ranges and the carried state, not concurrency.
+// The split form's scratch (records and carry) is filled with NaN before the first kernel, so a
+// record or carry state read before it is written shows in the output.
 #include "simt.h"
+
+#include <algorithm>
+#include <limits>
 
 #include "cuda/kda_chunk_portable.cuh"
 #include "cuda/kda_chunk_split.cuh"
@@ -38,41 +47,72 @@ int64_t slice_blocks(const KdaParams& p) {
 }
 
 // ---- split: preparation over every (slot, head), then the recurrence ----
+// Pieces as kda_cuda.cu's split_pieces: dense only, at most one per chunk.
+int64_t pieces_of(const KdaParams& p) {
+  const int64_t asked = env_int("FLASH_KDA_SIM_PIECES", 1);
+  if (asked < 2 || p.cu_seqlens != nullptr) return 1;
+  const int64_t chunks = tc::chunks_of(p.seq_len, C);
+  return asked < chunks ? asked : (chunks > 1 ? chunks : 1);
+}
+
 template <class L>
-void prep(const KdaParams& p) {
+void prep(const KdaParams& p, int64_t c_begin, int64_t c_end) {
   float* scratch = static_cast<float*>(p.workspace);
-  const tc::PrepGrid g = tc::make_prep_grid<L>(p);
-  simt::run_grid(tc::num_slots(p, C) * p.hv, L::kThreads, L::kSmemBytes, [&](int64_t blk, float* sm, int t) {
+  const tc::PrepGrid g = tc::make_prep_grid<L>(p, c_begin, c_end);
+  const int64_t chunks = tc::chunks_of(p.seq_len, C);
+  const int64_t per_head = p.cu_seqlens == nullptr ? p.num_seqs * ((c_end < chunks ? c_end : chunks) - c_begin)
+                                                   : tc::num_slots(p, C);
+  simt::run_grid(per_head * p.hv, L::kThreads, L::kSmemBytes, [&](int64_t blk, float* sm, int t) {
     tc::prep_block<L>(p, g, scratch, sm, static_cast<uint32_t>(blk), t);
   });
 }
 
 template <int VS>
-void recurrence(const KdaParams& p) {
+void recurrence(const KdaParams& p, const tc::Piece& piece) {
   using L = tc::RecurrenceLayout<D, VS, C, D == 256 ? 1 : 2>;  // stages as kda_cuda.cu's Split<D>
   const float* scratch = static_cast<const float*>(p.workspace);
   simt::run_grid(slice_blocks<L>(p), L::kThreads, L::kSmemBytes, [&](int64_t blk, float* sm, int t) {
-    tc::recurrence_block<L>(p, scratch, sm, static_cast<int>(blk), t);
+    tc::recurrence_block<L>(p, piece, scratch, sm, static_cast<int>(blk), t);
   });
+}
+
+void split_piece(const KdaParams& p, int64_t c_begin, int64_t c_end, const tc::Piece& piece) {
+  constexpr bool kWide = C * D / 8 >= 512;  // as kda_cuda.cu's PrepWide
+  if (kWide && env_int("FLASH_KDA_SIM_PREP_THREADS", 512) == 512) {
+    prep<tc::PrepLayout<D, C, kWide ? 512 : 256>>(p, c_begin, c_end);
+  } else {
+    prep<tc::PrepLayout<D, C, 256>>(p, c_begin, c_end);
+  }
+  const int vs = env_int("FLASH_KDA_SIM_VS", D == 128 ? 128 : 64);
+  if (vs == 32) {
+    recurrence<32>(p, piece);
+  } else if (vs == 64) {
+    recurrence<64>(p, piece);
+  } else if constexpr (D == 128) {
+    recurrence<128>(p, piece);
+  } else {
+    no_layout("recurrence");
+  }
+}
+
+int64_t split_bytes(const KdaParams& p) {
+  return tc::split_scratch_bytes<D, C>(p) + (pieces_of(p) > 1 ? tc::carry_bytes<D>(p) : 0);
 }
 
 void split(const KdaParams& p) {
   if (p.workspace == nullptr) throw std::runtime_error("cuda_sim: no scratch");
-  constexpr bool kWide = C * D / 8 >= 512;  // as kda_cuda.cu's PrepWide
-  if (kWide && env_int("FLASH_KDA_SIM_PREP_THREADS", 512) == 512) {
-    prep<tc::PrepLayout<D, C, kWide ? 512 : 256>>(p);
-  } else {
-    prep<tc::PrepLayout<D, C, 256>>(p);
+  float* scratch = static_cast<float*>(p.workspace);
+  std::fill(scratch, scratch + split_bytes(p) / 4, std::numeric_limits<float>::quiet_NaN());
+  const int64_t pieces = pieces_of(p);
+  if (pieces == 1) {
+    split_piece(p, 0, tc::kAllChunks, tc::Piece{0, tc::kAllChunks, nullptr});
+    return;
   }
-  const int vs = env_int("FLASH_KDA_SIM_VS", D == 128 ? 128 : 64);
-  if (vs == 32) {
-    recurrence<32>(p);
-  } else if (vs == 64) {
-    recurrence<64>(p);
-  } else if constexpr (D == 128) {
-    recurrence<128>(p);
-  } else {
-    no_layout("recurrence");
+  const int64_t chunks = tc::chunks_of(p.seq_len, C);
+  float* carry = scratch + tc::split_scratch_bytes<D, C>(p) / 4;
+  for (int64_t i = 0; i < pieces; ++i) {
+    const int64_t c_begin = tc::stretch_begin(chunks, pieces, i), c_end = tc::stretch_begin(chunks, pieces, i + 1);
+    split_piece(p, c_begin, c_end, tc::Piece{c_begin, i + 1 == pieces ? tc::kAllChunks : c_end, carry});
   }
 }
 
@@ -126,7 +166,7 @@ void portable_body(const KdaParams& p) {  // kda_cuda.cu's Variants<D>: wide, na
 
 int64_t workspace_bytes(const KdaParams& p) {
   if (p.num_seqs <= 0 || p.hv <= 0 || env_str("FLASH_KDA_SIM_FORM", "split") != "split") return 0;
-  return tc::split_scratch_bytes<D, C>(p);
+  return split_bytes(p);
 }
 
 void launch_kda(const KdaParams& p, void*) {

@@ -58,30 +58,64 @@ FLASH_KDA_HD int64_t num_slots(const KdaParams& p, int C) {
 // the ~1,600 instructions a warp executed per chunk, docs/performance.md v9): the divisors that split
 // the block index, as FastDiv, and whether every input can be read by 16-byte loads. Computed once
 // per launch on the host (make_prep_grid) and passed beside p.
+//
+// A launch may cover a stretch of chunks [c_begin, c_end) of every sequence (dense only; see Piece):
+// its grid then holds (sequences x stretch length x value heads) blocks, and a block's grid index is
+// not its slot.
 struct PrepGrid {
-  FastDiv by_hv;      // block -> (slot, value head)
+  FastDiv by_hv;      // block -> (index in the stretch, value head)
   FastDiv by_group;   // value head -> query/key head (hv / hqk value heads share one)
-  FastDiv by_chunks;  // dense: slot -> (sequence, chunk); chunks per sequence, at most 2^31 - 1
+  FastDiv by_chunks;  // dense: index -> (sequence, chunk - c_begin); the stretch's length, < 2^31
+  int64_t c_begin;    // dense: the stretch's first chunk (varlen: 0, the whole grid)
+  int64_t chunks;     // dense: chunks per sequence, so that slot = sequence * chunks + chunk
   VecOk vec;          // vec_ok of p
 };
 
+// The preparation's grid for chunks [c_begin, c_end) of every sequence (dense), or for every slot
+// (varlen: c_begin = 0, c_end unused). prep_blocks gives its size.
 template <class L>
-PrepGrid make_prep_grid(const KdaParams& p) {
+PrepGrid make_prep_grid(const KdaParams& p, int64_t c_begin = 0, int64_t c_end = -1) {
   PrepGrid g;
+  const int64_t chunks = p.cu_seqlens == nullptr ? chunks_of(p.seq_len, L::C) : 1;
+  if (c_end < 0 || c_end > chunks) c_end = chunks;
   g.by_hv = FastDiv::of(p.hv);
   g.by_group = FastDiv::of(p.hv / p.hqk);
-  // A slot index is below 2^31 (it comes from a grid's x index), so capping the divisor at 2^31 - 1
-  // changes no quotient: a longer sequence holds every slot as its chunk of sequence 0.
-  g.by_chunks = FastDiv::of(p.cu_seqlens == nullptr ? chunks_of(p.seq_len, L::C) : 1);
+  // A stretch index is below 2^31 (it comes from a grid's x index), so capping the divisor at
+  // 2^31 - 1 changes no quotient: a longer stretch holds every index as a chunk of sequence 0.
+  g.by_chunks = FastDiv::of(p.cu_seqlens == nullptr ? c_end - c_begin : 1);
+  g.c_begin = p.cu_seqlens == nullptr ? c_begin : 0;
+  g.chunks = chunks;
   g.vec = vec_ok<L>(p);
   return g;
 }
 
-// Bytes of scratch the split path needs for p (the host sizes the workspace with it).
+// Bytes of scratch the split path's records need for p (the host sizes the workspace with it).
 template <int D, int C>
 FLASH_KDA_HD int64_t split_scratch_bytes(const KdaParams& p) {
   return num_slots(p, C) * p.hv * static_cast<int64_t>(Record<D, C>::kFloats) * 4;
 }
+
+// One piece of a call cut into stretches of chunks (dense only): the preparation and the recurrence
+// of chunks [c_begin, c_end) of every sequence, so that the recurrence of one stretch can run beside
+// the preparation of the next (kda_cuda.cu, launch_split). A stretch that does not start at chunk 0
+// takes its initial state from `carry`, one that does not reach the end leaves its state there.
+// A call in one piece is {0, kAllChunks, nullptr}: the user's states at both ends.
+struct Piece {
+  int64_t c_begin;
+  int64_t c_end;  // clipped to the sequence's chunk count
+  float* carry;   // fp32 [N, hv, D, D] (value-major, contiguous); null for a call in one piece
+};
+constexpr int64_t kAllChunks = INT64_MAX;
+
+// Bytes of the carry state for p (needed only when a call is cut into several pieces).
+template <int D>
+FLASH_KDA_HD int64_t carry_bytes(const KdaParams& p) {
+  return static_cast<int64_t>(p.num_seqs) * p.hv * D * D * 4;
+}
+
+// Stretch i of `pieces` over `chunks` chunks: [i chunks / pieces, (i + 1) chunks / pieces), so the
+// stretches differ in length by at most one chunk and none is empty while pieces <= chunks.
+FLASH_KDA_HD int64_t stretch_begin(int64_t chunks, int64_t pieces, int64_t i) { return i * chunks / pieces; }
 
 // (cp_async16, shared_address, cp_async_commit, cp_async_wait: ptx.cuh)
 
@@ -259,17 +293,20 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, fl
   }
 }
 
-// The (sequence, chunk) of a slot: dense by division, varlen by binary search over slot_base.
-// False for an unused slot.
-FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, const PrepGrid& g, uint32_t slot, int C, int& n,
-                                 int64_t& chunk) {
+// The (sequence, chunk) of a block's index in the grid, and the slot of its record: dense by
+// division (index -> sequence, chunk within the stretch), varlen by binary search over slot_base
+// (the index is the slot). False for an unused slot.
+FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, const PrepGrid& g, uint32_t index, int C, int& n,
+                                 int64_t& chunk, int64_t& slot) {
   if (p.cu_seqlens == nullptr) {
     uint32_t q, r;
-    g.by_chunks.divmod(slot, q, r);
+    g.by_chunks.divmod(index, q, r);
     n = static_cast<int>(q);
-    chunk = r;
+    chunk = g.c_begin + r;
+    slot = static_cast<int64_t>(n) * g.chunks + chunk;
     return true;
   }
+  slot = index;
   int lo = 0, hi = p.num_seqs - 1;  // largest n with slot_base(n) <= slot
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
@@ -290,12 +327,12 @@ template <class L>
 FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* scratch, float* sm, uint32_t block,
                                  int tid) {
   using R = Record<L::D, L::C>;
-  uint32_t slot, hu;  // (block < 2^31: a grid's x index)
-  g.by_hv.divmod(block, slot, hu);
+  uint32_t index, hu;  // (block < 2^31: a grid's x index)
+  g.by_hv.divmod(block, index, hu);
   const int h = static_cast<int>(hu);
   portable::Task t;
-  int64_t chunk;
-  if (!slot_chunk(p, g, slot, L::C, t.n, chunk)) return;  // uniform: the whole block leaves
+  int64_t chunk, slot;
+  if (!slot_chunk(p, g, index, L::C, t.n, chunk, slot)) return;  // uniform: the whole block leaves
   t.h = h;
   t.hk = static_cast<int>(g.by_group.div(hu));
   t.v0 = 0;
@@ -307,7 +344,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
 
   k_side_A<L>(p, t, t0, len, g.vec, sm, tid, warp, l);
 
-  float* rec = scratch + static_cast<int64_t>(block) * R::kFloats;  // (slot, h) = slot hv + h
+  float* rec = scratch + (slot * p.hv + h) * static_cast<int64_t>(R::kFloats);
   constexpr int C = L::C, D = L::D, kRest = L::kThreads - 32;
   if (warp == 0) {
     invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
@@ -401,23 +438,38 @@ FLASH_KDA_DEVICE void pair_as_b(uint32_t (&b)[2], float2 x) {
   b[1] = tf32(x.y);
 }
 
+// Where a block's state comes from or goes: the user's states, or a piece's carry (fp32).
+struct StateRef {
+  void* ptr;  // null: no state (zero in, nothing out)
+  StateStrides strides;
+  bool fp32;
+};
+FLASH_KDA_DEVICE StateRef initial_ref(const KdaParams& p, const Piece& piece, int64_t D) {
+  if (piece.c_begin == 0) return StateRef{const_cast<void*>(p.initial_state), p.h0_strides, p.state_fp32};
+  return StateRef{piece.carry, StateStrides{p.hv * D * D, D * D, D}, true};
+}
+FLASH_KDA_DEVICE StateRef final_ref(const KdaParams& p, const Piece& piece, int64_t nchunks, int64_t D) {
+  if (piece.c_end >= nchunks) return StateRef{p.final_state, p.ht_strides, p.state_fp32};
+  return StateRef{piece.carry, StateStrides{p.hv * D * D, D * D, D}, true};
+}
+
 // Reads or writes the warp's state rows: element e of tile nt is (row r(e), channel c(e)).
 template <class L, bool kStore>
-FLASH_KDA_DEVICE void state_rows_io(const KdaParams& p, const portable::Task& t, int row0, Lane l,
+FLASH_KDA_DEVICE void state_rows_io(const StateRef& ref, const portable::Task& t, int row0, Lane l,
                                     float (&s)[L::D / 8][4]) {
-  const void* src = kStore ? nullptr : p.initial_state;
 #pragma unroll
   for (int nt = 0; nt < L::D / 8; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int v = t.v0 + row0 + l.g + (e >= 2 ? 8 : 0), c = nt * 8 + 2 * l.t + (e & 1);
+      // (The offset is formed inside each branch: formed once before them, ptxas stopped hoisting
+      // the output addresses out of the chunk loop, +80 instructions per chunk at D = 128 VS 64.)
       if (kStore) {
-        port::store_from_float(p.final_state, state_offset(p.ht_strides, t.n, t.h, v) + c, p.state_fp32,
-                               s[nt][e]);
+        port::store_from_float(ref.ptr, state_offset(ref.strides, t.n, t.h, v) + c, ref.fp32, s[nt][e]);
       } else {
-        s[nt][e] = src == nullptr ? 0.0f
-                                  : port::load_as_float(src, state_offset(p.h0_strides, t.n, t.h, v) + c,
-                                                        p.state_fp32);
+        s[nt][e] = ref.ptr == nullptr
+                       ? 0.0f
+                       : port::load_as_float(ref.ptr, state_offset(ref.strides, t.n, t.h, v) + c, ref.fp32);
       }
     }
 }
@@ -504,27 +556,36 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   }
 }
 
+// Chunks [piece.c_begin, piece.c_end) of the block's sequence (all of them for a call in one piece).
 template <class L>
-FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const float* scratch, float* sm, int block,
-                                       int tid) {
+FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, const float* scratch, float* sm,
+                                       int block, int tid) {
   using R = Record<L::D, L::C>;
-  const portable::Task t = portable::block_task<L>(p, block);
+  portable::Task t = portable::block_task<L>(p, block);
   const int row0 = (tid / 32) * 16;
   const Lane l{(tid % 32) / 4, tid % 4};
   const int64_t nchunks = chunks_of(t.r.len, L::C);
-  const float* rec0 = scratch + (slot_base(p, t.n, L::C) * p.hv + t.h) * static_cast<int64_t>(R::kFloats);
+  const int64_t c_begin = piece.c_begin < nchunks ? piece.c_begin : nchunks;
+  const int64_t c_end = piece.c_end < nchunks ? piece.c_end : nchunks;
   const int64_t rec_step = static_cast<int64_t>(p.hv) * R::kFloats;  // next slot, same head
+  const float* rec0 =
+      scratch + (slot_base(p, t.n, L::C) * p.hv + t.h) * static_cast<int64_t>(R::kFloats) + c_begin * rec_step;
 
-  if (nchunks > 0) fetch_chunk<L>(rec0, t.v0, sm, tid);
+  if (c_begin < c_end) fetch_chunk<L>(rec0, t.v0, sm, tid);
   cp_async_commit();
   float s[L::D / 8][4];
-  state_rows_io<L, false>(p, t, row0, l, s);
+  state_rows_io<L, false>(initial_ref(p, piece, L::D), t, row0, l, s);
+  // From here on the stretch is the sequence: its chunk c is the sequence's chunk c_begin + c, so the
+  // loop is the one-piece loop (a stretch starting at an odd chunk still starts in stage 0).
+  t.r.start += c_begin * L::C;
+  t.r.len -= c_begin * L::C;
+  const int64_t count = c_end - c_begin;
   int64_t next = 0;  // offset of chunk c + 1's record from rec0 (a step per chunk, no multiply)
-  for (int64_t c = 0; c < nchunks; ++c) {
+  for (int64_t c = 0; c < count; ++c) {
     next += rec_step;
     port::block_sync();  // every warp is done with chunk c - 1's buffer
     if (L::kStages == 2) {
-      if (c + 1 < nchunks) fetch_chunk<L>(rec0 + next, t.v0, sm + ((c + 1) & 1) * L::kStage, tid);
+      if (c + 1 < count) fetch_chunk<L>(rec0 + next, t.v0, sm + ((c + 1) & 1) * L::kStage, tid);
       cp_async_commit();   // possibly empty: one group per chunk keeps the count exact
       cp_async_wait<1>();  // every group but the newest, i.e. chunk c's, has landed
     } else {
@@ -538,7 +599,8 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const float* scratch,
     recurrence_chunk<L>(p, t, t0, len, sm + (L::kStages == 2 ? (c & 1) * L::kStage : 0), row0, l, s);
   }
   cp_async_wait<0>();
-  if (p.final_state != nullptr) state_rows_io<L, true>(p, t, row0, l, s);
+  const StateRef out = final_ref(p, piece, nchunks, L::D);
+  if (out.ptr != nullptr) state_rows_io<L, true>(out, t, row0, l, s);
 }
 
 }  // namespace tc

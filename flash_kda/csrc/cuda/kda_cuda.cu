@@ -21,6 +21,7 @@
 #define FLASH_KDA_HAS_TC 1
 #include "kda_chunk_split.cuh"
 #include "kda_chunk_tc.cuh"
+#include "overlap.cuh"
 #else
 #define FLASH_KDA_HAS_TC 0
 #endif
@@ -67,12 +68,13 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_prep_kernel(co
 }
 
 template <class L>
-__global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_recurrence_kernel(const KdaParams p) {
+__global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_recurrence_kernel(const KdaParams p,
+                                                                                   const tc::Piece piece) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
 #else
   extern __shared__ float4 smem_f4[];
-  tc::recurrence_block<L>(p, static_cast<const float*>(p.workspace), reinterpret_cast<float*>(smem_f4),
+  tc::recurrence_block<L>(p, piece, static_cast<const float*>(p.workspace), reinterpret_cast<float*>(smem_f4),
                           static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x));
 #endif
 }
@@ -275,17 +277,21 @@ struct RecurrenceVariant
     return static_cast<double>(load.waves) * (load.shared ? 1.6 : 1.0) * chunk;
   }
 
-  static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream, p);
+  static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream,
+                     const tc::Piece& piece) {
+    launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream, p,
+                     piece);
   }
 };
 
 // The tensor-core layouts of one head dim; launches the cheapest that fits (ties go to the one
-// listed first); false if none fits.
+// listed first) with the kernel's arguments after p; false if none fits.
 template <class... Vs>
 struct TcChoice {
   static bool any_fits(const port::DeviceInfo& dev) { return (Vs::fits(dev) || ...); }
-  static bool launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
+  template <class... Extra>
+  static bool launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream,
+                     const Extra&... extra) {
     const bool any_allowed = (Vs::allowed(dev) || ...);
     int best = -1, index = 0;
     double best_cost = 0.0;
@@ -299,7 +305,7 @@ struct TcChoice {
     (consider(any_allowed ? Vs::allowed(dev) : Vs::fits(dev), Vs::cost(p, dev)), ...);
     if (best < 0) return false;
     index = 0;
-    ((index++ == best ? (Vs::launch(p, dev, stream), 0) : 0), ...);
+    ((index++ == best ? (Vs::launch(p, dev, stream, extra...), 0) : 0), ...);
     return true;
   }
 };
@@ -351,19 +357,72 @@ bool split_usable(const port::DeviceInfo& dev) {
          PrepNarrow::kSmemBytes <= dev.max_smem_per_block && Split<kHeadDim>::any_fits(dev);
 }
 
-// Preparation over every (slot, head), then the recurrence.
-bool launch_split(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-  const int64_t blocks = tc::num_slots(p, kSplitChunk) * p.hv;
-  if (blocks > 0) {
-    if (prep_threads() == 512) {
-      launch_layout<PrepWide>("kda_prep_kernel launch", kda_prep_kernel<PrepWide>, blocks, dev, stream, p,
-                              tc::make_prep_grid<PrepWide>(p));
-    } else {
-      launch_layout<PrepNarrow>("kda_prep_kernel launch", kda_prep_kernel<PrepNarrow>, blocks, dev, stream, p,
-                                tc::make_prep_grid<PrepNarrow>(p));
-    }
+// How many stretches of chunks a call is cut into, so that the recurrence of one runs beside the
+// preparation of the next (overlap.cuh; docs/next-overlap.md). FLASH_KDA_CUDA_PIECES=<k> asks for k;
+// unset or below 2: one piece, the kernels one after the other. Not the default until measured on a
+// GPU. Dense calls only (varlen: one piece), and at most one stretch per chunk.
+int64_t split_pieces(const KdaParams& p) {
+  static const int asked = env_int("FLASH_KDA_CUDA_PIECES");
+  if (asked < 2 || p.cu_seqlens != nullptr) return 1;
+  const int64_t chunks = tc::chunks_of(p.seq_len, kSplitChunk);
+  return asked < chunks ? asked : (chunks > 1 ? chunks : 1);
+}
+
+template <class L>
+void launch_prep(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream, int64_t c_begin,
+                 int64_t c_end) {
+  // Dense: sequences x (c_end - c_begin) x hv blocks; varlen (one piece): every slot x hv.
+  const int64_t chunks = tc::chunks_of(p.seq_len, kSplitChunk);
+  if (c_end > chunks) c_end = chunks;
+  const int64_t per_head = p.cu_seqlens == nullptr ? p.num_seqs * (c_end - c_begin) : tc::num_slots(p, kSplitChunk);
+  if (per_head <= 0) return;
+  launch_layout<L>("kda_prep_kernel launch", kda_prep_kernel<L>, per_head * p.hv, dev, stream, p,
+                   tc::make_prep_grid<L>(p, c_begin, c_end));
+}
+
+void launch_prep_piece(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream, int64_t c_begin,
+                       int64_t c_end) {
+  if (prep_threads() == 512) {
+    launch_prep<PrepWide>(p, dev, stream, c_begin, c_end);
+  } else {
+    launch_prep<PrepNarrow>(p, dev, stream, c_begin, c_end);
   }
-  return Split<kHeadDim>::launch(p, dev, stream);
+}
+
+// Preparation then recurrence, in one piece on the caller's stream or cut into stretches whose
+// recurrences run on the side stream (overlap.cuh).
+bool launch_split(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
+  const int64_t pieces = split_pieces(p);
+  if (pieces == 1) {
+    launch_prep_piece(p, dev, stream, 0, tc::kAllChunks);
+    return Split<kHeadDim>::launch(p, dev, stream, tc::Piece{0, tc::kAllChunks, nullptr});
+  }
+  const int64_t chunks = tc::chunks_of(p.seq_len, kSplitChunk);
+  float* carry = reinterpret_cast<float*>(static_cast<char*>(p.workspace) +
+                                          tc::split_scratch_bytes<kHeadDim, kSplitChunk>(p));
+  std::lock_guard<std::mutex> lock(overlap::enqueue_mutex());
+  const overlap::SideStream& side = overlap::side_stream(dev.device);
+  bool forked = false;
+  try {
+    for (int64_t i = 0; i < pieces; ++i) {
+      const int64_t c_begin = tc::stretch_begin(chunks, pieces, i);
+      const int64_t c_end = tc::stretch_begin(chunks, pieces, i + 1);
+      launch_prep_piece(p, dev, stream, c_begin, c_end);
+      overlap::order_after(side.stream, stream, side.ready);
+      forked = true;
+      // (Split<D>::any_fits held in split_usable, so a layout is found.)
+      Split<kHeadDim>::launch(p, dev, side.stream, tc::Piece{c_begin, i + 1 == pieces ? tc::kAllChunks : c_end, carry});
+    }
+    overlap::order_after(stream, side.stream, side.done);
+  } catch (...) {
+    // Join anyway, so that the caller's stream is never left ahead of work that reads its memory.
+    if (forked) {
+      (void)cudaEventRecord(side.done, side.stream);
+      (void)cudaStreamWaitEvent(stream, side.done, 0);
+    }
+    throw;
+  }
+  return true;
 }
 #endif  // FLASH_KDA_HAS_TC
 
@@ -372,7 +431,9 @@ bool launch_split(const KdaParams& p, const port::DeviceInfo& dev, port::stream_
 int64_t workspace_bytes(const KdaParams& p) {
 #if FLASH_KDA_HAS_TC
   if (p.num_seqs <= 0 || p.hv <= 0 || !split_usable(port::device_info())) return 0;
-  return tc::split_scratch_bytes<kHeadDim, kSplitChunk>(p);
+  // Records, then (for a call in several pieces) the carry state; records end 16-byte aligned.
+  return tc::split_scratch_bytes<kHeadDim, kSplitChunk>(p) +
+         (split_pieces(p) > 1 ? tc::carry_bytes<kHeadDim>(p) : 0);
 #else
   (void)p;
   return 0;
