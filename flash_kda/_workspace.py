@@ -40,9 +40,10 @@ def _atoi(value: str) -> int:
 
 def pieces_asked() -> bool:
     """Whether FLASH_KDA_CUDA_PIECES asks to cut calls into several pieces (a value atoi reads as 2 or
-    more), as kda_cuda.cu's split_pieces reads it (once per process there, here on every call). Dense
-    calls are then cut and need the carry state too; get_workspace_size, which cannot tell dense from
-    varlen, counts it whenever pieces are asked for."""
+    more), as kda_cuda.cu's split_pieces reads it (once per process there, here on every call: set it
+    before the first launch and leave it, or a caller's workspace sized here may be too small for the
+    kernels, which then allocate their own). Dense calls are then cut and need the carry state too;
+    get_workspace_size, which cannot tell dense from varlen, counts it whenever pieces are asked for."""
     return _atoi(os.environ.get("FLASH_KDA_CUDA_PIECES", "")) >= 2
 
 

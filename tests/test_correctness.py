@@ -348,38 +348,65 @@ def test_fwd_caller_workspace(varlen):
 
 
 # A child process: FLASH_KDA_CUDA_PIECES is read once per process by the launcher, so each piece
-# count gets its own. It runs fwd eagerly, then captures the same call in a CUDA graph and replays
-# it, and saves both results.
+# count gets its own. For two problems (small: checked against the reference by the parent; large:
+# 256 chunks, 32 heads, so that the two streams really run side by side) it runs fwd eagerly, then
+# captures the same call in a CUDA graph and replays it. The workspace is the caller's, of
+# get_workspace_size bytes, filled with 0xFF (NaN) before every call, inside the graph too: a
+# recurrence reading a record or carry before it is written gives NaN. "capture-first" captures
+# before any eager dense call (only a varlen call, which makes no side stream, comes first), so the
+# side stream is made inside the capture (overlap.cuh, in relaxed capture mode).
 _PIECES_CHILD = r"""
 import sys
 import torch
 import flash_kda
 from kda_testing import make_problem, poison
-seed, path = int(sys.argv[1]), sys.argv[2]
-p = make_problem(B=2, T=1000, hqk=2, hv=4, D=128, dtype=torch.bfloat16, device="cuda", state=True,
-                 seed=seed, weak_decay=True)
-out = poison(torch.empty_like(p["v"]))
-final = poison(torch.empty_like(p["initial_state"]))
-def call():
-    flash_kda.fwd(p["q"], p["k"], p["v"], p["g"], p["beta"], 128 ** -0.5, out, p["A_log"], p["dt_bias"],
-                  -5.0, initial_state=p["initial_state"], final_state=final)
-call()
-eager = (out.clone(), final.clone())
-side = torch.cuda.Stream()
-side.wait_stream(torch.cuda.current_stream())
-with torch.cuda.stream(side):
-    call()  # warm-up on a side stream, as torch.cuda.graphs recommends
-torch.cuda.current_stream().wait_stream(side)
-graph = torch.cuda.CUDAGraph()
-with torch.cuda.graph(graph):
-    out.fill_(float("nan"))
-    final.fill_(float("nan"))
+seed, path, order = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+problems = {"small": dict(B=2, T=1000, hqk=2, hv=4), "large": dict(B=1, T=8192, hqk=32, hv=32)}
+
+def setup(shape):
+    p = make_problem(**shape, D=128, dtype=torch.bfloat16, device="cuda", state=True, seed=seed,
+                     weak_decay=True)
+    B, T, H = shape["B"], shape["T"], shape["hv"]
+    ws = torch.empty(flash_kda.get_workspace_size(B * T, H, B), dtype=torch.uint8, device="cuda")
+    out = poison(torch.empty_like(p["v"]))
+    final = poison(torch.empty_like(p["initial_state"]))
+    def call():
+        ws.fill_(0xFF)
+        out.fill_(float("nan"))
+        final.fill_(float("nan"))
+        flash_kda.fwd(p["q"], p["k"], p["v"], p["g"], p["beta"], 128 ** -0.5, out, p["A_log"], p["dt_bias"],
+                      -5.0, initial_state=p["initial_state"], final_state=final, workspace=ws)
+    return call, out, final, ws
+
+def capture(call):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph
+
+results = {}
+if order == "capture-first":
+    v = make_problem(seqlens=[40, 70], hqk=2, hv=4, D=128, dtype=torch.bfloat16, device="cuda", seed=seed)
+    flash_kda.chunk_kda(v["q"], v["k"], v["v"], v["g"], v["beta"], cu_seqlens=v["cu_seqlens"],
+                        A_log=v["A_log"], dt_bias=v["dt_bias"], use_qk_l2norm_in_kernel=True)
+    torch.cuda.synchronize()
+for name, shape in problems.items():
+    call, out, final, ws = setup(shape)
+    if order == "capture-first" and name == "small":
+        graph = capture(call)  # the first dense call of the process, inside a capture
+        graph.replay()
+        torch.cuda.synchronize()
+        results[name + " graph"] = (out.cpu(), final.cpu())
     call()
-out.fill_(0.0)
-final.fill_(0.0)
-graph.replay()
-torch.cuda.synchronize()
-torch.save({"eager": eager, "graph": (out.cpu(), final.cpu())}, path)
+    torch.cuda.synchronize()
+    assert not bool((ws == 0xFF).all()), "the caller's workspace was not used"
+    results[name + " eager"] = (out.cpu(), final.cpu())
+    if order == "eager-first":
+        graph = capture(call)
+        graph.replay()
+        torch.cuda.synchronize()
+        results[name + " graph"] = (out.cpu(), final.cpu())
+torch.save(results, path)
 """
 
 
@@ -389,9 +416,10 @@ def test_pieces_match_one_piece_and_capture(tmp_path):
     """FLASH_KDA_CUDA_PIECES cuts a dense call into stretches of chunks whose recurrences run on a
     second stream beside the next stretch's preparation (kda_cuda.cu, overlap.cuh). The results
     must equal the one-piece call's bit for bit (same arithmetic; the state between stretches is
-    carried in fp32), eagerly and when the call is captured in a CUDA graph and replayed, and be
-    within the reference's tolerances. 1000 tokens are 32 chunks: 3 pieces start stretches at
-    chunks 10 and 21, 8 pieces at every fourth chunk."""
+    carried in fp32), eagerly and when the call is captured in a CUDA graph and replayed (also as
+    the process's first dense call, whose side stream is then made inside the capture), and be within the reference's
+    tolerances. 1000 tokens are 32 chunks: 3 pieces start stretches at chunks 10 and 21, 8 pieces at
+    every fourth chunk; the large problem has 256 chunks and 32 heads."""
     import subprocess
     import sys
     from pathlib import Path
@@ -399,21 +427,22 @@ def test_pieces_match_one_piece_and_capture(tmp_path):
     tests = Path(__file__).resolve().parent
     seed = fresh_seed()
     results = {}
-    for pieces in (1, 3, 8):
-        path = tmp_path / f"pieces{pieces}.pt"
+    for pieces, order in ((1, "eager-first"), (3, "eager-first"), (8, "eager-first"), (3, "capture-first")):
+        path = tmp_path / f"pieces{pieces}-{order}.pt"
         env = {**os.environ, "FLASH_KDA_CUDA_PIECES": str(pieces),
                "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
-        res = subprocess.run([sys.executable, "-c", _PIECES_CHILD, str(seed), str(path)], env=env,
+        res = subprocess.run([sys.executable, "-c", _PIECES_CHILD, str(seed), str(path), order], env=env,
                              capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, f"{pieces} pieces (seed {seed}):\n{res.stderr[-3000:]}"
-        results[pieces] = torch.load(path)
-    # The children's inputs, rebuilt on the CPU (make_problem draws on a CPU generator).
+        assert res.returncode == 0, f"{pieces} pieces, {order} (seed {seed}):\n{res.stderr[-3000:]}"
+        results[(pieces, order)] = torch.load(path)
+    # The small problem's inputs, rebuilt on the CPU (make_problem draws on a CPU generator).
     p = make_problem(B=2, T=1000, hqk=2, hv=4, D=128, dtype=torch.bfloat16, state=True, seed=seed,
                      weak_decay=True)
-    base_out, base_final = (t.cpu() for t in results[1]["eager"])
-    check(p, base_out, base_final, seed, what="one piece")
-    for pieces, r in results.items():
-        for how in ("eager", "graph"):
-            out, final = r[how]
-            assert torch.equal(out.cpu(), base_out), f"{pieces} pieces, {how}: output differs (seed {seed})"
-            assert torch.equal(final.cpu(), base_final), f"{pieces} pieces, {how}: final state differs (seed {seed})"
+    base = results[(1, "eager-first")]
+    check(p, *base["small eager"], seed, what="one piece")
+    for (pieces, order), r in results.items():
+        for key, (out, final) in r.items():
+            ref_out, ref_final = base[key.split()[0] + " eager"]
+            what = f"{pieces} pieces, {order}, {key}"
+            assert torch.equal(out, ref_out), f"{what}: output differs from one piece (seed {seed})"
+            assert torch.equal(final, ref_final), f"{what}: final state differs (seed {seed})"

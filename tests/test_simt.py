@@ -146,6 +146,26 @@ def test_pieces_match_one_piece(D, vs, prep, states, monkeypatch):
         assert torch.equal(cut[1], whole[1]), f"{pieces} pieces: final state differs (seed {s})"
 
 
+def test_pieces_schedule(monkeypatch, capfd):
+    """The schedule the launcher enqueues (tc::enqueue_pieces, shared with kda_cuda.cu), as the
+    emulator traces it: 150 tokens = 5 chunks; 3 pieces are three preparation/recurrence pairs, the
+    last recurrence running to the end; 9 pieces are cut to 5; varlen calls and k < 2 stay whole."""
+    p = make_problem(B=1, T=150, hqk=1, hv=1, D=64, dtype=torch.bfloat16, seed=seed())
+    pv = make_problem(seqlens=[70, 80], hqk=1, hv=1, D=64, dtype=torch.bfloat16, seed=seed())
+    whole = ["sim: prep [0, 9223372036854775807)", "sim: recurrence [0, end) carry none"]
+    cases = [(p, 3, ["sim: prep [0, 1)", "sim: recurrence [0, 1) carry yes", "sim: prep [1, 3)",
+                     "sim: recurrence [1, 3) carry yes", "sim: prep [3, 5)", "sim: recurrence [3, end) carry yes"]),
+             (p, 9, [line for c in range(5) for line in (f"sim: prep [{c}, {c + 1})",
+                     f"sim: recurrence [{c}, {'end' if c == 4 else c + 1}) carry yes")]),
+             (p, 1, whole), (p, 0, whole), (pv, 3, whole)]
+    for problem, pieces, expected in cases:
+        capfd.readouterr()
+        run(problem, D=64, dtype=torch.bfloat16, layout={"FORM": "split", "PIECES": pieces, "TRACE": 1},
+            monkeypatch=monkeypatch)
+        lines = [x for x in capfd.readouterr().err.splitlines() if x.startswith("sim: ")]
+        assert lines == expected, f"{pieces} pieces, {'varlen' if problem is pv else 'dense'}: {lines}"
+
+
 def test_pieces_leave_varlen_whole(monkeypatch):
     """Varlen calls are not cut (the host cannot see the sequences' lengths without a copy from the
     device): with pieces asked for, a varlen call runs in one piece and is still right."""

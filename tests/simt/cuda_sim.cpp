@@ -13,11 +13,13 @@
 //                               (kda_cuda.cu's FLASH_KDA_CUDA_PIECES; default 1). The pieces run
 //                               one after the other here (preparation i, recurrence i, ...): this
 //                               checks the stretches' ranges and the carried state, not concurrency.
+//   FLASH_KDA_SIM_TRACE         split: 1 prints the schedule (one line per kernel) to stderr
 // The split form's scratch (records and carry) is filled with NaN before the first kernel, so a
 // record or carry state read before it is written shows in the output.
 #include "simt.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <limits>
 
 #include "cuda/kda_chunk_portable.cuh"
@@ -47,22 +49,15 @@ int64_t slice_blocks(const KdaParams& p) {
 }
 
 // ---- split: preparation over every (slot, head), then the recurrence ----
-// Pieces as kda_cuda.cu's split_pieces: dense only, at most one per chunk.
-int64_t pieces_of(const KdaParams& p) {
-  const int64_t asked = env_int("FLASH_KDA_SIM_PIECES", 1);
-  if (asked < 2 || p.cu_seqlens != nullptr) return 1;
-  const int64_t chunks = tc::chunks_of(p.seq_len, C);
-  return asked < chunks ? asked : (chunks > 1 ? chunks : 1);
-}
+// FLASH_KDA_SIM_PIECES as kda_cuda.cu's FLASH_KDA_CUDA_PIECES (tc::split_pieces: dense only, at most
+// one per chunk), read at each call.
+int64_t pieces_of(const KdaParams& p) { return tc::split_pieces(p, C, env_int("FLASH_KDA_SIM_PIECES", 1)); }
 
 template <class L>
 void prep(const KdaParams& p, int64_t c_begin, int64_t c_end) {
   float* scratch = static_cast<float*>(p.workspace);
   const tc::PrepGrid g = tc::make_prep_grid<L>(p, c_begin, c_end);
-  const int64_t chunks = tc::chunks_of(p.seq_len, C);
-  const int64_t per_head = p.cu_seqlens == nullptr ? p.num_seqs * ((c_end < chunks ? c_end : chunks) - c_begin)
-                                                   : tc::num_slots(p, C);
-  simt::run_grid(per_head * p.hv, L::kThreads, L::kSmemBytes, [&](int64_t blk, float* sm, int t) {
+  simt::run_grid(tc::prep_blocks(p, C, c_begin, c_end), L::kThreads, L::kSmemBytes, [&](int64_t blk, float* sm, int t) {
     tc::prep_block<L>(p, g, scratch, sm, static_cast<uint32_t>(blk), t);
   });
 }
@@ -76,44 +71,42 @@ void recurrence(const KdaParams& p, const tc::Piece& piece) {
   });
 }
 
-void split_piece(const KdaParams& p, int64_t c_begin, int64_t c_end, const tc::Piece& piece) {
-  constexpr bool kWide = C * D / 8 >= 512;  // as kda_cuda.cu's PrepWide
-  if (kWide && env_int("FLASH_KDA_SIM_PREP_THREADS", 512) == 512) {
-    prep<tc::PrepLayout<D, C, kWide ? 512 : 256>>(p, c_begin, c_end);
-  } else {
-    prep<tc::PrepLayout<D, C, 256>>(p, c_begin, c_end);
-  }
-  const int vs = env_int("FLASH_KDA_SIM_VS", D == 128 ? 128 : 64);
-  if (vs == 32) {
-    recurrence<32>(p, piece);
-  } else if (vs == 64) {
-    recurrence<64>(p, piece);
-  } else if constexpr (D == 128) {
-    recurrence<128>(p, piece);
-  } else {
-    no_layout("recurrence");
-  }
-}
-
-int64_t split_bytes(const KdaParams& p) {
-  return tc::split_scratch_bytes<D, C>(p) + (pieces_of(p) > 1 ? tc::carry_bytes<D>(p) : 0);
-}
-
 void split(const KdaParams& p) {
   if (p.workspace == nullptr) throw std::runtime_error("cuda_sim: no scratch");
-  float* scratch = static_cast<float*>(p.workspace);
-  std::fill(scratch, scratch + split_bytes(p) / 4, std::numeric_limits<float>::quiet_NaN());
   const int64_t pieces = pieces_of(p);
-  if (pieces == 1) {
-    split_piece(p, 0, tc::kAllChunks, tc::Piece{0, tc::kAllChunks, nullptr});
-    return;
-  }
-  const int64_t chunks = tc::chunks_of(p.seq_len, C);
-  float* carry = scratch + tc::split_scratch_bytes<D, C>(p) / 4;
-  for (int64_t i = 0; i < pieces; ++i) {
-    const int64_t c_begin = tc::stretch_begin(chunks, pieces, i), c_end = tc::stretch_begin(chunks, pieces, i + 1);
-    split_piece(p, c_begin, c_end, tc::Piece{c_begin, i + 1 == pieces ? tc::kAllChunks : c_end, carry});
-  }
+  float* scratch = static_cast<float*>(p.workspace);
+  std::fill(scratch, scratch + tc::split_workspace_bytes<D, C>(p, pieces) / 4, std::numeric_limits<float>::quiet_NaN());
+  constexpr bool kWide = C * D / 8 >= 512;  // as kda_cuda.cu's PrepWide
+  const bool wide = kWide && env_int("FLASH_KDA_SIM_PREP_THREADS", 512) == 512;
+  const int vs = env_int("FLASH_KDA_SIM_VS", D == 128 ? 128 : 64);
+  if (vs != 32 && vs != 64 && !(D == 128 && vs == 128)) no_layout("recurrence");
+  // The launcher's schedule, with the kernels run one after the other (no second stream here).
+  // FLASH_KDA_SIM_TRACE=1 prints it to stderr, one line per kernel, for the tests to check.
+  const bool trace = env_int("FLASH_KDA_SIM_TRACE", 0) != 0;
+  tc::enqueue_pieces<D, C>(
+      p, pieces,
+      [&](int64_t c_begin, int64_t c_end) {
+        if (trace) std::fprintf(stderr, "sim: prep [%lld, %lld)\n", static_cast<long long>(c_begin), static_cast<long long>(c_end));
+        if (wide) {
+          prep<tc::PrepLayout<D, C, kWide ? 512 : 256>>(p, c_begin, c_end);
+        } else {
+          prep<tc::PrepLayout<D, C, 256>>(p, c_begin, c_end);
+        }
+      },
+      [&](const tc::Piece& piece) {
+        if (trace) {
+          std::fprintf(stderr, "sim: recurrence [%lld, %s) carry %s\n", static_cast<long long>(piece.c_begin),
+                       piece.c_end == tc::kAllChunks ? "end" : std::to_string(piece.c_end).c_str(),
+                       piece.carry == nullptr ? "none" : "yes");
+        }
+        if (vs == 32) {
+          recurrence<32>(p, piece);
+        } else if (vs == 64) {
+          recurrence<64>(p, piece);
+        } else if constexpr (D == 128) {
+          recurrence<128>(p, piece);
+        }
+      });
 }
 
 // ---- fused tensor-core body ----
@@ -166,7 +159,7 @@ void portable_body(const KdaParams& p) {  // kda_cuda.cu's Variants<D>: wide, na
 
 int64_t workspace_bytes(const KdaParams& p) {
   if (p.num_seqs <= 0 || p.hv <= 0 || env_str("FLASH_KDA_SIM_FORM", "split") != "split") return 0;
-  return split_bytes(p);
+  return tc::split_workspace_bytes<D, C>(p, pieces_of(p));
 }
 
 void launch_kda(const KdaParams& p, void*) {

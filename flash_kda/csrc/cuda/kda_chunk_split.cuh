@@ -117,6 +117,52 @@ FLASH_KDA_HD int64_t carry_bytes(const KdaParams& p) {
 // stretches differ in length by at most one chunk and none is empty while pieces <= chunks.
 FLASH_KDA_HD int64_t stretch_begin(int64_t chunks, int64_t pieces, int64_t i) { return i * chunks / pieces; }
 
+// The host side of pieces, shared by the launcher (kda_cuda.cu) and the CPU emulator
+// (tests/simt/cuda_sim.cpp), so that the emulator runs the schedule the GPU gets.
+//
+// How many pieces a call of chunk length C is cut into when `asked` are asked for: dense calls only
+// (the host cannot see varlen lengths without a copy from the device), at most one per chunk.
+inline int64_t split_pieces(const KdaParams& p, int C, int64_t asked) {
+  if (asked < 2 || p.cu_seqlens != nullptr) return 1;
+  const int64_t chunks = chunks_of(p.seq_len, C);
+  return asked < chunks ? asked : (chunks > 1 ? chunks : 1);
+}
+
+// Workspace of the split form cut into `pieces`: the records, then (pieces > 1) the carry, which
+// starts 16-byte aligned since a record is a whole number of 16-byte rows.
+template <int D, int C>
+int64_t split_workspace_bytes(const KdaParams& p, int64_t pieces) {
+  return split_scratch_bytes<D, C>(p) + (pieces > 1 ? carry_bytes<D>(p) : 0);
+}
+
+// Enqueues the pieces in order: prep(c_begin, c_end) for the stretch's preparation, then
+// rec(piece) for its recurrence. `pieces` as split_pieces returned it; one piece covers every
+// chunk with the user's states at both ends (c_end = kAllChunks, no carry).
+template <int D, int C, class Prep, class Rec>
+void enqueue_pieces(const KdaParams& p, int64_t pieces, Prep&& prep, Rec&& rec) {
+  if (pieces <= 1) {
+    prep(int64_t{0}, kAllChunks);
+    rec(Piece{0, kAllChunks, nullptr});
+    return;
+  }
+  const int64_t chunks = chunks_of(p.seq_len, C);
+  float* carry = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + split_scratch_bytes<D, C>(p));
+  for (int64_t i = 0; i < pieces; ++i) {
+    const int64_t c_begin = stretch_begin(chunks, pieces, i), c_end = stretch_begin(chunks, pieces, i + 1);
+    prep(c_begin, c_end);
+    rec(Piece{c_begin, i + 1 == pieces ? kAllChunks : c_end, carry});
+  }
+}
+
+// Blocks of the preparation's grid for chunks [c_begin, c_end) of every dense sequence (c_end
+// clipped to the chunk count), or for every slot of a varlen call (one piece).
+inline int64_t prep_blocks(const KdaParams& p, int C, int64_t c_begin, int64_t c_end) {
+  if (p.cu_seqlens != nullptr) return num_slots(p, C) * p.hv;
+  const int64_t chunks = chunks_of(p.seq_len, C);
+  if (c_end > chunks) c_end = chunks;
+  return c_end > c_begin ? p.num_seqs * (c_end - c_begin) * p.hv : 0;
+}
+
 // (cp_async16, shared_address, cp_async_commit, cp_async_wait: ptx.cuh)
 
 // A [ROWS, COLS] tile from src (row stride LDS) to dst (row stride LDD), 16 bytes per copy. The

@@ -358,25 +358,20 @@ bool split_usable(const port::DeviceInfo& dev) {
 }
 
 // How many stretches of chunks a call is cut into, so that the recurrence of one runs beside the
-// preparation of the next (overlap.cuh; docs/next-overlap.md). FLASH_KDA_CUDA_PIECES=<k> asks for k;
-// unset or below 2: one piece, the kernels one after the other. Not the default until measured on a
-// GPU. Dense calls only (varlen: one piece), and at most one stretch per chunk.
+// preparation of the next (overlap.cuh; docs/next-overlap.md). FLASH_KDA_CUDA_PIECES=<k> asks for k
+// (read once per process); unset or below 2: one piece, the kernels one after the other. Not the
+// default until measured on a GPU. tc::split_pieces: dense calls only, at most one per chunk.
 int64_t split_pieces(const KdaParams& p) {
   static const int asked = env_int("FLASH_KDA_CUDA_PIECES");
-  if (asked < 2 || p.cu_seqlens != nullptr) return 1;
-  const int64_t chunks = tc::chunks_of(p.seq_len, kSplitChunk);
-  return asked < chunks ? asked : (chunks > 1 ? chunks : 1);
+  return tc::split_pieces(p, kSplitChunk, asked);
 }
 
 template <class L>
 void launch_prep(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream, int64_t c_begin,
                  int64_t c_end) {
-  // Dense: sequences x (c_end - c_begin) x hv blocks; varlen (one piece): every slot x hv.
-  const int64_t chunks = tc::chunks_of(p.seq_len, kSplitChunk);
-  if (c_end > chunks) c_end = chunks;
-  const int64_t per_head = p.cu_seqlens == nullptr ? p.num_seqs * (c_end - c_begin) : tc::num_slots(p, kSplitChunk);
-  if (per_head <= 0) return;
-  launch_layout<L>("kda_prep_kernel launch", kda_prep_kernel<L>, per_head * p.hv, dev, stream, p,
+  const int64_t blocks = tc::prep_blocks(p, kSplitChunk, c_begin, c_end);
+  if (blocks <= 0) return;
+  launch_layout<L>("kda_prep_kernel launch", kda_prep_kernel<L>, blocks, dev, stream, p,
                    tc::make_prep_grid<L>(p, c_begin, c_end));
 }
 
@@ -389,40 +384,44 @@ void launch_prep_piece(const KdaParams& p, const port::DeviceInfo& dev, port::st
   }
 }
 
-// Preparation then recurrence, in one piece on the caller's stream or cut into stretches whose
-// recurrences run on the side stream (overlap.cuh).
+// Preparation then recurrence (tc::enqueue_pieces: the schedule the emulator runs too), in one piece
+// on the caller's stream, or cut into stretches whose recurrences run on a side stream (overlap.cuh).
+// False if no recurrence layout fits (then the caller runs the fused body).
 bool launch_split(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
+  using tc::Piece;
+  const auto prep = [&](int64_t c_begin, int64_t c_end) { launch_prep_piece(p, dev, stream, c_begin, c_end); };
+  bool launched = true;
+  const auto in_one_piece = [&] {
+    tc::enqueue_pieces<kHeadDim, kSplitChunk>(p, 1, prep, [&](const Piece& piece) {
+      launched = Split<kHeadDim>::launch(p, dev, stream, piece);
+    });
+    return launched;
+  };
   const int64_t pieces = split_pieces(p);
-  if (pieces == 1) {
-    launch_prep_piece(p, dev, stream, 0, tc::kAllChunks);
-    return Split<kHeadDim>::launch(p, dev, stream, tc::Piece{0, tc::kAllChunks, nullptr});
-  }
-  const int64_t chunks = tc::chunks_of(p.seq_len, kSplitChunk);
-  float* carry = reinterpret_cast<float*>(static_cast<char*>(p.workspace) +
-                                          tc::split_scratch_bytes<kHeadDim, kSplitChunk>(p));
+  if (pieces == 1) return in_one_piece();
   std::lock_guard<std::mutex> lock(overlap::enqueue_mutex());
-  const overlap::SideStream& side = overlap::side_stream(dev.device);
+  const overlap::SideStream* side = overlap::side_stream(dev.device, stream);
+  if (side == nullptr) return in_one_piece();  // (the workspace was sized for pieces: a carry unused)
   bool forked = false;
   try {
-    for (int64_t i = 0; i < pieces; ++i) {
-      const int64_t c_begin = tc::stretch_begin(chunks, pieces, i);
-      const int64_t c_end = tc::stretch_begin(chunks, pieces, i + 1);
-      launch_prep_piece(p, dev, stream, c_begin, c_end);
-      overlap::order_after(side.stream, stream, side.ready);
-      forked = true;
-      // (Split<D>::any_fits held in split_usable, so a layout is found.)
-      Split<kHeadDim>::launch(p, dev, side.stream, tc::Piece{c_begin, i + 1 == pieces ? tc::kAllChunks : c_end, carry});
-    }
-    overlap::order_after(stream, side.stream, side.done);
+    tc::enqueue_pieces<kHeadDim, kSplitChunk>(
+        p, pieces,
+        [&](int64_t c_begin, int64_t c_end) {
+          prep(c_begin, c_end);
+          overlap::order_after(side->stream, stream, side->ready);
+          forked = true;
+        },
+        [&](const Piece& piece) { launched = Split<kHeadDim>::launch(p, dev, side->stream, piece) && launched; });
+    overlap::order_after(stream, side->stream, side->done);
   } catch (...) {
     // Join anyway, so that the caller's stream is never left ahead of work that reads its memory.
     if (forked) {
-      (void)cudaEventRecord(side.done, side.stream);
-      (void)cudaStreamWaitEvent(stream, side.done, 0);
+      (void)cudaEventRecord(side->done, side->stream);
+      (void)cudaStreamWaitEvent(stream, side->done, 0);
     }
     throw;
   }
-  return true;
+  return launched;
 }
 #endif  // FLASH_KDA_HAS_TC
 
@@ -431,9 +430,7 @@ bool launch_split(const KdaParams& p, const port::DeviceInfo& dev, port::stream_
 int64_t workspace_bytes(const KdaParams& p) {
 #if FLASH_KDA_HAS_TC
   if (p.num_seqs <= 0 || p.hv <= 0 || !split_usable(port::device_info())) return 0;
-  // Records, then (for a call in several pieces) the carry state; records end 16-byte aligned.
-  return tc::split_scratch_bytes<kHeadDim, kSplitChunk>(p) +
-         (split_pieces(p) > 1 ? tc::carry_bytes<kHeadDim>(p) : 0);
+  return tc::split_workspace_bytes<kHeadDim, kSplitChunk>(p, split_pieces(p));
 #else
   (void)p;
   return 0;
