@@ -5,12 +5,13 @@
 # as it happens, to $OUT/summary.txt, and the full logs are packed into $OUT/logs.tar.gz after each
 # step: a run cut short by a time limit still returns what it did (two files, under the device
 # tool's limit on returned files).
-#   usage: bash tools/device_check.sh [quick|tests|layouts|sanitize|bench|kernels|tune|ab|ncu|all]...
+#   usage: bash tools/device_check.sh [quick|tests|layouts|sanitize|bench|kernels|tune|ab|pieces|ncu|all]...
 # `bench` runs tools/bench.py with fla unless NO_FLA=1 (which also skips the fla test); `kernels`
 # prints per-kernel times for each two-kernel layout; `tune` times each kernel form and layout of
 # $LAYOUTS (below) without fla; `ncu` profiles the two kernels with Nsight Compute; `ab` times the
-# working tree's kernels against another revision's (AB_CSRC, see the step). `quick`, `kernels`,
-# `tune`, `ab` and `ncu` run only when named (not in `all`). FAST_ONLY=1 skips the portable build and tests.
+# working tree's kernels against another revision's (AB_CSRC, see the step); `pieces` checks and
+# times FLASH_KDA_CUDA_PIECES (PIECES_SWEEP). `quick`, `kernels`, `tune`, `ab`, `pieces` and `ncu` run
+# only when named (not in `all`). FAST_ONLY=1 skips the portable build and tests.
 set -uo pipefail
 OUT=${OUT:-/tmp/flash_kda_out}; LOG=${LOG_DIR:-/tmp/flash_kda_logs}; mkdir -p "$OUT" "$LOG"
 exec > >(tee -a "$OUT/summary.txt") 2>&1
@@ -135,6 +136,23 @@ if [[ " $steps " == *" ab "* ]]; then
     echo "== $side sources${csrc:+ ($csrc)}"
     FLASH_KDA_CSRC_DIR=$csrc python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$LOG/ab_kernels_$side.txt"
     FLASH_KDA_CSRC_DIR=$csrc python3 tools/bench.py --no-fla 2>&1 | tee "$LOG/ab_bench_$side.txt" | grep --line-buffered -E "^\||host"
+  done
+fi
+pack
+if [[ " $steps " == *" pieces "* ]]; then
+  # FLASH_KDA_CUDA_PIECES (docs/cuda.md, docs/next-overlap.md): the GPU suite with every dense call
+  # cut in 3 pieces, both sanitizers with pieces, then whole calls for each k of $PIECES_SWEEP on the
+  # long dense shapes, one process per k (the launcher reads the variable once per process).
+  FLASH_KDA_CUDA_PIECES=3 python3 -m pytest tests/test_correctness.py -k "cuda or pieces" -q -ra -p no:cacheprovider 2>&1 \
+    | tee "$LOG/tests_pieces3.txt" | tail -1 | sed "s/^/GPU suite, pieces=3: /"
+  for tool in memcheck racecheck; do
+    FLASH_KDA_CUDA_PIECES=3 FLASH_KDA_KERNEL=fast compute-sanitizer --tool $tool --error-exitcode 3 python3 tools/sanitize_case.py > "$LOG/sanitize_${tool}_pieces3.txt" 2>&1
+    echo "compute-sanitizer $tool (pieces=3): exit $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG/sanitize_${tool}_pieces3.txt" | tail -1)"
+  done
+  for k in ${PIECES_SWEEP:-1 2 4 8 16 1}; do
+    echo "== pieces $k"
+    FLASH_KDA_CUDA_PIECES=$k python3 tools/bench.py --no-fla --no-states --reps ${TUNE_REPS:-20} --only "T=32768,T=8192" 2>&1 \
+      | tee "$LOG/pieces_bench_$k.txt" | grep --line-buffered -E "^\| T"
   done
 fi
 pack
