@@ -23,7 +23,8 @@
 
 #include <map>
 #include <mutex>
-#include <utility>
+#include <thread>
+#include <tuple>
 
 #include "../port.cuh"
 
@@ -66,8 +67,10 @@ struct RelaxedCaptureMode {
 // capture of `caller`); null once kMaxSideStreams are made: the call then runs in one piece. Call
 // with enqueue_mutex() held.
 inline const SideStream* side_stream(int device, cudaStream_t caller) {
-  static std::map<std::pair<int, cudaStream_t>, SideStream> made;
-  const auto key = std::make_pair(device, caller);
+  // (cudaStreamPerThread is one handle for a different stream in each thread: keyed by thread too.)
+  using Key = std::tuple<int, cudaStream_t, std::thread::id>;
+  static std::map<Key, SideStream> made;
+  const Key key{device, caller, caller == cudaStreamPerThread ? std::this_thread::get_id() : std::thread::id()};
   const auto it = made.find(key);
   if (it != made.end()) return &it->second;
   if (made.size() >= kMaxSideStreams) return nullptr;
