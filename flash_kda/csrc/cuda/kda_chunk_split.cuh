@@ -490,13 +490,16 @@ struct StateRef {
   StateStrides strides;
   bool fp32;
 };
+FLASH_KDA_DEVICE StateRef carry_ref(const KdaParams& p, const Piece& piece, int64_t D) {
+  return StateRef{piece.carry, StateStrides{p.hv * D * D, D * D, D}, true};
+}
 FLASH_KDA_DEVICE StateRef initial_ref(const KdaParams& p, const Piece& piece, int64_t D) {
   if (piece.c_begin == 0) return StateRef{const_cast<void*>(p.initial_state), p.h0_strides, p.state_fp32};
-  return StateRef{piece.carry, StateStrides{p.hv * D * D, D * D, D}, true};
+  return carry_ref(p, piece, D);
 }
 FLASH_KDA_DEVICE StateRef final_ref(const KdaParams& p, const Piece& piece, int64_t nchunks, int64_t D) {
   if (piece.c_end >= nchunks) return StateRef{p.final_state, p.ht_strides, p.state_fp32};
-  return StateRef{piece.carry, StateStrides{p.hv * D * D, D * D, D}, true};
+  return carry_ref(p, piece, D);
 }
 
 // Reads or writes the warp's state rows: element e of tile nt is (row r(e), channel c(e)).
