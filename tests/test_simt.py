@@ -128,7 +128,7 @@ def test_pieces_match_one_piece(D, vs, prep, states, monkeypatch):
     run one after the other): each stretch's preparation covers only its chunks, each recurrence
     starts from the state the previous one left in the carry (fp32). 150 tokens are 5 chunks:
     3 pieces are [0, 1) + [1, 3) + [3, 5) (stretches starting at odd chunks), 9 are cut to 5 of one
-    chunk each. The arithmetic is the same as in one piece, so the outputs must be identical bit for
+    chunk each; 3 pieces also with every preparation run before any recurrence (legal on a GPU). The arithmetic is the same as in one piece, so the outputs must be identical bit for
     bit, and within the tolerances of the float64 reference. The scratch starts as NaN
     (cuda_sim.cpp), so a stretch reading a record or carry its predecessors did not write fails."""
     layout = {"FORM": "split", "VS": vs, "PREP_THREADS": prep}
@@ -139,11 +139,12 @@ def test_pieces_match_one_piece(D, vs, prep, states, monkeypatch):
     whole = run(p, D=D, dtype=torch.bfloat16, layout={**layout, "PIECES": 1}, state_dtype=state_dtype,
                 monkeypatch=monkeypatch)
     check(p, *whole, what=f"D={D} VS={vs} one piece, states {states} (seed {s})")
-    for pieces in (3, 9):
-        cut = run(p, D=D, dtype=torch.bfloat16, layout={**layout, "PIECES": pieces}, state_dtype=state_dtype,
-                  monkeypatch=monkeypatch)
-        assert torch.equal(cut[0], whole[0]), f"{pieces} pieces: output differs from one piece (seed {s})"
-        assert torch.equal(cut[1], whole[1]), f"{pieces} pieces: final state differs (seed {s})"
+    # Preparation i + 1 may run before recurrence i on a GPU: both extreme orders (cuda_sim.cpp).
+    for pieces, order in ((3, "enqueued"), (9, "enqueued"), (3, "preps-first")):
+        cut = run(p, D=D, dtype=torch.bfloat16, layout={**layout, "PIECES": pieces, "PIECE_ORDER": order},
+                  state_dtype=state_dtype, monkeypatch=monkeypatch)
+        assert torch.equal(cut[0], whole[0]), f"{pieces} pieces, {order}: output differs from one piece (seed {s})"
+        assert torch.equal(cut[1], whole[1]), f"{pieces} pieces, {order}: final state differs (seed {s})"
 
 
 def test_pieces_schedule(monkeypatch, capfd):

@@ -14,6 +14,7 @@
 //                               one after the other here (preparation i, recurrence i, ...): this
 //                               checks the stretches' ranges and the carried state, not concurrency.
 //   FLASH_KDA_SIM_TRACE         split: 1 prints the schedule (one line per kernel) to stderr
+//   FLASH_KDA_SIM_PIECE_ORDER   split with pieces: enqueued (default) or preps-first (see split())
 // The split form's scratch (records and carry) is filled with NaN before the first kernel, so a
 // record or carry state read before it is written shows in the output.
 #include "simt.h"
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <limits>
+#include <vector>
 
 #include "cuda/kda_chunk_portable.cuh"
 #include "cuda/kda_chunk_split.cuh"
@@ -82,7 +84,31 @@ void split(const KdaParams& p) {
   if (vs != 32 && vs != 64 && !(D == 128 && vs == 128)) no_layout("recurrence");
   // The launcher's schedule, with the kernels run one after the other (no second stream here).
   // FLASH_KDA_SIM_TRACE=1 prints it to stderr, one line per kernel, for the tests to check.
+  // On a GPU, recurrence i waits for preparation i (and for recurrence i - 1), but preparation i + 1
+  // does not wait for recurrence i: they may run in either order. FLASH_KDA_SIM_PIECE_ORDER picks
+  // the two extremes: `enqueued` (default; recurrence i right after preparation i) or `preps-first`
+  // (every preparation, then every recurrence), so that a preparation overwriting what an earlier
+  // stretch's recurrence still reads would show.
   const bool trace = env_int("FLASH_KDA_SIM_TRACE", 0) != 0;
+  const std::string order = env_str("FLASH_KDA_SIM_PIECE_ORDER", "enqueued");
+  if (order != "enqueued" && order != "preps-first") {
+    throw std::runtime_error("cuda_sim: FLASH_KDA_SIM_PIECE_ORDER must be enqueued or preps-first");
+  }
+  const auto run_recurrence = [&](const tc::Piece& piece) {
+    if (trace) {
+      std::fprintf(stderr, "sim: recurrence [%lld, %s) carry %s\n", static_cast<long long>(piece.c_begin),
+                   piece.c_end == tc::kAllChunks ? "end" : std::to_string(piece.c_end).c_str(),
+                   piece.carry == nullptr ? "none" : "yes");
+    }
+    if (vs == 32) {
+      recurrence<32>(p, piece);
+    } else if (vs == 64) {
+      recurrence<64>(p, piece);
+    } else if constexpr (D == 128) {
+      recurrence<128>(p, piece);
+    }
+  };
+  std::vector<tc::Piece> deferred;
   tc::enqueue_pieces<D, C>(
       p, pieces,
       [&](int64_t c_begin, int64_t c_end) {
@@ -94,19 +120,13 @@ void split(const KdaParams& p) {
         }
       },
       [&](const tc::Piece& piece) {
-        if (trace) {
-          std::fprintf(stderr, "sim: recurrence [%lld, %s) carry %s\n", static_cast<long long>(piece.c_begin),
-                       piece.c_end == tc::kAllChunks ? "end" : std::to_string(piece.c_end).c_str(),
-                       piece.carry == nullptr ? "none" : "yes");
-        }
-        if (vs == 32) {
-          recurrence<32>(p, piece);
-        } else if (vs == 64) {
-          recurrence<64>(p, piece);
-        } else if constexpr (D == 128) {
-          recurrence<128>(p, piece);
+        if (order == "preps-first") {
+          deferred.push_back(piece);
+        } else {
+          run_recurrence(piece);
         }
       });
+  for (const tc::Piece& piece : deferred) run_recurrence(piece);
 }
 
 // ---- fused tensor-core body ----
