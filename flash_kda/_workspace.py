@@ -38,15 +38,6 @@ def _atoi(value: str) -> int:
     return int(m.group(1)) if m is not None else 0
 
 
-def pieces_asked() -> bool:
-    """Whether FLASH_KDA_CUDA_PIECES asks to cut calls into several pieces (a value atoi reads as 2 or
-    more), as kda_cuda.cu's split_pieces reads it (once per process there, here on every call: set it
-    before the first launch and leave it, or a caller's workspace sized here may be too small for the
-    kernels, which then allocate their own). Dense calls are then cut and need the carry state too;
-    get_workspace_size, which cannot tell dense from varlen, counts it whenever pieces are asked for."""
-    return _atoi(os.environ.get("FLASH_KDA_CUDA_PIECES", "")) >= 2
-
-
 def split_possible() -> bool:
     """Whether this process may run the CUDA two-kernel form: a CUDA build of torch with a visible
     device, and the fast kernel variant (FLASH_KDA_KERNEL). CPU, MUSA and portable builds use no

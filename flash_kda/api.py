@@ -8,8 +8,7 @@ import torch
 from . import _ops
 from ._validate import (check_destinations, check_offset_values, check_problem, check_workspace,
                         require_tensor, same_view)
-from ._workspace import (carry_bytes, pieces_asked, split_possible, split_scratch_bytes, split_selected,
-                         varlen_slots)
+from ._workspace import carry_bytes, split_possible, split_scratch_bytes, split_selected, varlen_slots
 
 
 def get_workspace_size(T_total: int, H: int, N: int) -> int:
@@ -24,16 +23,16 @@ def get_workspace_size(T_total: int, H: int, N: int) -> int:
     ``fwd`` allocates what it needs itself (not an error; if that allocation fails, the fused
     kernel runs, which needs none). 0 where nothing will use it: no CUDA device, the portable
     kernels (``FLASH_KDA_KERNEL=portable``), or the fused form selected
-    (``FLASH_KDA_CUDA_SPLIT=0``). With ``FLASH_KDA_CUDA_PIECES`` (2 or more; docs/cuda.md) it
-    also counts the fp32 state carried between pieces, N x H x 128 x 128 x 4 bytes.
+    (``FLASH_KDA_CUDA_SPLIT=0``). It also counts the fp32 state carried between the stretches of
+    a call cut into pieces (long dense calls, docs/cuda.md), N x H x 128 x 128 x 4 bytes (64 KB per
+    sequence and head: under 1 % of the records for sequences of 4096 tokens or more).
     """
     for name, x in (("T_total", T_total), ("H", H), ("N", N)):
         if isinstance(x, bool) or not isinstance(x, int) or x < 0:
             raise ValueError(f"{name} must be a non-negative int, got {x!r}")
     if not (split_selected() and split_possible()):
         return 0
-    carry = carry_bytes(N, H, 128) if pieces_asked() else 0
-    return split_scratch_bytes(varlen_slots(T_total, N), H, 128) + carry
+    return split_scratch_bytes(varlen_slots(T_total, N), H, 128) + carry_bytes(N, H, 128)
 
 
 def _run(p, out4, final_state, in_place: bool, use_qk_l2norm: bool, workspace=None) -> None:

@@ -308,6 +308,14 @@ struct TcChoice {
     ((index++ == best ? (Vs::launch(p, dev, stream, extra...), 0) : 0), ...);
     return true;
   }
+  // Launches the layout of V-slice width vs; false if none of that width fits.
+  template <class... Extra>
+  static bool launch_vs(int vs, const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream,
+                        const Extra&... extra) {
+    bool done = false;
+    ((!done && Vs::L::VS == vs && Vs::fits(dev) ? (Vs::launch(p, dev, stream, extra...), done = true) : false), ...);
+    return done;
+  }
 };
 
 // Tensor-core layouts per head dim (shared memory per block):
@@ -357,13 +365,40 @@ bool split_usable(const port::DeviceInfo& dev) {
          PrepNarrow::kSmemBytes <= dev.max_smem_per_block && Split<kHeadDim>::any_fits(dev);
 }
 
-// How many stretches of chunks a call is cut into, so that the recurrence of one runs beside the
-// preparation of the next (overlap.cuh; docs/next-overlap.md). FLASH_KDA_CUDA_PIECES=<k> asks for k
-// (read once per process); unset or below 2: one piece, the kernels one after the other. Not the
-// default until measured on a GPU. tc::split_pieces: dense calls only, at most one per chunk.
-int64_t split_pieces(const KdaParams& p) {
-  static const int asked = env_int("FLASH_KDA_CUDA_PIECES");
-  return tc::split_pieces(p, kSplitChunk, asked);
+// How a call of the two-kernel form is cut into stretches of chunks, so that the recurrence of one
+// runs beside the preparation of the next (overlap.cuh; docs/next-overlap.md), and which recurrence
+// V slice it then uses (0: the usual choice). FLASH_KDA_CUDA_PIECES=<k> (read once per process): 1
+// never cuts, k >= 2 cuts dense calls in k (tc::split_pieces: at most one per chunk). Unset or empty:
+// the rule below, fitted to H100 whole-call times at D = 128 (docs/performance.md v12):
+//  - only dense calls at D = 128 with at least 256 chunks (8192 tokens) per sequence;
+//  - only if a recurrence layout of V slice 32 or 64 (one that fits beside a 512-thread preparation
+//    block on a multiprocessor; VS 128 does not) needs at most half the multiprocessors: then the
+//    cheaper of those by the usual cost. Pieces paid 12-23 % there (T=8192-65536, H=16 and 32) and
+//    nothing or worse where the recurrence needs more blocks (H=64: 128 blocks at VS 64);
+//  - 4 pieces below 1024 chunks, 8 from there (the best k measured at 256-512 and 1024-2048 chunks).
+struct SplitPlan {
+  int64_t pieces;
+  int vs;
+};
+SplitPlan split_plan(const KdaParams& p, const port::DeviceInfo& dev) {
+  static const int asked = [] {
+    const char* s = getenv("FLASH_KDA_CUDA_PIECES");
+    return s == nullptr || *s == '\0' ? 0 : (atoi(s) < 1 ? 1 : atoi(s));
+  }();
+  if (asked >= 1) return SplitPlan{tc::split_pieces(p, kSplitChunk, asked), 0};
+  if constexpr (kHeadDim != 128) {
+    return SplitPlan{1, 0};
+  } else {
+    const int64_t chunks = tc::chunks_of(p.seq_len, kSplitChunk);
+    if (p.cu_seqlens != nullptr || chunks < 256 || vslice_override() != 0) return SplitPlan{1, 0};
+    using R64 = RecurrenceVariant<64, 2>;
+    using R32 = RecurrenceVariant<32, 2>;
+    const int64_t half = dev.multiprocessors / 2;
+    const bool ok64 = R64::fits(dev) && R64::blocks(p) <= half, ok32 = R32::fits(dev) && R32::blocks(p) <= half;
+    if (!ok64 && !ok32) return SplitPlan{1, 0};
+    const int vs = ok64 && (!ok32 || R64::cost(p, dev) <= R32::cost(p, dev)) ? 64 : 32;
+    return SplitPlan{tc::split_pieces(p, kSplitChunk, chunks >= 1024 ? 8 : 4), vs};
+  }
 }
 
 template <class L>
@@ -397,7 +432,8 @@ bool launch_split(const KdaParams& p, const port::DeviceInfo& dev, port::stream_
     });
     return launched;
   };
-  const int64_t pieces = split_pieces(p);
+  const SplitPlan plan = split_plan(p, dev);
+  const int64_t pieces = plan.pieces;
   if (pieces == 1) return in_one_piece();
   std::lock_guard<std::mutex> lock(overlap::enqueue_mutex());
   const overlap::SideStream* side = overlap::side_stream(dev.device, stream);
@@ -411,7 +447,11 @@ bool launch_split(const KdaParams& p, const port::DeviceInfo& dev, port::stream_
           overlap::order_after(side->stream, stream, side->ready);
           forked = true;
         },
-        [&](const Piece& piece) { launched = Split<kHeadDim>::launch(p, dev, side->stream, piece) && launched; });
+        [&](const Piece& piece) {
+          const bool ok = plan.vs != 0 ? Split<kHeadDim>::launch_vs(plan.vs, p, dev, side->stream, piece)
+                                       : Split<kHeadDim>::launch(p, dev, side->stream, piece);
+          launched = ok && launched;
+        });
     overlap::order_after(stream, side->stream, side->done);
   } catch (...) {
     // Join anyway, so that the caller's stream is never left ahead of work that reads its memory.
@@ -429,8 +469,9 @@ bool launch_split(const KdaParams& p, const port::DeviceInfo& dev, port::stream_
 
 int64_t workspace_bytes(const KdaParams& p) {
 #if FLASH_KDA_HAS_TC
-  if (p.num_seqs <= 0 || p.hv <= 0 || !split_usable(port::device_info())) return 0;
-  return tc::split_workspace_bytes<kHeadDim, kSplitChunk>(p, split_pieces(p));
+  const port::DeviceInfo dev = port::device_info();
+  if (p.num_seqs <= 0 || p.hv <= 0 || !split_usable(dev)) return 0;
+  return tc::split_workspace_bytes<kHeadDim, kSplitChunk>(p, split_plan(p, dev).pieces);
 #else
   (void)p;
   return 0;
