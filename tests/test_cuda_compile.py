@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,34 @@ def test_workspace_formula_matches_the_record(tmp_path, head_dim):
            str(tmp_path / "record_size.o")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
+
+
+# (T, H, N) -> (pieces, recurrence V slice; 0 = the usual choice): the best setting of each shape
+# measured on the H100 in session 12 (docs/performance.md v12), and shapes where pieces lost.
+SPLIT_PLAN_EXPECTED = {
+    (8192, 16, 1): (4, 32), (8192, 32, 1): (4, 64), (16384, 16, 1): (4, 32), (16384, 32, 1): (4, 64),
+    (32768, 16, 1): (8, 32), (32768, 32, 1): (8, 64), (65536, 16, 1): (8, 32), (65536, 32, 1): (8, 64),
+    (4096, 32, 1): (1, 0), (16384, 64, 1): (1, 0), (32768, 64, 1): (1, 0), (8192, 64, 1): (1, 0),
+    (8192, 96, 1): (1, 0), (2048, 96, 1): (1, 0), (512, 64, 1): (1, 0),
+}
+
+
+def test_split_plan_picks_the_measured_best(tmp_path, monkeypatch):
+    """kda_cuda.cu's split_plan (the automatic pieces rule) on an H100-like device description,
+    run on the host: it must pick, for every shape timed in session 12, the setting that was
+    fastest there (pieces and recurrence V slice), and one piece where pieces lost."""
+    for name in ("FLASH_KDA_CUDA_PIECES", "FLASH_KDA_CUDA_VSLICE", "FLASH_KDA_CUDA_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    exe = tmp_path / "split_plan_check"
+    spec = KernelSpec("cuda", "sm90a", 128, "bf16", "fast")
+    cmd = [NVCC, "-std=c++17", "-O1", *gencode_flags(parse_arch_list("9.0a")), *spec.defines(),
+           "-I", str(PACKAGE_CSRC), str(Path(__file__).resolve().parent / "cpp" / "split_plan_check.cu"),
+           "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
+    shapes = [f"{T}:{H}:{N}" for T, H, N in SPLIT_PLAN_EXPECTED]
+    out = subprocess.run([str(exe), *shapes], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = {tuple(int(x) for x in line.split()[0].split(":")): tuple(int(x) for x in line.split()[1:])
+           for line in out.stdout.splitlines()}
+    assert got == SPLIT_PLAN_EXPECTED
