@@ -10,9 +10,10 @@
 //   FLASH_KDA_SIM_PREP_THREADS  split: 512 (default) or 256 (D = 64 has only 256)
 //   FLASH_KDA_SIM_PORTABLE      portable: wide (default), narrow or compact
 //   FLASH_KDA_SIM_PIECES        split, dense: cut the call into this many stretches of chunks
-//                               (kda_cuda.cu's FLASH_KDA_CUDA_PIECES; default 1). The pieces run
-//                               one after the other here (preparation i, recurrence i, ...): this
-//                               checks the stretches' ranges and the carried state, not concurrency.
+//                               (as FLASH_KDA_CUDA_PIECES=k forces on a GPU, where unset means
+//                               kda_cuda.cu's split_plan rule; here unset means 1). The kernels run
+//                               one after the other here: this checks the stretches' ranges and the
+//                               carried state, not concurrency.
 //   FLASH_KDA_SIM_TRACE         split: 1 prints the schedule (one line per kernel) to stderr
 //   FLASH_KDA_SIM_PIECE_ORDER   split with pieces: enqueued (default) or preps-first (see split())
 // The split form's scratch (records and carry) is filled with NaN before the first kernel, so a
