@@ -29,17 +29,27 @@
 namespace flash_kda {
 namespace tc {
 
-// One chunk's operands for the recurrence, fp32, rows unpadded (row stride D, or C for A_qk).
+// One chunk's operands for the recurrence (offsets in floats). The B operands of its fp16 products
+// come as scaled fp16 rows in fragment order (to_f16_rows below), two halves per float; U0 (which
+// the recurrence subtracts from) and e^{γ_last} stay fp32; then the rows' inverse scales, and
+// Klᵀ's scales (the state update needs both). 11,232 floats at D = 128 (the fp32 record was 17,536).
 template <int D, int C>
 struct Record {
-  static constexpr int kW = 0;             // [C, D] W = T (K e^γ)
-  static constexpr int kQ = kW + C * D;    // [C, D] Q e^γ
-  static constexpr int kKl = kQ + C * D;   // [D, C] (K e^{γ_last - γ})ᵀ: channel-major for the update
-  static constexpr int kU = kKl + C * D;   // [C, V] U0 = T V
-  static constexpr int kA = kU + C * D;    // [C, C] A_qk, zero above the diagonal
-  static constexpr int kEg = kA + C * C;   // [D] e^{γ_last}
-  static constexpr int kFloats = kEg + D;  // a multiple of 4: every array starts 16-byte aligned
-  static_assert(kFloats % 4 == 0 && D % 4 == 0 && C % 4 == 0, "16-byte rows");
+  static constexpr int kW = 0;                 // [C, D] fp16: W = T (K e^γ), scaled per token
+  static constexpr int kQ = kW + C * D / 2;    // [C, D] fp16: Q e^γ, per token
+  static constexpr int kKl = kQ + C * D / 2;   // [D, C] fp16: (K e^{γ_last - γ})ᵀ, per channel
+  static constexpr int kA = kKl + C * D / 2;   // [C, C] fp16: A_qk (zero above the diagonal), per token
+  static constexpr int kU = kA + C * C / 2;    // [C, V] fp32: U0 = T V
+  static constexpr int kEg = kU + C * D;       // [D] e^{γ_last}
+  static constexpr int kInvW = kEg + D;        // [C] inverse row scales of W,
+  static constexpr int kInvQ = kInvW + C;      // [C]   Q e^γ,
+  static constexpr int kInvA = kInvQ + C;      // [C]   A_qk,
+  static constexpr int kInvKl = kInvA + C;     // [D]   Klᵀ
+  static constexpr int kScaleKl = kInvKl + D;  // [D] Klᵀ's row scales
+  static constexpr int kFloats = kScaleKl + D;
+  static constexpr int kTail = kFloats - kEg;  // e^{γ_last} and the scales: one contiguous copy
+  static_assert(kFloats % 4 == 0 && kU % 4 == 0 && kEg % 4 == 0 && D % 16 == 0 && C % 16 == 0,
+                "16-byte aligned arrays");
 };
 
 FLASH_KDA_HD int64_t chunks_of(int64_t len, int C) { return (len + C - 1) / C; }
@@ -107,6 +117,108 @@ FLASH_KDA_DEVICE void copy_tile_async(float* dst, const float* src, int tid) {
   } else {
     for_each_quad<ROWS, COLS, kThreads>(
         tid, [&](int r, int c) { cp_async16(shared_address(dst + r * LDD + c), src + r * LDS + c); });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp16 operands: power-of-two scales, packing, m16n8k16
+// ---------------------------------------------------------------------------------------------
+FLASH_KDA_DEVICE float2 ld2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+
+// A power of two `s` that brings a largest magnitude m (>= 0) into [2^14, 2^15), and its inverse.
+// From m's exponent field: s = 2^(n - 127) with n = 268 - e, clamped to [1, 253] so that both s
+// and 1 / s are normal floats (m = 0 or subnormal: s = 2^126; an inf or NaN m: s = 2^-114, and the
+// inf or NaN values themselves go through the products as they would in fp32).
+struct Pow2 {
+  float s, inv;
+};
+FLASH_KDA_DEVICE Pow2 pow2_scale(float m) {
+  const int e = (__float_as_int(m) >> 23) & 0xff;
+  const int n = min(max(268 - e, 1), 253);
+  return {__int_as_float(n << 23), __int_as_float((254 - n) << 23)};
+}
+
+// Two fp32 values as one f16x2 register: lo in the low half (the smaller k index of a fragment).
+FLASH_KDA_DEVICE uint32_t pack_f16(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// (mma16, the m16n8k16 fp16 product: ptx.cuh)
+
+// The A fragment of k-block kb from accumulator tiles c0 = tile 2kb, c1 = tile 2kb + 1 (columns
+// 16kb..16kb+7 and 16kb+8..16kb+15 of the same 16 rows), rows g and g + 8 scaled by s0 and s1.
+FLASH_KDA_DEVICE void pack_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4], float s0, float s1) {
+  a[0] = pack_f16(c0[0] * s0, c0[1] * s0);
+  a[1] = pack_f16(c0[2] * s1, c0[3] * s1);
+  a[2] = pack_f16(c1[0] * s0, c1[1] * s0);
+  a[3] = pack_f16(c1[2] * s1, c1[3] * s1);
+}
+
+// Lane t's B fragment of a 16-column group (row `row` of a converted array): one 8-byte load.
+FLASH_KDA_DEVICE uint2 ld_frag(const __half* row, int group, Lane l) {
+  return *reinterpret_cast<const uint2*>(row + 16 * group + 4 * l.t);
+}
+
+// Largest magnitude over the quad (the four lanes that hold one accumulator row).
+FLASH_KDA_DEVICE float quad_max(float m) {
+  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+  return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+}
+
+// Scale factors of the two accumulator rows a lane holds (g and g + 8) over NT tiles.
+template <int NT>
+FLASH_KDA_DEVICE void row_scales(const float (&x)[NT][4], Pow2& r0, Pow2& r1) {
+  float m0 = 0.0f, m1 = 0.0f;
+#pragma unroll
+  for (int it = 0; it < NT; ++it) {
+    m0 = fmaxf(m0, fmaxf(fabsf(x[it][0]), fabsf(x[it][1])));
+    m1 = fmaxf(m1, fmaxf(fabsf(x[it][2]), fabsf(x[it][3])));
+  }
+  r0 = pow2_scale(quad_max(m0));
+  r1 = pow2_scale(quad_max(m1));
+}
+
+// A [ROWS, COLS] fp32 array (element (r, c) at src[r * RS + c * CS]) -> scaled fp16 rows (stride
+// LDD halves), each 16-column group in fragment order: position 4t + {0, 1, 2, 3} holds columns
+// 2t, 2t + 1, 2t + 8, 2t + 9, so that lane t's B fragment is one 8-byte load (ld_frag). inv[r]
+// (and scale[r], if given) receive row r's inverse scale and scale. A row is converted by
+// P = min(COLS / 4, 32) lanes of one warp, four columns per lane and step; warps `warp` of kWarps.
+// (dst, inv and scale may be global or shared memory.)
+template <int ROWS, int COLS, int RS, int CS, int LDD, int kWarps>
+FLASH_KDA_DEVICE void to_f16_rows(__half* dst, const float* src, float* inv, float* scale, int warp, int lane) {
+  constexpr int kQuads = COLS / 4, P = kQuads < 32 ? kQuads : 32, R = 32 / P, kSteps = kQuads / P;
+  static_assert(COLS % 16 == 0 && ROWS % R == 0 && kQuads % P == 0, "whole groups per lane");
+  const int sub = lane / P, p = lane % P;
+  for (int r0 = warp * R; r0 < ROWS; r0 += kWarps * R) {  // warp-uniform: full-mask shuffles below
+    const int r = r0 + sub;
+    float x[kSteps][4];
+    float m = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kSteps; ++k) {
+      const int q = k * P + p;  // quad q of the row: group q / 4, lane position t = q % 4
+      const float* s = src + r * RS + (16 * (q / 4) + 2 * (q % 4)) * CS;
+      if constexpr (CS == 1) {
+        const float2 lo = ld2(s), hi = ld2(s + 8);
+        x[k][0] = lo.x, x[k][1] = lo.y, x[k][2] = hi.x, x[k][3] = hi.y;
+      } else {
+        x[k][0] = s[0], x[k][1] = s[CS], x[k][2] = s[8 * CS], x[k][3] = s[9 * CS];
+      }
+      m = fmaxf(m, fmaxf(fmaxf(fabsf(x[k][0]), fabsf(x[k][1])), fmaxf(fabsf(x[k][2]), fabsf(x[k][3]))));
+    }
+#pragma unroll
+    for (int off = P / 2; off >= 1; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    const Pow2 f = pow2_scale(m);
+#pragma unroll
+    for (int k = 0; k < kSteps; ++k) {
+      const int q = k * P + p;
+      *reinterpret_cast<uint2*>(dst + r * LDD + 4 * q) =
+          make_uint2(pack_f16(x[k][0] * f.s, x[k][1] * f.s), pack_f16(x[k][2] * f.s, x[k][3] * f.s));
+    }
+    if (p == 0) {
+      inv[r] = f.inv;
+      if (scale != nullptr) scale[r] = f.s;
+    }
   }
 }
 
@@ -215,11 +327,11 @@ FLASH_KDA_DEVICE void invert_T(float* T, const float* A, const float* beta, Lane
   }
 }
 
-// U0 <- T V and W <- T (K e^γ), straight from the accumulators to the record (rows of stride D; each
-// quad of lanes writes 32 contiguous bytes per row). A warp takes column tile j of both right-hand
-// sides, so each fragment of T it loads serves two products; tiles go to warps in turn, a fixed
-// number per warp (no runtime choice of operand). W is an operand from here on: rounded to TF32
-// once, as the fused body's producers do; U0 is not (the recurrence subtracts from it in fp32).
+// U0 <- T V, straight from the accumulators to the record (rows of stride D; each quad of lanes
+// writes 32 contiguous bytes per row), and W <- T (K e^γ) into shared memory (rows of stride LD),
+// unrounded: its rows are scaled and rounded to fp16 by to_f16_rows afterwards, which needs whole
+// rows. A warp takes column tile j of both right-hand sides, so each fragment of T it loads serves
+// two products; tiles go to warps in turn, a fixed number per warp (no runtime choice of operand).
 // T is lower triangular, so row block m needs k < 16 (m + 1).
 template <class L>
 FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, float* U0, float* W, int warp,
@@ -251,9 +363,9 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, fl
       }
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int o = (m * 16 + l.g + 8 * half) * L::D + col0 + 2 * l.t;
-        *reinterpret_cast<float2*>(U0 + o) = make_float2(u[2 * half], u[2 * half + 1]);
-        *reinterpret_cast<float2*>(W + o) = make_float2(round_tf32(w[2 * half]), round_tf32(w[2 * half + 1]));
+        const int r = m * 16 + l.g + 8 * half, c = col0 + 2 * l.t;
+        *reinterpret_cast<float2*>(U0 + r * L::D + c) = make_float2(u[2 * half], u[2 * half + 1]);
+        *reinterpret_cast<float2*>(W + r * L::LD + c) = make_float2(w[2 * half], w[2 * half + 1]);
       }
     }
   }
@@ -280,12 +392,6 @@ FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, const PrepGrid& g, uint32_t
   return chunk >= 0 && chunk * C < seq_range(p, n).len;
 }
 
-// Copies a [ROWS, COLS] array (row stride LDS floats) to global rows of stride COLS, 16 bytes a step.
-template <int ROWS, int COLS, int LDS, int kThreads>
-FLASH_KDA_DEVICE void store_rows(float* dst, const float* src, int tid) {
-  for_each_quad<ROWS, COLS, kThreads>(tid, [&](int r, int c) { st4_global(dst + r * COLS + c, ld4(src + r * LDS + c)); });
-}
-
 template <class L>
 FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* scratch, float* sm, uint32_t block,
                                  int tid) {
@@ -308,97 +414,104 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
   k_side_A<L>(p, t, t0, len, g.vec, sm, tid, warp, l);
 
   float* rec = scratch + static_cast<int64_t>(block) * R::kFloats;  // (slot, h) = slot hv + h
+  __half* rec_h = reinterpret_cast<__half*>(rec);
   constexpr int C = L::C, D = L::D, kRest = L::kThreads - 32;
   if (warp == 0) {
     invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
   } else {
     // Meanwhile the other warps finish the state-side operands and store every part of the record
     // that does not need T, so those stores overlap the inversion (a barrier of their own).
-    const int rt = tid - 32;
+    const int rt = tid - 32, rw = rt / 32, lane = tid % 32;
     scale_for_state<L, kRest>(sm, rt);
+    // A_qk above its diagonal sub-blocks (compute_A leaves that tile unwritten): zeros. The
+    // recurrence never reads it, but a row's scale is taken over all C of its columns.
+    static_assert(L::NB == 2, "one tile above the diagonal sub-blocks");
+    for (int e = rt; e < L::BS * L::BS; e += kRest) sm[L::kAqk + (e / L::BS) * L::LDA + L::BS + e % L::BS] = 0.0f;
     named_barrier<1, kRest>();
-    store_rows<C, D, L::LD, kRest>(rec + R::kQ, sm + L::kQ, rt);
-    for_each_quad<D, C, kRest>(rt, [&](int c, int i) {  // transposed: row c of Klᵀ, tokens i..i+3
-      const float* col = sm + L::kKe + i * L::LD + c;
-      st4_global(rec + R::kKl + c * C + i, make_float4(col[0], col[L::LD], col[2 * L::LD], col[3 * L::LD]));
-    });
-    // A_qk: compute_A leaves the tiles above the diagonal sub-blocks unwritten; store zeros there.
-    // (Four columns never straddle a 16-column sub-block.)
-    for_each_quad<C, C, kRest>(rt, [&](int i, int j) {
-      st4_global(rec + R::kA + i * C + j, j / L::BS <= i / L::BS ? ld4(sm + L::kAqk + i * L::LDA + j)
-                                                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f));
-    });
+    constexpr int kRestWarps = kRest / 32;
+    to_f16_rows<C, D, L::LD, 1, D, kRestWarps>(rec_h + 2 * R::kQ, sm + L::kQ, rec + R::kInvQ, nullptr, rw, lane);
+    // Klᵀ: row c of the record is column c of the token-major K e^{γ_last - γ}
+    to_f16_rows<D, C, 1, L::LD, C, kRestWarps>(rec_h + 2 * R::kKl, sm + L::kKe, rec + R::kInvKl,
+                                               rec + R::kScaleKl, rw, lane);
+    to_f16_rows<C, C, L::LDA, 1, C, kRestWarps>(rec_h + 2 * R::kA, sm + L::kAqk, rec + R::kInvA, nullptr, rw, lane);
     for (int c = rt; c < D; c += kRest) rec[R::kEg + c] = sm[L::kEg + c];
   }
-  port::block_sync();  // T and the state-side K visible
-  apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec + R::kU, rec + R::kW, warp, l);
+  port::block_sync();  // T and the state-side K visible; Q e^γ stored (W takes its place)
+  apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec + R::kU, sm + L::kQ, warp, l);
+  port::block_sync();
+  to_f16_rows<C, D, L::LD, 1, D, L::kWarps>(rec_h + 2 * R::kW, sm + L::kQ, rec + R::kInvW, nullptr, warp,
+                                            tid % 32);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Recurrence kernel: one block per (sequence, value head, V slice)
 // ---------------------------------------------------------------------------------------------
 // Each warp owns 16 rows of the state for the whole sequence and keeps them in registers, as the
-// accumulators of the state update (fp32). The same registers are the A operand of the
-// projections: an mma's contraction order is free, so the k index of an A fragment is permuted to
-// match the accumulator layout (k = t <-> column 2t, k = t + 4 <-> column 2t + 1), and the B operands
-// are read in the same order, as adjacent pairs (8-byte loads). The projections run transposed,
-//     Xᵀ = S0 Wᵀ,  Oᵀ = S0 (Q e^γ)ᵀ,  Uᵀ = U0ᵀ - Xᵀ,  Oᵀ += Uᵀ A_qkᵀ,  S = S diag(e^{γ_last}) + Uᵀ Kl,
-// so U, O and S never leave the warp: no barrier inside a chunk, only around the operand buffers.
-// Shared memory holds a ring of kStages chunk operand buffers; with two, the copies of chunk c + 1
-// are issued when chunk c starts.
+// accumulators of the state update (fp32). The products against the state run on fp16 operands
+// (mma m16n8k16, fp32 accumulation), transposed so that U, O and S never leave the warp:
+//     Xᵀ = S0 Wᵀ,  Oᵀ = S0 (Q e^γ)ᵀ,  Uᵀ = U0ᵀ - Xᵀ,  Oᵀ += Uᵀ A_qkᵀ,  S = S diag(e^{γ_last}) + Uᵀ Kl.
+// Why fp16: the TF32 form of this kernel was bound by shared-memory reads (every warp reads all of
+// a chunk's W, Q e^γ, Klᵀ and A_qk; docs/performance.md v6); 16-bit operands halve those bytes
+// and the mma count, and fp16 keeps TF32's 10-bit mantissa. Its range (max 65504, subnormal below
+// 2^-14) is handled by power-of-two scales, which are exact: each row of the state and of U, each
+// token row of W, Q e^γ and A_qk, and each channel row of Klᵀ is multiplied by 2^n so that its
+// largest magnitude lies in [2^14, 2^15) before rounding (round to nearest), and the fp32 products
+// are multiplied back (tools/recurrence_precision_model.py: same error as TF32, where unscaled fp16
+// fails on large or small values).
+//
+// A chunk's record arrives in a stage buffer by cp.async, fp16 rows and all: the preparation has
+// already scaled, rounded and ordered them (each 16-column group of a row in the order
+// [2t, 2t+1, 2t+8, 2t+9] for t = 0..3: lane t's B fragment of the m16n8k16 layout, one 8-byte
+// load). The A fragments come from the accumulators: the A operand of k-block kb is the
+// accumulator tiles 2kb and 2kb+1 in natural order (pack_a). Shared memory holds a ring of kStages
+// stage buffers; with two, the copies of chunk c + 1 are issued when chunk c starts.
 template <int D_, int VS_, int C_, int kStages_>
 struct RecurrenceLayout {
   static constexpr int D = D_, VS = VS_, C = C_, kStages = kStages_;
   static constexpr int kWarps = VS / 16;            // 16 state rows per warp
   static constexpr int kThreads = kWarps * 32;
   static constexpr int NVS = D / VS;
-  // Row strides: pairs read by 8 lanes x 4 rows per half-warp need stride = 8 (mod 32); the
-  // scalar U0 reads (4 rows x 8 columns) need 4 (mod 32).
-  static constexpr int LDW = D + 8;                 // W, Q e^γ: [C, LDW]
-  static constexpr int LDK = C + 8;                 // Klᵀ: [D, LDK]; A_qk: [C, LDK]
-  static constexpr int LDU = VS + 4;                // U0: [C, LDU]
+  // Row strides. fp16 rows (in halves): an 8-byte fragment load by 4 rows x 4 lanes (a half-warp:
+  // 4 runs of 32 bytes) is conflict-free when the row stride is an odd multiple of 32 bytes. fp32:
+  // the scalar U0 reads (4 rows x 8 columns) need 4 (mod 32).
+  static constexpr int LDH = D + 16;                // W, Q e^γ: [C, LDH] halves
+  static constexpr int LDC = C + 16;                // Klᵀ: [D, LDC] halves; A_qk: [C, LDC] halves
+  static constexpr int LDU = VS + 4;                // U0: [C, LDU] floats
+  // A stage, in floats (an fp16 row of n halves takes n / 2)
   static constexpr int kW = 0;
-  static constexpr int kQ = kW + C * LDW;
-  static constexpr int kKl = kQ + C * LDW;
-  static constexpr int kU = kKl + D * LDK;
-  static constexpr int kA = kU + C * LDU;
-  static constexpr int kEg = kA + C * LDK;
-  static constexpr int kStage = kEg + D;
+  static constexpr int kQ = kW + C * LDH / 2;
+  static constexpr int kKl = kQ + C * LDH / 2;
+  static constexpr int kA = kKl + D * LDC / 2;
+  static constexpr int kU = kA + C * LDC / 2;
+  static constexpr int kEg = kU + C * LDU;          // e^{γ_last} [D], then the scales (Record's tail)
+  static constexpr int kSc = kEg + D;
+  static constexpr int sW = 0, sQ = sW + C, sA = sQ + C, sKl = sA + C, sKlScale = sKl + D;  // in kSc
+  static constexpr int kStage = kEg + Record<D, C>::kTail;
   static constexpr int kFloats = kStages * kStage;
   static constexpr int kSmemBytes = kFloats * 4;
   static constexpr int kMinBlocks = 1;
+  using R = Record<D, C>;
+  static_assert(R::kInvQ - R::kEg == D + sQ && R::kInvA - R::kEg == D + sA && R::kInvKl - R::kEg == D + sKl &&
+                    R::kScaleKl - R::kEg == D + sKlScale,
+                "the stage's scales in the record's order");
   static_assert(kStages == 1 || kStages == 2, "one or two operand buffers");
-  static_assert(VS % 16 == 0 && C % 8 == 0 && D % 8 == 0, "mma tiling");
-  static_assert(LDW % 32 == 8 && LDK % 32 == 8 && LDU % 32 == 4, "bank-conflict-free fragments");
-  static_assert(kStage % 4 == 0, "16-byte aligned stages");
+  static_assert(VS % 16 == 0 && C % 16 == 0 && D % 16 == 0, "m16n8k16 tiling");
+  static_assert(LDU % 32 == 4, "bank-conflict-free U0 reads");
+  static_assert((LDH * 2) % 64 == 32 && (LDC * 2) % 64 == 32, "bank-conflict-free fragments");
+  static_assert(kStage % 4 == 0 && kU % 4 == 0 && kEg % 4 == 0, "16-byte aligned arrays");
 };
 
-FLASH_KDA_DEVICE float2 ld2(const float* p) { return *reinterpret_cast<const float2*>(p); }
-
-// Issues the copies of one chunk's operands (the block's V slice of U0) into a stage buffer.
+// Issues the copies of one chunk's record (the block's V slice of U0) into a stage buffer.
 template <class L>
 FLASH_KDA_DEVICE void fetch_chunk(const float* rec, int v0, float* st, int tid) {
   using R = Record<L::D, L::C>;
   constexpr int C = L::C, D = L::D, T = L::kThreads;
-  copy_tile_async<C, D, D, L::LDW, T>(st + L::kW, rec + R::kW, tid);
-  copy_tile_async<C, D, D, L::LDW, T>(st + L::kQ, rec + R::kQ, tid);
-  copy_tile_async<D, C, C, L::LDK, T>(st + L::kKl, rec + R::kKl, tid);
+  copy_tile_async<C, D / 2, D / 2, L::LDH / 2, T>(st + L::kW, rec + R::kW, tid);
+  copy_tile_async<C, D / 2, D / 2, L::LDH / 2, T>(st + L::kQ, rec + R::kQ, tid);
+  copy_tile_async<D, C / 2, C / 2, L::LDC / 2, T>(st + L::kKl, rec + R::kKl, tid);
+  copy_tile_async<C, C / 2, C / 2, L::LDC / 2, T>(st + L::kA, rec + R::kA, tid);
   copy_tile_async<C, L::VS, D, L::LDU, T>(st + L::kU, rec + R::kU + v0, tid);
-  copy_tile_async<C, C, C, L::LDK, T>(st + L::kA, rec + R::kA, tid);
-  copy_tile_async<1, D, D, D, T>(st + L::kEg, rec + R::kEg, tid);
-}
-
-// A fragment from an accumulator tile, in the permuted k order described above.
-FLASH_KDA_DEVICE void acc_as_a(uint32_t (&a)[4], const float (&c)[4]) {
-  a[0] = tf32(c[0]);
-  a[1] = tf32(c[2]);
-  a[2] = tf32(c[1]);
-  a[3] = tf32(c[3]);
-}
-// B fragment from an adjacent pair (k = t, t + 4 in the permuted order).
-FLASH_KDA_DEVICE void pair_as_b(uint32_t (&b)[2], float2 x) {
-  b[0] = tf32(x.x);
-  b[1] = tf32(x.y);
+  copy_tile_async<1, R::kTail, R::kTail, R::kTail, T>(st + L::kEg, rec + R::kEg, tid);
 }
 
 // Reads or writes the warp's state rows: element e of tile nt is (row r(e), channel c(e)).
@@ -426,48 +539,63 @@ FLASH_KDA_DEVICE void state_rows_io(const KdaParams& p, const portable::Task& t,
 template <class L>
 FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task& t, int64_t t0, int len,
                                        const float* st, int row0, Lane l, float (&s)[L::D / 8][4]) {
-  constexpr int NT = L::C / 8;  // token tiles
-  float x[NT][4], o[NT][4];     // Xᵀ -> Uᵀ, Oᵀ: [16 rows, C tokens]
+  const __half* h = reinterpret_cast<const __half*>(st);  // fp16 arrays: float offset k is half 2k
+  const float* sc = st + L::kSc;
+  constexpr int NT = L::C / 8;   // token tiles (n = 8)
+  constexpr int KB = L::D / 16;  // channel k-blocks
+  constexpr int JB = L::C / 16;  // token k-blocks
+  float x[NT][4], o[NT][4];      // Xᵀ -> Uᵀ, Oᵀ: [16 rows, C tokens]
 #pragma unroll
   for (int it = 0; it < NT; ++it) {
     zero(x[it]);
     zero(o[it]);
   }
-  const float* W = st + L::kW + l.g * L::LDW + 2 * l.t;
-  const float* Q = st + L::kQ + l.g * L::LDW + 2 * l.t;
+  Pow2 r0, r1;  // the state rows' scales
+  row_scales<L::D / 8>(s, r0, r1);
+  const __half* W = h + 2 * L::kW + l.g * L::LDH;
+  const __half* Q = h + 2 * L::kQ + l.g * L::LDH;
 #pragma unroll
-  for (int nt = 0; nt < L::D / 8; ++nt) {
+  for (int kb = 0; kb < KB; ++kb) {
     uint32_t a[4];
-    acc_as_a(a, s[nt]);
+    pack_a(a, s[2 * kb], s[2 * kb + 1], r0.s, r1.s);
 #pragma unroll
     for (int it = 0; it < NT; ++it) {
-      uint32_t b[2];
-      pair_as_b(b, ld2(W + it * 8 * L::LDW + nt * 8));
-      mma(x[it], a, b);
-      pair_as_b(b, ld2(Q + it * 8 * L::LDW + nt * 8));
-      mma(o[it], a, b);
+      mma16(x[it], a, ld_frag(W + it * 8 * L::LDH, kb, l));
+      mma16(o[it], a, ld_frag(Q + it * 8 * L::LDH, kb, l));
     }
   }
+  // Unscale (rows by the state's scales, token columns by W's and Q e^γ's), U = U0 - X.
   const float* U0 = st + L::kU + row0 + l.g;
 #pragma unroll
-  for (int it = 0; it < NT; ++it)
+  for (int it = 0; it < NT; ++it) {
+    const int i = it * 8 + 2 * l.t;
+    const float2 wi = ld2(sc + L::sW + i), qi = ld2(sc + L::sQ + i);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int i = it * 8 + 2 * l.t + (e & 1);
-      x[it][e] = U0[i * L::LDU + (e >= 2 ? 8 : 0)] - x[it][e];
+      const float rinv = e >= 2 ? r1.inv : r0.inv;
+      x[it][e] = U0[(i + (e & 1)) * L::LDU + (e >= 2 ? 8 : 0)] - x[it][e] * rinv * (e & 1 ? wi.y : wi.x);
+      o[it][e] = o[it][e] * rinv * (e & 1 ? qi.y : qi.x);
     }
-  // Oᵀ += Uᵀ A_qkᵀ over the causal token tiles (A_qk is zero above its diagonal).
-  const float* A = st + L::kA + l.g * L::LDK + 2 * l.t;
+  }
+  // U's rows as fp16 A fragments, one per token k-block (used twice: by O and by the update).
+  Pow2 u0, u1;
+  row_scales<NT>(x, u0, u1);
+  uint32_t ua[JB][4];
 #pragma unroll
-  for (int jt = 0; jt < NT; ++jt) {
-    uint32_t a[4];
-    acc_as_a(a, x[jt]);
+  for (int jb = 0; jb < JB; ++jb) pack_a(ua[jb], x[2 * jb], x[2 * jb + 1], u0.s, u1.s);
+  // Oᵀ += Uᵀ A_qkᵀ over the causal token blocks (A_qk is zero above its diagonal: token tile it
+  // needs the k-blocks jb <= it / 2).
+  const __half* A = h + 2 * L::kA + l.g * L::LDC;
 #pragma unroll
-    for (int it = jt; it < NT; ++it) {
-      uint32_t b[2];
-      pair_as_b(b, ld2(A + it * 8 * L::LDK + jt * 8));
-      mma(o[it], a, b);
-    }
+  for (int it = 0; it < NT; ++it) {
+    float o2[4];
+    zero(o2);
+#pragma unroll
+    for (int jb = 0; jb <= it / 2; ++jb) mma16(o2, ua[jb], ld_frag(A + it * 8 * L::LDC, jb, l));
+    const int i = it * 8 + 2 * l.t;
+    const float2 ai = ld2(sc + L::sA + i);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[it][e] += o2[e] * (e >= 2 ? u1.inv : u0.inv) * (e & 1 ? ai.y : ai.x);
   }
   port::input_t* out = static_cast<port::input_t*>(p.out);
 #pragma unroll
@@ -480,27 +608,28 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
         out[token_offset(p.out_strides, t.r, t0 + i, t.h) + v] = port::from_float<port::input_t>(o[it][e]);
       }
     }
-  // S <- S diag(e^{γ_last}) + Uᵀ Kl.
+  // S <- S diag(e^{γ_last}) + Uᵀ Kl. The product carries U's row scale and Klᵀ's channel scale, so
+  // S is brought into those units first and back after: element (v, c) times
+  // e^{γ_last,c} · u_v · k_c, then the mma, then times 1 / (u_v k_c).
   const float* eg = st + L::kEg + 2 * l.t;
-  const float* Kl = st + L::kKl + l.g * L::LDK + 2 * l.t;
+  const float* ks = sc + L::sKlScale + 2 * l.t;
+  const float* ki = sc + L::sKl + 2 * l.t;
+  const __half* Kl = h + 2 * L::kKl + l.g * L::LDC;
 #pragma unroll
   for (int nt = 0; nt < L::D / 8; ++nt) {
-    const float2 e2 = ld2(eg + nt * 8);
-    s[nt][0] *= e2.x;
-    s[nt][1] *= e2.y;
-    s[nt][2] *= e2.x;
-    s[nt][3] *= e2.y;
-  }
+    const float2 e2 = ld2(eg + nt * 8), k2 = ld2(ks + nt * 8);
+    const float fx = e2.x * k2.x, fy = e2.y * k2.y;
+    s[nt][0] *= fx * u0.s;
+    s[nt][1] *= fy * u0.s;
+    s[nt][2] *= fx * u1.s;
+    s[nt][3] *= fy * u1.s;
 #pragma unroll
-  for (int it = 0; it < NT; ++it) {
-    uint32_t a[4];
-    acc_as_a(a, x[it]);
-#pragma unroll
-    for (int nt = 0; nt < L::D / 8; ++nt) {
-      uint32_t b[2];
-      pair_as_b(b, ld2(Kl + nt * 8 * L::LDK + it * 8));
-      mma(s[nt], a, b);
-    }
+    for (int jb = 0; jb < JB; ++jb) mma16(s[nt], ua[jb], ld_frag(Kl + nt * 8 * L::LDC, jb, l));
+    const float2 i2 = ld2(ki + nt * 8);
+    s[nt][0] *= i2.x * u0.inv;
+    s[nt][1] *= i2.y * u0.inv;
+    s[nt][2] *= i2.x * u1.inv;
+    s[nt][3] *= i2.y * u1.inv;
   }
 }
 

@@ -322,9 +322,10 @@ struct TcVariants<256> : TcChoice<TcVariant<64, 256>, TcVariant<32, 256>> {};
 
 // The two-kernel form per head dim: the preparation layouts (whole V width; 256 or 512 threads)
 // and the recurrence layouts (V slice, operand buffers: shared memory per block):
-//   D = 64:  preparation 51 KB; recurrence VS 64 or 32, two buffers (84 KB, 76 KB)
-//   D = 128: preparation 87 KB; recurrence VS 128, 64 or 32, two buffers (152 KB, 136 KB, 128 KB)
-//   D = 256: preparation 157 KB; recurrence VS 64 or 32, one buffer (121 KB, 117 KB)
+//   D = 64:  preparation 51 KB; recurrence VS 64 or 32, two buffers (57 KB, 49 KB)
+//   D = 128: preparation 87 KB; recurrence VS 128, 64 or 32, two buffers (103 KB, 87 KB, 79 KB)
+//   D = 256: preparation 157 KB; recurrence VS 64 or 32, one buffer (73 KB, 69 KB)
+// (with fp16 records; two buffers at D = 256 would now fit, 146 KB and 138 KB: not yet measured)
 template <int D>
 struct Split;
 template <>

@@ -65,6 +65,16 @@ FLASH_KDA_DEVICE void ldmatrix_x2(uint32_t (&r)[2], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(addr) : "memory");
 }
 
+// m16n8k16, fp16 operands, fp32 accumulators (PTX ISA fragments; g = lane / 4, t = lane % 4):
+// A (16 x 16): a0 (g, 2t..2t+1), a1 (g+8, 2t..2t+1), a2 (g, 2t+8..2t+9), a3 (g+8, 2t+8..2t+9);
+// B (16 x 8, k x n): b0 (k 2t..2t+1, n g), b1 (k 2t+8..2t+9, n g); C as for m16n8k8.
+FLASH_KDA_DEVICE void mma16(float (&d)[4], const uint32_t (&a)[4], uint2 b) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+}
+
 // cp.async (sm_80): 16-byte global -> shared copies that complete in commit-group order.
 // (dst: a shared-space byte address, so that a caller can add constant offsets to one base.)
 FLASH_KDA_DEVICE void cp_async16(unsigned dst, const float* src) {
