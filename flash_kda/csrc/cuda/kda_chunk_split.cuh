@@ -126,16 +126,32 @@ FLASH_KDA_DEVICE void copy_tile_async(float* dst, const float* src, int tid) {
 FLASH_KDA_DEVICE float2 ld2(const float* p) { return *reinterpret_cast<const float2*>(p); }
 
 // A power of two `s` that brings a largest magnitude m (>= 0) into [2^14, 2^15), and its inverse.
-// From m's exponent field: s = 2^(n - 127) with n = 268 - e, clamped to [1, 253] so that both s
-// and 1 / s are normal floats (m = 0 or subnormal: s = 2^126; an inf or NaN m: s = 2^-114, and the
-// inf or NaN values themselves go through the products as they would in fp32).
+// From m's exponent field: s = 2^(n - 127) with n = 268 - e, clamped to [1, kMaxScaleN]: s is at
+// least 2^-126 (an inf or NaN m: s = 2^-114, and the inf or NaN values themselves go through the
+// products as they would in fp32) and at most 2^40. The upper bound matters where two scales meet
+// in one factor (the state update multiplies the state by Klᵀ's channel scale times U's row
+// scale): a row or channel of zeros (m = 0) would otherwise get 2^126, and the product of two such
+// scales is inf, which turns the zeros into NaN (tests' zero_channels). Rows whose largest
+// magnitude is below 2^-26 stay below 2^14 after scaling; they keep full fp16 precision down to a
+// largest magnitude of 2^-54.
+constexpr int kMaxScaleN = 127 + 40;
 struct Pow2 {
   float s, inv;
 };
 FLASH_KDA_DEVICE Pow2 pow2_scale(float m) {
   const int e = (__float_as_int(m) >> 23) & 0xff;
-  const int n = min(max(268 - e, 1), 253);
+  const int n = min(max(268 - e, 1), kMaxScaleN);
   return {__int_as_float(n << 23), __int_as_float((254 - n) << 23)};
+}
+
+// U's row scale u, limited so that the state update's pre-scaled state stays finite: the row's
+// largest state magnitude m_S < 2^15 / r (r: the state row's own scale, from the same chunk),
+// times e^{γ_last} <= 1, times Klᵀ's channel scale <= 2^40, times u must stay below 2^126, so
+// u <= 2^71 r. Where the cap binds, U is so small beside the state (by more than 2^-50 or so) that
+// its fp16 rounding cannot show in the fp32 sum.
+FLASH_KDA_DEVICE Pow2 cap_by_state(Pow2 u, Pow2 r) {
+  const float cap = r.s * 0x1p71f;  // <= 2^111 (r.s <= 2^40)
+  return u.s > cap ? Pow2{cap, r.inv * 0x1p-71f} : u;
 }
 
 // Two fp32 values as one f16x2 register: lo in the low half (the smaller k index of a fragment).
@@ -580,6 +596,8 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   // U's rows as fp16 A fragments, one per token k-block (used twice: by O and by the update).
   Pow2 u0, u1;
   row_scales<NT>(x, u0, u1);
+  u0 = cap_by_state(u0, r0);
+  u1 = cap_by_state(u1, r1);
   uint32_t ua[JB][4];
 #pragma unroll
   for (int jb = 0; jb < JB; ++jb) pack_a(ua[jb], x[2 * jb], x[2 * jb + 1], u0.s, u1.s);
