@@ -126,12 +126,16 @@ if [[ " $steps " == *" tune "* ]]; then
 fi
 pack
 if [[ " $steps " == *" ab "* ]]; then
-  # A/B timing of two kernel-source revisions in one run: the working tree's against AB_CSRC, a copy
-  # of another revision's flash_kda/csrc (prepare it before the call, e.g.
-  #   mkdir -p .ab && git archive main flash_kda/csrc | tar -x -C .ab
-  # and pass AB_CSRC=.ab/flash_kda/csrc; .ab is git-ignored: name it in the device tool's carry).
-  for side in this other; do
-    csrc=; [[ $side == other ]] && csrc=$(realpath "${AB_CSRC:?AB_CSRC names the other csrc copy}")
+  # A/B timing of kernel-source revisions in one run: the working tree's against AB_CSRC, one or
+  # more copies (space-separated) of other revisions' flash_kda/csrc (prepare them before the call,
+  # e.g.
+  #   mkdir -p .ab/main && git archive main flash_kda/csrc | tar -x -C .ab/main
+  # and pass AB_CSRC=.ab/main/flash_kda/csrc; .ab is git-ignored: name it in the device tool's carry).
+  : "${AB_CSRC:?AB_CSRC names the other csrc copies}"
+  i=0
+  for csrc in this $AB_CSRC; do
+    side=this; [[ $csrc == this ]] && csrc= || { csrc=$(realpath "$csrc"); side=other$i; }
+    i=$(( i + 1 ))
     echo "== $side sources${csrc:+ ($csrc)}"
     FLASH_KDA_CSRC_DIR=$csrc python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$LOG/ab_kernels_$side.txt"
     FLASH_KDA_CSRC_DIR=$csrc python3 tools/bench.py --no-fla 2>&1 | tee "$LOG/ab_bench_$side.txt" | grep --line-buffered -E "^\||host"

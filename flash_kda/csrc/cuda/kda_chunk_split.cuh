@@ -30,7 +30,7 @@ namespace flash_kda {
 namespace tc {
 
 // One chunk's operands for the recurrence (offsets in floats). The B operands of its fp16 products
-// come as scaled fp16 rows in fragment order (to_f16_rows below), two halves per float; U0 (which
+// come as scaled fp16 rows in core-matrix order (to_f16_rows below), two halves per float; U0 (which
 // the recurrence subtracts from) and e^{γ_last} stay fp32; then the rows' inverse scales, and
 // Klᵀ's scales (the state update needs both). 11,232 floats at D = 128 (the fp32 record was 17,536).
 template <int D, int C>
@@ -171,9 +171,22 @@ FLASH_KDA_DEVICE void pack_a(uint32_t (&a)[4], const float (&c0)[4], const float
   a[3] = pack_f16(c1[2] * s1, c1[3] * s1);
 }
 
-// Lane t's B fragment of a 16-column group (row `row` of a converted array): one 8-byte load.
-FLASH_KDA_DEVICE uint2 ld_frag(const __half* row, int group, Lane l) {
-  return *reinterpret_cast<const uint2*>(row + 16 * group + 4 * l.t);
+// fp16 arrays are stored in core-matrix order, the layout wgmma reads from shared memory (ptx.cuh):
+// element (r, c) of a [ROWS, COLS] array at half offset core_offset<COLS>(r, c), i.e. 8 x 8 blocks of
+// 128 contiguous bytes, the blocks of an 8-row group side by side, the groups one after another.
+// Both recurrences read the same records: wgmma through a descriptor (LBO 128 bytes, SBO 16 COLS),
+// mma16 by ld_frag below.
+template <int COLS>
+FLASH_KDA_HD int core_offset(int r, int c) {
+  return (r / 8) * 8 * COLS + (c / 8) * 64 + (r % 8) * 8 + c % 8;
+}
+
+// Lane (g, t)'s m16n8k16 B fragment for k-block kb, from `rows` = the array's 8-row group plus
+// (g, 2t) (core_offset<COLS>(8 group + g, 2t)): two 4-byte loads, one per 8-column block. (Lanes
+// read 32 different words of one 128-byte block: no bank conflict.)
+FLASH_KDA_DEVICE uint2 ld_frag(const __half* rows, int kb) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(rows + 128 * kb);
+  return make_uint2(w[0], w[32]);
 }
 
 // Largest magnitude over the quad (the four lanes that hold one accumulator row).
@@ -195,41 +208,47 @@ FLASH_KDA_DEVICE void row_scales(const float (&x)[NT][4], Pow2& r0, Pow2& r1) {
   r1 = pow2_scale(quad_max(m1));
 }
 
-// A [ROWS, COLS] fp32 array (element (r, c) at src[r * RS + c * CS]) -> scaled fp16 rows (stride
-// LDD halves), each 16-column group in fragment order: position 4t + {0, 1, 2, 3} holds columns
-// 2t, 2t + 1, 2t + 8, 2t + 9, so that lane t's B fragment is one 8-byte load (ld_frag). inv[r]
-// (and scale[r], if given) receive row r's inverse scale and scale. A row is converted by
-// P = min(COLS / 4, 32) lanes of one warp, four columns per lane and step; warps `warp` of kWarps.
-// (dst, inv and scale may be global or shared memory.)
-template <int ROWS, int COLS, int RS, int CS, int LDD, int kWarps>
+// A [ROWS, COLS] fp32 array (element (r, c) at src[r * RS + c * CS]) -> scaled fp16 rows in
+// core-matrix order (core_offset). inv[r] (and scale[r], if given) receive row r's inverse scale and
+// scale. A lane converts 8 consecutive columns per step (one 16-byte store); a row takes
+// P = min(COLS / 8, 32) lanes of one warp; warps `warp` of kWarps. (dst, inv and scale may be
+// global or shared memory.)
+template <int ROWS, int COLS, int RS, int CS, int kWarps>
 FLASH_KDA_DEVICE void to_f16_rows(__half* dst, const float* src, float* inv, float* scale, int warp, int lane) {
-  constexpr int kQuads = COLS / 4, P = kQuads < 32 ? kQuads : 32, R = 32 / P, kSteps = kQuads / P;
-  static_assert(COLS % 16 == 0 && ROWS % R == 0 && kQuads % P == 0, "whole groups per lane");
+  constexpr int kOcts = COLS / 8, P = kOcts < 32 ? kOcts : 32, R = 32 / P, kSteps = kOcts / P;
+  static_assert(COLS % 16 == 0 && ROWS % R == 0 && kOcts % P == 0, "whole blocks per lane");
   const int sub = lane / P, p = lane % P;
   for (int r0 = warp * R; r0 < ROWS; r0 += kWarps * R) {  // warp-uniform: full-mask shuffles below
     const int r = r0 + sub;
-    float x[kSteps][4];
+    float x[kSteps][8];
     float m = 0.0f;
 #pragma unroll
     for (int k = 0; k < kSteps; ++k) {
-      const int q = k * P + p;  // quad q of the row: group q / 4, lane position t = q % 4
-      const float* s = src + r * RS + (16 * (q / 4) + 2 * (q % 4)) * CS;
-      if constexpr (CS == 1) {
-        const float2 lo = ld2(s), hi = ld2(s + 8);
-        x[k][0] = lo.x, x[k][1] = lo.y, x[k][2] = hi.x, x[k][3] = hi.y;
-      } else {
-        x[k][0] = s[0], x[k][1] = s[CS], x[k][2] = s[8 * CS], x[k][3] = s[9 * CS];
+      const float* s = src + r * RS + 8 * (k * P + p) * CS;
+#pragma unroll
+      for (int j = 0; j < 8; j += 4) {
+        if constexpr (CS == 1) {
+          const float4 f = *reinterpret_cast<const float4*>(s + j);
+          x[k][j] = f.x, x[k][j + 1] = f.y, x[k][j + 2] = f.z, x[k][j + 3] = f.w;
+        } else {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) x[k][j + i] = s[(j + i) * CS];
+        }
       }
-      m = fmaxf(m, fmaxf(fmaxf(fabsf(x[k][0]), fabsf(x[k][1])), fmaxf(fabsf(x[k][2]), fabsf(x[k][3]))));
+#pragma unroll
+      for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(x[k][j]));
     }
 #pragma unroll
     for (int off = P / 2; off >= 1; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
     const Pow2 f = pow2_scale(m);
 #pragma unroll
     for (int k = 0; k < kSteps; ++k) {
-      const int q = k * P + p;
-      *reinterpret_cast<uint2*>(dst + r * LDD + 4 * q) =
-          make_uint2(pack_f16(x[k][0] * f.s, x[k][1] * f.s), pack_f16(x[k][2] * f.s, x[k][3] * f.s));
+      uint4 h;
+      h.x = pack_f16(x[k][0] * f.s, x[k][1] * f.s);
+      h.y = pack_f16(x[k][2] * f.s, x[k][3] * f.s);
+      h.z = pack_f16(x[k][4] * f.s, x[k][5] * f.s);
+      h.w = pack_f16(x[k][6] * f.s, x[k][7] * f.s);
+      *reinterpret_cast<uint4*>(dst + core_offset<COLS>(r, 8 * (k * P + p))) = h;
     }
     if (p == 0) {
       inv[r] = f.inv;
@@ -445,17 +464,17 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
     for (int e = rt; e < L::BS * L::BS; e += kRest) sm[L::kAqk + (e / L::BS) * L::LDA + L::BS + e % L::BS] = 0.0f;
     named_barrier<1, kRest>();
     constexpr int kRestWarps = kRest / 32;
-    to_f16_rows<C, D, L::LD, 1, D, kRestWarps>(rec_h + 2 * R::kQ, sm + L::kQ, rec + R::kInvQ, nullptr, rw, lane);
+    to_f16_rows<C, D, L::LD, 1, kRestWarps>(rec_h + 2 * R::kQ, sm + L::kQ, rec + R::kInvQ, nullptr, rw, lane);
     // Klᵀ: row c of the record is column c of the token-major K e^{γ_last - γ}
-    to_f16_rows<D, C, 1, L::LD, C, kRestWarps>(rec_h + 2 * R::kKl, sm + L::kKe, rec + R::kInvKl,
+    to_f16_rows<D, C, 1, L::LD, kRestWarps>(rec_h + 2 * R::kKl, sm + L::kKe, rec + R::kInvKl,
                                                rec + R::kScaleKl, rw, lane);
-    to_f16_rows<C, C, L::LDA, 1, C, kRestWarps>(rec_h + 2 * R::kA, sm + L::kAqk, rec + R::kInvA, nullptr, rw, lane);
+    to_f16_rows<C, C, L::LDA, 1, kRestWarps>(rec_h + 2 * R::kA, sm + L::kAqk, rec + R::kInvA, nullptr, rw, lane);
     for (int c = rt; c < D; c += kRest) rec[R::kEg + c] = sm[L::kEg + c];
   }
   port::block_sync();  // T and the state-side K visible; Q e^γ stored (W takes its place)
   apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec + R::kU, sm + L::kQ, warp, l);
   port::block_sync();
-  to_f16_rows<C, D, L::LD, 1, D, L::kWarps>(rec_h + 2 * R::kW, sm + L::kQ, rec + R::kInvW, nullptr, warp,
+  to_f16_rows<C, D, L::LD, 1, L::kWarps>(rec_h + 2 * R::kW, sm + L::kQ, rec + R::kInvW, nullptr, warp,
                                             tid % 32);
 }
 
@@ -476,29 +495,35 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
 // fails on large or small values).
 //
 // A chunk's record arrives in a stage buffer by cp.async, fp16 rows and all: the preparation has
-// already scaled, rounded and ordered them (each 16-column group of a row in the order
-// [2t, 2t+1, 2t+8, 2t+9] for t = 0..3: lane t's B fragment of the m16n8k16 layout, one 8-byte
-// load). The A fragments come from the accumulators: the A operand of k-block kb is the
-// accumulator tiles 2kb and 2kb+1 in natural order (pack_a). Shared memory holds a ring of kStages
-// stage buffers; with two, the copies of chunk c + 1 are issued when chunk c starts.
-template <int D_, int VS_, int C_, int kStages_>
+// already scaled, rounded and ordered them (core-matrix order, core_offset), so the fp16 part of a
+// stage is a copy of the record's. The A fragments come from the accumulators: the A operand of
+// k-block kb is the accumulator tiles 2kb and 2kb+1 in natural order (pack_a). Shared memory holds
+// a ring of kStages stage buffers; with two, the copies of chunk c + 1 are issued when chunk c starts.
+//
+// Two ways to run the products, same record and stage (kMma):
+// - mma16: each warp runs m16n8k16 tiles for its 16 rows and reads every B fragment itself;
+// - wgmma (sm_90a, VS a multiple of 64): each warpgroup of 4 warps issues one m64nNk16 per k-block
+//   and the tensor cores read B from shared memory once per warpgroup, a quarter of mma16's
+//   shared-memory reads (the bound of the TF32 form, docs/performance.md v6). Where the pass cannot
+//   issue wgmma (kArchHasWgmma, ptx.cuh) it falls back to mma16.
+enum class RecurrenceMma { kAuto, kMma16 };
+
+template <int D_, int VS_, int C_, int kStages_, RecurrenceMma kMma_ = RecurrenceMma::kAuto>
 struct RecurrenceLayout {
   static constexpr int D = D_, VS = VS_, C = C_, kStages = kStages_;
   static constexpr int kWarps = VS / 16;            // 16 state rows per warp
   static constexpr int kThreads = kWarps * 32;
   static constexpr int NVS = D / VS;
-  // Row strides. fp16 rows (in halves): an 8-byte fragment load by 4 rows x 4 lanes (a half-warp:
-  // 4 runs of 32 bytes) is conflict-free when the row stride is an odd multiple of 32 bytes. fp32:
-  // the scalar U0 reads (4 rows x 8 columns) need 4 (mod 32).
-  static constexpr int LDH = D + 16;                // W, Q e^γ: [C, LDH] halves
-  static constexpr int LDC = C + 16;                // Klᵀ: [D, LDC] halves; A_qk: [C, LDC] halves
+  // wgmma where this pass has it and the rows fill warpgroups (device code only: see kArchHasWgmma)
+  static constexpr bool kWgmmaShape = kMma_ == RecurrenceMma::kAuto && VS % 64 == 0 && D <= 128;
+  // fp32 U0 rows: the scalar reads (4 rows x 8 columns) need a stride of 4 (mod 32).
   static constexpr int LDU = VS + 4;                // U0: [C, LDU] floats
-  // A stage, in floats (an fp16 row of n halves takes n / 2)
-  static constexpr int kW = 0;
-  static constexpr int kQ = kW + C * LDH / 2;
-  static constexpr int kKl = kQ + C * LDH / 2;
-  static constexpr int kA = kKl + D * LDC / 2;
-  static constexpr int kU = kA + C * LDC / 2;
+  // A stage, in floats (an fp16 array of n halves takes n / 2); fp16 arrays as in Record
+  static constexpr int kW = 0;                      // [C, D] fp16
+  static constexpr int kQ = kW + C * D / 2;         // [C, D] fp16
+  static constexpr int kKl = kQ + C * D / 2;        // [D, C] fp16
+  static constexpr int kA = kKl + D * C / 2;        // [C, C] fp16
+  static constexpr int kU = kA + C * C / 2;
   static constexpr int kEg = kU + C * LDU;          // e^{γ_last} [D], then the scales (Record's tail)
   static constexpr int kSc = kEg + D;
   static constexpr int sW = 0, sQ = sW + C, sA = sQ + C, sKl = sA + C, sKlScale = sKl + D;  // in kSc
@@ -507,13 +532,13 @@ struct RecurrenceLayout {
   static constexpr int kSmemBytes = kFloats * 4;
   static constexpr int kMinBlocks = 1;
   using R = Record<D, C>;
+  static_assert(kU == R::kU, "the stage's fp16 arrays are the record's");
   static_assert(R::kInvQ - R::kEg == D + sQ && R::kInvA - R::kEg == D + sA && R::kInvKl - R::kEg == D + sKl &&
                     R::kScaleKl - R::kEg == D + sKlScale,
                 "the stage's scales in the record's order");
   static_assert(kStages == 1 || kStages == 2, "one or two operand buffers");
   static_assert(VS % 16 == 0 && C % 16 == 0 && D % 16 == 0, "m16n8k16 tiling");
   static_assert(LDU % 32 == 4, "bank-conflict-free U0 reads");
-  static_assert((LDH * 2) % 64 == 32 && (LDC * 2) % 64 == 32, "bank-conflict-free fragments");
   static_assert(kStage % 4 == 0 && kU % 4 == 0 && kEg % 4 == 0, "16-byte aligned arrays");
 };
 
@@ -522,10 +547,8 @@ template <class L>
 FLASH_KDA_DEVICE void fetch_chunk(const float* rec, int v0, float* st, int tid) {
   using R = Record<L::D, L::C>;
   constexpr int C = L::C, D = L::D, T = L::kThreads;
-  copy_tile_async<C, D / 2, D / 2, L::LDH / 2, T>(st + L::kW, rec + R::kW, tid);
-  copy_tile_async<C, D / 2, D / 2, L::LDH / 2, T>(st + L::kQ, rec + R::kQ, tid);
-  copy_tile_async<D, C / 2, C / 2, L::LDC / 2, T>(st + L::kKl, rec + R::kKl, tid);
-  copy_tile_async<C, C / 2, C / 2, L::LDC / 2, T>(st + L::kA, rec + R::kA, tid);
+  static_assert(R::kU % (D / 2) == 0, "the fp16 arrays as rows of D / 2 floats");
+  copy_tile_async<R::kU / (D / 2), D / 2, D / 2, D / 2, T>(st, rec, tid);  // every fp16 array, as is
   copy_tile_async<C, L::VS, D, L::LDU, T>(st + L::kU, rec + R::kU + v0, tid);
   copy_tile_async<1, R::kTail, R::kTail, R::kTail, T>(st + L::kEg, rec + R::kEg, tid);
 }
@@ -552,33 +575,53 @@ FLASH_KDA_DEVICE void state_rows_io(const KdaParams& p, const portable::Task& t,
 }
 
 // One chunk for one warp: rows [row0, row0 + 16) of the block's slice, operands in stage `st`.
+// (With wgmma the four warps of a warpgroup run it together: every wgmma step is issued by all.)
 template <class L>
 FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task& t, int64_t t0, int len,
                                        const float* st, int row0, Lane l, float (&s)[L::D / 8][4]) {
+  constexpr bool kWgmma = L::kWgmmaShape && kArchHasWgmma;
+  constexpr int C = L::C, D = L::D;
+  constexpr int NT = C / 8;   // token tiles (n = 8)
+  constexpr int KB = D / 16;  // channel k-blocks
+  constexpr int JB = C / 16;  // token k-blocks
   const __half* h = reinterpret_cast<const __half*>(st);  // fp16 arrays: float offset k is half 2k
+  const __half* W = h + 2 * L::kW;
+  const __half* Q = h + 2 * L::kQ;
+  const __half* A = h + 2 * L::kA;
+  const __half* Kl = h + 2 * L::kKl;
   const float* sc = st + L::kSc;
-  constexpr int NT = L::C / 8;   // token tiles (n = 8)
-  constexpr int KB = L::D / 16;  // channel k-blocks
-  constexpr int JB = L::C / 16;  // token k-blocks
-  float x[NT][4], o[NT][4];      // Xᵀ -> Uᵀ, Oᵀ: [16 rows, C tokens]
+  const int lane_at = l.g * 8 + 2 * l.t;  // core_offset of lane (g, t)'s B fragment in a block
+  float x[NT][4], o[NT][4];  // Xᵀ -> Uᵀ, Oᵀ: [16 rows, C tokens]
 #pragma unroll
   for (int it = 0; it < NT; ++it) {
     zero(x[it]);
     zero(o[it]);
   }
-  Pow2 r0, r1;  // the state rows' scales
-  row_scales<L::D / 8>(s, r0, r1);
-  const __half* W = h + 2 * L::kW + l.g * L::LDH;
-  const __half* Q = h + 2 * L::kQ + l.g * L::LDH;
+  // Xᵀ = S Wᵀ, Oᵀ = S (Q e^γ)ᵀ, with the state rows scaled into fp16 as A operands.
+  Pow2 r0, r1;
+  row_scales<D / 8>(s, r0, r1);
+  uint32_t a[KB][4];
 #pragma unroll
-  for (int kb = 0; kb < KB; ++kb) {
-    uint32_t a[4];
-    pack_a(a, s[2 * kb], s[2 * kb + 1], r0.s, r1.s);
+  for (int kb = 0; kb < KB; ++kb) pack_a(a[kb], s[2 * kb], s[2 * kb + 1], r0.s, r1.s);
+  if constexpr (kWgmma) {
+    wgmma_fence();
 #pragma unroll
-    for (int it = 0; it < NT; ++it) {
-      mma16(x[it], a, ld_frag(W + it * 8 * L::LDH, kb, l));
-      mma16(o[it], a, ld_frag(Q + it * 8 * L::LDH, kb, l));
+    for (int kb = 0; kb < KB; ++kb) {
+      wgmma_f16<C>(x, a[kb], wgmma_desc(W + 128 * kb, 128, 16 * D));
+      wgmma_f16<C>(o, a[kb], wgmma_desc(Q + 128 * kb, 128, 16 * D));
     }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operand(x);
+    wgmma_fence_operand(o);
+  } else {
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb)
+#pragma unroll
+      for (int it = 0; it < NT; ++it) {
+        mma16(x[it], a[kb], ld_frag(W + it * 8 * D + lane_at, kb));
+        mma16(o[it], a[kb], ld_frag(Q + it * 8 * D + lane_at, kb));
+      }
   }
   // Unscale (rows by the state's scales, token columns by W's and Q e^γ's), U = U0 - X.
   const float* U0 = st + L::kU + row0 + l.g;
@@ -601,48 +644,64 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   uint32_t ua[JB][4];
 #pragma unroll
   for (int jb = 0; jb < JB; ++jb) pack_a(ua[jb], x[2 * jb], x[2 * jb + 1], u0.s, u1.s);
-  // Oᵀ += Uᵀ A_qkᵀ over the causal token blocks (A_qk is zero above its diagonal: token tile it
-  // needs the k-blocks jb <= it / 2).
-  const __half* A = h + 2 * L::kA + l.g * L::LDC;
-#pragma unroll
-  for (int it = 0; it < NT; ++it) {
-    float o2[4];
-    zero(o2);
-#pragma unroll
-    for (int jb = 0; jb <= it / 2; ++jb) mma16(o2, ua[jb], ld_frag(A + it * 8 * L::LDC, jb, l));
-    const int i = it * 8 + 2 * l.t;
-    const float2 ai = ld2(sc + L::sA + i);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[it][e] += o2[e] * (e >= 2 ? u1.inv : u0.inv) * (e & 1 ? ai.y : ai.x);
-  }
-  port::input_t* out = static_cast<port::input_t*>(p.out);
-#pragma unroll
-  for (int it = 0; it < NT; ++it)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = it * 8 + 2 * l.t + (e & 1);
-      if (i < len) {
-        const int v = t.v0 + row0 + l.g + (e >= 2 ? 8 : 0);
-        out[token_offset(p.out_strides, t.r, t0 + i, t.h) + v] = port::from_float<port::input_t>(o[it][e]);
-      }
-    }
   // S <- S diag(e^{γ_last}) + Uᵀ Kl. The product carries U's row scale and Klᵀ's channel scale, so
   // S is brought into those units first and back after: element (v, c) times
   // e^{γ_last,c} · u_v · k_c, then the mma, then times 1 / (u_v k_c).
   const float* eg = st + L::kEg + 2 * l.t;
   const float* ks = sc + L::sKlScale + 2 * l.t;
   const float* ki = sc + L::sKl + 2 * l.t;
-  const __half* Kl = h + 2 * L::kKl + l.g * L::LDC;
 #pragma unroll
-  for (int nt = 0; nt < L::D / 8; ++nt) {
+  for (int nt = 0; nt < D / 8; ++nt) {
     const float2 e2 = ld2(eg + nt * 8), k2 = ld2(ks + nt * 8);
     const float fx = e2.x * k2.x, fy = e2.y * k2.y;
     s[nt][0] *= fx * u0.s;
     s[nt][1] *= fy * u0.s;
     s[nt][2] *= fx * u1.s;
     s[nt][3] *= fy * u1.s;
+  }
+  // O2ᵀ = Uᵀ A_qkᵀ (A_qk is zero above its diagonal: mma16 skips those blocks, token tile it needs
+  // the k-blocks jb <= it / 2; wgmma multiplies the zeros) and the state update's product.
+  float o2[NT][4];
 #pragma unroll
-    for (int jb = 0; jb < JB; ++jb) mma16(s[nt], ua[jb], ld_frag(Kl + nt * 8 * L::LDC, jb, l));
+  for (int it = 0; it < NT; ++it) zero(o2[it]);
+  if constexpr (kWgmma) {
+    wgmma_fence();
+#pragma unroll
+    for (int jb = 0; jb < JB; ++jb) {
+      wgmma_f16<C>(o2, ua[jb], wgmma_desc(A + 128 * jb, 128, 16 * C));
+      wgmma_f16<D>(s, ua[jb], wgmma_desc(Kl + 128 * jb, 128, 16 * C));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operand(o2);
+    wgmma_fence_operand(s);
+  } else {
+#pragma unroll
+    for (int it = 0; it < NT; ++it)
+#pragma unroll
+      for (int jb = 0; jb <= it / 2; ++jb) mma16(o2[it], ua[jb], ld_frag(A + it * 8 * C + lane_at, jb));
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+      for (int jb = 0; jb < JB; ++jb) mma16(s[nt], ua[jb], ld_frag(Kl + nt * 8 * C + lane_at, jb));
+  }
+  // O = O + O2 (unscaled: U's rows, A_qk's token rows), stored; S back from U's and Klᵀ's units.
+  port::input_t* out = static_cast<port::input_t*>(p.out);
+#pragma unroll
+  for (int it = 0; it < NT; ++it) {
+    const int i = it * 8 + 2 * l.t;
+    const float2 ai = ld2(sc + L::sA + i);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      o[it][e] += o2[it][e] * (e >= 2 ? u1.inv : u0.inv) * (e & 1 ? ai.y : ai.x);
+      if (i + (e & 1) < len) {
+        const int v = t.v0 + row0 + l.g + (e >= 2 ? 8 : 0);
+        out[token_offset(p.out_strides, t.r, t0 + i + (e & 1), t.h) + v] = port::from_float<port::input_t>(o[it][e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
     const float2 i2 = ld2(ki + nt * 8);
     s[nt][0] *= i2.x * u0.inv;
     s[nt][1] *= i2.y * u0.inv;
@@ -679,6 +738,7 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const float* scratch,
       cp_async_commit();
       cp_async_wait<0>();
     }
+    if constexpr (L::kWgmmaShape) fence_proxy_async();  // the copies, visible to wgmma's reads
     port::block_sync();
     const int64_t t0 = c * L::C;
     const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);

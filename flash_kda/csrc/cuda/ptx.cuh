@@ -96,6 +96,143 @@ FLASH_KDA_DEVICE void named_barrier() {
   asm volatile("bar.sync %0, %1;" ::"n"(kId), "n"(kThreads) : "memory");
 }
 
+// ---- wgmma (sm_90a only: FLASH_KDA_HAS_WGMMA) --------------------------------------------------
+// A warpgroup (4 consecutive warps, 128 threads) multiplies a 64 x 16 fp16 A, from registers, by a
+// 16 x N fp16 B in shared memory, into 64 x N fp32 accumulators, asynchronously. Warp w of the group
+// holds rows 16w..16w+15 of A and D in exactly the m16n8k16 fragments of mma16 (d[j] is n-tile j),
+// so a warp's mma16 accumulators and A fragments serve as they are.
+//
+// B is K-major in "core matrices" without swizzle: element (n, k) at byte
+//     (n / 8) * SBO + (k / 8) * LBO + (n % 8) * 16 + (k % 8) * 2
+// from the descriptor's start address: 8 x 8 blocks of 128 contiguous bytes. Our arrays put the
+// two k-halves of a 16-wide k-block next to each other (LBO = 128) and the 8-row groups one after
+// another (SBO = 16 * the row length in elements): see core_offset in kda_chunk_split.cuh.
+//
+// Protocol (PTX ISA, wgmma): wgmma_fence() before the first wgmma that reads registers written by
+// other instructions; wgmma_commit() closes a group; wgmma_wait<N>() returns when at most N groups
+// are pending; only then may the accumulators be read (wgmma_fence_operand keeps the compiler from
+// moving those reads above the wait) or the A registers and B's shared memory be changed. Shared
+// memory written by ordinary stores or cp.async must be made visible to the async proxy with
+// fence_proxy_async() before a barrier that precedes the wgmma.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FLASH_KDA_HAS_WGMMA 1
+#else
+#define FLASH_KDA_HAS_WGMMA 0
+#endif
+// Whether this compilation pass can issue wgmma (device code may branch on it; host code and
+// types must not, the host pass sees 0).
+constexpr bool kArchHasWgmma = FLASH_KDA_HAS_WGMMA;
+
+// The shared-memory descriptor: start address, LBO, SBO (each in 16-byte units, 14 bits), no swizzle.
+FLASH_KDA_DEVICE uint64_t wgmma_desc(const void* smem, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  return static_cast<uint64_t>((addr >> 4) & 0x3fffu) |
+         (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3fffu) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3fffu) << 32);
+}
+
+FLASH_KDA_DEVICE void wgmma_fence() {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+FLASH_KDA_DEVICE void wgmma_commit() {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+#endif
+}
+template <int N>
+FLASH_KDA_DEVICE void wgmma_wait() {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+#endif
+}
+template <int NT>
+FLASH_KDA_DEVICE void wgmma_fence_operand(float (&d)[NT][4]) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+}
+// Makes this thread's ordinary shared-memory writes (st.shared, cp.async) visible to wgmma's reads.
+FLASH_KDA_DEVICE void fence_proxy_async() {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
+// D (64 x N) += A (64 x 16, registers) B (16 x N, shared memory at desc); N = 32, 64 or 128.
+template <int N>
+FLASH_KDA_DEVICE void wgmma_f16(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc);
+template <>
+FLASH_KDA_DEVICE void wgmma_f16<32>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, "
+      "{%16,%17,%18,%19}, %20, 1, 1, 1, 0;"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+#else
+  __trap();
+#endif
+}
+template <>
+FLASH_KDA_DEVICE void wgmma_f16<64>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+      "{%32,%33,%34,%35}, %36, 1, 1, 1, 0;"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+#else
+  __trap();
+#endif
+}
+template <>
+FLASH_KDA_DEVICE void wgmma_f16<128>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc) {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+      "{%64,%65,%66,%67}, %68, 1, 1, 1, 0;"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+        "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+        "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+        "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+        "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+        "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+#else
+  __trap();
+#endif
+}
+
 }  // namespace tc
 }  // namespace flash_kda
 
