@@ -604,16 +604,17 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
 #pragma unroll
   for (int kb = 0; kb < KB; ++kb) pack_a(a[kb], s[2 * kb], s[2 * kb + 1], r0.s, r1.s);
   if constexpr (kWgmma) {
+    // X (on the state's critical path) and O (not) in separate groups: O's products run while
+    // this warpgroup computes U from X.
     wgmma_fence();
 #pragma unroll
-    for (int kb = 0; kb < KB; ++kb) {
-      wgmma_f16<C>(x, a[kb], wgmma_desc(W + 128 * kb, 128, 16 * D));
-      wgmma_f16<C>(o, a[kb], wgmma_desc(Q + 128 * kb, 128, 16 * D));
-    }
+    for (int kb = 0; kb < KB; ++kb) wgmma_f16<C>(x, a[kb], wgmma_desc(W + 128 * kb, 128, 16 * D));
     wgmma_commit();
-    wgmma_wait<0>();
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb) wgmma_f16<C>(o, a[kb], wgmma_desc(Q + 128 * kb, 128, 16 * D));
+    wgmma_commit();
+    wgmma_wait<1>();  // X done; O may still run (o and a stay untouched until the wait below)
     wgmma_fence_operand(x);
-    wgmma_fence_operand(o);
   } else {
 #pragma unroll
     for (int kb = 0; kb < KB; ++kb)
@@ -623,17 +624,16 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
         mma16(o[it], a[kb], ld_frag(Q + it * 8 * D + lane_at, kb));
       }
   }
-  // Unscale (rows by the state's scales, token columns by W's and Q e^γ's), U = U0 - X.
+  // U = U0 - X, X unscaled (rows by the state's scales, token columns by W's).
   const float* U0 = st + L::kU + row0 + l.g;
 #pragma unroll
   for (int it = 0; it < NT; ++it) {
     const int i = it * 8 + 2 * l.t;
-    const float2 wi = ld2(sc + L::sW + i), qi = ld2(sc + L::sQ + i);
+    const float2 wi = ld2(sc + L::sW + i);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const float rinv = e >= 2 ? r1.inv : r0.inv;
       x[it][e] = U0[(i + (e & 1)) * L::LDU + (e >= 2 ? 8 : 0)] - x[it][e] * rinv * (e & 1 ? wi.y : wi.x);
-      o[it][e] = o[it][e] * rinv * (e & 1 ? qi.y : qi.x);
     }
   }
   // U's rows as fp16 A fragments, one per token k-block (used twice: by O and by the update).
@@ -659,47 +659,33 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
     s[nt][2] *= fx * u1.s;
     s[nt][3] *= fy * u1.s;
   }
-  // O2ᵀ = Uᵀ A_qkᵀ (A_qk is zero above its diagonal: mma16 skips those blocks, token tile it needs
-  // the k-blocks jb <= it / 2; wgmma multiplies the zeros) and the state update's product.
+  // The state update's product and O2ᵀ = Uᵀ A_qkᵀ (A_qk is zero above its diagonal: mma16 skips
+  // those blocks, token tile it needs the k-blocks jb <= it / 2; wgmma multiplies the zeros).
   float o2[NT][4];
 #pragma unroll
   for (int it = 0; it < NT; ++it) zero(o2[it]);
   if constexpr (kWgmma) {
     wgmma_fence();
 #pragma unroll
-    for (int jb = 0; jb < JB; ++jb) {
-      wgmma_f16<C>(o2, ua[jb], wgmma_desc(A + 128 * jb, 128, 16 * C));
-      wgmma_f16<D>(s, ua[jb], wgmma_desc(Kl + 128 * jb, 128, 16 * C));
-    }
+    for (int jb = 0; jb < JB; ++jb) wgmma_f16<D>(s, ua[jb], wgmma_desc(Kl + 128 * jb, 128, 16 * C));
     wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operand(o2);
+#pragma unroll
+    for (int jb = 0; jb < JB; ++jb) wgmma_f16<C>(o2, ua[jb], wgmma_desc(A + 128 * jb, 128, 16 * C));
+    wgmma_commit();
+    wgmma_wait<1>();  // O and the update done (groups retire in order); O2 may still run
     wgmma_fence_operand(s);
+    wgmma_fence_operand(o);
   } else {
-#pragma unroll
-    for (int it = 0; it < NT; ++it)
-#pragma unroll
-      for (int jb = 0; jb <= it / 2; ++jb) mma16(o2[it], ua[jb], ld_frag(A + it * 8 * C + lane_at, jb));
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt)
 #pragma unroll
       for (int jb = 0; jb < JB; ++jb) mma16(s[nt], ua[jb], ld_frag(Kl + nt * 8 * C + lane_at, jb));
-  }
-  // O = O + O2 (unscaled: U's rows, A_qk's token rows), stored; S back from U's and Klᵀ's units.
-  port::input_t* out = static_cast<port::input_t*>(p.out);
 #pragma unroll
-  for (int it = 0; it < NT; ++it) {
-    const int i = it * 8 + 2 * l.t;
-    const float2 ai = ld2(sc + L::sA + i);
+    for (int it = 0; it < NT; ++it)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      o[it][e] += o2[it][e] * (e >= 2 ? u1.inv : u0.inv) * (e & 1 ? ai.y : ai.x);
-      if (i + (e & 1) < len) {
-        const int v = t.v0 + row0 + l.g + (e >= 2 ? 8 : 0);
-        out[token_offset(p.out_strides, t.r, t0 + i + (e & 1), t.h) + v] = port::from_float<port::input_t>(o[it][e]);
-      }
-    }
+      for (int jb = 0; jb <= it / 2; ++jb) mma16(o2[it], ua[jb], ld_frag(A + it * 8 * C + lane_at, jb));
   }
+  // S back from U's and Klᵀ's units.
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) {
     const float2 i2 = ld2(ki + nt * 8);
@@ -707,6 +693,28 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
     s[nt][1] *= i2.y * u0.inv;
     s[nt][2] *= i2.x * u1.inv;
     s[nt][3] *= i2.y * u1.inv;
+  }
+  if constexpr (kWgmma) {
+    wgmma_wait<0>();
+    wgmma_fence_operand(o2);
+  }
+  // O = O + O2, each unscaled (O: the state's rows and Q e^γ's token columns; O2: U's rows and
+  // A_qk's token columns), stored.
+  port::input_t* out = static_cast<port::input_t*>(p.out);
+#pragma unroll
+  for (int it = 0; it < NT; ++it) {
+    const int i = it * 8 + 2 * l.t;
+    const float2 qi = ld2(sc + L::sQ + i), ai = ld2(sc + L::sA + i);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float q = (e >= 2 ? r1.inv : r0.inv) * (e & 1 ? qi.y : qi.x);
+      const float a2 = (e >= 2 ? u1.inv : u0.inv) * (e & 1 ? ai.y : ai.x);
+      const float y = o[it][e] * q + o2[it][e] * a2;
+      if (i + (e & 1) < len) {
+        const int v = t.v0 + row0 + l.g + (e >= 2 ? 8 : 0);
+        out[token_offset(p.out_strides, t.r, t0 + i + (e & 1), t.h) + v] = port::from_float<port::input_t>(y);
+      }
+    }
   }
 }
 
