@@ -400,8 +400,8 @@ inline uint64_t wgmma_desc(const void* smem, uint32_t lbo_bytes, uint32_t sbo_by
          (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3fffu) << 32);
 }
 inline void wgmma_fence() {}
-template <int NT>
-inline void wgmma_fence_operand(float (&)[NT][4]) {}
+template <int NT, class T>
+inline void wgmma_fence_operand(T (&)[NT][4]) {}
 inline void fence_proxy_async() {}
 
 template <int N>

@@ -606,6 +606,9 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   if constexpr (kWgmma) {
     // X (on the state's critical path) and O (not) in separate groups: O's products run while
     // this warpgroup computes U from X.
+    wgmma_fence_operand(x);
+    wgmma_fence_operand(o);
+    wgmma_fence_operand(a);
     wgmma_fence();
 #pragma unroll
     for (int kb = 0; kb < KB; ++kb) wgmma_f16<C>(x, a[kb], wgmma_desc(W + 128 * kb, 128, 16 * D));
@@ -665,6 +668,9 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
 #pragma unroll
   for (int it = 0; it < NT; ++it) zero(o2[it]);
   if constexpr (kWgmma) {
+    wgmma_fence_operand(s);
+    wgmma_fence_operand(o2);
+    wgmma_fence_operand(ua);
     wgmma_fence();
 #pragma unroll
     for (int jb = 0; jb < JB; ++jb) wgmma_f16<D>(s, ua[jb], wgmma_desc(Kl + 128 * jb, 128, 16 * C));

@@ -147,12 +147,22 @@ FLASH_KDA_DEVICE void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 #endif
 }
+// Pins registers at this point of the instruction stream: called on accumulators and A fragments
+// before wgmma_fence (so that the instructions producing them are not moved below the fence, where
+// ptxas would insert a fence and a wait of its own) and on accumulators after wgmma_wait.
 template <int NT>
 FLASH_KDA_DEVICE void wgmma_fence_operand(float (&d)[NT][4]) {
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+}
+template <int NT>
+FLASH_KDA_DEVICE void wgmma_fence_operand(uint32_t (&a)[NT][4]) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
 }
 // Makes this thread's ordinary shared-memory writes (st.shared, cp.async) visible to wgmma's reads.
 FLASH_KDA_DEVICE void fence_proxy_async() {
