@@ -112,8 +112,20 @@ struct Block {
   };
   std::vector<std::vector<WgmmaOp>> wgmma_pending;  // per thread, oldest first
   std::vector<std::vector<int>> wgmma_groups;       // per thread: committed group sizes, oldest first
+  // cp.async bookkeeping, for wgmma's reads of shared memory (which go through the async proxy):
+  // per thread, the 16-byte slots of its open group, of its committed groups, and of its completed
+  // copies not yet followed by fence_proxy_async; per block, each such slot's state.
+  struct Copies {
+    std::vector<uint32_t> open;
+    std::vector<std::vector<uint32_t>> committed;  // oldest first
+    std::vector<uint32_t> unfenced;
+  };
+  std::vector<Copies> copies;
+  enum : char { kInFlight = 1, kUnfenced = 2 };
+  std::map<uint32_t, char> slot_state;
   std::function<void(int)> body;  // body(tid)
   uint64_t progress = 0;          // barriers opened + threads finished (deadlock detection)
+  std::string error;              // the first exception a thread threw (the block stops there)
 };
 
 inline Block*& block() {
@@ -140,10 +152,16 @@ inline void wait(Barrier& bar) {
   while (bar.generation == mine) yield();
 }
 
+// (An exception must not unwind out of a fiber's stack: it is kept, and run_block throws it once
+// the thread has switched back; the block's other threads are abandoned.)
 inline void fiber_entry() {
   Block* b = block();
   const int t = b->current;
-  b->body(t);
+  try {
+    b->body(t);
+  } catch (const std::exception& e) {
+    if (b->error.empty()) b->error = e.what();
+  }
   b->done[t] = 1;
   ++b->progress;
 }
@@ -207,6 +225,7 @@ inline void run_block(int threads, int smem_bytes, float fill, const std::functi
   for (Barrier& g : b.warpgroups) g.expected = 128;
   b.wgmma_pending.resize(threads);
   b.wgmma_groups.resize(threads);
+  b.copies.resize(threads);
   b.body = body;
   Block* saved = block();
   block() = &b;
@@ -228,6 +247,10 @@ inline void run_block(int threads, int smem_bytes, float fill, const std::functi
       if (b.done[t]) continue;
       b.current = t;
       swapcontext(&b.scheduler, &b.ctx[t]);
+      if (!b.error.empty()) {
+        block() = saved;
+        throw std::runtime_error(b.error);
+      }
       live += !b.done[t];
     }
     // A whole pass in which no barrier opened and no thread finished, with threads left, is a
@@ -402,12 +425,37 @@ inline uint64_t wgmma_desc(const void* smem, uint32_t lbo_bytes, uint32_t sbo_by
 inline void wgmma_fence() {}
 template <int NT, class T>
 inline void wgmma_fence_operand(T (&)[NT][4]) {}
-inline void fence_proxy_async() {}
+// Makes this thread's completed cp.async copies visible to wgmma (see wgmma_f16's check).
+inline void fence_proxy_async() {
+  simt::Block* b = simt::block();
+  for (uint32_t slot : b->copies[simt::tid()].unfenced) {
+    auto it = b->slot_state.find(slot);
+    if (it != b->slot_state.end() && it->second == simt::Block::kUnfenced) b->slot_state.erase(it);
+  }
+  b->copies[simt::tid()].unfenced.clear();
+}
 
 template <int N>
 inline void wgmma_f16(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc) {
   static_assert(N % 8 == 0 && N >= 8 && N <= 256, "m64nNk16");
   if ((desc >> 49) != 0) throw std::runtime_error("simt: wgmma swizzle / base offset not modelled");
+  // B's rows (16 bytes each) must not come from a cp.async that has not completed (cp_async_wait)
+  // or whose writer has not run fence_proxy_async since: the GPU's wgmma could read stale bytes.
+  {
+    simt::Block* b = simt::block();
+    const uint32_t start = static_cast<uint32_t>(desc & 0x3fffu) << 4;
+    const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3fffu) << 4;
+    const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3fffu) << 4;
+    for (int n = 0; n < N; ++n)
+      for (int kh = 0; kh < 2; ++kh) {
+        auto it = b->slot_state.find((start + (n / 8) * sbo + kh * lbo + (n % 8) * 16) / 16);
+        if (it != b->slot_state.end()) {
+          throw std::runtime_error(it->second == simt::Block::kInFlight
+                                       ? "simt: wgmma reads shared memory whose cp.async has not completed"
+                                       : "simt: wgmma reads cp.async data not fenced (fence_proxy_async)");
+        }
+      }
+  }
   simt::Block::WgmmaOp op;
   memcpy(op.a, a, sizeof(op.a));
   op.desc = desc;
@@ -477,11 +525,32 @@ inline void wgmma_wait() {
   groups.erase(groups.begin(), groups.end() - std::min<size_t>(N, groups.size()));
 }
 
-inline void cp_async16(unsigned dst, const float* src) { memcpy(simt::block()->smem + dst, src, 16); }
+// cp.async: copied at issue; the slot is tracked until this thread waits for its group and fences
+// (only wgmma's reads check it: plain loads of the bodies cannot be intercepted).
+inline void cp_async16(unsigned dst, const float* src) {
+  simt::Block* b = simt::block();
+  memcpy(b->smem + dst, src, 16);
+  b->slot_state[dst / 16] = simt::Block::kInFlight;
+  b->copies[simt::tid()].open.push_back(dst / 16);
+}
 inline unsigned shared_address(const float* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
-inline void cp_async_commit() {}
+inline void cp_async_commit() {
+  simt::Block::Copies& c = simt::block()->copies[simt::tid()];
+  c.committed.push_back(std::move(c.open));
+  c.open.clear();
+}
 template <int N>
-inline void cp_async_wait() {}
+inline void cp_async_wait() {
+  simt::Block* b = simt::block();
+  simt::Block::Copies& c = b->copies[simt::tid()];
+  while (c.committed.size() > static_cast<size_t>(N)) {
+    for (uint32_t slot : c.committed.front()) {
+      b->slot_state[slot] = simt::Block::kUnfenced;
+      c.unfenced.push_back(slot);
+    }
+    c.committed.erase(c.committed.begin());
+  }
+}
 
 template <int kId, int kThreads>
 inline void named_barrier() {
