@@ -23,7 +23,8 @@ template <int N>
 void run(const uint16_t* A, const uint16_t* Bt, float* D);
 void wgmma_probe(torch::Tensor A, torch::Tensor Bt, torch::Tensor D) {
   const int n = static_cast<int>(D.size(1));
-  auto a = reinterpret_cast<const uint16_t*>(A.data_ptr()), b = reinterpret_cast<const uint16_t*>(Bt.data_ptr());
+  auto a = reinterpret_cast<const uint16_t*>(A.data_ptr());
+  auto b = reinterpret_cast<const uint16_t*>(Bt.data_ptr());
   float* d = D.data_ptr<float>();
   if (n == 32) run<32>(a, b, d); else if (n == 64) run<64>(a, b, d); else run<128>(a, b, d);
 }

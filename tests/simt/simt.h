@@ -419,7 +419,8 @@ inline uint64_t wgmma_desc(const void* smem, uint32_t lbo_bytes, uint32_t sbo_by
   if (addr % 16 != 0 || lbo_bytes % 16 != 0 || sbo_bytes % 16 != 0) {
     throw std::runtime_error("simt: wgmma descriptor fields must be multiples of 16 bytes");
   }
-  return static_cast<uint64_t>((addr >> 4) & 0x3fffu) | (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3fffu) << 16) |
+  return static_cast<uint64_t>((addr >> 4) & 0x3fffu) |
+         (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3fffu) << 16) |
          (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3fffu) << 32);
 }
 inline void wgmma_fence() {}
@@ -494,7 +495,9 @@ inline void wgmma_wait() {
   int retire = 0;
   for (size_t i = 0; i + N < groups.size(); ++i) retire += groups[i];
   for (int u = base; u < base + 128; ++u) {
-    if (b->wgmma_groups[u] != groups) throw std::runtime_error("simt: wgmma groups differ within a warpgroup");
+    if (b->wgmma_groups[u] != groups) {
+      throw std::runtime_error("simt: wgmma groups differ within a warpgroup");
+    }
   }
   const int w = (t - base) / 32, g = simt::lane() / 4, tq = simt::lane() % 4;
   std::vector<float> result;

@@ -514,7 +514,8 @@ struct RecurrenceLayout {
   static constexpr int kWarps = VS / 16;            // 16 state rows per warp
   static constexpr int kThreads = kWarps * 32;
   static constexpr int NVS = D / VS;
-  // wgmma where this pass has it and the rows fill warpgroups (device code only: see kArchHasWgmma)
+  // wgmma where this pass has it and the rows fill warpgroups (device code only: see kArchHasWgmma);
+  // D <= 128 because ptx.cuh's wgmma_f16 goes up to N = 128 (the update's N is D)
   static constexpr bool kWgmmaShape = kMma_ == RecurrenceMma::kAuto && VS % 64 == 0 && D <= 128;
   // fp32 U0 rows: the scalar reads (4 rows x 8 columns) need a stride of 4 (mod 32).
   static constexpr int LDU = VS + 4;                // U0: [C, LDU] floats
@@ -718,7 +719,8 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
       const float y = o[it][e] * q + o2[it][e] * a2;
       if (i + (e & 1) < len) {
         const int v = t.v0 + row0 + l.g + (e >= 2 ? 8 : 0);
-        out[token_offset(p.out_strides, t.r, t0 + i + (e & 1), t.h) + v] = port::from_float<port::input_t>(y);
+        out[token_offset(p.out_strides, t.r, t0 + i + (e & 1), t.h) + v] =
+            port::from_float<port::input_t>(y);
       }
     }
   }
