@@ -149,9 +149,11 @@ FLASH_KDA_DEVICE Pow2 pow2_scale(float m) {
 // times e^{γ_last} <= 1, times Klᵀ's channel scale <= 2^40, times u must stay below 2^126, so
 // u <= 2^71 r. Where the cap binds, U is so small beside the state (by more than 2^-50 or so) that
 // its fp16 rounding cannot show in the fp32 sum.
-FLASH_KDA_DEVICE Pow2 cap_by_state(Pow2 u, Pow2 r) {
-  const float cap = r.s * 0x1p71f;  // <= 2^111 (r.s <= 2^40)
-  return u.s > cap ? Pow2{cap, r.inv * 0x1p-71f} : u;
+// (From r's inverse alone, which the chunk keeps anyway: 1 / x of a power of two by its exponent.)
+FLASH_KDA_DEVICE Pow2 cap_by_state(Pow2 u, float r_inv) {
+  const float floor_inv = r_inv * 0x1p-71f;  // >= 2^-111 (r_inv >= 2^-40)
+  if (u.inv >= floor_inv) return u;
+  return {__int_as_float((254 << 23) - __float_as_int(floor_inv)), floor_inv};
 }
 
 // Two fp32 values as one f16x2 register: lo in the low half (the smaller k index of a fragment).
@@ -643,8 +645,8 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   // U's rows as fp16 A fragments, one per token k-block (used twice: by O and by the update).
   Pow2 u0, u1;
   row_scales<NT>(x, u0, u1);
-  u0 = cap_by_state(u0, r0);
-  u1 = cap_by_state(u1, r1);
+  u0 = cap_by_state(u0, r0.inv);
+  u1 = cap_by_state(u1, r1.inv);
   uint32_t ua[JB][4];
 #pragma unroll
   for (int jb = 0; jb < JB; ++jb) pack_a(ua[jb], x[2 * jb], x[2 * jb + 1], u0.s, u1.s);
