@@ -30,9 +30,10 @@ namespace flash_kda {
 namespace tc {
 
 // One chunk's operands for the recurrence (offsets in floats). The B operands of its fp16 products
-// come as scaled fp16 rows in core-matrix order (to_f16_rows below), two halves per float; U0 (which
-// the recurrence subtracts from) and e^{γ_last} stay fp32; then the rows' inverse scales, and
-// Klᵀ's scales (the state update needs both). 11,232 floats at D = 128 (the fp32 record was 17,536).
+// come as scaled fp16 arrays in core-matrix order (to_f16_chunk below), two halves per float; U0
+// (which the recurrence subtracts from) and e^{γ_last} stay fp32; then each array's inverse scale,
+// and Klᵀ's scale (the state update needs both): one value per array, repeated in every row's entry
+// (the recurrence reads entry 0). 11,232 floats at D = 128 (the fp32 record was 17,536).
 template <int D, int C>
 struct Record {
   static constexpr int kW = 0;                 // [C, D] fp16: W = T (K e^γ), scaled per token
@@ -129,7 +130,7 @@ FLASH_KDA_DEVICE float2 ld2(const float* p) { return *reinterpret_cast<const flo
 // From m's exponent field: s = 2^(n - 127) with n = 268 - e, clamped to [1, kMaxScaleN]: s is at
 // least 2^-126 (an inf or NaN m: s = 2^-114, and the inf or NaN values themselves go through the
 // products as they would in fp32) and at most 2^40. The upper bound matters where two scales meet
-// in one factor (the state update multiplies the state by Klᵀ's channel scale times U's row
+// in one factor (the state update multiplies the state by Klᵀ's scale times U's row
 // scale): a row or channel of zeros (m = 0) would otherwise get 2^126, and the product of two such
 // scales is inf, which turns the zeros into NaN (tests' zero_channels). Rows whose largest
 // magnitude is below 2^-26 stay below 2^14 after scaling; they keep full fp16 precision down to a
@@ -146,7 +147,7 @@ FLASH_KDA_DEVICE Pow2 pow2_scale(float m) {
 
 // U's row scale u, limited so that the state update's pre-scaled state stays finite: the row's
 // largest state magnitude m_S < 2^15 / r (r: the state row's own scale, from the same chunk),
-// times e^{γ_last} <= 1, times Klᵀ's channel scale <= 2^40, times u must stay below 2^126, so
+// times e^{γ_last} <= 1, times Klᵀ's scale <= 2^40, times u must stay below 2^126, so
 // u <= 2^71 r. Where the cap binds, U is so small beside the state (by more than 2^-50 or so) that
 // its fp16 rounding cannot show in the fp32 sum.
 // (From r's inverse alone, which the chunk keeps anyway: 1 / x of a power of two by its exponent.)
@@ -210,46 +211,70 @@ FLASH_KDA_DEVICE void row_scales(const float (&x)[NT][4], Pow2& r0, Pow2& r1) {
   r1 = pow2_scale(quad_max(m1));
 }
 
-// A [ROWS, COLS] fp32 array (element (r, c) at src[r * RS + c * CS]) -> scaled fp16 rows in
-// core-matrix order (core_offset). inv[r] (and scale[r], if given) receive row r's inverse scale and
-// scale. A lane converts 8 consecutive columns per step (one 16-byte store); a row takes
-// P = min(COLS / 8, 32) lanes of one warp; warps `warp` of kWarps. (dst, inv and scale may be
-// global or shared memory.)
-template <int ROWS, int COLS, int RS, int CS, int kWarps>
-FLASH_KDA_DEVICE void to_f16_rows(__half* dst, const float* src, float* inv, float* scale, int warp, int lane) {
+// A [ROWS, COLS] fp32 array (element (r, c) at src[r * RS + c * CS]) -> fp16 in core-matrix order
+// (core_offset), every element multiplied by one power of two for the whole array (the chunk):
+// the one that brings its largest magnitude into [2^14, 2^15). inv[r] (and scale[r], if given)
+// receive the inverse scale (and the scale) for every row r: the record keeps a per-row layout,
+// the recurrence reads entry 0. (One scale per chunk rather than per row costs nothing in accuracy
+// — tools/recurrence_precision_model.py, mode fp16-chunk — and saves the recurrence a multiply per
+// element wherever it unscales, docs/performance.md v8.)
+//
+// Warps `warp` of kWarps take part: each loads its rows and takes their largest magnitude, red[warp]
+// collects it, `bar` (a barrier of exactly these warps) separates that from reading all of red,
+// then each warp converts the rows it holds. A lane handles 8 consecutive columns per step
+// (one 16-byte store); a row takes P = min(COLS / 8, 32) lanes. (dst, inv and scale may be global
+// or shared memory; red is shared, kWarps floats, not shared with another call before `bar`.)
+template <int ROWS, int COLS, int RS, int CS, int kWarps, class Bar>
+FLASH_KDA_DEVICE void to_f16_chunk(__half* dst, const float* src, float* inv, float* scale, float* red, int warp,
+                                   int lane, Bar&& bar) {
   constexpr int kOcts = COLS / 8, P = kOcts < 32 ? kOcts : 32, R = 32 / P, kSteps = kOcts / P;
   static_assert(COLS % 16 == 0 && ROWS % R == 0 && kOcts % P == 0, "whole blocks per lane");
   const int sub = lane / P, p = lane % P;
-  for (int r0 = warp * R; r0 < ROWS; r0 += kWarps * R) {  // warp-uniform: full-mask shuffles below
-    const int r = r0 + sub;
-    float x[kSteps][8];
-    float m = 0.0f;
+  constexpr int kRowStep = kWarps * R, kIters = (ROWS + kRowStep - 1) / kRowStep;
+  // The warp's rows, held in registers across the barrier (at most two row steps in the calls of
+  // prep_block: ~16-24 floats).
+  float x[kIters][kSteps][8];
+  float m = 0.0f;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int r0 = warp * R + it * kRowStep;  // warp-uniform
 #pragma unroll
     for (int k = 0; k < kSteps; ++k) {
-      const float* s = src + r * RS + 8 * (k * P + p) * CS;
+      float* v = x[it][k];
+      const float* e = src + (r0 + sub) * RS + 8 * (k * P + p) * CS;
+      if (r0 >= ROWS) {
 #pragma unroll
-      for (int j = 0; j < 8; j += 4) {
-        if constexpr (CS == 1) {
-          const float4 f = *reinterpret_cast<const float4*>(s + j);
-          x[k][j] = f.x, x[k][j + 1] = f.y, x[k][j + 2] = f.z, x[k][j + 3] = f.w;
-        } else {
+        for (int j = 0; j < 8; ++j) v[j] = 0.0f;
+      } else if constexpr (CS == 1) {
+        const float4 a = *reinterpret_cast<const float4*>(e), b = *reinterpret_cast<const float4*>(e + 4);
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+      } else {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) x[k][j + i] = s[(j + i) * CS];
-        }
+        for (int j = 0; j < 8; ++j) v[j] = e[j * CS];
       }
 #pragma unroll
-      for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(x[k][j]));
+      for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
     }
+  }
 #pragma unroll
-    for (int off = P / 2; off >= 1; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    const Pow2 f = pow2_scale(m);
+  for (int off = 16; off >= 1; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  if (lane == 0) red[warp] = m;
+  bar();
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) m = fmaxf(m, red[w]);
+  const Pow2 f = pow2_scale(m);
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int r0 = warp * R + it * kRowStep, r = r0 + sub;
+    if (r0 >= ROWS) break;
 #pragma unroll
     for (int k = 0; k < kSteps; ++k) {
+      const float* v = x[it][k];
       uint4 h;
-      h.x = pack_f16(x[k][0] * f.s, x[k][1] * f.s);
-      h.y = pack_f16(x[k][2] * f.s, x[k][3] * f.s);
-      h.z = pack_f16(x[k][4] * f.s, x[k][5] * f.s);
-      h.w = pack_f16(x[k][6] * f.s, x[k][7] * f.s);
+      h.x = pack_f16(v[0] * f.s, v[1] * f.s);
+      h.y = pack_f16(v[2] * f.s, v[3] * f.s);
+      h.z = pack_f16(v[4] * f.s, v[5] * f.s);
+      h.w = pack_f16(v[6] * f.s, v[7] * f.s);
       *reinterpret_cast<uint4*>(dst + core_offset<COLS>(r, 8 * (k * P + p))) = h;
     }
     if (p == 0) {
@@ -295,7 +320,8 @@ struct PrepLayout {
   static constexpr int kBeta = kEl + NB * D;        // [C]
   static constexpr int kEg = kBeta + C;             // [D]
   static constexpr int kFlags = kEg + D;            // [4]
-  static constexpr int kFloats = kFlags + 4;
+  static constexpr int kRed = kFlags + 4;           // [4, kWarps] to_f16_chunk's maxima, one row per array
+  static constexpr int kFloats = kRed + 4 * kWarps;
   static constexpr int kSmemBytes = kFloats * 4;
   static constexpr int kMinBlocks = kSmemBytes <= 112 * 1024 ? 2 : 1;
   static_assert(C == 32, "invert_T handles two 16-token sub-blocks");
@@ -366,8 +392,8 @@ FLASH_KDA_DEVICE void invert_T(float* T, const float* A, const float* beta, Lane
 
 // U0 <- T V, straight from the accumulators to the record (rows of stride D; each quad of lanes
 // writes 32 contiguous bytes per row), and W <- T (K e^γ) into shared memory (rows of stride LD),
-// unrounded: its rows are scaled and rounded to fp16 by to_f16_rows afterwards, which needs whole
-// rows. A warp takes column tile j of both right-hand sides, so each fragment of T it loads serves
+// unrounded: it is scaled and rounded to fp16 by to_f16_chunk afterwards, which needs all of it.
+// A warp takes column tile j of both right-hand sides, so each fragment of T it loads serves
 // two products; tiles go to warps in turn, a fixed number per warp (no runtime choice of operand).
 // T is lower triangular, so row block m needs k < 16 (m + 1).
 template <class L>
@@ -466,18 +492,22 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
     for (int e = rt; e < L::BS * L::BS; e += kRest) sm[L::kAqk + (e / L::BS) * L::LDA + L::BS + e % L::BS] = 0.0f;
     named_barrier<1, kRest>();
     constexpr int kRestWarps = kRest / 32;
-    to_f16_rows<C, D, L::LD, 1, kRestWarps>(rec_h + 2 * R::kQ, sm + L::kQ, rec + R::kInvQ, nullptr, rw, lane);
+    auto rest_sync = [] { named_barrier<1, kRest>(); };
+    float* red = sm + L::kRed;
+    to_f16_chunk<C, D, L::LD, 1, kRestWarps>(rec_h + 2 * R::kQ, sm + L::kQ, rec + R::kInvQ, nullptr, red, rw,
+                                             lane, rest_sync);
     // Klᵀ: row c of the record is column c of the token-major K e^{γ_last - γ}
-    to_f16_rows<D, C, 1, L::LD, kRestWarps>(rec_h + 2 * R::kKl, sm + L::kKe, rec + R::kInvKl,
-                                               rec + R::kScaleKl, rw, lane);
-    to_f16_rows<C, C, L::LDA, 1, kRestWarps>(rec_h + 2 * R::kA, sm + L::kAqk, rec + R::kInvA, nullptr, rw, lane);
+    to_f16_chunk<D, C, 1, L::LD, kRestWarps>(rec_h + 2 * R::kKl, sm + L::kKe, rec + R::kInvKl, rec + R::kScaleKl,
+                                             red + L::kWarps, rw, lane, rest_sync);
+    to_f16_chunk<C, C, L::LDA, 1, kRestWarps>(rec_h + 2 * R::kA, sm + L::kAqk, rec + R::kInvA, nullptr,
+                                              red + 2 * L::kWarps, rw, lane, rest_sync);
     for (int c = rt; c < D; c += kRest) rec[R::kEg + c] = sm[L::kEg + c];
   }
   port::block_sync();  // T and the state-side K visible; Q e^γ stored (W takes its place)
   apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec + R::kU, sm + L::kQ, warp, l);
   port::block_sync();
-  to_f16_rows<C, D, L::LD, 1, L::kWarps>(rec_h + 2 * R::kW, sm + L::kQ, rec + R::kInvW, nullptr, warp,
-                                            tid % 32);
+  to_f16_chunk<C, D, L::LD, 1, L::kWarps>(rec_h + 2 * R::kW, sm + L::kQ, rec + R::kInvW, nullptr,
+                                          sm + L::kRed + 3 * L::kWarps, warp, tid % 32, [] { port::block_sync(); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -630,16 +660,15 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
         mma16(o[it], a[kb], ld_frag(Q + it * 8 * D + lane_at, kb));
       }
   }
-  // U = U0 - X, X unscaled (rows by the state's scales, token columns by W's).
+  // U = U0 - X, X unscaled (rows by the state's scales, all of it by W's one scale).
   const float* U0 = st + L::kU + row0 + l.g;
+  const float xs0 = r0.inv * sc[L::sW], xs1 = r1.inv * sc[L::sW];
 #pragma unroll
   for (int it = 0; it < NT; ++it) {
     const int i = it * 8 + 2 * l.t;
-    const float2 wi = ld2(sc + L::sW + i);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float rinv = e >= 2 ? r1.inv : r0.inv;
-      x[it][e] = U0[(i + (e & 1)) * L::LDU + (e >= 2 ? 8 : 0)] - x[it][e] * rinv * (e & 1 ? wi.y : wi.x);
+      x[it][e] = fmaf(-x[it][e], e >= 2 ? xs1 : xs0, U0[(i + (e & 1)) * L::LDU + (e >= 2 ? 8 : 0)]);
     }
   }
   // U's rows as fp16 A fragments, one per token k-block (used twice: by O and by the update).
@@ -650,20 +679,18 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   uint32_t ua[JB][4];
 #pragma unroll
   for (int jb = 0; jb < JB; ++jb) pack_a(ua[jb], x[2 * jb], x[2 * jb + 1], u0.s, u1.s);
-  // S <- S diag(e^{γ_last}) + Uᵀ Kl. The product carries U's row scale and Klᵀ's channel scale, so
-  // S is brought into those units first and back after: element (v, c) times
-  // e^{γ_last,c} · u_v · k_c, then the mma, then times 1 / (u_v k_c).
+  // S <- S diag(e^{γ_last}) + Uᵀ Kl. The product carries U's row scale u_v and Klᵀ's scale k, so
+  // S is brought into those units first and back after: element (v, c) times e^{γ_last,c} u_v k,
+  // then the mma, then times 1 / (u_v k).
   const float* eg = st + L::kEg + 2 * l.t;
-  const float* ks = sc + L::sKlScale + 2 * l.t;
-  const float* ki = sc + L::sKl + 2 * l.t;
+  const float uk0 = u0.s * sc[L::sKlScale], uk1 = u1.s * sc[L::sKlScale];
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) {
-    const float2 e2 = ld2(eg + nt * 8), k2 = ld2(ks + nt * 8);
-    const float fx = e2.x * k2.x, fy = e2.y * k2.y;
-    s[nt][0] *= fx * u0.s;
-    s[nt][1] *= fy * u0.s;
-    s[nt][2] *= fx * u1.s;
-    s[nt][3] *= fy * u1.s;
+    const float2 e2 = ld2(eg + nt * 8);
+    s[nt][0] *= e2.x * uk0;
+    s[nt][1] *= e2.y * uk0;
+    s[nt][2] *= e2.x * uk1;
+    s[nt][3] *= e2.y * uk1;
   }
   // The state update's product and O2ᵀ = Uᵀ A_qkᵀ (A_qk is zero above its diagonal: mma16 skips
   // those blocks, token tile it needs the k-blocks jb <= it / 2; wgmma multiplies the zeros).
@@ -694,31 +721,30 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
 #pragma unroll
       for (int jb = 0; jb <= it / 2; ++jb) mma16(o2[it], ua[jb], ld_frag(A + it * 8 * C + lane_at, jb));
   }
-  // S back from U's and Klᵀ's units.
+  // S back from U's and Klᵀ's units: one factor per row.
+  const float ui0 = u0.inv * sc[L::sKl], ui1 = u1.inv * sc[L::sKl];
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) {
-    const float2 i2 = ld2(ki + nt * 8);
-    s[nt][0] *= i2.x * u0.inv;
-    s[nt][1] *= i2.y * u0.inv;
-    s[nt][2] *= i2.x * u1.inv;
-    s[nt][3] *= i2.y * u1.inv;
+    s[nt][0] *= ui0;
+    s[nt][1] *= ui0;
+    s[nt][2] *= ui1;
+    s[nt][3] *= ui1;
   }
   if constexpr (kWgmma) {
     wgmma_wait<0>();
     wgmma_fence_operand(o2);
   }
-  // O = O + O2, each unscaled (O: the state's rows and Q e^γ's token columns; O2: U's rows and
-  // A_qk's token columns), stored.
+  // O = O + O2, each unscaled (O: the state's rows and Q e^γ's scale; O2: U's rows and A_qk's
+  // scale), stored.
   port::input_t* out = static_cast<port::input_t*>(p.out);
+  const float oq0 = r0.inv * sc[L::sQ], oq1 = r1.inv * sc[L::sQ];
+  const float oa0 = u0.inv * sc[L::sA], oa1 = u1.inv * sc[L::sA];
 #pragma unroll
   for (int it = 0; it < NT; ++it) {
     const int i = it * 8 + 2 * l.t;
-    const float2 qi = ld2(sc + L::sQ + i), ai = ld2(sc + L::sA + i);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float q = (e >= 2 ? r1.inv : r0.inv) * (e & 1 ? qi.y : qi.x);
-      const float a2 = (e >= 2 ? u1.inv : u0.inv) * (e & 1 ? ai.y : ai.x);
-      const float y = o[it][e] * q + o2[it][e] * a2;
+      const float y = fmaf(o[it][e], e >= 2 ? oq1 : oq0, o2[it][e] * (e >= 2 ? oa1 : oa0));
       if (i + (e & 1) < len) {
         const int v = t.v0 + row0 + l.g + (e >= 2 ? 8 : 0);
         out[token_offset(p.out_strides, t.r, t0 + i + (e & 1), t.h) + v] =
