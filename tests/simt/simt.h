@@ -423,6 +423,12 @@ inline uint64_t wgmma_desc(const void* smem, uint32_t lbo_bytes, uint32_t sbo_by
          (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3fffu) << 16) |
          (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3fffu) << 32);
 }
+inline uint64_t wgmma_desc_at(uint64_t desc, uint32_t bytes) {
+  if (bytes % 16 != 0 || ((desc & 0x3fffu) + (bytes >> 4)) > 0x3fffu) {
+    throw std::runtime_error("simt: wgmma_desc_at past the start address field");
+  }
+  return desc + (bytes >> 4);
+}
 inline void wgmma_fence() {}
 template <int NT, class T>
 inline void wgmma_fence_operand(T (&)[NT][4]) {}

@@ -642,12 +642,13 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
     wgmma_fence_operand(x);
     wgmma_fence_operand(o);
     wgmma_fence_operand(a);
+    const uint64_t dw = wgmma_desc(W, 128, 16 * D), dq = wgmma_desc(Q, 128, 16 * D);
     wgmma_fence();
 #pragma unroll
-    for (int kb = 0; kb < KB; ++kb) wgmma_f16<C>(x, a[kb], wgmma_desc(W + 128 * kb, 128, 16 * D));
+    for (int kb = 0; kb < KB; ++kb) wgmma_f16<C>(x, a[kb], wgmma_desc_at(dw, 256 * kb));
     wgmma_commit();
 #pragma unroll
-    for (int kb = 0; kb < KB; ++kb) wgmma_f16<C>(o, a[kb], wgmma_desc(Q + 128 * kb, 128, 16 * D));
+    for (int kb = 0; kb < KB; ++kb) wgmma_f16<C>(o, a[kb], wgmma_desc_at(dq, 256 * kb));
     wgmma_commit();
     wgmma_wait<1>();  // X done; O may still run (o and a stay untouched until the wait below)
     wgmma_fence_operand(x);
@@ -701,12 +702,13 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
     wgmma_fence_operand(s);
     wgmma_fence_operand(o2);
     wgmma_fence_operand(ua);
+    const uint64_t dk = wgmma_desc(Kl, 128, 16 * C), da = wgmma_desc(A, 128, 16 * C);
     wgmma_fence();
 #pragma unroll
-    for (int jb = 0; jb < JB; ++jb) wgmma_f16<D>(s, ua[jb], wgmma_desc(Kl + 128 * jb, 128, 16 * C));
+    for (int jb = 0; jb < JB; ++jb) wgmma_f16<D>(s, ua[jb], wgmma_desc_at(dk, 256 * jb));
     wgmma_commit();
 #pragma unroll
-    for (int jb = 0; jb < JB; ++jb) wgmma_f16<C>(o2, ua[jb], wgmma_desc(A + 128 * jb, 128, 16 * C));
+    for (int jb = 0; jb < JB; ++jb) wgmma_f16<C>(o2, ua[jb], wgmma_desc_at(da, 256 * jb));
     wgmma_commit();
     wgmma_wait<1>();  // O and the update done (groups retire in order); O2 may still run
     wgmma_fence_operand(s);

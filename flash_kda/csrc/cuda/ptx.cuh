@@ -131,6 +131,11 @@ FLASH_KDA_DEVICE uint64_t wgmma_desc(const void* smem, uint32_t lbo_bytes, uint3
          (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3fffu) << 32);
 }
 
+// The descriptor of the operand `bytes` further on in shared memory (a multiple of 16; the start
+// address field cannot carry: shared addresses stay below 2^18). One descriptor per array and
+// constant steps from it cost an add per product instead of forming each address anew.
+FLASH_KDA_DEVICE uint64_t wgmma_desc_at(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
 FLASH_KDA_DEVICE void wgmma_fence() {
 #if FLASH_KDA_HAS_WGMMA
   asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
