@@ -177,76 +177,47 @@ FLASH_KDA_DEVICE void fence_proxy_async() {
 }
 
 // D (64 x N) += A (64 x 16, registers) B (16 x N, shared memory at desc); N = 32, 64 or 128.
+// The N / 2 accumulators are the asm's first operands (%0 ..), then A (4 registers) and desc:
+// FLASH_KDA_WGMMA_ARGS lists them, 16 accumulators (four n-tiles) per FLASH_KDA_WGMMA_D16.
 template <int N>
 FLASH_KDA_DEVICE void wgmma_f16(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc);
+#define FLASH_KDA_WGMMA_D4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define FLASH_KDA_WGMMA_D16(j) \
+  FLASH_KDA_WGMMA_D4(j), FLASH_KDA_WGMMA_D4(j + 1), FLASH_KDA_WGMMA_D4(j + 2), FLASH_KDA_WGMMA_D4(j + 3)
+#define FLASH_KDA_WGMMA_IN : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+#if FLASH_KDA_HAS_WGMMA
+#define FLASH_KDA_WGMMA(shape, regs, tail, ...) \
+  asm volatile("wgmma.mma_async.sync.aligned." shape ".f32.f16.f16 " regs ", " tail ", 1, 1, 1, 0;" \
+               : __VA_ARGS__ FLASH_KDA_WGMMA_IN)
+#else
+#define FLASH_KDA_WGMMA(shape, regs, tail, ...) __trap()
+#endif
+#define FLASH_KDA_WGMMA_R16 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
+#define FLASH_KDA_WGMMA_R32 FLASH_KDA_WGMMA_R16 ",%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
+#define FLASH_KDA_WGMMA_R64                                                                         \
+  FLASH_KDA_WGMMA_R32 ",%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47"          \
+                      ",%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
 template <>
 FLASH_KDA_DEVICE void wgmma_f16<32>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
-#if FLASH_KDA_HAS_WGMMA
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, "
-      "{%16,%17,%18,%19}, %20, 1, 1, 1, 0;"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
-        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-#else
-  __trap();
-#endif
+  FLASH_KDA_WGMMA("m64n32k16", "{" FLASH_KDA_WGMMA_R16 "}", "{%16,%17,%18,%19}, %20", FLASH_KDA_WGMMA_D16(0));
 }
 template <>
 FLASH_KDA_DEVICE void wgmma_f16<64>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
-#if FLASH_KDA_HAS_WGMMA
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
-      "{%32,%33,%34,%35}, %36, 1, 1, 1, 0;"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
-        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
-        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
-        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-#else
-  __trap();
-#endif
+  FLASH_KDA_WGMMA("m64n64k16", "{" FLASH_KDA_WGMMA_R32 "}", "{%32,%33,%34,%35}, %36", FLASH_KDA_WGMMA_D16(0),
+                  FLASH_KDA_WGMMA_D16(4));
 }
 template <>
 FLASH_KDA_DEVICE void wgmma_f16<128>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc) {
-#if FLASH_KDA_HAS_WGMMA
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
-      "{%64,%65,%66,%67}, %68, 1, 1, 1, 0;"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
-        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
-        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
-        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
-        "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
-        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
-        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
-        "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
-        "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
-        "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
-        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
-        "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-#else
-  __trap();
-#endif
+  FLASH_KDA_WGMMA("m64n128k16", "{" FLASH_KDA_WGMMA_R64 "}", "{%64,%65,%66,%67}, %68", FLASH_KDA_WGMMA_D16(0),
+                  FLASH_KDA_WGMMA_D16(4), FLASH_KDA_WGMMA_D16(8), FLASH_KDA_WGMMA_D16(12));
 }
+#undef FLASH_KDA_WGMMA
+#undef FLASH_KDA_WGMMA_IN
+#undef FLASH_KDA_WGMMA_D16
+#undef FLASH_KDA_WGMMA_D4
+#undef FLASH_KDA_WGMMA_R16
+#undef FLASH_KDA_WGMMA_R32
+#undef FLASH_KDA_WGMMA_R64
 
 }  // namespace tc
 }  // namespace flash_kda
