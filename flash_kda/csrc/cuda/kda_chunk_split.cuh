@@ -607,6 +607,27 @@ FLASH_KDA_DEVICE void state_rows_io(const KdaParams& p, const portable::Task& t,
     }
 }
 
+// Two products of one warpgroup with the same A fragments, d1 += A B1 and d2 += A B2 over K
+// k-blocks (B1, B2: core-matrix arrays at desc1 and desc2, 256 bytes per k-block), each in its own
+// commit group. Returns when d1 is done; d2's group may still run, so d2 and a must stay untouched
+// until a later wgmma_wait.
+template <int K, int N1, int N2>
+FLASH_KDA_DEVICE void wgmma_pair(float (&d1)[N1][4], float (&d2)[N2][4], uint32_t (&a)[K][4], uint64_t desc1,
+                                 uint64_t desc2) {
+  wgmma_fence_operand(d1);
+  wgmma_fence_operand(d2);
+  wgmma_fence_operand(a);
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < K; ++k) wgmma_f16<8 * N1>(d1, a[k], wgmma_desc_at(desc1, 256 * k));
+  wgmma_commit();
+#pragma unroll
+  for (int k = 0; k < K; ++k) wgmma_f16<8 * N2>(d2, a[k], wgmma_desc_at(desc2, 256 * k));
+  wgmma_commit();
+  wgmma_wait<1>();
+  wgmma_fence_operand(d1);
+}
+
 // One chunk for one warp: rows [row0, row0 + 16) of the block's slice, operands in stage `st`.
 // (With wgmma the four warps of a warpgroup run it together: every wgmma step is issued by all.)
 template <class L>
@@ -639,19 +660,8 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   if constexpr (kWgmma) {
     // X (on the state's critical path) and O (not) in separate groups: O's products run while
     // this warpgroup computes U from X.
-    wgmma_fence_operand(x);
-    wgmma_fence_operand(o);
-    wgmma_fence_operand(a);
-    const uint64_t dw = wgmma_desc(W, 128, 16 * D), dq = wgmma_desc(Q, 128, 16 * D);
-    wgmma_fence();
-#pragma unroll
-    for (int kb = 0; kb < KB; ++kb) wgmma_f16<C>(x, a[kb], wgmma_desc_at(dw, 256 * kb));
-    wgmma_commit();
-#pragma unroll
-    for (int kb = 0; kb < KB; ++kb) wgmma_f16<C>(o, a[kb], wgmma_desc_at(dq, 256 * kb));
-    wgmma_commit();
-    wgmma_wait<1>();  // X done; O may still run (o and a stay untouched until the wait below)
-    wgmma_fence_operand(x);
+    wgmma_pair(x, o, a, wgmma_desc(W, 128, 16 * D), wgmma_desc(Q, 128, 16 * D));
+    // (X done; O may still run: o and a stay untouched until the wait below)
   } else {
 #pragma unroll
     for (int kb = 0; kb < KB; ++kb)
@@ -699,20 +709,8 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
 #pragma unroll
   for (int it = 0; it < NT; ++it) zero(o2[it]);
   if constexpr (kWgmma) {
-    wgmma_fence_operand(s);
-    wgmma_fence_operand(o2);
-    wgmma_fence_operand(ua);
-    const uint64_t dk = wgmma_desc(Kl, 128, 16 * C), da = wgmma_desc(A, 128, 16 * C);
-    wgmma_fence();
-#pragma unroll
-    for (int jb = 0; jb < JB; ++jb) wgmma_f16<D>(s, ua[jb], wgmma_desc_at(dk, 256 * jb));
-    wgmma_commit();
-#pragma unroll
-    for (int jb = 0; jb < JB; ++jb) wgmma_f16<C>(o2, ua[jb], wgmma_desc_at(da, 256 * jb));
-    wgmma_commit();
-    wgmma_wait<1>();  // O and the update done (groups retire in order); O2 may still run
-    wgmma_fence_operand(s);
-    wgmma_fence_operand(o);
+    wgmma_pair(s, o2, ua, wgmma_desc(Kl, 128, 16 * C), wgmma_desc(A, 128, 16 * C));
+    wgmma_fence_operand(o);  // O's group, older, has retired too (groups retire in order)
   } else {
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt)

@@ -193,7 +193,8 @@ FLASH_KDA_DEVICE void wgmma_f16(float (&d)[N / 8][4], const uint32_t (&a)[4], ui
 #define FLASH_KDA_WGMMA(shape, regs, tail, ...) __trap()
 #endif
 #define FLASH_KDA_WGMMA_R16 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
-#define FLASH_KDA_WGMMA_R32 FLASH_KDA_WGMMA_R16 ",%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
+#define FLASH_KDA_WGMMA_R32 \
+  FLASH_KDA_WGMMA_R16 ",%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
 #define FLASH_KDA_WGMMA_R64                                                                         \
   FLASH_KDA_WGMMA_R32 ",%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47"          \
                       ",%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
