@@ -304,7 +304,7 @@ struct PrepLayout {
   static constexpr int LDV = VS + 8;
   static constexpr int LDA = C + 4;
 
-  static constexpr int kK = 0;                      // [C, LD] k -> k e^{γ-γ_r} -> k e^γ -> W
+  static constexpr int kK = 0;                      // [C, LD] k -> k e^{γ-γ_r} -> k e^γ
   static constexpr int kQ = kK + C * LD;            // [C, LD] q -> q e^{γ-γ_r} -> q e^γ
   static constexpr int kKe = kQ + C * LD;           // [C, LD] a -> γ -> k e^{γ_e-γ} -> k e^{γ_last-γ}
   static constexpr int kG = kKe;
@@ -390,21 +390,27 @@ FLASH_KDA_DEVICE void invert_T(float* T, const float* A, const float* beta, Lane
   }
 }
 
+// Column tiles of apply_T per warp: tile warp + step kWarps for step < kApplySteps.
+template <class L>
+constexpr int kApplySteps = (L::D / 8 + L::kWarps - 1) / L::kWarps;
+
 // U0 <- T V, straight from the accumulators to the record (rows of stride D; each quad of lanes
-// writes 32 contiguous bytes per row), and W <- T (K e^γ) into shared memory (rows of stride LD),
-// unrounded: it is scaled and rounded to fp16 by to_f16_chunk afterwards, which needs all of it.
+// writes 32 contiguous bytes per row), and W <- T (K e^γ) left in the warp's accumulators w
+// (zeros for a step past the last tile), for store_w_f16: its fp16 scale needs all of W first.
 // A warp takes column tile j of both right-hand sides, so each fragment of T it loads serves
 // two products; tiles go to warps in turn, a fixed number per warp (no runtime choice of operand).
 // T is lower triangular, so row block m needs k < 16 (m + 1).
 template <class L>
-FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, float* U0, float* W, int warp,
-                              Lane l) {
+FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, float* U0,
+                              float (&w)[kApplySteps<L>][2][4], int warp, Lane l) {
   static_assert(L::C == 32, "two row blocks of 16");
-  constexpr int kTiles = L::D / 8, kSteps = (kTiles + L::kWarps - 1) / L::kWarps;
+  constexpr int kTiles = L::D / 8;
   const unsigned t_row = frag_a_row(T, L::LDA, 4 * l.g + l.t);
 #pragma unroll
-  for (int step = 0; step < kSteps; ++step) {
+  for (int step = 0; step < kApplySteps<L>; ++step) {
     const int col0 = (warp + step * L::kWarps) * 8;
+#pragma unroll
+    for (int m = 0; m < 2; ++m) zero(w[step][m]);
     if (kTiles % L::kWarps != 0 && col0 >= L::D) break;
     uint32_t bv[4][2], bk[4][2];
 #pragma unroll
@@ -414,24 +420,62 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, fl
     }
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
-      float u[4], w[4];
+      float u[4];
       zero(u);
-      zero(w);
 #pragma unroll
       for (int kb = 0; kb < 2 * (m + 1); ++kb) {
         uint32_t a[4];
         ldmatrix_x4(a, t_row + 4 * (m * 16 * L::LDA + kb * 8));
         mma(u, a, bv[kb]);
-        mma(w, a, bk[kb]);
+        mma(w[step][m], a, bk[kb]);
       }
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int r = m * 16 + l.g + 8 * half, c = col0 + 2 * l.t;
         *reinterpret_cast<float2*>(U0 + r * L::D + c) = make_float2(u[2 * half], u[2 * half + 1]);
-        *reinterpret_cast<float2*>(W + r * L::LD + c) = make_float2(w[2 * half], w[2 * half + 1]);
       }
     }
   }
+}
+
+// W from apply_T's accumulators to the record: scaled by one power of two for the chunk (the one
+// that brings its largest magnitude into [2^14, 2^15), as to_f16_chunk), fp16 in core-matrix order;
+// inv[r] = the inverse scale for every row r. Straight from registers: no pass of W through shared
+// memory, and one barrier (the chunk's maximum through red, kWarps floats) where to_f16_chunk after
+// a shared-memory W needed two. A lane's pair (c, c + 1) is one 4-byte word, and a warp's 32 words
+// of one row block fill one 128-byte core matrix (coalesced).
+template <class L>
+FLASH_KDA_DEVICE void store_w_f16(const float (&w)[kApplySteps<L>][2][4], __half* dst, float* inv, float* red,
+                                  int warp, Lane l, int tid) {
+  constexpr int kTiles = L::D / 8;
+  float m = 0.0f;
+#pragma unroll
+  for (int step = 0; step < kApplySteps<L>; ++step)
+#pragma unroll
+    for (int mm = 0; mm < 2; ++mm)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) m = fmaxf(m, fabsf(w[step][mm][e]));
+#pragma unroll
+  for (int off = 16; off >= 1; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  if (tid % 32 == 0) red[warp] = m;
+  port::block_sync();
+#pragma unroll
+  for (int i = 0; i < L::kWarps; ++i) m = fmaxf(m, red[i]);
+  const Pow2 f = pow2_scale(m);
+#pragma unroll
+  for (int step = 0; step < kApplySteps<L>; ++step) {
+    const int col0 = (warp + step * L::kWarps) * 8;
+    if (kTiles % L::kWarps != 0 && col0 >= L::D) break;
+#pragma unroll
+    for (int mm = 0; mm < 2; ++mm)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = mm * 16 + l.g + 8 * half, c = col0 + 2 * l.t;
+        *reinterpret_cast<uint32_t*>(dst + core_offset<L::D>(r, c)) =
+            pack_f16(w[step][mm][2 * half] * f.s, w[step][mm][2 * half + 1] * f.s);
+      }
+  }
+  if (tid < L::C) inv[tid] = f.inv;
 }
 
 // The (sequence, chunk) of a slot: dense by division, varlen by binary search over slot_base.
@@ -503,11 +547,10 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
                                               red + 2 * L::kWarps, rw, lane, rest_sync);
     for (int c = rt; c < D; c += kRest) rec[R::kEg + c] = sm[L::kEg + c];
   }
-  port::block_sync();  // T and the state-side K visible; Q e^γ stored (W takes its place)
-  apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec + R::kU, sm + L::kQ, warp, l);
-  port::block_sync();
-  to_f16_chunk<C, D, L::LD, 1, L::kWarps>(rec_h + 2 * R::kW, sm + L::kQ, rec + R::kInvW, nullptr,
-                                          sm + L::kRed + 3 * L::kWarps, warp, tid % 32, [] { port::block_sync(); });
+  port::block_sync();  // T and the state-side K visible
+  float w[kApplySteps<L>][2][4];
+  apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec + R::kU, w, warp, l);
+  store_w_f16<L>(w, rec_h + 2 * R::kW, rec + R::kInvW, sm + L::kRed + 3 * L::kWarps, warp, l, tid);
 }
 
 // ---------------------------------------------------------------------------------------------
