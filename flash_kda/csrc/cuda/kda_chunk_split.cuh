@@ -30,7 +30,7 @@ namespace flash_kda {
 namespace tc {
 
 // One chunk's operands for the recurrence (offsets in floats). The B operands of its fp16 products
-// come as scaled fp16 arrays in core-matrix order (to_f16_chunk below), two halves per float; U0
+// come as scaled fp16 arrays in core-matrix order (core_offset below), two halves per float; U0
 // (which the recurrence subtracts from) and e^{γ_last} stay fp32; then each array's inverse scale,
 // and Klᵀ's scale (the state update needs both): one value per array, repeated in every row's entry
 // (the recurrence reads entry 0). 11,232 floats at D = 128 (the fp32 record was 17,536).
@@ -211,77 +211,23 @@ FLASH_KDA_DEVICE void row_scales(const float (&x)[NT][4], Pow2& r0, Pow2& r1) {
   r1 = pow2_scale(quad_max(m1));
 }
 
-// A [ROWS, COLS] fp32 array (element (r, c) at src[r * RS + c * CS]) -> fp16 in core-matrix order
-// (core_offset), every element multiplied by one power of two for the whole array (the chunk):
-// the one that brings its largest magnitude into [2^14, 2^15). inv[r] (and scale[r], if given)
-// receive the inverse scale (and the scale) for every row r: the record keeps a per-row layout,
-// the recurrence reads entry 0. (One scale per chunk rather than per row costs nothing in accuracy
-// — tools/recurrence_precision_model.py, mode fp16-chunk — and saves the recurrence a multiply per
-// element wherever it unscales, docs/performance.md v8.)
-//
-// Warps `warp` of kWarps take part: each loads its rows and takes their largest magnitude, red[warp]
-// collects it, `bar` (a barrier of exactly these warps) separates that from reading all of red,
-// then each warp converts the rows it holds. A lane handles 8 consecutive columns per step
-// (one 16-byte store); a row takes P = min(COLS / 8, 32) lanes. (dst, inv and scale may be global
-// or shared memory; red is shared, kWarps floats, not shared with another call before `bar`.)
-template <int ROWS, int COLS, int RS, int CS, int kWarps, class Bar>
-FLASH_KDA_DEVICE void to_f16_chunk(__half* dst, const float* src, float* inv, float* scale, float* red, int warp,
-                                   int lane, Bar&& bar) {
-  constexpr int kOcts = COLS / 8, P = kOcts < 32 ? kOcts : 32, R = 32 / P, kSteps = kOcts / P;
-  static_assert(COLS % 16 == 0 && ROWS % R == 0 && kOcts % P == 0, "whole blocks per lane");
-  const int sub = lane / P, p = lane % P;
-  constexpr int kRowStep = kWarps * R, kIters = (ROWS + kRowStep - 1) / kRowStep;
-  // The warp's rows, held in registers across the barrier (at most two row steps in the calls of
-  // prep_block: ~16-24 floats).
-  float x[kIters][kSteps][8];
-  float m = 0.0f;
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int r0 = warp * R + it * kRowStep;  // warp-uniform
-#pragma unroll
-    for (int k = 0; k < kSteps; ++k) {
-      float* v = x[it][k];
-      const float* e = src + (r0 + sub) * RS + 8 * (k * P + p) * CS;
-      if (r0 >= ROWS) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = 0.0f;
-      } else if constexpr (CS == 1) {
-        const float4 a = *reinterpret_cast<const float4*>(e), b = *reinterpret_cast<const float4*>(e + 4);
-        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-      } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = e[j * CS];
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
-    }
-  }
+// Largest value of m over the warp, in every lane.
+FLASH_KDA_DEVICE float warp_max(float m) {
 #pragma unroll
   for (int off = 16; off >= 1; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-  if (lane == 0) red[warp] = m;
-  bar();
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) m = fmaxf(m, red[w]);
-  const Pow2 f = pow2_scale(m);
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int r0 = warp * R + it * kRowStep, r = r0 + sub;
-    if (r0 >= ROWS) break;
-#pragma unroll
-    for (int k = 0; k < kSteps; ++k) {
-      const float* v = x[it][k];
-      uint4 h;
-      h.x = pack_f16(v[0] * f.s, v[1] * f.s);
-      h.y = pack_f16(v[2] * f.s, v[3] * f.s);
-      h.z = pack_f16(v[4] * f.s, v[5] * f.s);
-      h.w = pack_f16(v[6] * f.s, v[7] * f.s);
-      *reinterpret_cast<uint4*>(dst + core_offset<COLS>(r, 8 * (k * P + p))) = h;
-    }
-    if (p == 0) {
-      inv[r] = f.inv;
-      if (scale != nullptr) scale[r] = f.s;
-    }
-  }
+  return m;
+}
+
+// Eight consecutive elements (r, 8 cb .. 8 cb + 7) of a [ROWS, COLS] array, times s, as fp16 at
+// their place in core-matrix order (core_offset): one 16-byte store, one row of a core matrix.
+template <int COLS>
+FLASH_KDA_DEVICE void store_oct_f16(__half* dst, int r, int cb, const float (&v)[8], float s) {
+  uint4 h;
+  h.x = pack_f16(v[0] * s, v[1] * s);
+  h.y = pack_f16(v[2] * s, v[3] * s);
+  h.z = pack_f16(v[4] * s, v[5] * s);
+  h.w = pack_f16(v[6] * s, v[7] * s);
+  *reinterpret_cast<uint4*>(dst + core_offset<COLS>(r, 8 * cb)) = h;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -320,7 +266,7 @@ struct PrepLayout {
   static constexpr int kBeta = kEl + NB * D;        // [C]
   static constexpr int kEg = kBeta + C;             // [D]
   static constexpr int kFlags = kEg + D;            // [4]
-  static constexpr int kRed = kFlags + 4;           // [4, kWarps] to_f16_chunk's maxima, one row per array
+  static constexpr int kRed = kFlags + 4;           // [4, kWarps] warps' maxima for the fp16 scales (Q, Klᵀ, A, W)
   static constexpr int kFloats = kRed + 4 * kWarps;
   static constexpr int kSmemBytes = kFloats * 4;
   static constexpr int kMinBlocks = kSmemBytes <= 112 * 1024 ? 2 : 1;
@@ -439,10 +385,10 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, fl
 }
 
 // W from apply_T's accumulators to the record: scaled by one power of two for the chunk (the one
-// that brings its largest magnitude into [2^14, 2^15), as to_f16_chunk), fp16 in core-matrix order;
+// that brings its largest magnitude into [2^14, 2^15), pow2_scale), fp16 in core-matrix order;
 // inv[r] = the inverse scale for every row r. Straight from registers: no pass of W through shared
-// memory, and one barrier (the chunk's maximum through red, kWarps floats) where to_f16_chunk after
-// a shared-memory W needed two. A lane's pair (c, c + 1) is one 4-byte word, and a warp's 32 words
+// memory, and one barrier (the chunk's maximum through red, kWarps floats) where a conversion of a
+// shared-memory W needed two. A lane's pair (c, c + 1) is one 4-byte word, and a warp's 32 words
 // of one row block fill one 128-byte core matrix (coalesced).
 template <class L>
 FLASH_KDA_DEVICE void store_w_f16(const float (&w)[kApplySteps<L>][2][4], __half* dst, float* inv, float* red,
@@ -455,8 +401,7 @@ FLASH_KDA_DEVICE void store_w_f16(const float (&w)[kApplySteps<L>][2][4], __half
     for (int mm = 0; mm < 2; ++mm)
 #pragma unroll
       for (int e = 0; e < 4; ++e) m = fmaxf(m, fabsf(w[step][mm][e]));
-#pragma unroll
-  for (int off = 16; off >= 1; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  m = warp_max(m);
   if (tid % 32 == 0) red[warp] = m;
   port::block_sync();
 #pragma unroll
@@ -476,6 +421,62 @@ FLASH_KDA_DEVICE void store_w_f16(const float (&w)[kApplySteps<L>][2][4], __half
       }
   }
   if (tid < L::C) inv[tid] = f.inv;
+}
+
+// The state-side parts of the record, by threads [0, kN) (the preparation's warps 1..): Q e^γ
+// [C, D], Klᵀ [D, C] (row c = channel c of the token-major K e^{γ_last - γ}) and A_qk [C, C] (zero
+// above its diagonal sub-blocks, which compute_A leaves unwritten), from shared memory to fp16 in
+// core-matrix order, each times its chunk scale (fq, fkl, fa: from the arrays' largest magnitudes,
+// scale_for_state's and the caller's), then the scales' per-row entries and e^{γ_last}.
+// Work unit: eight consecutive elements of a row, one 16-byte store. The 32 units of a warp form
+// an 8-row x 4-unit tile of one array (so every branch below is warp-uniform): each 8 lanes fill
+// one 128-byte core matrix, and the shared-memory reads are conflict-free (Q, A: the 8 lanes of a
+// quarter-warp read 8 rows, 4 banks apart with row strides of 4 mod 32; Klᵀ: a warp's 32 lanes
+// read 32 consecutive channels of one token).
+template <class L, int kN>
+FLASH_KDA_DEVICE void store_state_side_f16(const float* sm, float* rec, Pow2 fq, Pow2 fkl, Pow2 fa, int tid) {
+  using R = Record<L::D, L::C>;
+  constexpr int C = L::C, D = L::D, kQ = C * D / 8, kKl = kQ + D * C / 8, kUnits = kKl + C * C / 8;
+  static_assert(kN % 32 == 0 && C % 32 == 0 && D % 32 == 0, "whole warp tiles");
+  __half* rec_h = reinterpret_cast<__half*>(rec);
+  const int lane = tid % 32;
+  // a row-major array of COLS columns: tile w = (row group, 4-unit column group)
+  auto row_major = [&](auto cols, const float* src, int lds, __half* dst, int w, Pow2 f, bool causal) {
+    constexpr int COLS = decltype(cols)::value;
+    const int r = 8 * (w / (COLS / 32)) + lane % 8, cb = 4 * (w % (COLS / 32)) + lane / 8;
+    float v[8];
+    if (causal && (8 * cb) / L::BS > r / L::BS) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = 0.0f;
+    } else {
+      const float4 a = ld4(src + r * lds + 8 * cb), b = ld4(src + r * lds + 8 * cb + 4);
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    }
+    store_oct_f16<COLS>(dst, r, cb, v, f.s);
+  };
+  for (int u = tid; u < kUnits; u += kN) {
+    if (u < kQ) {
+      row_major(std::integral_constant<int, D>{}, sm + L::kQ, L::LD, rec_h + 2 * R::kQ, u / 32, fq, false);
+    } else if (u < kKl) {  // tile w = (token group of 8, 32 channels)
+      const int w = (u - kQ) / 32, c = 32 * (w % (D / 32)) + lane, tb = w / (D / 32);
+      float v[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = sm[L::kKe + (8 * tb + j) * L::LD + c];
+      store_oct_f16<C>(rec_h + 2 * R::kKl, c, tb, v, fkl.s);
+    } else {
+      row_major(std::integral_constant<int, C>{}, sm + L::kAqk, L::LDA, rec_h + 2 * R::kA, (u - kKl) / 32, fa, true);
+    }
+  }
+  static_assert(C <= D, "one pass over the per-row entries");
+  for (int c = tid; c < D; c += kN) {
+    if (c < C) {
+      rec[R::kInvQ + c] = fq.inv;
+      rec[R::kInvA + c] = fa.inv;
+    }
+    rec[R::kInvKl + c] = fkl.inv;
+    rec[R::kScaleKl + c] = fkl.s;
+    rec[R::kEg + c] = sm[L::kEg + c];
+  }
 }
 
 // The (sequence, chunk) of a slot: dense by division, varlen by binary search over slot_base.
@@ -522,30 +523,37 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
 
   float* rec = scratch + static_cast<int64_t>(block) * R::kFloats;  // (slot, h) = slot hv + h
   __half* rec_h = reinterpret_cast<__half*>(rec);
-  constexpr int C = L::C, D = L::D, kRest = L::kThreads - 32;
+  constexpr int C = L::C, kRest = L::kThreads - 32;
   if (warp == 0) {
     invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
   } else {
     // Meanwhile the other warps finish the state-side operands and store every part of the record
-    // that does not need T, so those stores overlap the inversion (a barrier of their own).
-    const int rt = tid - 32, rw = rt / 32, lane = tid % 32;
-    scale_for_state<L, kRest>(sm, rt);
-    // A_qk above its diagonal sub-blocks (compute_A leaves that tile unwritten): zeros. The
-    // recurrence never reads it, but a row's scale is taken over all C of its columns.
-    static_assert(L::NB == 2, "one tile above the diagonal sub-blocks");
-    for (int e = rt; e < L::BS * L::BS; e += kRest) sm[L::kAqk + (e / L::BS) * L::LDA + L::BS + e % L::BS] = 0.0f;
-    named_barrier<1, kRest>();
+    // that does not need T, so those stores overlap the inversion (a barrier of their own). The
+    // three fp16 arrays' chunk scales come from one reduction: scale_for_state's maxima, A_qk's here.
+    const int rt = tid - 32, rw = rt / 32;
     constexpr int kRestWarps = kRest / 32;
-    auto rest_sync = [] { named_barrier<1, kRest>(); };
+    StateSideMax m = scale_for_state<L, kRest>(sm, rt);
+    float ma = 0.0f;
+    for_each_quad<C, C, kRest>(rt, [&](int i, int j) {  // A_qk's written tiles (4 columns: one sub-block)
+      if (j / L::BS <= i / L::BS) ma = fmaxf(ma, max_abs(ld4(sm + L::kAqk + i * L::LDA + j)));
+    });
+    m.q = warp_max(m.q);
+    m.ke = warp_max(m.ke);
+    ma = warp_max(ma);
     float* red = sm + L::kRed;
-    to_f16_chunk<C, D, L::LD, 1, kRestWarps>(rec_h + 2 * R::kQ, sm + L::kQ, rec + R::kInvQ, nullptr, red, rw,
-                                             lane, rest_sync);
-    // Klᵀ: row c of the record is column c of the token-major K e^{γ_last - γ}
-    to_f16_chunk<D, C, 1, L::LD, kRestWarps>(rec_h + 2 * R::kKl, sm + L::kKe, rec + R::kInvKl, rec + R::kScaleKl,
-                                             red + L::kWarps, rw, lane, rest_sync);
-    to_f16_chunk<C, C, L::LDA, 1, kRestWarps>(rec_h + 2 * R::kA, sm + L::kAqk, rec + R::kInvA, nullptr,
-                                              red + 2 * L::kWarps, rw, lane, rest_sync);
-    for (int c = rt; c < D; c += kRest) rec[R::kEg + c] = sm[L::kEg + c];
+    if (tid % 32 == 0) {
+      red[rw] = m.q;
+      red[L::kWarps + rw] = m.ke;
+      red[2 * L::kWarps + rw] = ma;
+    }
+    named_barrier<1, kRest>();  // also: scale_for_state's arrays visible to all of warps 1..
+#pragma unroll
+    for (int w = 0; w < kRestWarps; ++w) {
+      m.q = fmaxf(m.q, red[w]);
+      m.ke = fmaxf(m.ke, red[L::kWarps + w]);
+      ma = fmaxf(ma, red[2 * L::kWarps + w]);
+    }
+    store_state_side_f16<L, kRest>(sm, rec, pow2_scale(m.q), pow2_scale(m.ke), pow2_scale(ma), rt);
   }
   port::block_sync();  // T and the state-side K visible
   float w[kApplySteps<L>][2][4];
