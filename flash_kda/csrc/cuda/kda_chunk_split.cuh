@@ -31,24 +31,25 @@ namespace tc {
 
 // One chunk's operands for the recurrence (offsets in floats). The B operands of its fp16 products
 // come as scaled fp16 arrays in core-matrix order (core_offset below), two halves per float; U0
-// (which the recurrence subtracts from) and e^{γ_last} stay fp32; then each array's inverse scale,
-// and Klᵀ's scale (the state update needs both): one value per array, repeated in every row's entry
-// (the recurrence reads entry 0). 11,232 floats at D = 128 (the fp32 record was 17,536).
+// (which the recurrence subtracts from) and e^{γ_last} stay fp32; then each fp16 array's inverse
+// scale (one per array and chunk) and Klᵀ's scale (the state update needs both), padded to 16
+// bytes. 10,888 floats at D = 128 (the fp32 record was 17,536).
 template <int D, int C>
 struct Record {
-  static constexpr int kW = 0;                 // [C, D] fp16: W = T (K e^γ), scaled per token
-  static constexpr int kQ = kW + C * D / 2;    // [C, D] fp16: Q e^γ, per token
-  static constexpr int kKl = kQ + C * D / 2;   // [D, C] fp16: (K e^{γ_last - γ})ᵀ, per channel
-  static constexpr int kA = kKl + C * D / 2;   // [C, C] fp16: A_qk (zero above the diagonal), per token
+  static constexpr int kW = 0;                 // [C, D] fp16: W = T (K e^γ)
+  static constexpr int kQ = kW + C * D / 2;    // [C, D] fp16: Q e^γ
+  static constexpr int kKl = kQ + C * D / 2;   // [D, C] fp16: (K e^{γ_last - γ})ᵀ
+  static constexpr int kA = kKl + C * D / 2;   // [C, C] fp16: A_qk (zero above the diagonal)
   static constexpr int kU = kA + C * C / 2;    // [C, V] fp32: U0 = T V
   static constexpr int kEg = kU + C * D;       // [D] e^{γ_last}
-  static constexpr int kInvW = kEg + D;        // [C] inverse row scales of W,
-  static constexpr int kInvQ = kInvW + C;      // [C]   Q e^γ,
-  static constexpr int kInvA = kInvQ + C;      // [C]   A_qk,
-  static constexpr int kInvKl = kInvA + C;     // [D]   Klᵀ
-  static constexpr int kScaleKl = kInvKl + D;  // [D] Klᵀ's row scales
-  static constexpr int kFloats = kScaleKl + D;
+  static constexpr int kInvW = kEg + D;        // inverse scales of W,
+  static constexpr int kInvQ = kInvW + 1;      //   Q e^γ,
+  static constexpr int kInvA = kInvQ + 1;      //   A_qk,
+  static constexpr int kInvKl = kInvA + 1;     //   Klᵀ,
+  static constexpr int kScaleKl = kInvKl + 1;  // Klᵀ's scale
+  static constexpr int kFloats = kEg + D + 8;
   static constexpr int kTail = kFloats - kEg;  // e^{γ_last} and the scales: one contiguous copy
+  static_assert(kScaleKl < kFloats, "the scales fit the padded tail");
   static_assert(kFloats % 4 == 0 && kU % 4 == 0 && kEg % 4 == 0 && D % 16 == 0 && C % 16 == 0,
                 "16-byte aligned arrays");
 };
@@ -386,7 +387,7 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, fl
 
 // W from apply_T's accumulators to the record: scaled by one power of two for the chunk (the one
 // that brings its largest magnitude into [2^14, 2^15), pow2_scale), fp16 in core-matrix order;
-// inv[r] = the inverse scale for every row r. Straight from registers: no pass of W through shared
+// *inv = the inverse scale. Straight from registers: no pass of W through shared
 // memory, and one barrier (the chunk's maximum through red, kWarps floats) where a conversion of a
 // shared-memory W needed two. A lane's pair (c, c + 1) is one 4-byte word, and a warp's 32 words
 // of one row block fill one 128-byte core matrix (coalesced).
@@ -420,14 +421,14 @@ FLASH_KDA_DEVICE void store_w_f16(const float (&w)[kApplySteps<L>][2][4], __half
             pack_f16(w[step][mm][2 * half] * f.s, w[step][mm][2 * half + 1] * f.s);
       }
   }
-  if (tid < L::C) inv[tid] = f.inv;
+  if (tid == 0) *inv = f.inv;
 }
 
 // The state-side parts of the record, by threads [0, kN) (the preparation's warps 1..): Q e^γ
 // [C, D], Klᵀ [D, C] (row c = channel c of the token-major K e^{γ_last - γ}) and A_qk [C, C] (zero
 // above its diagonal sub-blocks, which compute_A leaves unwritten), from shared memory to fp16 in
 // core-matrix order, each times its chunk scale (fq, fkl, fa: from the arrays' largest magnitudes,
-// scale_for_state's and the caller's), then the scales' per-row entries and e^{γ_last}.
+// scale_for_state's and the caller's), then the inverse scales and e^{γ_last}.
 // Work unit: eight consecutive elements of a row, one 16-byte store. The 32 units of a warp form
 // an 8-row x 4-unit tile of one array (so every branch below is warp-uniform): each 8 lanes fill
 // one 128-byte core matrix, and the shared-memory reads are conflict-free (Q, A: the 8 lanes of a
@@ -467,15 +468,12 @@ FLASH_KDA_DEVICE void store_state_side_f16(const float* sm, float* rec, Pow2 fq,
       row_major(std::integral_constant<int, C>{}, sm + L::kAqk, L::LDA, rec_h + 2 * R::kA, (u - kKl) / 32, fa, true);
     }
   }
-  static_assert(C <= D, "one pass over the per-row entries");
-  for (int c = tid; c < D; c += kN) {
-    if (c < C) {
-      rec[R::kInvQ + c] = fq.inv;
-      rec[R::kInvA + c] = fa.inv;
-    }
-    rec[R::kInvKl + c] = fkl.inv;
-    rec[R::kScaleKl + c] = fkl.s;
-    rec[R::kEg + c] = sm[L::kEg + c];
+  for (int c = tid; c < D; c += kN) rec[R::kEg + c] = sm[L::kEg + c];
+  if (tid == 0) {
+    rec[R::kInvQ] = fq.inv;
+    rec[R::kInvA] = fa.inv;
+    rec[R::kInvKl] = fkl.inv;
+    rec[R::kScaleKl] = fkl.s;
   }
 }
 
@@ -610,7 +608,7 @@ struct RecurrenceLayout {
   static constexpr int kU = kA + C * C / 2;
   static constexpr int kEg = kU + C * LDU;          // e^{γ_last} [D], then the scales (Record's tail)
   static constexpr int kSc = kEg + D;
-  static constexpr int sW = 0, sQ = sW + C, sA = sQ + C, sKl = sA + C, sKlScale = sKl + D;  // in kSc
+  static constexpr int sW = 0, sQ = 1, sA = 2, sKl = 3, sKlScale = 4;  // in kSc (Record's order)
   static constexpr int kStage = kEg + Record<D, C>::kTail;
   static constexpr int kFloats = kStages * kStage;
   static constexpr int kSmemBytes = kFloats * 4;
