@@ -444,14 +444,17 @@ FLASH_KDA_DEVICE void store_w_f16(const float (&w)[kApplySteps<L>][2][4], __half
 template <class L, int kN>
 FLASH_KDA_DEVICE void store_state_side_f16(const float* sm, float* rec, Pow2 fq, Pow2 fkl, Pow2 fa, int tid) {
   using R = Record<L::D, L::C>;
-  constexpr int C = L::C, D = L::D, kQ = C * D / 8, kKl = kQ + D * C / 8, kUnits = kKl + C * C / 8;
+  constexpr int C = L::C, D = L::D;
+  // warp tiles of 32 units: Q e^γ's, then Klᵀ's, then A_qk's (unsigned: the index splits are shifts)
+  constexpr unsigned kQ = C * D / 256, kKl = kQ + D * C / 256, kTiles = kKl + C * C / 256;
   static_assert(kN % 32 == 0 && C % 32 == 0 && D % 32 == 0, "whole warp tiles");
   __half* rec_h = reinterpret_cast<__half*>(rec);
-  const int lane = tid % 32;
+  const unsigned lane = static_cast<unsigned>(tid) % 32;
   // a row-major array of COLS columns: tile w = (row group, 4-unit column group)
-  auto row_major = [&](auto cols, const float* src, int lds, __half* dst, int w, Pow2 f, bool causal) {
+  auto row_major = [&](auto cols, const float* src, int lds, __half* dst, unsigned w, Pow2 f, bool causal) {
     constexpr int COLS = decltype(cols)::value;
-    const int r = 8 * (w / (COLS / 32)) + lane % 8, cb = 4 * (w % (COLS / 32)) + lane / 8;
+    constexpr unsigned kPerRow = COLS / 32;
+    const int r = static_cast<int>(8 * (w / kPerRow) + lane % 8), cb = static_cast<int>(4 * (w % kPerRow) + lane / 8);
     float v[8];
     if (causal && (8 * cb) / L::BS > r / L::BS) {
 #pragma unroll
@@ -462,17 +465,18 @@ FLASH_KDA_DEVICE void store_state_side_f16(const float* sm, float* rec, Pow2 fq,
     }
     store_oct_f16<COLS>(dst, r, cb, v, f.s);
   };
-  for (int u = tid; u < kUnits; u += kN) {
-    if (u < kQ) {
-      row_major(std::integral_constant<int, D>{}, sm + L::kQ, L::LD, rec_h + 2 * R::kQ, u / 32, fq, false);
-    } else if (u < kKl) {  // tile w = (token group of 8, 32 channels)
-      const int w = (u - kQ) / 32, c = 32 * (w % (D / 32)) + lane, tb = w / (D / 32);
+  for (unsigned w = static_cast<unsigned>(tid) / 32; w < kTiles; w += kN / 32) {
+    if (w < kQ) {
+      row_major(std::integral_constant<int, D>{}, sm + L::kQ, L::LD, rec_h + 2 * R::kQ, w, fq, false);
+    } else if (w < kKl) {  // tile = (token group of 8, 32 channels)
+      const unsigned t = w - kQ;
+      const int c = static_cast<int>(32 * (t % (D / 32)) + lane), tb = static_cast<int>(t / (D / 32));
       float v[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) v[j] = sm[L::kKe + (8 * tb + j) * L::LD + c];
       store_oct_f16<C>(rec_h + 2 * R::kKl, c, tb, v, fkl.s);
     } else {
-      row_major(std::integral_constant<int, C>{}, sm + L::kAqk, L::LDA, rec_h + 2 * R::kA, (u - kKl) / 32, fa, true);
+      row_major(std::integral_constant<int, C>{}, sm + L::kAqk, L::LDA, rec_h + 2 * R::kA, w - kKl, fa, true);
     }
   }
   for (int c = tid; c < D; c += kN) rec[R::kEg + c] = sm[L::kEg + c];
