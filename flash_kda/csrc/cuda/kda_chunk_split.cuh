@@ -415,18 +415,21 @@ FLASH_KDA_DEVICE void store_w_f16(const float (&w)[kApplySteps<L>][2][4], __half
   if (tid % 32 == 0) red[warp] = m;
   port::block_sync();
   const Pow2 f = pow2_scale(max_of<L::kWarps>(red, tid % 32));
+  // Row r = 16 mm + 8 half + g lies in 8-row group 2 mm + half at row g, and columns col0 + 2t,
+  // + 1 in core matrix col0 / 8 at 2t: core_offset<D>(r, c) = lane_base + (2 mm + half) 8 D + col0 8,
+  // so one lane address and constant offsets (the compiler cannot see g < 8 in core_offset).
+  const int lane_base = 8 * l.g + 2 * l.t;
 #pragma unroll
   for (int step = 0; step < kApplySteps<L>; ++step) {
     const int col0 = (warp + step * L::kWarps) * 8;
     if (kTiles % L::kWarps != 0 && col0 >= L::D) break;
+    __half* tile = dst + lane_base + col0 * 8;
 #pragma unroll
     for (int mm = 0; mm < 2; ++mm)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = mm * 16 + l.g + 8 * half, c = col0 + 2 * l.t;
-        *reinterpret_cast<uint32_t*>(dst + core_offset<L::D>(r, c)) =
+      for (int half = 0; half < 2; ++half)
+        *reinterpret_cast<uint32_t*>(tile + (2 * mm + half) * 8 * L::D) =
             pack_f16(w[step][mm][2 * half] * f.s, w[step][mm][2 * half + 1] * f.s);
-      }
   }
   if (tid == 0) *inv = f.inv;
 }
