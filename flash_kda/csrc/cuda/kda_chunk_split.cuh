@@ -228,16 +228,14 @@ FLASH_KDA_DEVICE float max_of(const float* red, int lane) {
   return warp_max(lane < N ? red[lane] : 0.0f);
 }
 
-// Eight consecutive elements (r, 8 cb .. 8 cb + 7) of a [ROWS, COLS] array, times s, as fp16 at
-// their place in core-matrix order (core_offset): one 16-byte store, one row of a core matrix.
-template <int COLS>
-FLASH_KDA_DEVICE void store_oct_f16(__half* dst, int r, int cb, const float (&v)[8], float s) {
+// Eight values times s as fp16: one 16-byte store (dst 16-byte aligned).
+FLASH_KDA_DEVICE void store8_f16(__half* dst, const float (&v)[8], float s) {
   uint4 h;
   h.x = pack_f16(v[0] * s, v[1] * s);
   h.y = pack_f16(v[2] * s, v[3] * s);
   h.z = pack_f16(v[4] * s, v[5] * s);
   h.w = pack_f16(v[6] * s, v[7] * s);
-  *reinterpret_cast<uint4*>(dst + core_offset<COLS>(r, 8 * cb)) = h;
+  *reinterpret_cast<uint4*>(dst) = h;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -451,33 +449,43 @@ FLASH_KDA_DEVICE void store_state_side_f16(const float* sm, float* rec, Pow2 fq,
   // warp tiles of 32 units: Q e^γ's, then Klᵀ's, then A_qk's (unsigned: the index splits are shifts)
   constexpr unsigned kQ = C * D / 256, kKl = kQ + D * C / 256, kTiles = kKl + C * C / 256;
   static_assert(kN % 32 == 0 && C % 32 == 0 && D % 32 == 0, "whole warp tiles");
+  static_assert(L::BS == 16, "A_qk's sub-blocks: two 8-row groups, two units each");
   __half* rec_h = reinterpret_cast<__half*>(rec);
   const unsigned lane = static_cast<unsigned>(tid) % 32;
-  // a row-major array of COLS columns: tile w = (row group, 4-unit column group)
+  // Addresses split into a lane part (formed once) and a tile part. Row-major tile w of COLS
+  // columns: rows 8 rg + lane % 8, units 4 cg + lane / 8 (rg = w / (COLS / 32), cg = w % (COLS / 32));
+  // in core-matrix order its 32 units are 4 whole core matrices side by side, so unit (w, lane) lies
+  // at half offset 256 w + 8 lane. Klᵀ tile t: channel c = 32 (t % (D / 32)) + lane, tokens 8 tb ..
+  // 8 tb + 7 (tb = t / (D / 32)), at core_offset<C>(c, 8 tb) = 8 C (c / 8) + 64 tb + 8 (c % 8).
+  const int lane_dst = static_cast<int>(8 * lane);
   auto row_major = [&](auto cols, const float* src, int lds, __half* dst, unsigned w, Pow2 f, bool causal) {
-    constexpr int COLS = decltype(cols)::value;
-    constexpr unsigned kPerRow = COLS / 32;
-    const int r = static_cast<int>(8 * (w / kPerRow) + lane % 8), cb = static_cast<int>(4 * (w % kPerRow) + lane / 8);
+    constexpr unsigned kPerRow = decltype(cols)::value / 32;
+    const int rg = static_cast<int>(w / kPerRow), cg = static_cast<int>(w % kPerRow);
     float v[8];
-    if (causal && (8 * cb) / L::BS > r / L::BS) {
+    // (A_qk: unit cb = 4 cg + lane / 8 of row r = 8 rg + lane % 8 lies above the diagonal sub-blocks
+    // when its 16-column block cb / 2 is past row block r / 16 = rg / 2)
+    if (causal && (4 * cg + static_cast<int>(lane / 8)) / 2 > rg / 2) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) v[j] = 0.0f;
     } else {
-      const float4 a = ld4(src + r * lds + 8 * cb), b = ld4(src + r * lds + 8 * cb + 4);
+      const float* e = src + (static_cast<int>(lane % 8) + 8 * rg) * lds + 8 * static_cast<int>(lane / 8) + 32 * cg;
+      const float4 a = ld4(e), b = ld4(e + 4);
       v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
     }
-    store_oct_f16<COLS>(dst, r, cb, v, f.s);
+    store8_f16(dst + lane_dst + 256 * static_cast<int>(w), v, f.s);
   };
+  const float* kl_src = sm + L::kKe + lane;
+  __half* kl_dst = rec_h + 2 * R::kKl + static_cast<int>(lane / 8) * 8 * C + static_cast<int>(lane % 8) * 8;
   for (unsigned w = static_cast<unsigned>(tid) / 32; w < kTiles; w += kN / 32) {
     if (w < kQ) {
       row_major(std::integral_constant<int, D>{}, sm + L::kQ, L::LD, rec_h + 2 * R::kQ, w, fq, false);
-    } else if (w < kKl) {  // tile = (token group of 8, 32 channels)
-      const unsigned t = w - kQ;
-      const int c = static_cast<int>(32 * (t % (D / 32)) + lane), tb = static_cast<int>(t / (D / 32));
+    } else if (w < kKl) {
+      const int cgrp = static_cast<int>((w - kQ) % (D / 32)), tb = static_cast<int>((w - kQ) / (D / 32));
+      const float* e = kl_src + 32 * cgrp + 8 * tb * L::LD;
       float v[8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = sm[L::kKe + (8 * tb + j) * L::LD + c];
-      store_oct_f16<C>(rec_h + 2 * R::kKl, c, tb, v, fkl.s);
+      for (int j = 0; j < 8; ++j) v[j] = e[j * L::LD];
+      store8_f16(kl_dst + 32 * C * cgrp + 64 * tb, v, fkl.s);
     } else {
       row_major(std::integral_constant<int, C>{}, sm + L::kAqk, L::LDA, rec_h + 2 * R::kA, w - kKl, fa, true);
     }
