@@ -32,8 +32,10 @@ namespace tc {
 // One chunk's operands for the recurrence (offsets in floats). The B operands of its fp16 products
 // come as scaled fp16 arrays in core-matrix order (core_offset below), two halves per float; U0
 // (which the recurrence subtracts from) and e^{γ_last} stay fp32; then each fp16 array's inverse
-// scale (one per array and chunk) and Klᵀ's scale (the state update needs both), padded to 16
-// bytes. 10,888 floats at D = 128 (the fp32 record was 17,536).
+// scale (one per array and chunk) and Klᵀ's scale (the state update needs both), padded with zeros
+// so that every record is a whole number of 128-byte lines (the records of a chunk's heads follow
+// one another, and the recurrence copies whole core matrices: each should sit in one line).
+// 10,912 floats at D = 128 (the fp32 record was 17,536).
 template <int D, int C>
 struct Record {
   static constexpr int kW = 0;                 // [C, D] fp16: W = T (K e^γ)
@@ -47,11 +49,11 @@ struct Record {
   static constexpr int kInvA = kInvQ + 1;      //   A_qk,
   static constexpr int kInvKl = kInvA + 1;     //   Klᵀ,
   static constexpr int kScaleKl = kInvKl + 1;  // Klᵀ's scale
-  static constexpr int kFloats = kEg + D + 8;
+  static constexpr int kFloats = (kScaleKl + 1 + 31) / 32 * 32;
   static constexpr int kTail = kFloats - kEg;  // e^{γ_last} and the scales: one contiguous copy
   static_assert(kScaleKl < kFloats, "the scales fit the padded tail");
-  static_assert(kFloats % 4 == 0 && kU % 4 == 0 && kEg % 4 == 0 && D % 16 == 0 && C % 16 == 0,
-                "16-byte aligned arrays");
+  static_assert(kFloats % 32 == 0 && kU % 4 == 0 && kEg % 4 == 0 && D % 16 == 0 && C % 16 == 0,
+                "128-byte records, 16-byte aligned arrays");
 };
 
 FLASH_KDA_HD int64_t chunks_of(int64_t len, int C) { return (len + C - 1) / C; }
@@ -497,6 +499,8 @@ FLASH_KDA_DEVICE void store_state_side_f16(const float* sm, float* rec, Pow2 fq,
     rec[R::kInvKl] = fkl.inv;
     rec[R::kScaleKl] = fkl.s;
   }
+  // the padding, which the recurrence copies with the tail: zeros rather than old scratch bytes
+  for (int e = R::kScaleKl + 1 + tid; e < R::kFloats; e += kN) rec[e] = 0.0f;
 }
 
 // The (sequence, chunk) of a slot: dense by division, varlen by binary search over slot_base.
@@ -588,8 +592,8 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
 // Why fp16: the TF32 form of this kernel was bound by shared-memory reads (every warp reads all of
 // a chunk's W, Q e^γ, Klᵀ and A_qk; docs/performance.md v6); 16-bit operands halve those bytes
 // and the mma count, and fp16 keeps TF32's 10-bit mantissa. Its range (max 65504, subnormal below
-// 2^-14) is handled by power-of-two scales, which are exact: each row of the state and of U, each
-// token row of W, Q e^γ and A_qk, and each channel row of Klᵀ is multiplied by 2^n so that its
+// 2^-14) is handled by power-of-two scales, which are exact: each row of the state and of U, and
+// each of the chunk's arrays W, Q e^γ, A_qk and Klᵀ as a whole, is multiplied by 2^n so that its
 // largest magnitude lies in [2^14, 2^15) before rounding (round to nearest), and the fp32 products
 // are multiplied back (tools/recurrence_precision_model.py: same error as TF32, where unscaled fp16
 // fails on large or small values).
