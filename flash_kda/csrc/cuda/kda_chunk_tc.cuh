@@ -148,6 +148,7 @@ FLASH_KDA_DEVICE float4 operator*(float4 a, float4 b) {
 }
 using portable::ld4;  // 16-byte shared-memory read
 FLASH_KDA_DEVICE void st4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
+FLASH_KDA_DEVICE float max_abs(float4 x) { return fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(x.z), fabsf(x.w))); }
 
 // 1 / (1 + e^{-x}); e^{-x} = inf for very negative x gives 0, as it should.
 FLASH_KDA_DEVICE float fast_sigmoid(float x) {
@@ -550,17 +551,29 @@ FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
 
 // k -> k e^γ, q -> q e^γ (from the e^{γ - γ_r} forms) and Ke -> k e^{γ_last - γ}. (e^{γ_r} may
 // flush to 0 where e^γ of an earlier token would not: only for factors below 2^-126 · 2^kMaxSpan.)
-// (By threads [0, kN); the two-kernel form's preparation leaves warp 0 out.)
+// (By threads [0, kN); the two-kernel form's preparation leaves warp 0 out.) Returns the largest
+// magnitudes of the thread's q e^γ and Ke values: the two-kernel form scales its fp16 records by
+// them, found here where the values pass through registers anyway (the fused body ignores them).
+struct StateSideMax {
+  float q, ke;
+};
+
 template <class L, int kN = L::kThreads>
-FLASH_KDA_DEVICE void scale_for_state(float* sm, int tid) {
+FLASH_KDA_DEVICE StateSideMax scale_for_state(float* sm, int tid) {
   constexpr int D = L::D;
+  StateSideMax m{0.0f, 0.0f};
   for_each_quad<L::C, D, kN>(tid, [&](int i, int c) {
     const int I = i / L::BS, o = i * L::LD + c;
     const float4 fb = ld4(sm + L::kEr + I * D + c);  // e^{γ_r(I)}
+    const float4 q = round_tf32(ld4(sm + L::kQ + o) * fb);
+    const float4 ke = round_tf32(ld4(sm + L::kKe + o) * ld4(sm + L::kEl + I * D + c));
     st4(sm + L::kK + o, round_tf32(ld4(sm + L::kK + o) * fb));
-    st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
-    st4(sm + L::kKe + o, round_tf32(ld4(sm + L::kKe + o) * ld4(sm + L::kEl + I * D + c)));
+    st4(sm + L::kQ + o, q);
+    st4(sm + L::kKe + o, ke);
+    m.q = fmaxf(m.q, max_abs(q));
+    m.ke = fmaxf(m.ke, max_abs(ke));
   });
+  return m;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -266,14 +266,20 @@ struct RecurrenceVariant
   using L = tc::RecurrenceLayout<kHeadDim, VS, 32, kStages>;
   using Base = VariantBase<L, VS, L::kThreads, 256 / L::kThreads>;
 
-  // Estimated time of the busiest multiprocessor in units of a full-width slice's chunk. Fitted to
-  // H100 runs at D = 128 (docs/performance.md, v6): alone on a multiprocessor a chunk took 3.3,
-  // 1.85 and 1.55 us at VS = 128, 64, 32 — the slice's share of the tensor-core products plus a
-  // fixed part (a two-warp block is not slower per row than wider ones, as the v4 model had it);
-  // two co-resident blocks are costed at 1.6x one (v4).
+  // Estimated time of the busiest multiprocessor in units of a full-width wgmma slice's chunk.
+  // Fitted to H200 runs at D = 128 (docs/performance.md v9-v10; T=32768 H=32, one block per
+  // multiprocessor): a chunk took 2.1, 1.26 us at VS = 128, 64 by wgmma (its B reads are shared by
+  // a warpgroup, so the slice's share of the products shrinks with VS: 0.2 + 0.8 VS / D) and 1.35 us
+  // at VS = 32 by m16n8k16 (every warp reads all of B: 1.46x the TF32 form's 0.25 + 0.75 VS / D,
+  // fitted to H100 runs in v6). Two or three co-resident blocks took ~1.7x one (T=8192 H=96), costed
+  // 1.6x as in v4: enough for the ranking (VS 64 fastest on every measured shape, by 4 % at H=96).
+  // wgmma runs where the build targets sm_90a, which the JIT does for a compute-capability-9.0
+  // device (an explicit FLASH_KDA_CUDA_ARCH without the 'a' gets mma16 costed as wgmma: a
+  // ranking error, not a correctness one). A model to rank layouts, not a prediction of time.
   static double cost(const KdaParams& p, const port::DeviceInfo& dev) {
     const auto load = Base::busiest(p, dev);
-    const double chunk = 0.25 + 0.75 * VS / kHeadDim;
+    const bool wgmma = L::kWgmmaShape && dev.major == 9;
+    const double chunk = wgmma ? 0.2 + 0.8 * VS / kHeadDim : 1.46 * (0.25 + 0.75 * VS / kHeadDim);
     return static_cast<double>(load.waves) * (load.shared ? 1.6 : 1.0) * chunk;
   }
 
@@ -336,9 +342,10 @@ struct TcVariants<256> : TcChoice<TcVariant<64, 256>, TcVariant<32, 256>> {};
 
 // The two-kernel form per head dim: the preparation layouts (whole V width; 256 or 512 threads)
 // and the recurrence layouts (V slice, operand buffers: shared memory per block):
-//   D = 64:  preparation 51 KB; recurrence VS 64 or 32, two buffers (84 KB, 76 KB)
-//   D = 128: preparation 87 KB; recurrence VS 128, 64 or 32, two buffers (152 KB, 136 KB, 128 KB)
-//   D = 256: preparation 157 KB; recurrence VS 64 or 32, one buffer (121 KB, 117 KB)
+//   D = 64:  preparation 51 KB; recurrence VS 64 or 32, two buffers (57 KB, 49 KB)
+//   D = 128: preparation 87 KB; recurrence VS 128, 64 or 32, two buffers (103 KB, 87 KB, 79 KB)
+//   D = 256: preparation 157 KB; recurrence VS 64 or 32, one buffer (73 KB, 69 KB)
+// (with fp16 records; two buffers at D = 256 would now fit, 146 KB and 138 KB: not yet measured)
 template <int D>
 struct Split;
 template <>
