@@ -376,12 +376,15 @@ bool split_usable(const port::DeviceInfo& dev) {
 // runs beside the preparation of the next (overlap.cuh; docs/next-overlap.md), and which recurrence
 // V slice it then uses (0: the usual choice). FLASH_KDA_CUDA_PIECES=<k> (read once per process): 1
 // never cuts, k >= 2 cuts dense calls in k (tc::split_pieces: at most one per chunk). Unset or empty:
-// the rule below, fitted to H100 whole-call times at D = 128 (docs/performance.md v12):
-//  - only dense calls at D = 128 with at least 256 chunks (8192 tokens) per sequence;
-//  - only if a recurrence layout of V slice 32 or 64 (one that fits beside a 512-thread preparation
-//    block on a multiprocessor; VS 128 does not) needs at most half the multiprocessors: then the
-//    cheaper of those by the usual cost. Pieces paid 12-23 % there (T=8192-65536, H=16 and 32) and
-//    nothing or worse where the recurrence needs more blocks (H=64: 128 blocks at VS 64);
+// the rule below, for dense calls at D = 128 with at least 256 chunks (8192 tokens) per sequence:
+//  - on compute capability 9.0 (the wgmma recurrence, fp16 records): VS 64 whenever its blocks number
+//    at most 1.5x the multiprocessors. Fitted to H200 whole-call times (docs/performance.md v13,
+//    H = 16 to 96): pieces at VS 64 were the fastest setting on every shape of at least 256 chunks,
+//    -2 % (H=64) to -21 % (T=32768 H=32) against one piece; a VS 64 block (87 KB, 32,768 registers)
+//    fits beside a 512-thread preparation block. H=96 (192 blocks) is the largest measured;
+//  - elsewhere (mma16 recurrence; fitted to H100 times of main's TF32 recurrence, v12): only if a
+//    recurrence of V slice 32 or 64 needs at most half the multiprocessors, then the cheaper of those
+//    by the usual cost (pieces paid 12-23 % at H=16 and 32, nothing with 128 blocks at H=64);
 //  - 4 pieces below 1024 chunks, 8 from there (the best k measured at 256-512 and 1024-2048 chunks).
 struct SplitPlan {
   int64_t pieces;
@@ -400,11 +403,15 @@ SplitPlan split_plan(const KdaParams& p, const port::DeviceInfo& dev) {
     if (p.cu_seqlens != nullptr || chunks < 256 || vslice_override() != 0) return SplitPlan{1, 0};
     using R64 = RecurrenceVariant<64, 2>;
     using R32 = RecurrenceVariant<32, 2>;
+    const int64_t k = tc::split_pieces(p, kSplitChunk, chunks >= 1024 ? 8 : 4);
+    if (dev.major == 9 && R64::fits(dev) && R64::blocks(p) <= 3 * static_cast<int64_t>(dev.multiprocessors) / 2) {
+      return SplitPlan{k, 64};
+    }
     const int64_t half = dev.multiprocessors / 2;
     const bool ok64 = R64::fits(dev) && R64::blocks(p) <= half, ok32 = R32::fits(dev) && R32::blocks(p) <= half;
     if (!ok64 && !ok32) return SplitPlan{1, 0};
     const int vs = ok64 && (!ok32 || R64::cost(p, dev) <= R32::cost(p, dev)) ? 64 : 32;
-    return SplitPlan{tc::split_pieces(p, kSplitChunk, chunks >= 1024 ? 8 : 4), vs};
+    return SplitPlan{k, vs};
   }
 }
 
