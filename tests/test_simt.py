@@ -132,8 +132,9 @@ def test_pieces_match_one_piece(D, vs, prep, states, monkeypatch):
     run one after the other): each stretch's preparation covers only its chunks, each recurrence
     starts from the state the previous one left in the carry (fp32). 150 tokens are 5 chunks:
     3 pieces are [0, 1) + [1, 3) + [3, 5) (stretches starting at odd chunks), 9 are cut to 5 of one
-    chunk each; 3 pieces also with every preparation run before any recurrence (legal on a GPU). The arithmetic is the same as in one piece, so the outputs must be identical bit for
-    bit, and within the tolerances of the float64 reference. The scratch starts as NaN
+    chunk each; 3 pieces also with every preparation run before any recurrence (legal on a GPU).
+    The arithmetic is the same as in one piece, so the outputs must be identical bit for bit, and
+    within the tolerances of the float64 reference. The scratch starts as NaN
     (cuda_sim.cpp), so a stretch reading a record or carry its predecessors did not write fails."""
     layout = {"FORM": "split", "VS": vs, "PREP_THREADS": prep}
     state_dtype = torch.bfloat16 if states == "bf16" else torch.float32

@@ -391,9 +391,11 @@ struct SplitPlan {
   int vs;
 };
 SplitPlan split_plan(const KdaParams& p, const port::DeviceInfo& dev) {
-  static const int asked = [] {
+  static const int asked = [] {  // 0: unset or empty (the rule); atoi's 0 or less: 1 (never cut)
     const char* s = getenv("FLASH_KDA_CUDA_PIECES");
-    return s == nullptr || *s == '\0' ? 0 : (atoi(s) < 1 ? 1 : atoi(s));
+    if (s == nullptr || *s == '\0') return 0;
+    const int k = atoi(s);
+    return k < 1 ? 1 : k;
   }();
   if (asked >= 1) return SplitPlan{tc::split_pieces(p, kSplitChunk, asked), 0};
   if constexpr (kHeadDim != 128) {
