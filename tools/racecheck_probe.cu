@@ -22,12 +22,16 @@ __device__ float warp_max(float v) {
 }
 
 template <bool kSubsetBarrier>
-__global__ void __launch_bounds__(kThreads) probe(float* out) {
+__global__ void __launch_bounds__(kThreads) probe(float* out, long long spin) {
   __shared__ float own[kThreads];   // warps 1..15: written and read across warps (barrier 1)
   __shared__ float solo[32];        // warp 0's alone
   __shared__ float red[kWarps];     // the block-wide maximum, as store_w_f16 forms it
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   if (warp == 0) {
+    // warp 0 can be made slow (as the preparation's T inversion is), so that warps 1..15 pass
+    // barrier 1 before warp 0 reaches the block barrier
+    for (const long long t0 = clock64(); clock64() - t0 < spin;) {
+    }
     solo[lane] = static_cast<float>(lane);
     __syncwarp();
     out[kThreads + lane] = solo[31 - lane];
@@ -50,12 +54,13 @@ __global__ void __launch_bounds__(kThreads) probe(float* out) {
 
 int main(int argc, char** argv) {
   const bool subset = argc > 1 && std::strcmp(argv[1], "subset") == 0;
+  const long long spin = argc > 2 && std::strcmp(argv[2], "slow") == 0 ? 1000000 : 0;
   float* out = nullptr;
   cudaMalloc(&out, (kThreads + 33) * sizeof(float));
   if (subset) {
-    probe<true><<<4, kThreads>>>(out);
+    probe<true><<<4, kThreads>>>(out, spin);
   } else {
-    probe<false><<<4, kThreads>>>(out);
+    probe<false><<<4, kThreads>>>(out, spin);
   }
   float host[kThreads + 33];
   const cudaError_t err = cudaMemcpy(host, out, sizeof(host), cudaMemcpyDeviceToHost);
@@ -63,7 +68,7 @@ int main(int argc, char** argv) {
     std::printf("error: %s\n", cudaGetErrorString(err));
     return 1;
   }
-  std::printf("%s: block maximum %.0f (expected %d)\n", subset ? "subset" : "full", host[kThreads + 32],
+  std::printf("%s%s: block maximum %.0f (expected %d)\n", subset ? "subset" : "full", spin ? " slow" : "", host[kThreads + 32],
               kThreads - 1);
   cudaFree(out);
   return host[kThreads + 32] == kThreads - 1 ? 0 : 2;
