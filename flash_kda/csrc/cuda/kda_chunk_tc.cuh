@@ -297,10 +297,33 @@ FLASH_KDA_DEVICE void zero_past_end(bool dead, float (&x)[8]) {
   for (int e = 0; e < 8; ++e) x[e] = dead ? 0.0f : x[e];
 }
 
+// Which row (of the warp's 32 / RV) and which 8-channel group a lane takes in load_chunk, RV lanes
+// per row. A lane stores its 8 channels as two 16-byte words, and a 16-byte store is served a
+// quarter-warp (8 lanes) at a time: with a row's lanes side by side, those 8 lanes wrote words 2p
+// of one row, which fall on 4 of the 8 16-byte bank groups (2-way conflicts on every store: 8 %
+// of the preparation's shared-memory wavefronts, docs/performance.md v14). Here a quarter-warp
+// takes R = 32 / RV rows (LD = 4 mod 32: a row starts one group further on) and in each row
+// channel groups p whose 2p are distinct mod 8, so its 8 words fill all 8 bank groups (R = 2, 4,
+// 8; one row per warp, R = 1, keeps the 2-way conflict: its 8 lanes have only 4 even 2p).
+struct RowLane {
+  int row, group;  // row within the warp's R rows; channels [8 group, 8 group + 8)
+};
+template <int RV>
+FLASH_KDA_DEVICE RowLane row_lane(int lane) {
+  constexpr int R = 32 / RV;
+  if constexpr (R == 1) {
+    return {0, lane};
+  } else {
+    constexpr int H = R / 2;
+    const int m = lane % 8, q = lane / 8, pp = m / R;  // quarter q, slot pp of its row in it
+    return {m % R, 4 * (q / H) + (pp * H + q) % 4};
+  }
+}
+
 // Chunk input, normalised on the way in: q <- scale · q / ||q||, k <- k / ||k|| (norms optional),
 // a <- the gate's log-decay in log2 units (clamped like the portable body), v, sigmoid(b). A thread
-// reads 8 consecutive channels of a row; the D / 8 lanes of a row (one warp or part of one) reduce
-// the squared norm with shuffles. Tokens past the sequence end are zero.
+// reads 8 consecutive channels of a row; the D / 8 lanes of a row (one warp or part of one, as
+// row_lane places them) reduce the squared norm with shuffles. Tokens past the sequence end are zero.
 //
 // Every global read of the chunk (q, k, g, dt_bias, v, b and A_log[h]) is issued before any loaded
 // value is used, in code without branches around the reads, so that their latencies overlap: one
@@ -331,7 +354,8 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   if (tid < L::C) b_bits = load_bits(p.beta, token_offset(p.beta_strides, t.r, t0 + min(tid, last), t.h), p.beta_fp32);
 #pragma unroll
   for (int r = 0; r < kPass; ++r) {
-    const int item = tid + r * L::kThreads, i = min(item / RV, last), c = (item % RV) * 8;
+    const RowLane rl = row_lane<RV>(tid % 32);
+    const int i = min((tid / 32 + r * L::kWarps) * (32 / RV) + rl.row, last), c = rl.group * 8;
     // dt_bias straight from global memory (cached: every block of the head reads the same row)
     if (gate) {
       load8<kVec>(p.dt_bias, t.h * p.dt_bias_head_stride + c, true, vec.dtb, dtb[r]);
@@ -368,7 +392,8 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   constexpr float kMin2 = portable::kMinLogDecay;  // log2 units; only needs to stay finite
 #pragma unroll
   for (int r = 0; r < kPass; ++r) {
-    const int item = tid + r * L::kThreads, i = item / RV, c = (item % RV) * 8;
+    const RowLane rl = row_lane<RV>(tid % 32);
+    const int i = (tid / 32 + r * L::kWarps) * (32 / RV) + rl.row, c = rl.group * 8;
     float qs = 0.0f, ks = 0.0f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
@@ -376,7 +401,7 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
       ks += kx[r][e] * kx[r][e];
     }
 #pragma unroll
-    for (int m = RV / 2; m >= 1; m /= 2) {  // lanes of one row are aligned groups of RV
+    for (int m = 16; m >= 32 / RV; m /= 2) {  // a row's lanes: one lane % (32 / RV) (row_lane)
       qs += __shfl_xor_sync(0xffffffffu, qs, m);
       ks += __shfl_xor_sync(0xffffffffu, ks, m);
     }
