@@ -126,7 +126,7 @@ def main() -> int:
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"torch {torch.__version__}, flash_kda kernel {os.environ.get('FLASH_KDA_KERNEL', 'fast')}, "
-          f"pieces {os.environ.get('FLASH_KDA_CUDA_PIECES', '1')}")
+          f"pieces {os.environ.get('FLASH_KDA_CUDA_PIECES') or 'auto (split_plan)'}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = SHAPES if args.shapes == "all" else SHAPES[:1] + SHAPES[-1:]
     if args.only:
