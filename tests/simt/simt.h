@@ -567,16 +567,6 @@ inline void named_barrier() {
   bar.expected = kThreads;
   simt::wait(bar);
 }
-template <int kId, int kThreads>
-inline void named_barrier_arrive() {  // bar.arrive: counted, never waits
-  simt::Barrier& bar = simt::block()->named[kId];
-  bar.expected = kThreads;
-  if (++bar.arrived == bar.expected) {
-    bar.arrived = 0;
-    ++bar.generation;
-    ++simt::block()->progress;
-  }
-}
 
 }  // namespace tc
 }  // namespace flash_kda

@@ -632,12 +632,6 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
   __half* rec_h = reinterpret_cast<__half*>(rec);
   constexpr int C = L::C, kRest = L::kThreads - 32;
   if (warp == 0) {
-    // Barrier 1 orders the other warps' work below; warp 0 only arrives (it neither waits nor
-    // touches what barrier 1 orders), so every warp of the block takes part in every barrier.
-    // (With barrier 1 for warps 1.. alone, `bar.sync 1, 480`, compute-sanitizer's racecheck
-    // reported store_w_f16's write-barrier-read of red[] below as a hazard, although every warp
-    // passes the same block barriers between them: docs/performance.md v14.)
-    named_barrier_arrive<1, L::kThreads>();
     invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
   } else {
     // Meanwhile the other warps finish the state-side operands and store every part of the record
@@ -659,7 +653,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
       red[L::kWarps + rw] = m.ke;
       red[2 * L::kWarps + rw] = ma;
     }
-    named_barrier<1, L::kThreads>();  // (warp 0's arrival included) scale_for_state's arrays visible to warps 1..
+    named_barrier<1, kRest>();  // also: scale_for_state's arrays visible to all of warps 1..
     const int lane = tid % 32;
     store_state_side_f16<L, kRest>(sm, rec, pow2_scale(max_of<kRestWarps>(red, lane)),
                                    pow2_scale(max_of<kRestWarps>(red + L::kWarps, lane)),

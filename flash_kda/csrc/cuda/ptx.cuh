@@ -95,12 +95,6 @@ template <int kId, int kThreads>
 FLASH_KDA_DEVICE void named_barrier() {
   asm volatile("bar.sync %0, %1;" ::"n"(kId), "n"(kThreads) : "memory");
 }
-// Arrival at barrier `kId` without waiting: it counts the calling warp among the kThreads that
-// complete the barrier, for warps that take no part in what the barrier orders.
-template <int kId, int kThreads>
-FLASH_KDA_DEVICE void named_barrier_arrive() {
-  asm volatile("bar.arrive %0, %1;" ::"n"(kId), "n"(kThreads) : "memory");
-}
 
 // ---- wgmma (sm_90a only: FLASH_KDA_HAS_WGMMA) --------------------------------------------------
 // A warpgroup (4 consecutive warps, 128 threads) multiplies a 64 x 16 fp16 A, from registers, by a
