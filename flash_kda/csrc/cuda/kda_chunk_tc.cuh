@@ -343,6 +343,9 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   constexpr int kVPass = (kVItems + L::kThreads - 1) / L::kThreads;
   static_assert(RV <= 32 && 32 % RV == 0 && (L::C * RV) % L::kThreads == 0, "row lanes");
   const bool gate = p.A_log != nullptr;
+  const RowLane rl = row_lane<RV>(tid % 32);
+  const int row0 = (tid / 32) * (32 / RV) + rl.row;  // pass r: row row0 + r * kRowsPerPass
+  constexpr int kRowsPerPass = L::kWarps * (32 / RV);
   const int last = len - 1;
 
   // 1. The reads.
@@ -354,8 +357,7 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   if (tid < L::C) b_bits = load_bits(p.beta, token_offset(p.beta_strides, t.r, t0 + min(tid, last), t.h), p.beta_fp32);
 #pragma unroll
   for (int r = 0; r < kPass; ++r) {
-    const RowLane rl = row_lane<RV>(tid % 32);
-    const int i = min((tid / 32 + r * L::kWarps) * (32 / RV) + rl.row, last), c = rl.group * 8;
+    const int i = min(row0 + r * kRowsPerPass, last), c = rl.group * 8;
     // dt_bias straight from global memory (cached: every block of the head reads the same row)
     if (gate) {
       load8<kVec>(p.dt_bias, t.h * p.dt_bias_head_stride + c, true, vec.dtb, dtb[r]);
@@ -392,8 +394,7 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   constexpr float kMin2 = portable::kMinLogDecay;  // log2 units; only needs to stay finite
 #pragma unroll
   for (int r = 0; r < kPass; ++r) {
-    const RowLane rl = row_lane<RV>(tid % 32);
-    const int i = (tid / 32 + r * L::kWarps) * (32 / RV) + rl.row, c = rl.group * 8;
+    const int i = row0 + r * kRowsPerPass, c = rl.group * 8;
     float qs = 0.0f, ks = 0.0f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
