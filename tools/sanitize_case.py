@@ -1,4 +1,9 @@
-"""Small dense and varlen calls for compute-sanitizer (memcheck / racecheck): see device_check.sh."""
+"""Small dense and varlen calls for compute-sanitizer (memcheck / racecheck): see device_check.sh.
+
+    python tools/sanitize_case.py [dense|varlen]    (default: both, dense first)
+"""
+
+import sys
 
 import torch
 
@@ -6,7 +11,9 @@ import flash_kda
 
 torch.manual_seed(0)
 dev = "cuda"
-for seqlens in (None, [1, 17, 0, 70]):
+CASES = {"dense": None, "varlen": [1, 17, 0, 70]}
+for name in sys.argv[1:] or CASES:
+    seqlens = CASES[name]
     S = sum(seqlens) if seqlens else 80
     B = 1 if seqlens else 2
     H, D = 2, 128
