@@ -71,8 +71,8 @@ int main(int argc, char** argv) {
     std::printf("error: %s\n", cudaGetErrorString(err));
     return 1;
   }
-  std::printf("%s%s: block maximum %.0f (expected %d)\n", subset ? "subset" : "full", spin ? " slow" : "", host[kThreads + 32],
-              kThreads - 1);
+  std::printf("%s%s: block maximum %.0f (expected %d)\n", subset ? "subset" : "full", spin ? " slow" : "",
+              host[kThreads + 32], kThreads - 1);
   cudaFree(out);
   return host[kThreads + 32] == kThreads - 1 ? 0 : 2;
 }

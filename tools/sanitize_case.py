@@ -12,6 +12,9 @@ import flash_kda
 torch.manual_seed(0)
 dev = "cuda"
 CASES = {"dense": None, "varlen": [1, 17, 0, 70]}
+unknown = [a for a in sys.argv[1:] if a not in CASES]
+if unknown:
+    sys.exit(f"sanitize_case.py: unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
 for name in sys.argv[1:] or CASES:
     seqlens = CASES[name]
     S = sum(seqlens) if seqlens else 80
