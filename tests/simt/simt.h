@@ -10,7 +10,7 @@
 // blocks stay for compute-sanitizer on a GPU.
 //
 // How: every CUDA thread of a block is a fiber (ucontext) on one OS thread. A fiber runs until it
-// waits at a barrier — __syncthreads, a named barrier, or the implicit warp barrier of a shuffle or
+// waits at a barrier — __syncthreads or the implicit warp barrier of a shuffle or
 // an mma — and the scheduler resumes the others in turn. Warp operations exchange values through a
 // per-warp buffer between two warp barriers. Shared memory is a host buffer per block; cp.async is
 // a copy at issue.
@@ -101,7 +101,6 @@ struct Block {
   char* smem = nullptr;
   size_t smem_bytes = 0;
   Barrier all;
-  std::map<int, Barrier> named;
   std::vector<Warp> warps;
   std::vector<Barrier> warpgroups;  // wgmma's implicit barriers, one per 4 warps
   struct WgmmaOp {
@@ -559,13 +558,6 @@ inline void cp_async_wait() {
     }
     c.committed.erase(c.committed.begin());
   }
-}
-
-template <int kId, int kThreads>
-inline void named_barrier() {
-  simt::Barrier& bar = simt::block()->named[kId];
-  bar.expected = kThreads;
-  simt::wait(bar);
 }
 
 }  // namespace tc

@@ -514,7 +514,7 @@ FLASH_KDA_DEVICE void store_w_f16(const float (&w)[kApplySteps<L>][2][4], __half
   if (tid == 0) *inv = f.inv;
 }
 
-// The state-side parts of the record, by threads [0, kN) (the preparation's warps 1..): Q e^γ
+// The state-side parts of the record, by threads [0, kN) (all of the preparation's): Q e^γ
 // [C, D], Klᵀ [D, C] (row c = channel c of the token-major K e^{γ_last - γ}) and A_qk [C, C] (zero
 // above its diagonal sub-blocks, which compute_A leaves unwritten), from shared memory to fp16 in
 // core-matrix order, each times its chunk scale (fq, fkl, fa: from the arrays' largest magnitudes,
@@ -630,15 +630,14 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
 
   float* rec = scratch + (slot * p.hv + h) * static_cast<int64_t>(R::kFloats);
   __half* rec_h = reinterpret_cast<__half*>(rec);
-  constexpr int C = L::C, kRest = L::kThreads - 32;
+  constexpr int C = L::C, kRest = L::kThreads - 32, kRestWarps = kRest / 32;
+  float* red = sm + L::kRed;
   if (warp == 0) {
     invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
   } else {
-    // Meanwhile the other warps finish the state-side operands and store every part of the record
-    // that does not need T, so those stores overlap the inversion (a barrier of their own). The
-    // three fp16 arrays' chunk scales come from one reduction: scale_for_state's maxima, A_qk's here.
+    // Meanwhile the other warps finish the state-side operands and their largest magnitudes: the
+    // three fp16 arrays' chunk scales come from one reduction (scale_for_state's maxima, A_qk's here).
     const int rt = tid - 32, rw = rt / 32;
-    constexpr int kRestWarps = kRest / 32;
     StateSideMax m = scale_for_state<L, kRest>(sm, rt);
     float ma = 0.0f;
     for_each_quad<C, C, kRest>(rt, [&](int i, int j) {  // A_qk's written tiles (4 columns: one sub-block)
@@ -647,19 +646,23 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
     m.q = warp_max(m.q);
     m.ke = warp_max(m.ke);
     ma = warp_max(ma);
-    float* red = sm + L::kRed;
     if (tid % 32 == 0) {
       red[rw] = m.q;
       red[L::kWarps + rw] = m.ke;
       red[2 * L::kWarps + rw] = ma;
     }
-    named_barrier<1, kRest>();  // also: scale_for_state's arrays visible to all of warps 1..
-    const int lane = tid % 32;
-    store_state_side_f16<L, kRest>(sm, rec, pow2_scale(max_of<kRestWarps>(red, lane)),
-                                   pow2_scale(max_of<kRestWarps>(red + L::kWarps, lane)),
-                                   pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane)), rt);
   }
-  port::block_sync();  // T and the state-side K visible
+  // T, the state-side arrays and their maxima visible to every warp. One block-wide barrier: the
+  // record's state-side stores come after it, by all warps, and overlap apply_T instead of the
+  // inversion. (Session 14's form had warps 1.. store them during the inversion, behind a named
+  // barrier of their own, 2-3 % faster in the preparation; compute-sanitizer's racecheck reported a
+  // hazard in 7 of 10 of its runs, on store_w_f16's reduction below, and 0 of 10 with every warp at
+  // one barrier: docs/performance.md v15.)
+  port::block_sync();
+  const int lane = tid % 32;
+  store_state_side_f16<L, L::kThreads>(sm, rec, pow2_scale(max_of<kRestWarps>(red, lane)),
+                                       pow2_scale(max_of<kRestWarps>(red + L::kWarps, lane)),
+                                       pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane)), tid);
   float w[kApplySteps<L>][2][4];
   apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec + R::kU, w, warp, l);
   store_w_f16<L>(w, rec_h + 2 * R::kW, rec + R::kInvW, sm + L::kRed + 3 * L::kWarps, warp, l, tid);

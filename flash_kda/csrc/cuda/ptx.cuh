@@ -90,12 +90,6 @@ FLASH_KDA_DEVICE void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// Barrier `kId` (1..15; 0 is __syncthreads) for kThreads threads, a multiple of 32.
-template <int kId, int kThreads>
-FLASH_KDA_DEVICE void named_barrier() {
-  asm volatile("bar.sync %0, %1;" ::"n"(kId), "n"(kThreads) : "memory");
-}
-
 // ---- wgmma (sm_90a only: FLASH_KDA_HAS_WGMMA) --------------------------------------------------
 // A warpgroup (4 consecutive warps, 128 threads) multiplies a 64 x 16 fp16 A, from registers, by a
 // 16 x N fp16 B in shared memory, into 64 x N fp32 accumulators, asynchronously. Warp w of the group
