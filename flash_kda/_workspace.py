@@ -1,8 +1,8 @@
 """Scratch size of the CUDA two-kernel path, as the C++ side computes it.
 
 Must match ``Record<D, C>`` / ``num_slots`` / ``split_scratch_bytes`` / ``carry_bytes`` in
-csrc/cuda/kda_chunk_split.cuh (and the chunk kSplitChunk in csrc/cuda/kda_cuda.cu): one fp32
-Record per (slot, value head), a slot per chunk of C tokens.
+csrc/cuda/kda_chunk_split.cuh (and the chunk kSplitChunk in csrc/cuda/kda_cuda.cu): one Record
+per (slot, value head), a slot per chunk of C tokens.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ SPLIT_CHUNK = 32  # C: tokens per chunk of the split path (kSplitChunk)
 
 def split_scratch_bytes(num_slots: int, hv: int, head_dim: int, chunk: int = SPLIT_CHUNK) -> int:
     """Bytes for `num_slots` chunk slots of `hv` value heads of head dim D (K == V)."""
-    # Record<D, C>::kFloats: W, Q e^γ, K e^{γ_last-γ}, U0 ([C, D] each), A_qk [C, C], e^{γ_last} [D]
-    record_floats = 4 * chunk * head_dim + chunk * chunk + head_dim
+    # Record<D, C>::kFloats (kda_chunk_split.cuh): W, Q e^γ, Klᵀ ([C, D] fp16 each) and A_qk
+    # ([C, C] fp16) at two halves per float; U0 [C, D] and e^{γ_last} [D] fp32; the four arrays'
+    # inverse scales and Klᵀ's scale; padded to a whole number of 128-byte lines (32 floats)
+    record_floats = (3 * chunk * head_dim + chunk * chunk) // 2 + chunk * head_dim + head_dim + 5
+    record_floats = -(-record_floats // 32) * 32
     return num_slots * hv * record_floats * 4
 
 

@@ -60,6 +60,8 @@ fi
 pack
 if has tests; then
   fla_test=tests/test_fla_compat.py; [[ -z "${NO_FLA:-}" ]] || fla_test=
+  # (test_wgmma: one wgmma on the GPU against the emulator's model of it, sm_90 only)
+  python3 -m pytest tests/test_wgmma.py -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_wgmma.txt" | tail -4
   python3 -m pytest tests/test_correctness.py $fla_test -k "cuda or fla" -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_fast.txt" | tail -15
   # The fused form (FLASH_KDA_CUDA_SPLIT=0) on the whole GPU suite, the caller-workspace test included.
   FLASH_KDA_CUDA_SPLIT=0 python3 -m pytest tests/test_correctness.py -k cuda -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_fused.txt" | tail -3
@@ -127,12 +129,16 @@ if [[ " $steps " == *" tune "* ]]; then
 fi
 pack
 if [[ " $steps " == *" ab "* ]]; then
-  # A/B timing of two kernel-source revisions in one run: the working tree's against AB_CSRC, a copy
-  # of another revision's flash_kda/csrc (prepare it before the call, e.g.
-  #   mkdir -p .ab && git archive main flash_kda/csrc | tar -x -C .ab
-  # and pass AB_CSRC=.ab/flash_kda/csrc; .ab is git-ignored: name it in the device tool's carry).
-  for side in this other; do
-    csrc=; [[ $side == other ]] && csrc=$(realpath "${AB_CSRC:?AB_CSRC names the other csrc copy}")
+  # A/B timing of kernel-source revisions in one run: the working tree's against AB_CSRC, one or
+  # more copies (space-separated) of other revisions' flash_kda/csrc (prepare them before the call,
+  # e.g.
+  #   mkdir -p .ab/main && git archive main flash_kda/csrc | tar -x -C .ab/main
+  # and pass AB_CSRC=.ab/main/flash_kda/csrc; .ab is git-ignored: name it in the device tool's carry).
+  : "${AB_CSRC:?AB_CSRC names the other csrc copies}"
+  i=0
+  for csrc in this $AB_CSRC; do
+    side=this; [[ $csrc == this ]] && csrc= || { csrc=$(realpath "$csrc"); side=other$i; }
+    i=$(( i + 1 ))
     echo "== $side sources${csrc:+ ($csrc)}"
     FLASH_KDA_CSRC_DIR=$csrc python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$LOG/ab_kernels_$side.txt"
     FLASH_KDA_CSRC_DIR=$csrc python3 tools/bench.py --no-fla 2>&1 | tee "$LOG/ab_bench_$side.txt" | grep --line-buffered -E "^\||host"

@@ -8,6 +8,8 @@
 //                               64, 32; D = 256: 64, 32); fused: the block's V slice (D = 64: 64,
 //                               32; D = 128: 128, 32; D = 256: 64, 32). Default: the first.
 //   FLASH_KDA_SIM_PREP_THREADS  split: 512 (default) or 256 (D = 64 has only 256)
+//   FLASH_KDA_SIM_MMA           split: auto (default: wgmma where the recurrence layout allows it,
+//                               as on sm_90a) or mma16 (as on every other arch)
 //   FLASH_KDA_SIM_PORTABLE      portable: wide (default), narrow or compact
 //   FLASH_KDA_SIM_PIECES        split, dense: cut the call into this many stretches of chunks
 //                               (as FLASH_KDA_CUDA_PIECES=k forces on a GPU, where unset means
@@ -65,13 +67,27 @@ void prep(const KdaParams& p, int64_t c_begin, int64_t c_end) {
   });
 }
 
-template <int VS>
-void recurrence(const KdaParams& p, const tc::Piece& piece) {
-  using L = tc::RecurrenceLayout<D, VS, C, D == 256 ? 1 : 2>;  // stages as kda_cuda.cu's Split<D>
+template <int VS, tc::RecurrenceMma kMma>
+void recurrence_with(const KdaParams& p, const tc::Piece& piece) {
+  using L = tc::RecurrenceLayout<D, VS, C, D == 256 ? 1 : 2, kMma>;  // stages as kda_cuda.cu's Split<D>
   const float* scratch = static_cast<const float*>(p.workspace);
   simt::run_grid(slice_blocks<L>(p), L::kThreads, L::kSmemBytes, [&](int64_t blk, float* sm, int t) {
     tc::recurrence_block<L>(p, piece, scratch, sm, static_cast<int>(blk), t);
   });
+}
+
+// The products as the GPU's sm_90a pass runs them (wgmma where the layout allows) or, with
+// FLASH_KDA_SIM_MMA=mma16, as every other pass does.
+template <int VS>
+void recurrence(const KdaParams& p, const tc::Piece& piece) {
+  const std::string mma = env_str("FLASH_KDA_SIM_MMA", "auto");
+  if (mma == "mma16") {
+    recurrence_with<VS, tc::RecurrenceMma::kMma16>(p, piece);
+  } else if (mma == "auto") {
+    recurrence_with<VS, tc::RecurrenceMma::kAuto>(p, piece);
+  } else {
+    throw std::runtime_error("cuda_sim: FLASH_KDA_SIM_MMA must be auto or mma16");
+  }
 }
 
 void split(const KdaParams& p) {

@@ -10,7 +10,7 @@
 // blocks stay for compute-sanitizer on a GPU.
 //
 // How: every CUDA thread of a block is a fiber (ucontext) on one OS thread. A fiber runs until it
-// waits at a barrier — __syncthreads, a named barrier, or the implicit warp barrier of a shuffle or
+// waits at a barrier — __syncthreads or the implicit warp barrier of a shuffle or
 // an mma — and the scheduler resumes the others in turn. Warp operations exchange values through a
 // per-warp buffer between two warp barriers. Shared memory is a host buffer per block; cp.async is
 // a copy at issue.
@@ -101,10 +101,30 @@ struct Block {
   char* smem = nullptr;
   size_t smem_bytes = 0;
   Barrier all;
-  std::map<int, Barrier> named;
   std::vector<Warp> warps;
+  std::vector<Barrier> warpgroups;  // wgmma's implicit barriers, one per 4 warps
+  struct WgmmaOp {
+    uint32_t a[4];
+    uint64_t desc;
+    float* d;  // the issuing thread's accumulators, written when the op completes
+    int n;
+  };
+  std::vector<std::vector<WgmmaOp>> wgmma_pending;  // per thread, oldest first
+  std::vector<std::vector<int>> wgmma_groups;       // per thread: committed group sizes, oldest first
+  // cp.async bookkeeping, for wgmma's reads of shared memory (which go through the async proxy):
+  // per thread, the 16-byte slots of its open group, of its committed groups, and of its completed
+  // copies not yet followed by fence_proxy_async; per block, each such slot's state.
+  struct Copies {
+    std::vector<uint32_t> open;
+    std::vector<std::vector<uint32_t>> committed;  // oldest first
+    std::vector<uint32_t> unfenced;
+  };
+  std::vector<Copies> copies;
+  enum : char { kInFlight = 1, kUnfenced = 2 };
+  std::map<uint32_t, char> slot_state;
   std::function<void(int)> body;  // body(tid)
   uint64_t progress = 0;          // barriers opened + threads finished (deadlock detection)
+  std::string error;              // the first exception a thread threw (the block stops there)
 };
 
 inline Block*& block() {
@@ -131,10 +151,16 @@ inline void wait(Barrier& bar) {
   while (bar.generation == mine) yield();
 }
 
+// (An exception must not unwind out of a fiber's stack: it is kept, and run_block throws it once
+// the thread has switched back; the block's other threads are abandoned.)
 inline void fiber_entry() {
   Block* b = block();
   const int t = b->current;
-  b->body(t);
+  try {
+    b->body(t);
+  } catch (const std::exception& e) {
+    if (b->error.empty()) b->error = e.what();
+  }
   b->done[t] = 1;
   ++b->progress;
 }
@@ -194,6 +220,11 @@ inline void run_block(int threads, int smem_bytes, float fill, const std::functi
   b.all.expected = threads;
   b.warps.resize(threads / 32);
   for (Warp& w : b.warps) w.bar.expected = 32;
+  b.warpgroups.resize((threads + 127) / 128);
+  for (Barrier& g : b.warpgroups) g.expected = 128;
+  b.wgmma_pending.resize(threads);
+  b.wgmma_groups.resize(threads);
+  b.copies.resize(threads);
   b.body = body;
   Block* saved = block();
   block() = &b;
@@ -215,6 +246,10 @@ inline void run_block(int threads, int smem_bytes, float fill, const std::functi
       if (b.done[t]) continue;
       b.current = t;
       swapcontext(&b.scheduler, &b.ctx[t]);
+      if (!b.error.empty()) {
+        block() = saved;
+        throw std::runtime_error(b.error);
+      }
       live += !b.done[t];
     }
     // A whole pass in which no barrier opened and no thread finished, with threads left, is a
@@ -370,18 +405,159 @@ inline void ldmatrix_n(uint32_t (&r)[N], unsigned addr) {
 }
 inline void ldmatrix_x4(uint32_t (&r)[4], unsigned addr) { ldmatrix_n<4>(r, addr); }
 inline void ldmatrix_x2(uint32_t (&r)[2], unsigned addr) { ldmatrix_n<2>(r, addr); }
+// ---- wgmma (ptx.cuh): m64nNk16, fp16 A from registers, B from shared memory by descriptor ----
+// Asynchronous as on the GPU: wgmma_f16 only records the operation (the A registers as issued, the
+// descriptor, where the accumulators live); the products are computed, reading B from shared memory
+// and updating the accumulators, when wgmma_wait retires the operation's group. So a kernel that
+// reads its accumulators before the wait, or changes B's shared memory before it, gets wrong
+// results here too.
+constexpr bool kArchHasWgmma = true;
 
-inline void cp_async16(unsigned dst, const float* src) { memcpy(simt::block()->smem + dst, src, 16); }
-inline unsigned shared_address(const float* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
-inline void cp_async_commit() {}
+inline uint64_t wgmma_desc(const void* smem, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  if (addr % 16 != 0 || lbo_bytes % 16 != 0 || sbo_bytes % 16 != 0) {
+    throw std::runtime_error("simt: wgmma descriptor fields must be multiples of 16 bytes");
+  }
+  return static_cast<uint64_t>((addr >> 4) & 0x3fffu) |
+         (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3fffu) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3fffu) << 32);
+}
+inline uint64_t wgmma_desc_at(uint64_t desc, uint32_t bytes) {
+  if (bytes % 16 != 0 || ((desc & 0x3fffu) + (bytes >> 4)) > 0x3fffu) {
+    throw std::runtime_error("simt: wgmma_desc_at past the start address field");
+  }
+  return desc + (bytes >> 4);
+}
+inline void wgmma_fence() {}
+template <int NT, class T>
+inline void wgmma_fence_operand(T (&)[NT][4]) {}
+// Makes this thread's completed cp.async copies visible to wgmma (see wgmma_f16's check).
+inline void fence_proxy_async() {
+  simt::Block* b = simt::block();
+  for (uint32_t slot : b->copies[simt::tid()].unfenced) {
+    auto it = b->slot_state.find(slot);
+    if (it != b->slot_state.end() && it->second == simt::Block::kUnfenced) b->slot_state.erase(it);
+  }
+  b->copies[simt::tid()].unfenced.clear();
+}
+
 template <int N>
-inline void cp_async_wait() {}
+inline void wgmma_f16(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc) {
+  static_assert(N % 8 == 0 && N >= 8 && N <= 256, "m64nNk16");
+  if ((desc >> 49) != 0) throw std::runtime_error("simt: wgmma swizzle / base offset not modelled");
+  // B's rows (16 bytes each) must not come from a cp.async that has not completed (cp_async_wait)
+  // or whose writer has not run fence_proxy_async since: the GPU's wgmma could read stale bytes.
+  {
+    simt::Block* b = simt::block();
+    const uint32_t start = static_cast<uint32_t>(desc & 0x3fffu) << 4;
+    const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3fffu) << 4;
+    const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3fffu) << 4;
+    for (int n = 0; n < N; ++n)
+      for (int kh = 0; kh < 2; ++kh) {
+        auto it = b->slot_state.find((start + (n / 8) * sbo + kh * lbo + (n % 8) * 16) / 16);
+        if (it != b->slot_state.end()) {
+          throw std::runtime_error(it->second == simt::Block::kInFlight
+                                       ? "simt: wgmma reads shared memory whose cp.async has not completed"
+                                       : "simt: wgmma reads cp.async data not fenced (fence_proxy_async)");
+        }
+      }
+  }
+  simt::Block::WgmmaOp op;
+  memcpy(op.a, a, sizeof(op.a));
+  op.desc = desc;
+  op.d = &d[0][0];
+  op.n = N;
+  simt::block()->wgmma_pending[simt::tid()].push_back(op);
+}
+inline void wgmma_commit() {
+  simt::Block* b = simt::block();
+  const int t = simt::tid();
+  int closed = static_cast<int>(b->wgmma_pending[t].size());
+  for (int g : b->wgmma_groups[t]) closed -= g;
+  b->wgmma_groups[t].push_back(closed);
+}
 
-template <int kId, int kThreads>
-inline void named_barrier() {
-  simt::Barrier& bar = simt::block()->named[kId];
-  bar.expected = kThreads;
-  simt::wait(bar);
+// Element (n, k) of B for a K-major, unswizzled descriptor (ptx.cuh): from the block's shared memory.
+inline float wgmma_b(uint64_t desc, int k, int n) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3fffu) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3fffu) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3fffu) << 4;
+  const uint32_t at = start + (n / 8) * sbo + (k / 8) * lbo + (n % 8) * 16 + (k % 8) * 2;
+  __half h;
+  memcpy(&h.x, simt::block()->smem + at, 2);
+  return __half2float(h);
+}
+
+// Retires every committed group but the newest N, for the whole warpgroup: each thread computes its
+// own accumulators (D rows 16 w + g (+8) of warp w, columns 8 j + 2 t (+1): the mma16 layout per
+// n-tile j) from the A registers every thread of the group recorded.
+template <int N>
+inline void wgmma_wait() {
+  simt::Block* b = simt::block();
+  const int t = simt::tid(), base = t / 128 * 128;
+  simt::wait(b->warpgroups[t / 128]);  // every thread of the group has issued and committed
+  std::vector<int>& groups = b->wgmma_groups[t];
+  int retire = 0;
+  for (size_t i = 0; i + N < groups.size(); ++i) retire += groups[i];
+  for (int u = base; u < base + 128; ++u) {
+    if (b->wgmma_groups[u] != groups) {
+      throw std::runtime_error("simt: wgmma groups differ within a warpgroup");
+    }
+  }
+  const int w = (t - base) / 32, g = simt::lane() / 4, tq = simt::lane() % 4;
+  std::vector<float> result;
+  for (int i = 0; i < retire; ++i) {
+    const simt::Block::WgmmaOp& op = b->wgmma_pending[t][i];
+    for (int u = base; u < base + 128; ++u) {
+      const simt::Block::WgmmaOp& other = b->wgmma_pending[u][i];
+      if (other.desc != op.desc || other.n != op.n) {
+        throw std::runtime_error("simt: a wgmma differs within its warpgroup");
+      }
+    }
+    // A (row, k) of the 64 x 16 tile: warp row / 16, lane (row % 8) * 4 + (k % 8) / 2, register
+    // (row % 16 >= 8) + 2 (k >= 8), half k % 2 (mma16's A fragment per warp).
+    auto a_at = [&](int row, int k) {
+      const int src = base + (row / 16) * 32 + (row % 8) * 4 + (k % 8) / 2;
+      return half_of(b->wgmma_pending[src][i].a[(row % 16 >= 8) + 2 * (k >= 8)], k & 1);
+    };
+    for (int j = 0; j < op.n / 8; ++j)
+      for (int e = 0; e < 4; ++e) {
+        const int row = 16 * w + g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * tq + (e & 1);
+        float acc = op.d[4 * j + e];
+        for (int k = 0; k < 16; ++k) acc = fmaf(a_at(row, k), wgmma_b(op.desc, k, col), acc);
+        op.d[4 * j + e] = acc;
+      }
+  }
+  simt::wait(b->warpgroups[t / 128]);  // every thread has read the others' A registers
+  b->wgmma_pending[t].erase(b->wgmma_pending[t].begin(), b->wgmma_pending[t].begin() + retire);
+  groups.erase(groups.begin(), groups.end() - std::min<size_t>(N, groups.size()));
+}
+
+// cp.async: copied at issue; the slot is tracked until this thread waits for its group and fences
+// (only wgmma's reads check it: plain loads of the bodies cannot be intercepted).
+inline void cp_async16(unsigned dst, const float* src) {
+  simt::Block* b = simt::block();
+  memcpy(b->smem + dst, src, 16);
+  b->slot_state[dst / 16] = simt::Block::kInFlight;
+  b->copies[simt::tid()].open.push_back(dst / 16);
+}
+inline unsigned shared_address(const float* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+inline void cp_async_commit() {
+  simt::Block::Copies& c = simt::block()->copies[simt::tid()];
+  c.committed.push_back(std::move(c.open));
+  c.open.clear();
+}
+template <int N>
+inline void cp_async_wait() {
+  simt::Block* b = simt::block();
+  simt::Block::Copies& c = b->copies[simt::tid()];
+  while (c.committed.size() > static_cast<size_t>(N)) {
+    for (uint32_t slot : c.committed.front()) {
+      b->slot_state[slot] = simt::Block::kUnfenced;
+      c.unfenced.push_back(slot);
+    }
+    c.committed.erase(c.committed.begin());
+  }
 }
 
 }  // namespace tc

@@ -29,17 +29,31 @@
 namespace flash_kda {
 namespace tc {
 
-// One chunk's operands for the recurrence, fp32, rows unpadded (row stride D, or C for A_qk).
+// One chunk's operands for the recurrence (offsets in floats). The B operands of its fp16 products
+// come as scaled fp16 arrays in core-matrix order (core_offset below), two halves per float; U0
+// (which the recurrence subtracts from) and e^{γ_last} stay fp32; then each fp16 array's inverse
+// scale (one per array and chunk) and Klᵀ's scale (the state update needs both), padded with zeros
+// so that every record is a whole number of 128-byte lines (the records of a chunk's heads follow
+// one another, and the recurrence copies whole core matrices: each should sit in one line).
+// 10,912 floats at D = 128 (the fp32 record was 17,536).
 template <int D, int C>
 struct Record {
-  static constexpr int kW = 0;             // [C, D] W = T (K e^γ)
-  static constexpr int kQ = kW + C * D;    // [C, D] Q e^γ
-  static constexpr int kKl = kQ + C * D;   // [D, C] (K e^{γ_last - γ})ᵀ: channel-major for the update
-  static constexpr int kU = kKl + C * D;   // [C, V] U0 = T V
-  static constexpr int kA = kU + C * D;    // [C, C] A_qk, zero above the diagonal
-  static constexpr int kEg = kA + C * C;   // [D] e^{γ_last}
-  static constexpr int kFloats = kEg + D;  // a multiple of 4: every array starts 16-byte aligned
-  static_assert(kFloats % 4 == 0 && D % 4 == 0 && C % 4 == 0, "16-byte rows");
+  static constexpr int kW = 0;                 // [C, D] fp16: W = T (K e^γ)
+  static constexpr int kQ = kW + C * D / 2;    // [C, D] fp16: Q e^γ
+  static constexpr int kKl = kQ + C * D / 2;   // [D, C] fp16: (K e^{γ_last - γ})ᵀ
+  static constexpr int kA = kKl + C * D / 2;   // [C, C] fp16: A_qk (zero above the diagonal)
+  static constexpr int kU = kA + C * C / 2;    // [C, V] fp32: U0 = T V
+  static constexpr int kEg = kU + C * D;       // [D] e^{γ_last}
+  static constexpr int kInvW = kEg + D;        // inverse scales of W,
+  static constexpr int kInvQ = kInvW + 1;      //   Q e^γ,
+  static constexpr int kInvA = kInvQ + 1;      //   A_qk,
+  static constexpr int kInvKl = kInvA + 1;     //   Klᵀ,
+  static constexpr int kScaleKl = kInvKl + 1;  // Klᵀ's scale
+  static constexpr int kFloats = (kScaleKl + 1 + 31) / 32 * 32;
+  static constexpr int kTail = kFloats - kEg;  // e^{γ_last} and the scales: one contiguous copy
+  static_assert(kScaleKl < kFloats, "the scales fit the padded tail");
+  static_assert(kFloats % 32 == 0 && kU % 4 == 0 && kEg % 4 == 0 && D % 16 == 0 && C % 16 == 0,
+                "128-byte records, 16-byte aligned arrays");
 };
 
 FLASH_KDA_HD int64_t chunks_of(int64_t len, int C) { return (len + C - 1) / C; }
@@ -191,6 +205,122 @@ FLASH_KDA_DEVICE void copy_tile_async(float* dst, const float* src, int tid) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// fp16 operands: power-of-two scales, packing, m16n8k16
+// ---------------------------------------------------------------------------------------------
+FLASH_KDA_DEVICE float2 ld2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+
+// A power of two `s` that brings a largest magnitude m (>= 0) into [2^14, 2^15), and its inverse.
+// From m's exponent field: s = 2^(n - 127) with n = 268 - e, clamped to [1, kMaxScaleN]: s is at
+// least 2^-126 (an inf or NaN m: s = 2^-114, and the inf or NaN values themselves go through the
+// products as they would in fp32) and at most 2^40. The upper bound matters where two scales meet
+// in one factor (the state update multiplies the state by Klᵀ's scale times U's row
+// scale): a row or channel of zeros (m = 0) would otherwise get 2^126, and the product of two such
+// scales is inf, which turns the zeros into NaN (tests' zero_channels). Rows whose largest
+// magnitude is below 2^-26 stay below 2^14 after scaling; they keep full fp16 precision down to a
+// largest magnitude of 2^-54.
+constexpr int kMaxScaleN = 127 + 40;
+struct Pow2 {
+  float s, inv;
+};
+FLASH_KDA_DEVICE Pow2 pow2_scale(float m) {
+  const int e = (__float_as_int(m) >> 23) & 0xff;
+  const int n = min(max(268 - e, 1), kMaxScaleN);
+  return {__int_as_float(n << 23), __int_as_float((254 - n) << 23)};
+}
+
+// U's row scale u, limited so that the state update's pre-scaled state stays finite: the row's
+// largest state magnitude m_S < 2^15 / r (r: the state row's own scale, from the same chunk),
+// times e^{γ_last} <= 1, times Klᵀ's scale <= 2^40, times u must stay below 2^126, so
+// u <= 2^71 r. Where the cap binds, U is so small beside the state (by more than 2^-50 or so) that
+// its fp16 rounding cannot show in the fp32 sum.
+// (From r's inverse alone, which the chunk keeps anyway: 1 / x of a power of two by its exponent.)
+FLASH_KDA_DEVICE Pow2 cap_by_state(Pow2 u, float r_inv) {
+  const float floor_inv = r_inv * 0x1p-71f;  // >= 2^-111 (r_inv >= 2^-40)
+  if (u.inv >= floor_inv) return u;
+  return {__int_as_float((254 << 23) - __float_as_int(floor_inv)), floor_inv};
+}
+
+// Two fp32 values as one f16x2 register: lo in the low half (the smaller k index of a fragment).
+FLASH_KDA_DEVICE uint32_t pack_f16(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// (mma16, the m16n8k16 fp16 product: ptx.cuh)
+
+// The A fragment of k-block kb from accumulator tiles c0 = tile 2kb, c1 = tile 2kb + 1 (columns
+// 16kb..16kb+7 and 16kb+8..16kb+15 of the same 16 rows), rows g and g + 8 scaled by s0 and s1.
+FLASH_KDA_DEVICE void pack_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4], float s0, float s1) {
+  a[0] = pack_f16(c0[0] * s0, c0[1] * s0);
+  a[1] = pack_f16(c0[2] * s1, c0[3] * s1);
+  a[2] = pack_f16(c1[0] * s0, c1[1] * s0);
+  a[3] = pack_f16(c1[2] * s1, c1[3] * s1);
+}
+
+// fp16 arrays are stored in core-matrix order, the layout wgmma reads from shared memory (ptx.cuh):
+// element (r, c) of a [ROWS, COLS] array at half offset core_offset<COLS>(r, c), i.e. 8 x 8 blocks of
+// 128 contiguous bytes, the blocks of an 8-row group side by side, the groups one after another.
+// Both recurrences read the same records: wgmma through a descriptor (LBO 128 bytes, SBO 16 COLS),
+// mma16 by ld_frag below.
+template <int COLS>
+FLASH_KDA_HD int core_offset(int r, int c) {
+  return (r / 8) * 8 * COLS + (c / 8) * 64 + (r % 8) * 8 + c % 8;
+}
+
+// Lane (g, t)'s m16n8k16 B fragment for k-block kb, from `rows` = the array's 8-row group plus
+// (g, 2t) (core_offset<COLS>(8 group + g, 2t)): two 4-byte loads, one per 8-column block. (Lanes
+// read 32 different words of one 128-byte block: no bank conflict.)
+FLASH_KDA_DEVICE uint2 ld_frag(const __half* rows, int kb) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(rows + 128 * kb);
+  return make_uint2(w[0], w[32]);
+}
+
+// Largest magnitude over the quad (the four lanes that hold one accumulator row).
+FLASH_KDA_DEVICE float quad_max(float m) {
+  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+  return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+}
+
+// Scale factors of the two accumulator rows a lane holds (g and g + 8) over NT tiles.
+template <int NT>
+FLASH_KDA_DEVICE void row_scales(const float (&x)[NT][4], Pow2& r0, Pow2& r1) {
+  float m0 = 0.0f, m1 = 0.0f;
+#pragma unroll
+  for (int it = 0; it < NT; ++it) {
+    m0 = fmaxf(m0, fmaxf(fabsf(x[it][0]), fabsf(x[it][1])));
+    m1 = fmaxf(m1, fmaxf(fabsf(x[it][2]), fabsf(x[it][3])));
+  }
+  r0 = pow2_scale(quad_max(m0));
+  r1 = pow2_scale(quad_max(m1));
+}
+
+// Largest value of m over the warp, in every lane.
+FLASH_KDA_DEVICE float warp_max(float m) {
+#pragma unroll
+  for (int off = 16; off >= 1; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  return m;
+}
+
+// Largest of red[0 .. N) (N <= 32 warps' maxima, all >= 0), in every lane of the calling warp: one
+// load per lane and a shuffle reduction. (Each thread reading all N cost N loads and N maxima per
+// thread: 45 of each for the three state-side arrays, ~4 % of the preparation's instructions, v10.)
+template <int N>
+FLASH_KDA_DEVICE float max_of(const float* red, int lane) {
+  static_assert(N <= 32, "one value per lane");
+  return warp_max(lane < N ? red[lane] : 0.0f);
+}
+
+// Eight values times s as fp16: one 16-byte store (dst 16-byte aligned).
+FLASH_KDA_DEVICE void store8_f16(__half* dst, const float (&v)[8], float s) {
+  uint4 h;
+  h.x = pack_f16(v[0] * s, v[1] * s);
+  h.y = pack_f16(v[2] * s, v[3] * s);
+  h.z = pack_f16(v[4] * s, v[5] * s);
+  h.w = pack_f16(v[6] * s, v[7] * s);
+  *reinterpret_cast<uint4*>(dst) = h;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Preparation kernel: one block per (slot, value head)
 // ---------------------------------------------------------------------------------------------
 // The K-side arrays of the fused body's Layout (kda_chunk_tc.cuh), same member names so that its
@@ -210,7 +340,7 @@ struct PrepLayout {
   static constexpr int LDV = VS + 8;
   static constexpr int LDA = C + 4;
 
-  static constexpr int kK = 0;                      // [C, LD] k -> k e^{γ-γ_r} -> k e^γ -> W
+  static constexpr int kK = 0;                      // [C, LD] k -> k e^{γ-γ_r} -> k e^γ
   static constexpr int kQ = kK + C * LD;            // [C, LD] q -> q e^{γ-γ_r} -> q e^γ
   static constexpr int kKe = kQ + C * LD;           // [C, LD] a -> γ -> k e^{γ_e-γ} -> k e^{γ_last-γ}
   static constexpr int kG = kKe;
@@ -226,7 +356,8 @@ struct PrepLayout {
   static constexpr int kBeta = kEl + NB * D;        // [C]
   static constexpr int kEg = kBeta + C;             // [D]
   static constexpr int kFlags = kEg + D;            // [4]
-  static constexpr int kFloats = kFlags + 4;
+  static constexpr int kRed = kFlags + 4;           // [4, kWarps] warps' maxima for the fp16 scales (Q, Klᵀ, A, W)
+  static constexpr int kFloats = kRed + 4 * kWarps;
   static constexpr int kSmemBytes = kFloats * 4;
   static constexpr int kMinBlocks = kSmemBytes <= 112 * 1024 ? 2 : 1;
   static_assert(C == 32, "invert_T handles two 16-token sub-blocks");
@@ -295,21 +426,27 @@ FLASH_KDA_DEVICE void invert_T(float* T, const float* A, const float* beta, Lane
   }
 }
 
-// U0 <- T V and W <- T (K e^γ), straight from the accumulators to the record (rows of stride D; each
-// quad of lanes writes 32 contiguous bytes per row). A warp takes column tile j of both right-hand
-// sides, so each fragment of T it loads serves two products; tiles go to warps in turn, a fixed
-// number per warp (no runtime choice of operand). W is an operand from here on: rounded to TF32
-// once, as the fused body's producers do; U0 is not (the recurrence subtracts from it in fp32).
+// Column tiles of apply_T per warp: tile warp + step kWarps for step < kApplySteps.
+template <class L>
+constexpr int kApplySteps = (L::D / 8 + L::kWarps - 1) / L::kWarps;
+
+// U0 <- T V, straight from the accumulators to the record (rows of stride D; each quad of lanes
+// writes 32 contiguous bytes per row), and W <- T (K e^γ) left in the warp's accumulators w
+// (zeros for a step past the last tile), for store_w_f16: its fp16 scale needs all of W first.
+// A warp takes column tile j of both right-hand sides, so each fragment of T it loads serves
+// two products; tiles go to warps in turn, a fixed number per warp (no runtime choice of operand).
 // T is lower triangular, so row block m needs k < 16 (m + 1).
 template <class L>
-FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, float* U0, float* W, int warp,
-                              Lane l) {
+FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, float* U0,
+                              float (&w)[kApplySteps<L>][2][4], int warp, Lane l) {
   static_assert(L::C == 32, "two row blocks of 16");
-  constexpr int kTiles = L::D / 8, kSteps = (kTiles + L::kWarps - 1) / L::kWarps;
+  constexpr int kTiles = L::D / 8;
   const unsigned t_row = frag_a_row(T, L::LDA, 4 * l.g + l.t);
 #pragma unroll
-  for (int step = 0; step < kSteps; ++step) {
+  for (int step = 0; step < kApplySteps<L>; ++step) {
     const int col0 = (warp + step * L::kWarps) * 8;
+#pragma unroll
+    for (int m = 0; m < 2; ++m) zero(w[step][m]);
     if (kTiles % L::kWarps != 0 && col0 >= L::D) break;
     uint32_t bv[4][2], bk[4][2];
 #pragma unroll
@@ -319,24 +456,131 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, fl
     }
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
-      float u[4], w[4];
+      float u[4];
       zero(u);
-      zero(w);
 #pragma unroll
       for (int kb = 0; kb < 2 * (m + 1); ++kb) {
         uint32_t a[4];
         ldmatrix_x4(a, t_row + 4 * (m * 16 * L::LDA + kb * 8));
         mma(u, a, bv[kb]);
-        mma(w, a, bk[kb]);
+        mma(w[step][m], a, bk[kb]);
       }
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int o = (m * 16 + l.g + 8 * half) * L::D + col0 + 2 * l.t;
-        *reinterpret_cast<float2*>(U0 + o) = make_float2(u[2 * half], u[2 * half + 1]);
-        *reinterpret_cast<float2*>(W + o) = make_float2(round_tf32(w[2 * half]), round_tf32(w[2 * half + 1]));
+        const int r = m * 16 + l.g + 8 * half, c = col0 + 2 * l.t;
+        *reinterpret_cast<float2*>(U0 + r * L::D + c) = make_float2(u[2 * half], u[2 * half + 1]);
       }
     }
   }
+}
+
+// W from apply_T's accumulators to the record: scaled by one power of two for the chunk (the one
+// that brings its largest magnitude into [2^14, 2^15), pow2_scale), fp16 in core-matrix order;
+// *inv = the inverse scale. Straight from registers: no pass of W through shared
+// memory, and one barrier (the chunk's maximum through red, kWarps floats) where a conversion of a
+// shared-memory W needed two. A lane's pair (c, c + 1) is one 4-byte word, and a warp's 32 words
+// of one row block fill one 128-byte core matrix (coalesced).
+template <class L>
+FLASH_KDA_DEVICE void store_w_f16(const float (&w)[kApplySteps<L>][2][4], __half* dst, float* inv, float* red,
+                                  int warp, Lane l, int tid) {
+  constexpr int kTiles = L::D / 8;
+  float m = 0.0f;
+#pragma unroll
+  for (int step = 0; step < kApplySteps<L>; ++step)
+#pragma unroll
+    for (int mm = 0; mm < 2; ++mm)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) m = fmaxf(m, fabsf(w[step][mm][e]));
+  m = warp_max(m);
+  if (tid % 32 == 0) red[warp] = m;
+  port::block_sync();
+  const Pow2 f = pow2_scale(max_of<L::kWarps>(red, tid % 32));
+  // Row r = 16 mm + 8 half + g lies in 8-row group 2 mm + half at row g, and columns col0 + 2t,
+  // + 1 in core matrix col0 / 8 at 2t: core_offset<D>(r, c) = lane_base + (2 mm + half) 8 D + col0 8,
+  // so one lane address and constant offsets (the compiler cannot see g < 8 in core_offset).
+  const int lane_base = 8 * l.g + 2 * l.t;
+#pragma unroll
+  for (int step = 0; step < kApplySteps<L>; ++step) {
+    const int col0 = (warp + step * L::kWarps) * 8;
+    if (kTiles % L::kWarps != 0 && col0 >= L::D) break;
+    __half* tile = dst + lane_base + col0 * 8;
+#pragma unroll
+    for (int mm = 0; mm < 2; ++mm)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        *reinterpret_cast<uint32_t*>(tile + (2 * mm + half) * 8 * L::D) =
+            pack_f16(w[step][mm][2 * half] * f.s, w[step][mm][2 * half + 1] * f.s);
+  }
+  if (tid == 0) *inv = f.inv;
+}
+
+// The state-side parts of the record, by threads [0, kN) (all of the preparation's): Q e^γ
+// [C, D], Klᵀ [D, C] (row c = channel c of the token-major K e^{γ_last - γ}) and A_qk [C, C] (zero
+// above its diagonal sub-blocks, which compute_A leaves unwritten), from shared memory to fp16 in
+// core-matrix order, each times its chunk scale (fq, fkl, fa: from the arrays' largest magnitudes,
+// scale_for_state's and the caller's), then the inverse scales and e^{γ_last}.
+// Work unit: eight consecutive elements of a row, one 16-byte store. The 32 units of a warp form
+// an 8-row x 4-unit tile of one array (so every branch below is warp-uniform): each 8 lanes fill
+// one 128-byte core matrix, and the shared-memory reads are conflict-free (Q, A: the 8 lanes of a
+// quarter-warp read 8 rows, 4 banks apart with row strides of 4 mod 32; Klᵀ: a warp's 32 lanes
+// read 32 consecutive channels of one token).
+template <class L, int kN>
+FLASH_KDA_DEVICE void store_state_side_f16(const float* sm, float* rec, Pow2 fq, Pow2 fkl, Pow2 fa, int tid) {
+  using R = Record<L::D, L::C>;
+  constexpr int C = L::C, D = L::D;
+  // warp tiles of 32 units: Q e^γ's, then Klᵀ's, then A_qk's (unsigned: the index splits are shifts)
+  constexpr unsigned kQ = C * D / 256, kKl = kQ + D * C / 256, kTiles = kKl + C * C / 256;
+  static_assert(kN % 32 == 0 && C % 32 == 0 && D % 32 == 0, "whole warp tiles");
+  static_assert(L::BS == 16, "A_qk's sub-blocks: two 8-row groups, two units each");
+  __half* rec_h = reinterpret_cast<__half*>(rec);
+  const unsigned lane = static_cast<unsigned>(tid) % 32;
+  // Addresses split into a lane part (formed once) and a tile part. Row-major tile w of COLS
+  // columns: rows 8 rg + lane % 8, units 4 cg + lane / 8 (rg = w / (COLS / 32), cg = w % (COLS / 32));
+  // in core-matrix order its 32 units are 4 whole core matrices side by side, so unit (w, lane) lies
+  // at half offset 256 w + 8 lane. Klᵀ tile t: channel c = 32 (t % (D / 32)) + lane, tokens 8 tb ..
+  // 8 tb + 7 (tb = t / (D / 32)), at core_offset<C>(c, 8 tb) = 8 C (c / 8) + 64 tb + 8 (c % 8).
+  const int lane_dst = static_cast<int>(8 * lane);
+  auto row_major = [&](auto cols, const float* src, int lds, __half* dst, unsigned w, Pow2 f, bool causal) {
+    constexpr unsigned kPerRow = decltype(cols)::value / 32;
+    const int rg = static_cast<int>(w / kPerRow), cg = static_cast<int>(w % kPerRow);
+    float v[8];
+    // (A_qk: unit cb = 4 cg + lane / 8 of row r = 8 rg + lane % 8 lies above the diagonal sub-blocks
+    // when its 16-column block cb / 2 is past row block r / 16 = rg / 2)
+    if (causal && (4 * cg + static_cast<int>(lane / 8)) / 2 > rg / 2) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = 0.0f;
+    } else {
+      const float* e = src + (static_cast<int>(lane % 8) + 8 * rg) * lds + 8 * static_cast<int>(lane / 8) + 32 * cg;
+      const float4 a = ld4(e), b = ld4(e + 4);
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    }
+    store8_f16(dst + lane_dst + 256 * static_cast<int>(w), v, f.s);
+  };
+  const float* kl_src = sm + L::kKe + lane;
+  __half* kl_dst = rec_h + 2 * R::kKl + static_cast<int>(lane / 8) * 8 * C + static_cast<int>(lane % 8) * 8;
+  for (unsigned w = static_cast<unsigned>(tid) / 32; w < kTiles; w += kN / 32) {
+    if (w < kQ) {
+      row_major(std::integral_constant<int, D>{}, sm + L::kQ, L::LD, rec_h + 2 * R::kQ, w, fq, false);
+    } else if (w < kKl) {
+      const int cgrp = static_cast<int>((w - kQ) % (D / 32)), tb = static_cast<int>((w - kQ) / (D / 32));
+      const float* e = kl_src + 32 * cgrp + 8 * tb * L::LD;
+      float v[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = e[j * L::LD];
+      store8_f16(kl_dst + 32 * C * cgrp + 64 * tb, v, fkl.s);
+    } else {
+      row_major(std::integral_constant<int, C>{}, sm + L::kAqk, L::LDA, rec_h + 2 * R::kA, w - kKl, fa, true);
+    }
+  }
+  for (int c = tid; c < D; c += kN) rec[R::kEg + c] = sm[L::kEg + c];
+  if (tid == 0) {
+    rec[R::kInvQ] = fq.inv;
+    rec[R::kInvA] = fa.inv;
+    rec[R::kInvKl] = fkl.inv;
+    rec[R::kScaleKl] = fkl.s;
+  }
+  // the padding, which the recurrence copies with the tail: zeros rather than old scratch bytes
+  for (int e = R::kScaleKl + 1 + tid; e < R::kFloats; e += kN) rec[e] = 0.0f;
 }
 
 // The (sequence, chunk) of a block's index in the grid, and the slot of its record: dense by
@@ -363,12 +607,6 @@ FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, const PrepGrid& g, uint32_t
   return chunk >= 0 && chunk * C < seq_range(p, n).len;
 }
 
-// Copies a [ROWS, COLS] array (row stride LDS floats) to global rows of stride COLS, 16 bytes a step.
-template <int ROWS, int COLS, int LDS, int kThreads>
-FLASH_KDA_DEVICE void store_rows(float* dst, const float* src, int tid) {
-  for_each_quad<ROWS, COLS, kThreads>(tid, [&](int r, int c) { st4_global(dst + r * COLS + c, ld4(src + r * LDS + c)); });
-}
-
 template <class L>
 FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* scratch, float* sm, uint32_t block,
                                  int tid) {
@@ -391,97 +629,121 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
   k_side_A<L>(p, t, t0, len, g.vec, sm, tid, warp, l);
 
   float* rec = scratch + (slot * p.hv + h) * static_cast<int64_t>(R::kFloats);
-  constexpr int C = L::C, D = L::D, kRest = L::kThreads - 32;
+  __half* rec_h = reinterpret_cast<__half*>(rec);
+  constexpr int C = L::C, kRest = L::kThreads - 32, kRestWarps = kRest / 32;
+  float* red = sm + L::kRed;
   if (warp == 0) {
     invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
   } else {
-    // Meanwhile the other warps finish the state-side operands and store every part of the record
-    // that does not need T, so those stores overlap the inversion (a barrier of their own).
-    const int rt = tid - 32;
-    scale_for_state<L, kRest>(sm, rt);
-    named_barrier<1, kRest>();
-    store_rows<C, D, L::LD, kRest>(rec + R::kQ, sm + L::kQ, rt);
-    for_each_quad<D, C, kRest>(rt, [&](int c, int i) {  // transposed: row c of Klᵀ, tokens i..i+3
-      const float* col = sm + L::kKe + i * L::LD + c;
-      st4_global(rec + R::kKl + c * C + i, make_float4(col[0], col[L::LD], col[2 * L::LD], col[3 * L::LD]));
+    // Meanwhile the other warps finish the state-side operands and their largest magnitudes: the
+    // three fp16 arrays' chunk scales come from one reduction (scale_for_state's maxima, A_qk's here).
+    const int rt = tid - 32, rw = rt / 32;
+    StateSideMax m = scale_for_state<L, kRest>(sm, rt);
+    float ma = 0.0f;
+    for_each_quad<C, C, kRest>(rt, [&](int i, int j) {  // A_qk's written tiles (4 columns: one sub-block)
+      if (j / L::BS <= i / L::BS) ma = fmaxf(ma, max_abs(ld4(sm + L::kAqk + i * L::LDA + j)));
     });
-    // A_qk: compute_A leaves the tiles above the diagonal sub-blocks unwritten; store zeros there.
-    // (Four columns never straddle a 16-column sub-block.)
-    for_each_quad<C, C, kRest>(rt, [&](int i, int j) {
-      st4_global(rec + R::kA + i * C + j, j / L::BS <= i / L::BS ? ld4(sm + L::kAqk + i * L::LDA + j)
-                                                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f));
-    });
-    for (int c = rt; c < D; c += kRest) rec[R::kEg + c] = sm[L::kEg + c];
+    m.q = warp_max(m.q);
+    m.ke = warp_max(m.ke);
+    ma = warp_max(ma);
+    if (tid % 32 == 0) {
+      red[rw] = m.q;
+      red[L::kWarps + rw] = m.ke;
+      red[2 * L::kWarps + rw] = ma;
+    }
   }
-  port::block_sync();  // T and the state-side K visible
-  apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec + R::kU, rec + R::kW, warp, l);
+  // T, the state-side arrays and their maxima visible to every warp. One block-wide barrier: the
+  // record's state-side stores come after it, by all warps, and overlap apply_T instead of the
+  // inversion. (Session 14's form had warps 1.. store them during the inversion, behind a named
+  // barrier of their own, 2-3 % faster in the preparation; compute-sanitizer's racecheck reported a
+  // hazard in 7 of 10 of its runs, on store_w_f16's reduction below, and 0 of 10 with every warp at
+  // one barrier: docs/performance.md v15.)
+  port::block_sync();
+  const int lane = tid % 32;
+  store_state_side_f16<L, L::kThreads>(sm, rec, pow2_scale(max_of<kRestWarps>(red, lane)),
+                                       pow2_scale(max_of<kRestWarps>(red + L::kWarps, lane)),
+                                       pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane)), tid);
+  float w[kApplySteps<L>][2][4];
+  apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec + R::kU, w, warp, l);
+  store_w_f16<L>(w, rec_h + 2 * R::kW, rec + R::kInvW, sm + L::kRed + 3 * L::kWarps, warp, l, tid);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Recurrence kernel: one block per (sequence, value head, V slice)
 // ---------------------------------------------------------------------------------------------
 // Each warp owns 16 rows of the state for the whole sequence and keeps them in registers, as the
-// accumulators of the state update (fp32). The same registers are the A operand of the
-// projections: an mma's contraction order is free, so the k index of an A fragment is permuted to
-// match the accumulator layout (k = t <-> column 2t, k = t + 4 <-> column 2t + 1), and the B operands
-// are read in the same order, as adjacent pairs (8-byte loads). The projections run transposed,
-//     Xᵀ = S0 Wᵀ,  Oᵀ = S0 (Q e^γ)ᵀ,  Uᵀ = U0ᵀ - Xᵀ,  Oᵀ += Uᵀ A_qkᵀ,  S = S diag(e^{γ_last}) + Uᵀ Kl,
-// so U, O and S never leave the warp: no barrier inside a chunk, only around the operand buffers.
-// Shared memory holds a ring of kStages chunk operand buffers; with two, the copies of chunk c + 1
-// are issued when chunk c starts.
-template <int D_, int VS_, int C_, int kStages_>
+// accumulators of the state update (fp32). The products against the state run on fp16 operands
+// (mma m16n8k16, fp32 accumulation), transposed so that U, O and S never leave the warp:
+//     Xᵀ = S0 Wᵀ,  Oᵀ = S0 (Q e^γ)ᵀ,  Uᵀ = U0ᵀ - Xᵀ,  Oᵀ += Uᵀ A_qkᵀ,  S = S diag(e^{γ_last}) + Uᵀ Kl.
+// Why fp16: the TF32 form of this kernel was bound by shared-memory reads (every warp reads all of
+// a chunk's W, Q e^γ, Klᵀ and A_qk; docs/performance.md v6); 16-bit operands halve those bytes
+// and the mma count, and fp16 keeps TF32's 10-bit mantissa. Its range (max 65504, subnormal below
+// 2^-14) is handled by power-of-two scales, which are exact: each row of the state and of U, and
+// each of the chunk's arrays W, Q e^γ, A_qk and Klᵀ as a whole, is multiplied by 2^n so that its
+// largest magnitude lies in [2^14, 2^15) before rounding (round to nearest), and the fp32 products
+// are multiplied back (tools/recurrence_precision_model.py: same error as TF32, where unscaled fp16
+// fails on large or small values).
+//
+// A chunk's record arrives in a stage buffer by cp.async, fp16 rows and all: the preparation has
+// already scaled, rounded and ordered them (core-matrix order, core_offset), so the fp16 part of a
+// stage is a copy of the record's. The A fragments come from the accumulators: the A operand of
+// k-block kb is the accumulator tiles 2kb and 2kb+1 in natural order (pack_a). Shared memory holds
+// a ring of kStages stage buffers; with two, the copies of chunk c + 1 are issued when chunk c starts.
+//
+// Two ways to run the products, same record and stage (kMma):
+// - mma16: each warp runs m16n8k16 tiles for its 16 rows and reads every B fragment itself;
+// - wgmma (sm_90a, VS a multiple of 64): each warpgroup of 4 warps issues one m64nNk16 per k-block
+//   and the tensor cores read B from shared memory once per warpgroup, a quarter of mma16's
+//   shared-memory reads (the bound of the TF32 form, docs/performance.md v6). Where the pass cannot
+//   issue wgmma (kArchHasWgmma, ptx.cuh) it falls back to mma16.
+enum class RecurrenceMma { kAuto, kMma16 };
+
+template <int D_, int VS_, int C_, int kStages_, RecurrenceMma kMma_ = RecurrenceMma::kAuto>
 struct RecurrenceLayout {
   static constexpr int D = D_, VS = VS_, C = C_, kStages = kStages_;
   static constexpr int kWarps = VS / 16;            // 16 state rows per warp
   static constexpr int kThreads = kWarps * 32;
   static constexpr int NVS = D / VS;
-  // Row strides: pairs read by 8 lanes x 4 rows per half-warp need stride = 8 (mod 32); the
-  // scalar U0 reads (4 rows x 8 columns) need 4 (mod 32).
-  static constexpr int LDW = D + 8;                 // W, Q e^γ: [C, LDW]
-  static constexpr int LDK = C + 8;                 // Klᵀ: [D, LDK]; A_qk: [C, LDK]
-  static constexpr int LDU = VS + 4;                // U0: [C, LDU]
-  static constexpr int kW = 0;
-  static constexpr int kQ = kW + C * LDW;
-  static constexpr int kKl = kQ + C * LDW;
-  static constexpr int kU = kKl + D * LDK;
-  static constexpr int kA = kU + C * LDU;
-  static constexpr int kEg = kA + C * LDK;
-  static constexpr int kStage = kEg + D;
+  // wgmma where this pass has it and the rows fill warpgroups (device code only: see kArchHasWgmma);
+  // D <= 128 because ptx.cuh's wgmma_f16 goes up to N = 128 (the update's N is D)
+  static constexpr bool kWgmmaShape = kMma_ == RecurrenceMma::kAuto && VS % 64 == 0 && D <= 128;
+  // fp32 U0 rows: the scalar reads (4 rows x 8 columns) need a stride of 4 (mod 32).
+  static constexpr int LDU = VS + 4;                // U0: [C, LDU] floats
+  // A stage, in floats (an fp16 array of n halves takes n / 2); fp16 arrays as in Record
+  static constexpr int kW = 0;                      // [C, D] fp16
+  static constexpr int kQ = kW + C * D / 2;         // [C, D] fp16
+  static constexpr int kKl = kQ + C * D / 2;        // [D, C] fp16
+  static constexpr int kA = kKl + D * C / 2;        // [C, C] fp16
+  static constexpr int kU = kA + C * C / 2;
+  static constexpr int kEg = kU + C * LDU;          // e^{γ_last} [D], then the scales (Record's tail)
+  static constexpr int kSc = kEg + D;
+  static constexpr int sW = 0, sQ = 1, sA = 2, sKl = 3, sKlScale = 4;  // in kSc (Record's order)
+  // A stage is a whole number of 128-byte lines, so that every stage's fp16 arrays start 128-byte
+  // aligned (a second stage 32 bytes off its line made the recurrence 12 % slower, v10).
+  static constexpr int kStage = (kEg + Record<D, C>::kTail + 31) / 32 * 32;
   static constexpr int kFloats = kStages * kStage;
   static constexpr int kSmemBytes = kFloats * 4;
   static constexpr int kMinBlocks = 1;
+  using R = Record<D, C>;
+  static_assert(kU == R::kU, "the stage's fp16 arrays are the record's");
+  static_assert(R::kInvQ - R::kEg == D + sQ && R::kInvA - R::kEg == D + sA && R::kInvKl - R::kEg == D + sKl &&
+                    R::kScaleKl - R::kEg == D + sKlScale,
+                "the stage's scales in the record's order");
   static_assert(kStages == 1 || kStages == 2, "one or two operand buffers");
-  static_assert(VS % 16 == 0 && C % 8 == 0 && D % 8 == 0, "mma tiling");
-  static_assert(LDW % 32 == 8 && LDK % 32 == 8 && LDU % 32 == 4, "bank-conflict-free fragments");
-  static_assert(kStage % 4 == 0, "16-byte aligned stages");
+  static_assert(VS % 16 == 0 && C % 16 == 0 && D % 16 == 0, "m16n8k16 tiling");
+  static_assert(LDU % 32 == 4, "bank-conflict-free U0 reads");
+  static_assert(kStage % 32 == 0 && kU % 4 == 0 && kEg % 4 == 0, "128-byte stages, 16-byte aligned arrays");
 };
 
-FLASH_KDA_DEVICE float2 ld2(const float* p) { return *reinterpret_cast<const float2*>(p); }
-
-// Issues the copies of one chunk's operands (the block's V slice of U0) into a stage buffer.
+// Issues the copies of one chunk's record (the block's V slice of U0) into a stage buffer.
 template <class L>
 FLASH_KDA_DEVICE void fetch_chunk(const float* rec, int v0, float* st, int tid) {
   using R = Record<L::D, L::C>;
   constexpr int C = L::C, D = L::D, T = L::kThreads;
-  copy_tile_async<C, D, D, L::LDW, T>(st + L::kW, rec + R::kW, tid);
-  copy_tile_async<C, D, D, L::LDW, T>(st + L::kQ, rec + R::kQ, tid);
-  copy_tile_async<D, C, C, L::LDK, T>(st + L::kKl, rec + R::kKl, tid);
+  static_assert(R::kU % (D / 2) == 0, "the fp16 arrays as rows of D / 2 floats");
+  copy_tile_async<R::kU / (D / 2), D / 2, D / 2, D / 2, T>(st, rec, tid);  // every fp16 array, as is
   copy_tile_async<C, L::VS, D, L::LDU, T>(st + L::kU, rec + R::kU + v0, tid);
-  copy_tile_async<C, C, C, L::LDK, T>(st + L::kA, rec + R::kA, tid);
-  copy_tile_async<1, D, D, D, T>(st + L::kEg, rec + R::kEg, tid);
-}
-
-// A fragment from an accumulator tile, in the permuted k order described above.
-FLASH_KDA_DEVICE void acc_as_a(uint32_t (&a)[4], const float (&c)[4]) {
-  a[0] = tf32(c[0]);
-  a[1] = tf32(c[2]);
-  a[2] = tf32(c[1]);
-  a[3] = tf32(c[3]);
-}
-// B fragment from an adjacent pair (k = t, t + 4 in the permuted order).
-FLASH_KDA_DEVICE void pair_as_b(uint32_t (&b)[2], float2 x) {
-  b[0] = tf32(x.x);
-  b[1] = tf32(x.y);
+  copy_tile_async<1, R::kTail, R::kTail, R::kTail, T>(st + L::kEg, rec + R::kEg, tid);
 }
 
 // Where a block's state comes from or goes: the user's states, or a piece's carry (fp32).
@@ -523,84 +785,149 @@ FLASH_KDA_DEVICE void state_rows_io(const StateRef& ref, const portable::Task& t
     }
 }
 
+// Two products of one warpgroup with the same A fragments, d1 += A B1 and d2 += A B2 over K
+// k-blocks (B1, B2: core-matrix arrays at desc1 and desc2, 256 bytes per k-block), each in its own
+// commit group. Returns when d1 is done; d2's group may still run, so d2 and a must stay untouched
+// until a later wgmma_wait.
+template <int K, int N1, int N2>
+FLASH_KDA_DEVICE void wgmma_pair(float (&d1)[N1][4], float (&d2)[N2][4], uint32_t (&a)[K][4], uint64_t desc1,
+                                 uint64_t desc2) {
+  wgmma_fence_operand(d1);
+  wgmma_fence_operand(d2);
+  wgmma_fence_operand(a);
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < K; ++k) wgmma_f16<8 * N1>(d1, a[k], wgmma_desc_at(desc1, 256 * k));
+  wgmma_commit();
+#pragma unroll
+  for (int k = 0; k < K; ++k) wgmma_f16<8 * N2>(d2, a[k], wgmma_desc_at(desc2, 256 * k));
+  wgmma_commit();
+  wgmma_wait<1>();
+  wgmma_fence_operand(d1);
+}
+
 // One chunk for one warp: rows [row0, row0 + 16) of the block's slice, operands in stage `st`.
+// (With wgmma the four warps of a warpgroup run it together: every wgmma step is issued by all.)
 template <class L>
 FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task& t, int64_t t0, int len,
                                        const float* st, int row0, Lane l, float (&s)[L::D / 8][4]) {
-  constexpr int NT = L::C / 8;  // token tiles
-  float x[NT][4], o[NT][4];     // Xᵀ -> Uᵀ, Oᵀ: [16 rows, C tokens]
+  constexpr bool kWgmma = L::kWgmmaShape && kArchHasWgmma;
+  constexpr int C = L::C, D = L::D;
+  constexpr int NT = C / 8;   // token tiles (n = 8)
+  constexpr int KB = D / 16;  // channel k-blocks
+  constexpr int JB = C / 16;  // token k-blocks
+  const __half* h = reinterpret_cast<const __half*>(st);  // fp16 arrays: float offset k is half 2k
+  const __half* W = h + 2 * L::kW;
+  const __half* Q = h + 2 * L::kQ;
+  const __half* A = h + 2 * L::kA;
+  const __half* Kl = h + 2 * L::kKl;
+  const float* sc = st + L::kSc;
+  const int lane_at = l.g * 8 + 2 * l.t;  // core_offset of lane (g, t)'s B fragment in a block
+  float x[NT][4], o[NT][4];  // Xᵀ -> Uᵀ, Oᵀ: [16 rows, C tokens]
 #pragma unroll
   for (int it = 0; it < NT; ++it) {
     zero(x[it]);
     zero(o[it]);
   }
-  const float* W = st + L::kW + l.g * L::LDW + 2 * l.t;
-  const float* Q = st + L::kQ + l.g * L::LDW + 2 * l.t;
+  // Xᵀ = S Wᵀ, Oᵀ = S (Q e^γ)ᵀ, with the state rows scaled into fp16 as A operands.
+  Pow2 r0, r1;
+  row_scales<D / 8>(s, r0, r1);
+  uint32_t a[KB][4];
 #pragma unroll
-  for (int nt = 0; nt < L::D / 8; ++nt) {
-    uint32_t a[4];
-    acc_as_a(a, s[nt]);
+  for (int kb = 0; kb < KB; ++kb) pack_a(a[kb], s[2 * kb], s[2 * kb + 1], r0.s, r1.s);
+  if constexpr (kWgmma) {
+    // X (on the state's critical path) and O (not) in separate groups: O's products run while
+    // this warpgroup computes U from X.
+    wgmma_pair(x, o, a, wgmma_desc(W, 128, 16 * D), wgmma_desc(Q, 128, 16 * D));
+    // (X done; O may still run: o and a stay untouched until the wait below)
+  } else {
 #pragma unroll
-    for (int it = 0; it < NT; ++it) {
-      uint32_t b[2];
-      pair_as_b(b, ld2(W + it * 8 * L::LDW + nt * 8));
-      mma(x[it], a, b);
-      pair_as_b(b, ld2(Q + it * 8 * L::LDW + nt * 8));
-      mma(o[it], a, b);
-    }
-  }
-  const float* U0 = st + L::kU + row0 + l.g;
+    for (int kb = 0; kb < KB; ++kb)
 #pragma unroll
-  for (int it = 0; it < NT; ++it)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = it * 8 + 2 * l.t + (e & 1);
-      x[it][e] = U0[i * L::LDU + (e >= 2 ? 8 : 0)] - x[it][e];
-    }
-  // Oᵀ += Uᵀ A_qkᵀ over the causal token tiles (A_qk is zero above its diagonal).
-  const float* A = st + L::kA + l.g * L::LDK + 2 * l.t;
-#pragma unroll
-  for (int jt = 0; jt < NT; ++jt) {
-    uint32_t a[4];
-    acc_as_a(a, x[jt]);
-#pragma unroll
-    for (int it = jt; it < NT; ++it) {
-      uint32_t b[2];
-      pair_as_b(b, ld2(A + it * 8 * L::LDK + jt * 8));
-      mma(o[it], a, b);
-    }
-  }
-  port::input_t* out = static_cast<port::input_t*>(p.out);
-#pragma unroll
-  for (int it = 0; it < NT; ++it)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = it * 8 + 2 * l.t + (e & 1);
-      if (i < len) {
-        const int v = t.v0 + row0 + l.g + (e >= 2 ? 8 : 0);
-        out[token_offset(p.out_strides, t.r, t0 + i, t.h) + v] = port::from_float<port::input_t>(o[it][e]);
+      for (int it = 0; it < NT; ++it) {
+        mma16(x[it], a[kb], ld_frag(W + it * 8 * D + lane_at, kb));
+        mma16(o[it], a[kb], ld_frag(Q + it * 8 * D + lane_at, kb));
       }
-    }
-  // S <- S diag(e^{γ_last}) + Uᵀ Kl.
-  const float* eg = st + L::kEg + 2 * l.t;
-  const float* Kl = st + L::kKl + l.g * L::LDK + 2 * l.t;
-#pragma unroll
-  for (int nt = 0; nt < L::D / 8; ++nt) {
-    const float2 e2 = ld2(eg + nt * 8);
-    s[nt][0] *= e2.x;
-    s[nt][1] *= e2.y;
-    s[nt][2] *= e2.x;
-    s[nt][3] *= e2.y;
   }
+  // U = U0 - X, X unscaled (rows by the state's scales, all of it by W's one scale).
+  const float* U0 = st + L::kU + row0 + l.g;
+  const float xs0 = r0.inv * sc[L::sW], xs1 = r1.inv * sc[L::sW];
 #pragma unroll
   for (int it = 0; it < NT; ++it) {
-    uint32_t a[4];
-    acc_as_a(a, x[it]);
+    const int i = it * 8 + 2 * l.t;
 #pragma unroll
-    for (int nt = 0; nt < L::D / 8; ++nt) {
-      uint32_t b[2];
-      pair_as_b(b, ld2(Kl + nt * 8 * L::LDK + it * 8));
-      mma(s[nt], a, b);
+    for (int e = 0; e < 4; ++e) {
+      x[it][e] = fmaf(-x[it][e], e >= 2 ? xs1 : xs0, U0[(i + (e & 1)) * L::LDU + (e >= 2 ? 8 : 0)]);
+    }
+  }
+  // U's rows as fp16 A fragments, one per token k-block (used twice: by O and by the update).
+  Pow2 u0, u1;
+  row_scales<NT>(x, u0, u1);
+  u0 = cap_by_state(u0, r0.inv);
+  u1 = cap_by_state(u1, r1.inv);
+  uint32_t ua[JB][4];
+#pragma unroll
+  for (int jb = 0; jb < JB; ++jb) pack_a(ua[jb], x[2 * jb], x[2 * jb + 1], u0.s, u1.s);
+  // S <- S diag(e^{γ_last}) + Uᵀ Kl. The product carries U's row scale u_v and Klᵀ's scale k, so
+  // S is brought into those units first and back after: element (v, c) times e^{γ_last,c} u_v k,
+  // then the mma, then times 1 / (u_v k).
+  const float* eg = st + L::kEg + 2 * l.t;
+  const float uk0 = u0.s * sc[L::sKlScale], uk1 = u1.s * sc[L::sKlScale];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    const float2 e2 = ld2(eg + nt * 8);
+    s[nt][0] *= e2.x * uk0;
+    s[nt][1] *= e2.y * uk0;
+    s[nt][2] *= e2.x * uk1;
+    s[nt][3] *= e2.y * uk1;
+  }
+  // The state update's product and O2ᵀ = Uᵀ A_qkᵀ (A_qk is zero above its diagonal: mma16 skips
+  // those blocks, token tile it needs the k-blocks jb <= it / 2; wgmma multiplies the zeros).
+  float o2[NT][4];
+#pragma unroll
+  for (int it = 0; it < NT; ++it) zero(o2[it]);
+  if constexpr (kWgmma) {
+    wgmma_pair(s, o2, ua, wgmma_desc(Kl, 128, 16 * C), wgmma_desc(A, 128, 16 * C));
+    wgmma_fence_operand(o);  // O's group, older, has retired too (groups retire in order)
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+      for (int jb = 0; jb < JB; ++jb) mma16(s[nt], ua[jb], ld_frag(Kl + nt * 8 * C + lane_at, jb));
+#pragma unroll
+    for (int it = 0; it < NT; ++it)
+#pragma unroll
+      for (int jb = 0; jb <= it / 2; ++jb) mma16(o2[it], ua[jb], ld_frag(A + it * 8 * C + lane_at, jb));
+  }
+  // S back from U's and Klᵀ's units: one factor per row.
+  const float ui0 = u0.inv * sc[L::sKl], ui1 = u1.inv * sc[L::sKl];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    s[nt][0] *= ui0;
+    s[nt][1] *= ui0;
+    s[nt][2] *= ui1;
+    s[nt][3] *= ui1;
+  }
+  if constexpr (kWgmma) {
+    wgmma_wait<0>();
+    wgmma_fence_operand(o2);
+  }
+  // O = O + O2, each unscaled (O: the state's rows and Q e^γ's scale; O2: U's rows and A_qk's
+  // scale), stored.
+  port::input_t* out = static_cast<port::input_t*>(p.out);
+  const float oq0 = r0.inv * sc[L::sQ], oq1 = r1.inv * sc[L::sQ];
+  const float oa0 = u0.inv * sc[L::sA], oa1 = u1.inv * sc[L::sA];
+#pragma unroll
+  for (int it = 0; it < NT; ++it) {
+    const int i = it * 8 + 2 * l.t;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float y = fmaf(o[it][e], e >= 2 ? oq1 : oq0, o2[it][e] * (e >= 2 ? oa1 : oa0));
+      if (i + (e & 1) < len) {
+        const int v = t.v0 + row0 + l.g + (e >= 2 ? 8 : 0);
+        out[token_offset(p.out_strides, t.r, t0 + i + (e & 1), t.h) + v] =
+            port::from_float<port::input_t>(y);
+      }
     }
   }
 }
@@ -642,6 +969,7 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
       cp_async_commit();
       cp_async_wait<0>();
     }
+    if constexpr (L::kWgmmaShape) fence_proxy_async();  // the copies, visible to wgmma's reads
     port::block_sync();
     const int64_t t0 = c * L::C;
     const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);

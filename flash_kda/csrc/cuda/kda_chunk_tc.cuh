@@ -148,6 +148,7 @@ FLASH_KDA_DEVICE float4 operator*(float4 a, float4 b) {
 }
 using portable::ld4;  // 16-byte shared-memory read
 FLASH_KDA_DEVICE void st4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
+FLASH_KDA_DEVICE float max_abs(float4 x) { return fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(x.z), fabsf(x.w))); }
 
 // 1 / (1 + e^{-x}); e^{-x} = inf for very negative x gives 0, as it should.
 FLASH_KDA_DEVICE float fast_sigmoid(float x) {
@@ -296,10 +297,33 @@ FLASH_KDA_DEVICE void zero_past_end(bool dead, float (&x)[8]) {
   for (int e = 0; e < 8; ++e) x[e] = dead ? 0.0f : x[e];
 }
 
+// Which row (of the warp's 32 / RV) and which 8-channel group a lane takes in load_chunk, RV lanes
+// per row. A lane stores its 8 channels as two 16-byte words, and a 16-byte store is served a
+// quarter-warp (8 lanes) at a time: with a row's lanes side by side, those 8 lanes wrote words 2p
+// of one row, which fall on 4 of the 8 16-byte bank groups (2-way conflicts on every store: 8 %
+// of the preparation's shared-memory wavefronts, docs/performance.md v14). Here a quarter-warp
+// takes R = 32 / RV rows (LD = 4 mod 32: a row starts one group further on) and in each row
+// channel groups p whose 2p are distinct mod 8, so its 8 words fill all 8 bank groups (R = 2, 4,
+// 8; one row per warp, R = 1, keeps the 2-way conflict: its 8 lanes have only 4 even 2p).
+struct RowLane {
+  int row, group;  // row within the warp's R rows; channels [8 group, 8 group + 8)
+};
+template <int RV>
+FLASH_KDA_DEVICE RowLane row_lane(int lane) {
+  constexpr int R = 32 / RV;
+  if constexpr (R == 1) {
+    return {0, lane};
+  } else {
+    constexpr int H = R / 2;
+    const int m = lane % 8, q = lane / 8, pp = m / R;  // quarter q, slot pp of its row in it
+    return {m % R, 4 * (q / H) + (pp * H + q) % 4};
+  }
+}
+
 // Chunk input, normalised on the way in: q <- scale · q / ||q||, k <- k / ||k|| (norms optional),
 // a <- the gate's log-decay in log2 units (clamped like the portable body), v, sigmoid(b). A thread
-// reads 8 consecutive channels of a row; the D / 8 lanes of a row (one warp or part of one) reduce
-// the squared norm with shuffles. Tokens past the sequence end are zero.
+// reads 8 consecutive channels of a row; the D / 8 lanes of a row (one warp or part of one, as
+// row_lane places them) reduce the squared norm with shuffles. Tokens past the sequence end are zero.
 //
 // Every global read of the chunk (q, k, g, dt_bias, v, b and A_log[h]) is issued before any loaded
 // value is used, in code without branches around the reads, so that their latencies overlap: one
@@ -319,6 +343,9 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   constexpr int kVPass = (kVItems + L::kThreads - 1) / L::kThreads;
   static_assert(RV <= 32 && 32 % RV == 0 && (L::C * RV) % L::kThreads == 0, "row lanes");
   const bool gate = p.A_log != nullptr;
+  const RowLane rl = row_lane<RV>(tid % 32);
+  const int row0 = (tid / 32) * (32 / RV) + rl.row;  // pass r: row row0 + r * kRowsPerPass
+  constexpr int kRowsPerPass = L::kWarps * (32 / RV);
   const int last = len - 1;
 
   // 1. The reads.
@@ -330,7 +357,7 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   if (tid < L::C) b_bits = load_bits(p.beta, token_offset(p.beta_strides, t.r, t0 + min(tid, last), t.h), p.beta_fp32);
 #pragma unroll
   for (int r = 0; r < kPass; ++r) {
-    const int item = tid + r * L::kThreads, i = min(item / RV, last), c = (item % RV) * 8;
+    const int i = min(row0 + r * kRowsPerPass, last), c = rl.group * 8;
     // dt_bias straight from global memory (cached: every block of the head reads the same row)
     if (gate) {
       load8<kVec>(p.dt_bias, t.h * p.dt_bias_head_stride + c, true, vec.dtb, dtb[r]);
@@ -367,7 +394,7 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   constexpr float kMin2 = portable::kMinLogDecay;  // log2 units; only needs to stay finite
 #pragma unroll
   for (int r = 0; r < kPass; ++r) {
-    const int item = tid + r * L::kThreads, i = item / RV, c = (item % RV) * 8;
+    const int i = row0 + r * kRowsPerPass, c = rl.group * 8;
     float qs = 0.0f, ks = 0.0f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
@@ -375,7 +402,7 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
       ks += kx[r][e] * kx[r][e];
     }
 #pragma unroll
-    for (int m = RV / 2; m >= 1; m /= 2) {  // lanes of one row are aligned groups of RV
+    for (int m = 16; m >= 32 / RV; m /= 2) {  // a row's lanes: one lane % (32 / RV) (row_lane)
       qs += __shfl_xor_sync(0xffffffffu, qs, m);
       ks += __shfl_xor_sync(0xffffffffu, ks, m);
     }
@@ -550,17 +577,29 @@ FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
 
 // k -> k e^γ, q -> q e^γ (from the e^{γ - γ_r} forms) and Ke -> k e^{γ_last - γ}. (e^{γ_r} may
 // flush to 0 where e^γ of an earlier token would not: only for factors below 2^-126 · 2^kMaxSpan.)
-// (By threads [0, kN); the two-kernel form's preparation leaves warp 0 out.)
+// (By threads [0, kN); the two-kernel form's preparation leaves warp 0 out.) Returns the largest
+// magnitudes of the thread's q e^γ and Ke values: the two-kernel form scales its fp16 records by
+// them, found here where the values pass through registers anyway (the fused body ignores them).
+struct StateSideMax {
+  float q, ke;
+};
+
 template <class L, int kN = L::kThreads>
-FLASH_KDA_DEVICE void scale_for_state(float* sm, int tid) {
+FLASH_KDA_DEVICE StateSideMax scale_for_state(float* sm, int tid) {
   constexpr int D = L::D;
+  StateSideMax m{0.0f, 0.0f};
   for_each_quad<L::C, D, kN>(tid, [&](int i, int c) {
     const int I = i / L::BS, o = i * L::LD + c;
     const float4 fb = ld4(sm + L::kEr + I * D + c);  // e^{γ_r(I)}
+    const float4 q = round_tf32(ld4(sm + L::kQ + o) * fb);
+    const float4 ke = round_tf32(ld4(sm + L::kKe + o) * ld4(sm + L::kEl + I * D + c));
     st4(sm + L::kK + o, round_tf32(ld4(sm + L::kK + o) * fb));
-    st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
-    st4(sm + L::kKe + o, round_tf32(ld4(sm + L::kKe + o) * ld4(sm + L::kEl + I * D + c)));
+    st4(sm + L::kQ + o, q);
+    st4(sm + L::kKe + o, ke);
+    m.q = fmaxf(m.q, max_abs(q));
+    m.ke = fmaxf(m.ke, max_abs(ke));
   });
+  return m;
 }
 
 // ---------------------------------------------------------------------------------------------

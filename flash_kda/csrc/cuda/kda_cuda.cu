@@ -266,14 +266,20 @@ struct RecurrenceVariant
   using L = tc::RecurrenceLayout<kHeadDim, VS, 32, kStages>;
   using Base = VariantBase<L, VS, L::kThreads, 256 / L::kThreads>;
 
-  // Estimated time of the busiest multiprocessor in units of a full-width slice's chunk. Fitted to
-  // H100 runs at D = 128 (docs/performance.md, v6): alone on a multiprocessor a chunk took 3.3,
-  // 1.85 and 1.55 us at VS = 128, 64, 32 — the slice's share of the tensor-core products plus a
-  // fixed part (a two-warp block is not slower per row than wider ones, as the v4 model had it);
-  // two co-resident blocks are costed at 1.6x one (v4).
+  // Estimated time of the busiest multiprocessor in units of a full-width wgmma slice's chunk.
+  // Fitted to H200 runs at D = 128 (docs/performance.md v9-v10; T=32768 H=32, one block per
+  // multiprocessor): a chunk took 2.1, 1.26 us at VS = 128, 64 by wgmma (its B reads are shared by
+  // a warpgroup, so the slice's share of the products shrinks with VS: 0.2 + 0.8 VS / D) and 1.35 us
+  // at VS = 32 by m16n8k16 (every warp reads all of B: 1.46x the TF32 form's 0.25 + 0.75 VS / D,
+  // fitted to H100 runs in v6). Two or three co-resident blocks took ~1.7x one (T=8192 H=96), costed
+  // 1.6x as in v4: enough for the ranking (VS 64 fastest on every measured shape, by 4 % at H=96).
+  // wgmma runs where the build targets sm_90a, which the JIT does for a compute-capability-9.0
+  // device (an explicit FLASH_KDA_CUDA_ARCH without the 'a' gets mma16 costed as wgmma: a
+  // ranking error, not a correctness one). A model to rank layouts, not a prediction of time.
   static double cost(const KdaParams& p, const port::DeviceInfo& dev) {
     const auto load = Base::busiest(p, dev);
-    const double chunk = 0.25 + 0.75 * VS / kHeadDim;
+    const bool wgmma = L::kWgmmaShape && dev.major == 9;
+    const double chunk = wgmma ? 0.2 + 0.8 * VS / kHeadDim : 1.46 * (0.25 + 0.75 * VS / kHeadDim);
     return static_cast<double>(load.waves) * (load.shared ? 1.6 : 1.0) * chunk;
   }
 
@@ -336,9 +342,10 @@ struct TcVariants<256> : TcChoice<TcVariant<64, 256>, TcVariant<32, 256>> {};
 
 // The two-kernel form per head dim: the preparation layouts (whole V width; 256 or 512 threads)
 // and the recurrence layouts (V slice, operand buffers: shared memory per block):
-//   D = 64:  preparation 51 KB; recurrence VS 64 or 32, two buffers (84 KB, 76 KB)
-//   D = 128: preparation 87 KB; recurrence VS 128, 64 or 32, two buffers (152 KB, 136 KB, 128 KB)
-//   D = 256: preparation 157 KB; recurrence VS 64 or 32, one buffer (121 KB, 117 KB)
+//   D = 64:  preparation 51 KB; recurrence VS 64 or 32, two buffers (57 KB, 49 KB)
+//   D = 128: preparation 87 KB; recurrence VS 128, 64 or 32, two buffers (103 KB, 87 KB, 79 KB)
+//   D = 256: preparation 157 KB; recurrence VS 64 or 32, one buffer (73 KB, 69 KB)
+// (with fp16 records; two buffers at D = 256 would now fit, 146 KB and 138 KB: not yet measured)
 template <int D>
 struct Split;
 template <>
@@ -369,12 +376,15 @@ bool split_usable(const port::DeviceInfo& dev) {
 // runs beside the preparation of the next (overlap.cuh; docs/next-overlap.md), and which recurrence
 // V slice it then uses (0: the usual choice). FLASH_KDA_CUDA_PIECES=<k> (read once per process): 1
 // never cuts, k >= 2 cuts dense calls in k (tc::split_pieces: at most one per chunk). Unset or empty:
-// the rule below, fitted to H100 whole-call times at D = 128 (docs/performance.md v12):
-//  - only dense calls at D = 128 with at least 256 chunks (8192 tokens) per sequence;
-//  - only if a recurrence layout of V slice 32 or 64 (one that fits beside a 512-thread preparation
-//    block on a multiprocessor; VS 128 does not) needs at most half the multiprocessors: then the
-//    cheaper of those by the usual cost. Pieces paid 12-23 % there (T=8192-65536, H=16 and 32) and
-//    nothing or worse where the recurrence needs more blocks (H=64: 128 blocks at VS 64);
+// the rule below, for dense calls at D = 128 with at least 256 chunks (8192 tokens) per sequence:
+//  - on compute capability 9.0 (the wgmma recurrence, fp16 records): VS 64 whenever its blocks number
+//    at most 1.5x the multiprocessors. Fitted to H200 whole-call times (docs/performance.md v13,
+//    H = 16 to 96): pieces at VS 64 were the fastest setting on every shape of at least 256 chunks,
+//    -2 % (H=64) to -21 % (T=32768 H=32) against one piece; a VS 64 block (87 KB, 32,768 registers)
+//    fits beside a 512-thread preparation block. H=96 (192 blocks) is the largest measured;
+//  - elsewhere (mma16 recurrence; fitted to H100 times of main's TF32 recurrence, v12): only if a
+//    recurrence of V slice 32 or 64 needs at most half the multiprocessors, then the cheaper of those
+//    by the usual cost (pieces paid 12-23 % at H=16 and 32, nothing with 128 blocks at H=64);
 //  - 4 pieces below 1024 chunks, 8 from there (the best k measured at 256-512 and 1024-2048 chunks).
 struct SplitPlan {
   int64_t pieces;
@@ -395,11 +405,15 @@ SplitPlan split_plan(const KdaParams& p, const port::DeviceInfo& dev) {
     if (p.cu_seqlens != nullptr || chunks < 256 || vslice_override() != 0) return SplitPlan{1, 0};
     using R64 = RecurrenceVariant<64, 2>;
     using R32 = RecurrenceVariant<32, 2>;
+    const int64_t k = tc::split_pieces(p, kSplitChunk, chunks >= 1024 ? 8 : 4);
+    if (dev.major == 9 && R64::fits(dev) && R64::blocks(p) <= 3 * static_cast<int64_t>(dev.multiprocessors) / 2) {
+      return SplitPlan{k, 64};
+    }
     const int64_t half = dev.multiprocessors / 2;
     const bool ok64 = R64::fits(dev) && R64::blocks(p) <= half, ok32 = R32::fits(dev) && R32::blocks(p) <= half;
     if (!ok64 && !ok32) return SplitPlan{1, 0};
     const int vs = ok64 && (!ok32 || R64::cost(p, dev) <= R32::cost(p, dev)) ? 64 : 32;
-    return SplitPlan{tc::split_pieces(p, kSplitChunk, chunks >= 1024 ? 8 : 4), vs};
+    return SplitPlan{k, vs};
   }
 }
 

@@ -65,6 +65,16 @@ FLASH_KDA_DEVICE void ldmatrix_x2(uint32_t (&r)[2], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(addr) : "memory");
 }
 
+// m16n8k16, fp16 operands, fp32 accumulators (PTX ISA fragments; g = lane / 4, t = lane % 4):
+// A (16 x 16): a0 (g, 2t..2t+1), a1 (g+8, 2t..2t+1), a2 (g, 2t+8..2t+9), a3 (g+8, 2t+8..2t+9);
+// B (16 x 8, k x n): b0 (k 2t..2t+1, n g), b1 (k 2t+8..2t+9, n g); C as for m16n8k8.
+FLASH_KDA_DEVICE void mma16(float (&d)[4], const uint32_t (&a)[4], uint2 b) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+}
+
 // cp.async (sm_80): 16-byte global -> shared copies that complete in commit-group order.
 // (dst: a shared-space byte address, so that a caller can add constant offsets to one base.)
 FLASH_KDA_DEVICE void cp_async16(unsigned dst, const float* src) {
@@ -80,11 +90,129 @@ FLASH_KDA_DEVICE void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// Barrier `kId` (1..15; 0 is __syncthreads) for kThreads threads, a multiple of 32.
-template <int kId, int kThreads>
-FLASH_KDA_DEVICE void named_barrier() {
-  asm volatile("bar.sync %0, %1;" ::"n"(kId), "n"(kThreads) : "memory");
+// ---- wgmma (sm_90a only: FLASH_KDA_HAS_WGMMA) --------------------------------------------------
+// A warpgroup (4 consecutive warps, 128 threads) multiplies a 64 x 16 fp16 A, from registers, by a
+// 16 x N fp16 B in shared memory, into 64 x N fp32 accumulators, asynchronously. Warp w of the group
+// holds rows 16w..16w+15 of A and D in exactly the m16n8k16 fragments of mma16 (d[j] is n-tile j),
+// so a warp's mma16 accumulators and A fragments serve as they are.
+//
+// B is K-major in "core matrices" without swizzle: element (n, k) at byte
+//     (n / 8) * SBO + (k / 8) * LBO + (n % 8) * 16 + (k % 8) * 2
+// from the descriptor's start address: 8 x 8 blocks of 128 contiguous bytes. Our arrays put the
+// two k-halves of a 16-wide k-block next to each other (LBO = 128) and the 8-row groups one after
+// another (SBO = 16 * the row length in elements): see core_offset in kda_chunk_split.cuh.
+//
+// Protocol (PTX ISA, wgmma): wgmma_fence() before the first wgmma that reads registers written by
+// other instructions; wgmma_commit() closes a group; wgmma_wait<N>() returns when at most N groups
+// are pending; only then may the accumulators be read (wgmma_fence_operand keeps the compiler from
+// moving those reads above the wait) or the A registers and B's shared memory be changed. Shared
+// memory written by ordinary stores or cp.async must be made visible to the async proxy with
+// fence_proxy_async() before a barrier that precedes the wgmma.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FLASH_KDA_HAS_WGMMA 1
+#else
+#define FLASH_KDA_HAS_WGMMA 0
+#endif
+// Whether this compilation pass can issue wgmma (device code may branch on it; host code and
+// types must not, the host pass sees 0).
+constexpr bool kArchHasWgmma = FLASH_KDA_HAS_WGMMA;
+
+// The shared-memory descriptor: start address, LBO, SBO (each in 16-byte units, 14 bits), no swizzle.
+FLASH_KDA_DEVICE uint64_t wgmma_desc(const void* smem, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  return static_cast<uint64_t>((addr >> 4) & 0x3fffu) |
+         (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3fffu) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3fffu) << 32);
 }
+
+// The descriptor of the operand `bytes` further on in shared memory (a multiple of 16; the start
+// address field cannot carry: shared addresses stay below 2^18). One descriptor per array and
+// constant steps from it cost an add per product instead of forming each address anew.
+FLASH_KDA_DEVICE uint64_t wgmma_desc_at(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
+FLASH_KDA_DEVICE void wgmma_fence() {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+FLASH_KDA_DEVICE void wgmma_commit() {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+#endif
+}
+template <int N>
+FLASH_KDA_DEVICE void wgmma_wait() {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+#endif
+}
+// Pins registers at this point of the instruction stream: called on accumulators and A fragments
+// before wgmma_fence (so that the instructions producing them are not moved below the fence, where
+// ptxas would insert a fence and a wait of its own) and on accumulators after wgmma_wait.
+template <int NT>
+FLASH_KDA_DEVICE void wgmma_fence_operand(float (&d)[NT][4]) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+}
+template <int NT>
+FLASH_KDA_DEVICE void wgmma_fence_operand(uint32_t (&a)[NT][4]) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
+}
+// Makes this thread's ordinary shared-memory writes (st.shared, cp.async) visible to wgmma's reads.
+FLASH_KDA_DEVICE void fence_proxy_async() {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
+// D (64 x N) += A (64 x 16, registers) B (16 x N, shared memory at desc); N = 32, 64 or 128.
+// The N / 2 accumulators are the asm's first operands (%0 ..), then A (4 registers) and desc:
+// FLASH_KDA_WGMMA_ARGS lists them, 16 accumulators (four n-tiles) per FLASH_KDA_WGMMA_D16.
+template <int N>
+FLASH_KDA_DEVICE void wgmma_f16(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc);
+#define FLASH_KDA_WGMMA_D4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define FLASH_KDA_WGMMA_D16(j) \
+  FLASH_KDA_WGMMA_D4(j), FLASH_KDA_WGMMA_D4(j + 1), FLASH_KDA_WGMMA_D4(j + 2), FLASH_KDA_WGMMA_D4(j + 3)
+#define FLASH_KDA_WGMMA_IN : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+#if FLASH_KDA_HAS_WGMMA
+#define FLASH_KDA_WGMMA(shape, regs, tail, ...) \
+  asm volatile("wgmma.mma_async.sync.aligned." shape ".f32.f16.f16 " regs ", " tail ", 1, 1, 1, 0;" \
+               : __VA_ARGS__ FLASH_KDA_WGMMA_IN)
+#else
+#define FLASH_KDA_WGMMA(shape, regs, tail, ...) __trap()
+#endif
+#define FLASH_KDA_WGMMA_R16 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
+#define FLASH_KDA_WGMMA_R32 \
+  FLASH_KDA_WGMMA_R16 ",%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
+#define FLASH_KDA_WGMMA_R64                                                                         \
+  FLASH_KDA_WGMMA_R32 ",%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47"          \
+                      ",%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
+template <>
+FLASH_KDA_DEVICE void wgmma_f16<32>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
+  FLASH_KDA_WGMMA("m64n32k16", "{" FLASH_KDA_WGMMA_R16 "}", "{%16,%17,%18,%19}, %20", FLASH_KDA_WGMMA_D16(0));
+}
+template <>
+FLASH_KDA_DEVICE void wgmma_f16<64>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+  FLASH_KDA_WGMMA("m64n64k16", "{" FLASH_KDA_WGMMA_R32 "}", "{%32,%33,%34,%35}, %36", FLASH_KDA_WGMMA_D16(0),
+                  FLASH_KDA_WGMMA_D16(4));
+}
+template <>
+FLASH_KDA_DEVICE void wgmma_f16<128>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc) {
+  FLASH_KDA_WGMMA("m64n128k16", "{" FLASH_KDA_WGMMA_R64 "}", "{%64,%65,%66,%67}, %68", FLASH_KDA_WGMMA_D16(0),
+                  FLASH_KDA_WGMMA_D16(4), FLASH_KDA_WGMMA_D16(8), FLASH_KDA_WGMMA_D16(12));
+}
+#undef FLASH_KDA_WGMMA
+#undef FLASH_KDA_WGMMA_IN
+#undef FLASH_KDA_WGMMA_D16
+#undef FLASH_KDA_WGMMA_D4
+#undef FLASH_KDA_WGMMA_R16
+#undef FLASH_KDA_WGMMA_R32
+#undef FLASH_KDA_WGMMA_R64
 
 }  // namespace tc
 }  // namespace flash_kda
