@@ -375,8 +375,10 @@ bool split_usable(const port::DeviceInfo& dev) {
 // How a call of the two-kernel form is cut into stretches of chunks, so that the recurrence of one
 // runs beside the preparation of the next (overlap.cuh; docs/next-overlap.md), and which recurrence
 // V slice it then uses (0: the usual choice). FLASH_KDA_CUDA_PIECES=<k> (read once per process): 1
-// never cuts, k >= 2 cuts dense calls in k (tc::split_pieces: at most one per chunk). Unset or empty:
-// the rule below, for dense calls at D = 128 with at least 256 chunks (8192 tokens) per sequence:
+// never cuts, k >= 2 cuts every call in k (tc::split_pieces: dense calls along their chunks, varlen
+// calls along their record slots; at most one piece per chunk or slot). Unset or empty: the rule
+// below, for dense calls at D = 128 with at least 256 chunks (8192 tokens) per sequence (varlen
+// calls stay whole: the rule has not been fitted for them):
 //  - on compute capability 9.0 (the wgmma recurrence, fp16 records): VS 64 whenever its blocks number
 //    at most 1.5x the multiprocessors. Fitted to H200 whole-call times (docs/performance.md v13,
 //    H = 16 to 96): pieces at VS 64 were the fastest setting on every shape of at least 256 chunks,
