@@ -348,12 +348,13 @@ def test_fwd_caller_workspace(varlen):
 
 
 # A child process: FLASH_KDA_CUDA_PIECES is read once per process by the launcher, so each piece
-# count gets its own. For two problems (small: checked against the reference by the parent; large:
-# 256 chunks, 32 heads, so that the two streams really run side by side) it runs fwd eagerly, then
-# captures the same call in a CUDA graph and replays it. The workspace is the caller's, of
-# get_workspace_size bytes, filled with 0xFF (NaN) before every call, inside the graph too: a
+# count gets its own. For three problems (small: checked against the reference by the parent; large:
+# 256 chunks, 32 heads, so that the two streams really run side by side; varlen: cut along its
+# record slots, with an empty and a one-token sequence, also checked by the parent) it runs fwd
+# eagerly, then captures the same call in a CUDA graph and replays it. The workspace is the caller's,
+# of get_workspace_size bytes, filled with 0xFF (NaN) before every call, inside the graph too: a
 # recurrence reading a record or carry before it is written gives NaN. "capture-first" captures
-# before any eager dense call (only a varlen call, which makes no side stream, comes first), so the
+# before any eager call that is cut (only a varlen call of one slot, never cut, comes first), so the
 # side stream is made inside the capture (overlap.cuh, in relaxed capture mode).
 _PIECES_CHILD = r"""
 import sys
@@ -361,13 +362,17 @@ import torch
 import flash_kda
 from kda_testing import make_problem, poison
 seed, path, order = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-problems = {"small": dict(B=2, T=1000, hqk=2, hv=4), "large": dict(B=1, T=8192, hqk=32, hv=32)}
+problems = {"small": dict(B=2, T=1000, hqk=2, hv=4), "large": dict(B=1, T=8192, hqk=32, hv=32),
+            "varlen": dict(seqlens=[300, 0, 1, 700, 33, 2048], hqk=2, hv=4)}
 
 def setup(shape):
     p = make_problem(**shape, D=128, dtype=torch.bfloat16, device="cuda", state=True, seed=seed,
                      weak_decay=True)
-    B, T, H = shape["B"], shape["T"], shape["hv"]
-    ws = torch.empty(flash_kda.get_workspace_size(B * T, H, B), dtype=torch.uint8, device="cuda")
+    if "seqlens" in shape:
+        T_total, N = sum(shape["seqlens"]), len(shape["seqlens"])
+    else:
+        T_total, N = shape["B"] * shape["T"], shape["B"]
+    ws = torch.empty(flash_kda.get_workspace_size(T_total, shape["hv"], N), dtype=torch.uint8, device="cuda")
     out = poison(torch.empty_like(p["v"]))
     final = poison(torch.empty_like(p["initial_state"]))
     def call():
@@ -375,7 +380,8 @@ def setup(shape):
         out.fill_(float("nan"))
         final.fill_(float("nan"))
         flash_kda.fwd(p["q"], p["k"], p["v"], p["g"], p["beta"], 128 ** -0.5, out, p["A_log"], p["dt_bias"],
-                      -5.0, initial_state=p["initial_state"], final_state=final, workspace=ws)
+                      -5.0, initial_state=p["initial_state"], final_state=final, cu_seqlens=p["cu_seqlens"],
+                      workspace=ws)
     return call, out, final, ws
 
 def capture(call):
@@ -386,7 +392,7 @@ def capture(call):
 
 results = {}
 if order == "capture-first":
-    v = make_problem(seqlens=[40, 70], hqk=2, hv=4, D=128, dtype=torch.bfloat16, device="cuda", seed=seed)
+    v = make_problem(seqlens=[30], hqk=2, hv=4, D=128, dtype=torch.bfloat16, device="cuda", seed=seed)
     flash_kda.chunk_kda(v["q"], v["k"], v["v"], v["g"], v["beta"], cu_seqlens=v["cu_seqlens"],
                         A_log=v["A_log"], dt_bias=v["dt_bias"], use_qk_l2norm_in_kernel=True)
     torch.cuda.synchronize()
@@ -413,13 +419,15 @@ torch.save(results, path)
 @pytest.mark.gpu
 @pytest.mark.skipif(not cuda_ok(), reason="no CUDA device on this machine (CPU-only CI)")
 def test_pieces_match_one_piece_and_capture(tmp_path):
-    """FLASH_KDA_CUDA_PIECES cuts a dense call into stretches of chunks whose recurrences run on a
+    """FLASH_KDA_CUDA_PIECES cuts a call into stretches (dense: of chunks; varlen: of record slots)
+    whose recurrences run on a
     second stream beside the next stretch's preparation (kda_cuda.cu, overlap.cuh). The results
     must equal the one-piece call's bit for bit (same arithmetic; the state between stretches is
     carried in fp32), eagerly and when the call is captured in a CUDA graph and replayed (also as
     the process's first dense call, whose side stream is then made inside the capture), and be within the reference's
     tolerances. 1000 tokens are 32 chunks: 3 pieces start stretches at chunks 10 and 21, 8 pieces at
-    every fourth chunk; the large problem has 256 chunks and 32 heads."""
+    every fourth chunk; the large problem has 256 chunks and 32 heads; the varlen problem's 102
+    slots are cut inside and between its sequences."""
     import subprocess
     import sys
     from pathlib import Path
@@ -440,6 +448,9 @@ def test_pieces_match_one_piece_and_capture(tmp_path):
                      weak_decay=True)
     base = results[(1, "eager-first")]
     check(p, *base["small eager"], seed, what="one piece")
+    pv = make_problem(seqlens=[300, 0, 1, 700, 33, 2048], hqk=2, hv=4, D=128, dtype=torch.bfloat16, state=True,
+                      seed=seed, weak_decay=True)
+    check(pv, *base["varlen eager"], seed, what="varlen, one piece")
     for (pieces, order), r in results.items():
         for key, (out, final) in r.items():
             ref_out, ref_final = base[key.split()[0] + " eager"]

@@ -155,7 +155,8 @@ def test_pieces_match_one_piece(D, vs, prep, states, monkeypatch):
 def test_pieces_schedule(monkeypatch, capfd):
     """The schedule the launcher enqueues (tc::enqueue_pieces, shared with kda_cuda.cu), as the
     emulator traces it: 150 tokens = 5 chunks; 3 pieces are three preparation/recurrence pairs, the
-    last recurrence running to the end; 9 pieces are cut to 5; varlen calls and k < 2 stay whole."""
+    last recurrence running to the end; 9 pieces are cut to 5; k < 2 stays whole. Varlen calls are cut
+    along their record slots: [70, 80] has 150 // 32 + 2 = 6 (sequence 1's first chunk is slot 3)."""
     p = make_problem(B=1, T=150, hqk=1, hv=1, D=64, dtype=torch.bfloat16, seed=seed())
     pv = make_problem(seqlens=[70, 80], hqk=1, hv=1, D=64, dtype=torch.bfloat16, seed=seed())
     whole = ["sim: prep [0, 9223372036854775807)", "sim: recurrence [0, end) carry none"]
@@ -163,7 +164,9 @@ def test_pieces_schedule(monkeypatch, capfd):
                      "sim: recurrence [1, 3) carry yes", "sim: prep [3, 5)", "sim: recurrence [3, end) carry yes"]),
              (p, 9, [line for c in range(5) for line in (f"sim: prep [{c}, {c + 1})",
                      f"sim: recurrence [{c}, {'end' if c == 4 else c + 1}) carry yes")]),
-             (p, 1, whole), (p, 0, whole), (pv, 3, whole)]
+             (p, 1, whole), (p, 0, whole), (pv, 1, whole),
+             (pv, 3, ["sim: prep [0, 2)", "sim: recurrence [0, 2) carry yes", "sim: prep [2, 4)",
+                      "sim: recurrence [2, 4) carry yes", "sim: prep [4, 6)", "sim: recurrence [4, end) carry yes"])]
     for problem, pieces, expected in cases:
         capfd.readouterr()
         run(problem, D=64, dtype=torch.bfloat16, layout={"FORM": "split", "PIECES": pieces, "TRACE": 1},
@@ -172,15 +175,37 @@ def test_pieces_schedule(monkeypatch, capfd):
         assert lines == expected, f"{pieces} pieces, {'varlen' if problem is pv else 'dense'}: {lines}"
 
 
-def test_pieces_leave_varlen_whole(monkeypatch):
-    """Varlen calls are not cut (the host cannot see the sequences' lengths without a copy from the
-    device): with pieces asked for, a varlen call runs in one piece and is still right."""
+# (head dim, recurrence V slice, preparation threads, states) for varlen calls cut into pieces
+VARLEN_PIECE_CASES = [(64, 64, 256, "fp32"), (128, 128, 512, "bf16")]
+
+
+@pytest.mark.parametrize("D,vs,prep,states", VARLEN_PIECE_CASES,
+                         ids=[f"D{d}-VS{v}-prep{t}-{st}" for d, v, t, st in VARLEN_PIECE_CASES])
+def test_varlen_pieces_match_one_piece(D, vs, prep, states, monkeypatch):
+    """A varlen call cut into stretches of record slots (the host cannot see the sequences' lengths,
+    but slot_base numbers the slots without them): each sequence runs its chunks whose slots fall in
+    a stretch, carrying its state to the next stretch in fp32. Sequences [70, 0, 1, 100, 33] take
+    slots 0-2, none (slot 3 stays unused), 4, 5-8 and 9-10 of 11: so stretches end inside a sequence,
+    between sequences, and hold an empty sequence (whose final state is its initial state, copied
+    once), a one-token sequence, a sequence wholly inside one stretch and one over three. Pieces
+    2, 3, 4, 11 (one slot each) and 20 (cut to 11), and 3 with every preparation first: bit for bit
+    the one-piece result, which is checked against the float64 reference. The scratch starts as NaN
+    (cuda_sim.cpp), so a record or carry read before it is written fails."""
+    layout = {"FORM": "split", "VS": vs, "PREP_THREADS": prep}
+    state_dtype = torch.bfloat16 if states == "bf16" else torch.float32
     s = seed()
-    p = make_problem(seqlens=[70, 1, 100], hqk=1, hv=2, D=64, dtype=torch.bfloat16, state=True, seed=s,
-                     weak_decay=True)
-    out, final = run(p, D=64, dtype=torch.bfloat16, layout={"FORM": "split", "VS": 64, "PIECES": 3},
-                     monkeypatch=monkeypatch)
-    check(p, out, final, what=f"varlen with PIECES=3 (seed {s})")
+    p = make_problem(seqlens=[70, 0, 1, 100, 33], hqk=1, hv=2, D=D, dtype=torch.bfloat16, state=True,
+                     state_dtype=state_dtype, seed=s, weak_decay=True)
+    whole = run(p, D=D, dtype=torch.bfloat16, layout={**layout, "PIECES": 1}, state_dtype=state_dtype,
+                monkeypatch=monkeypatch)
+    check(p, *whole, what=f"varlen D={D} VS={vs} one piece, states {states} (seed {s})")
+    for pieces, order in ((2, "enqueued"), (3, "enqueued"), (4, "enqueued"), (11, "enqueued"), (20, "enqueued"),
+                          (3, "preps-first")):
+        cut = run(p, D=D, dtype=torch.bfloat16, layout={**layout, "PIECES": pieces, "PIECE_ORDER": order},
+                  state_dtype=state_dtype, monkeypatch=monkeypatch)
+        what = f"varlen, {pieces} pieces, {order} (seed {s})"
+        assert torch.equal(cut[0], whole[0]), f"{what}: output differs from one piece"
+        assert torch.equal(cut[1], whole[1]), f"{what}: final state differs from one piece"
 
 
 @pytest.mark.parametrize("form", ["split", "fused"])

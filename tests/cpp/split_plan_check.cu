@@ -1,5 +1,6 @@
 // Prints kda_cuda.cu's split_plan (how many pieces, which recurrence V slice) for the shapes given
-// on the command line as T:H:N, for an H100-like device (132 multiprocessors, 227 KB per block).
+// on the command line as T:H:N (dense: N sequences of T tokens) or T:H:N:v (varlen: N sequences of
+// T tokens in all), for an H100-like device (132 multiprocessors, 227 KB per block).
 // Host code only: it runs without a GPU. Built by tests/test_cuda_compile.py, which includes the .cu
 // to reach its anonymous namespace.
 #include "cuda/kda_cuda.cu"
@@ -15,8 +16,13 @@ int main(int argc, char** argv) {
   dev.major = 9;
   for (int i = 1; i < argc; ++i) {
     int T = 0, H = 0, N = 0;
-    if (std::sscanf(argv[i], "%d:%d:%d", &T, &H, &N) != 3) return 2;
+    char kind = 'd';
+    const int fields = std::sscanf(argv[i], "%d:%d:%d:%c", &T, &H, &N, &kind);
+    if (fields < 3 || (fields == 4 && kind != 'v')) return 2;
+    // split_plan reads only whether cu_seqlens is set (the host cannot see its values)
+    static const int64_t kUnread[1] = {0};
     KdaParams p{};
+    if (kind == 'v') p.cu_seqlens = kUnread;
     p.num_seqs = N;
     p.seq_len = T;
     p.hqk = H;

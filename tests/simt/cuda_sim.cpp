@@ -11,7 +11,8 @@
 //   FLASH_KDA_SIM_MMA           split: auto (default: wgmma where the recurrence layout allows it,
 //                               as on sm_90a) or mma16 (as on every other arch)
 //   FLASH_KDA_SIM_PORTABLE      portable: wide (default), narrow or compact
-//   FLASH_KDA_SIM_PIECES        split, dense: cut the call into this many stretches of chunks
+//   FLASH_KDA_SIM_PIECES        split: cut the call into this many stretches of chunks (dense) or
+//                               record slots (varlen)
 //                               (as FLASH_KDA_CUDA_PIECES=k forces on a GPU, where unset means
 //                               kda_cuda.cu's split_plan rule; here unset means 1). The kernels run
 //                               one after the other here: this checks the stretches' ranges and the
@@ -54,8 +55,8 @@ int64_t slice_blocks(const KdaParams& p) {
 }
 
 // ---- split: preparation over every (slot, head), then the recurrence ----
-// FLASH_KDA_SIM_PIECES as kda_cuda.cu's FLASH_KDA_CUDA_PIECES (tc::split_pieces: dense only, at most
-// one per chunk), read at each call.
+// FLASH_KDA_SIM_PIECES as kda_cuda.cu's FLASH_KDA_CUDA_PIECES (tc::split_pieces: at most one per
+// chunk or slot), read at each call.
 int64_t pieces_of(const KdaParams& p) { return tc::split_pieces(p, C, env_int("FLASH_KDA_SIM_PIECES", 1)); }
 
 template <class L>

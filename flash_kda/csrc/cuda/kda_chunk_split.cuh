@@ -73,20 +73,20 @@ FLASH_KDA_HD int64_t num_slots(const KdaParams& p, int C) {
 // the block index, as FastDiv, and whether every input can be read by 16-byte loads. Computed once
 // per launch on the host (make_prep_grid) and passed beside p.
 //
-// A launch may cover a stretch of chunks [c_begin, c_end) of every sequence (dense only; see Piece):
-// its grid then holds (sequences x stretch length x value heads) blocks, and a block's grid index is
-// not its slot.
+// A launch may cover a stretch (see Piece): dense, chunks [c_begin, c_end) of every sequence, a grid
+// of (sequences x stretch length x value heads) blocks; varlen, slots [c_begin, c_end), a grid of
+// (stretch length x value heads) blocks. Either way a block's grid index is not its slot.
 struct PrepGrid {
   FastDiv by_hv;      // block -> (index in the stretch, value head)
   FastDiv by_group;   // value head -> query/key head (hv / hqk value heads share one)
   FastDiv by_chunks;  // dense: index -> (sequence, chunk - c_begin); the stretch's length, < 2^31
-  int64_t c_begin;    // dense: the stretch's first chunk (varlen: 0, the whole grid)
+  int64_t c_begin;    // the stretch's first chunk (dense) or slot (varlen)
   int64_t chunks;     // dense: chunks per sequence, so that slot = sequence * chunks + chunk
   VecOk vec;          // vec_ok of p
 };
 
-// The preparation's grid for chunks [c_begin, c_end) of every sequence (dense), or for every slot
-// (varlen: c_begin = 0, c_end unused). prep_blocks gives its size.
+// The preparation's grid for chunks [c_begin, c_end) of every sequence (dense), or for slots
+// [c_begin, c_end) (varlen; c_end unused here). prep_blocks gives its size.
 template <class L>
 PrepGrid make_prep_grid(const KdaParams& p, int64_t c_begin = 0, int64_t c_end = -1) {
   PrepGrid g;
@@ -97,7 +97,7 @@ PrepGrid make_prep_grid(const KdaParams& p, int64_t c_begin = 0, int64_t c_end =
   // A stretch index is below 2^31 (it comes from a grid's x index), so capping the divisor at
   // 2^31 - 1 changes no quotient: a longer stretch holds every index as a chunk of sequence 0.
   g.by_chunks = FastDiv::of(p.cu_seqlens == nullptr ? c_end - c_begin : 1);
-  g.c_begin = p.cu_seqlens == nullptr ? c_begin : 0;
+  g.c_begin = c_begin;
   g.chunks = chunks;
   g.vec = vec_ok<L>(p);
   return g;
@@ -109,14 +109,17 @@ FLASH_KDA_HD int64_t split_scratch_bytes(const KdaParams& p) {
   return num_slots(p, C) * p.hv * static_cast<int64_t>(Record<D, C>::kFloats) * 4;
 }
 
-// One piece of a call cut into stretches of chunks (dense only): the preparation and the recurrence
-// of chunks [c_begin, c_end) of every sequence, so that the recurrence of one stretch can run beside
-// the preparation of the next (kda_cuda.cu, launch_split). A stretch that does not start at chunk 0
-// takes its initial state from `carry`, one that does not reach the end leaves its state there.
-// A call in one piece is {0, kAllChunks, nullptr}: the user's states at both ends.
+// One piece of a call cut into stretches: the preparation and the recurrence of a stretch, so that
+// the recurrence of one stretch can run beside the preparation of the next (kda_cuda.cu,
+// launch_split). Dense, a stretch is chunks [c_begin, c_end) of every sequence. Varlen, it is slots
+// [c_begin, c_end) of the records (the host cannot see the sequences' lengths, but the slots are
+// numbered without them, slot_base): a sequence takes its chunks whose slots fall in the stretch,
+// none, some or all (piece_chunks). A sequence whose chunks in the stretch do not start at its
+// chunk 0 takes its initial state from `carry`; one whose chunks do not reach its end leaves its
+// state there. A call in one piece is {0, kAllChunks, nullptr}: the user's states at both ends.
 struct Piece {
   int64_t c_begin;
-  int64_t c_end;  // clipped to the sequence's chunk count
+  int64_t c_end;  // clipped to the sequence's chunk count (dense) or slot count (varlen)
   float* carry;   // fp32 [N, hv, D, D] (value-major, contiguous); null for a call in one piece
 };
 constexpr int64_t kAllChunks = INT64_MAX;
@@ -127,19 +130,24 @@ FLASH_KDA_HD int64_t carry_bytes(const KdaParams& p) {
   return static_cast<int64_t>(p.num_seqs) * p.hv * D * D * 4;
 }
 
-// Stretch i of `pieces` over `chunks` chunks: [i chunks / pieces, (i + 1) chunks / pieces), so the
-// stretches differ in length by at most one chunk and none is empty while pieces <= chunks.
+// Stretch i of `pieces` over `chunks` chunks (or slots): [i chunks / pieces, (i + 1) chunks / pieces),
+// so the stretches differ in length by at most one and none is empty while pieces <= chunks.
 FLASH_KDA_HD int64_t stretch_begin(int64_t chunks, int64_t pieces, int64_t i) { return i * chunks / pieces; }
 
 // The host side of pieces, shared by the launcher (kda_cuda.cu) and the CPU emulator
 // (tests/simt/cuda_sim.cpp), so that the emulator runs the schedule the GPU gets.
 //
-// How many pieces a call of chunk length C is cut into when `asked` are asked for: dense calls only
-// (the host cannot see varlen lengths without a copy from the device), at most one per chunk.
+// What a call is cut along: a dense sequence's chunks, or a varlen call's slots.
+inline int64_t stretch_units(const KdaParams& p, int C) {
+  return p.cu_seqlens == nullptr ? chunks_of(p.seq_len, C) : num_slots(p, C);
+}
+
+// How many pieces a call of chunk length C is cut into when `asked` are asked for: at most one per
+// chunk (dense) or slot (varlen).
 inline int64_t split_pieces(const KdaParams& p, int C, int64_t asked) {
-  if (asked < 2 || p.cu_seqlens != nullptr) return 1;
-  const int64_t chunks = chunks_of(p.seq_len, C);
-  return asked < chunks ? asked : (chunks > 1 ? chunks : 1);
+  if (asked < 2) return 1;
+  const int64_t units = stretch_units(p, C);
+  return asked < units ? asked : (units > 1 ? units : 1);
 }
 
 // Workspace of the split form cut into `pieces`: the records, then (pieces > 1) the carry, which
@@ -159,22 +167,22 @@ void enqueue_pieces(const KdaParams& p, int64_t pieces, Prep&& prep, Rec&& rec) 
     rec(Piece{0, kAllChunks, nullptr});
     return;
   }
-  const int64_t chunks = chunks_of(p.seq_len, C);
+  const int64_t units = stretch_units(p, C);
   float* carry = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + split_scratch_bytes<D, C>(p));
   for (int64_t i = 0; i < pieces; ++i) {
-    const int64_t c_begin = stretch_begin(chunks, pieces, i), c_end = stretch_begin(chunks, pieces, i + 1);
+    const int64_t c_begin = stretch_begin(units, pieces, i), c_end = stretch_begin(units, pieces, i + 1);
     prep(c_begin, c_end);
     rec(Piece{c_begin, i + 1 == pieces ? kAllChunks : c_end, carry});
   }
 }
 
-// Blocks of the preparation's grid for chunks [c_begin, c_end) of every dense sequence (c_end
-// clipped to the chunk count), or for every slot of a varlen call (one piece).
+// Blocks of the preparation's grid for chunks [c_begin, c_end) of every dense sequence, or for slots
+// [c_begin, c_end) of a varlen call (c_end clipped to the chunk or slot count).
 inline int64_t prep_blocks(const KdaParams& p, int C, int64_t c_begin, int64_t c_end) {
-  if (p.cu_seqlens != nullptr) return num_slots(p, C) * p.hv;
-  const int64_t chunks = chunks_of(p.seq_len, C);
-  if (c_end > chunks) c_end = chunks;
-  return c_end > c_begin ? p.num_seqs * (c_end - c_begin) * p.hv : 0;
+  const int64_t units = stretch_units(p, C);
+  if (c_end > units) c_end = units;
+  if (c_end <= c_begin) return 0;
+  return (p.cu_seqlens == nullptr ? p.num_seqs : 1) * (c_end - c_begin) * p.hv;
 }
 
 // (cp_async16, shared_address, cp_async_commit, cp_async_wait: ptx.cuh)
@@ -585,7 +593,7 @@ FLASH_KDA_DEVICE void store_state_side_f16(const float* sm, float* rec, Pow2 fq,
 
 // The (sequence, chunk) of a block's index in the grid, and the slot of its record: dense by
 // division (index -> sequence, chunk within the stretch), varlen by binary search over slot_base
-// (the index is the slot). False for an unused slot.
+// (the index is the slot within the stretch). False for an unused slot.
 FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, const PrepGrid& g, uint32_t index, int C, int& n,
                                  int64_t& chunk, int64_t& slot) {
   if (p.cu_seqlens == nullptr) {
@@ -596,7 +604,7 @@ FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, const PrepGrid& g, uint32_t
     slot = static_cast<int64_t>(n) * g.chunks + chunk;
     return true;
   }
-  slot = index;
+  slot = g.c_begin + index;
   int lo = 0, hi = p.num_seqs - 1;  // largest n with slot_base(n) <= slot
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
@@ -755,13 +763,30 @@ struct StateRef {
 FLASH_KDA_DEVICE StateRef carry_ref(const KdaParams& p, const Piece& piece, int64_t D) {
   return StateRef{piece.carry, StateStrides{p.hv * D * D, D * D, D}, true};
 }
-FLASH_KDA_DEVICE StateRef initial_ref(const KdaParams& p, const Piece& piece, int64_t D) {
-  if (piece.c_begin == 0) return StateRef{const_cast<void*>(p.initial_state), p.h0_strides, p.state_fp32};
+// (c_begin, c_end: the sequence's chunks in the piece, piece_chunks)
+FLASH_KDA_DEVICE StateRef initial_ref(const KdaParams& p, const Piece& piece, int64_t c_begin, int64_t D) {
+  if (c_begin == 0) return StateRef{const_cast<void*>(p.initial_state), p.h0_strides, p.state_fp32};
   return carry_ref(p, piece, D);
 }
-FLASH_KDA_DEVICE StateRef final_ref(const KdaParams& p, const Piece& piece, int64_t nchunks, int64_t D) {
-  if (piece.c_end >= nchunks) return StateRef{p.final_state, p.ht_strides, p.state_fp32};
+FLASH_KDA_DEVICE StateRef final_ref(const KdaParams& p, const Piece& piece, int64_t c_end, int64_t nchunks,
+                                    int64_t D) {
+  if (c_end >= nchunks) return StateRef{p.final_state, p.ht_strides, p.state_fp32};
   return carry_ref(p, piece, D);
+}
+
+// Sequence n's chunks [c_begin, c_end) in a piece (n has nchunks chunks, its first in slot `base`):
+// dense, the piece's chunk range; varlen, the chunks whose slots lie in the piece's slot range. Both
+// clipped to [0, nchunks]. False where the sequence has nothing to do in the piece: no chunk in it,
+// except that an empty sequence (nchunks = 0) copies its initial state to its final state once, in
+// the piece that starts at 0.
+FLASH_KDA_HD bool piece_chunks(const KdaParams& p, const Piece& piece, int64_t base, int64_t nchunks,
+                               int64_t& c_begin, int64_t& c_end) {
+  const int64_t shift = p.cu_seqlens == nullptr ? 0 : base;  // kAllChunks - shift does not overflow
+  c_begin = piece.c_begin - shift;
+  c_end = piece.c_end - shift;
+  c_begin = c_begin < 0 ? 0 : (c_begin > nchunks ? nchunks : c_begin);
+  c_end = c_end < 0 ? 0 : (c_end > nchunks ? nchunks : c_end);
+  return c_begin < c_end || (nchunks == 0 && piece.c_begin == 0);
 }
 
 // Reads or writes the warp's state rows: element e of tile nt is (row r(e), channel c(e)).
@@ -932,7 +957,7 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   }
 }
 
-// Chunks [piece.c_begin, piece.c_end) of the block's sequence (all of them for a call in one piece).
+// The block's sequence's chunks in the piece (piece_chunks; all of them for a call in one piece).
 template <class L>
 FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, const float* scratch, float* sm,
                                        int block, int tid) {
@@ -941,16 +966,16 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
   const int row0 = (tid / 32) * 16;
   const Lane l{(tid % 32) / 4, tid % 4};
   const int64_t nchunks = chunks_of(t.r.len, L::C);
-  const int64_t c_begin = piece.c_begin < nchunks ? piece.c_begin : nchunks;
-  const int64_t c_end = piece.c_end < nchunks ? piece.c_end : nchunks;
+  const int64_t base = slot_base(p, t.n, L::C);
+  int64_t c_begin, c_end;
+  if (!piece_chunks(p, piece, base, nchunks, c_begin, c_end)) return;  // uniform: the whole block leaves
   const int64_t rec_step = static_cast<int64_t>(p.hv) * R::kFloats;  // next slot, same head
-  const float* rec0 =
-      scratch + (slot_base(p, t.n, L::C) * p.hv + t.h) * static_cast<int64_t>(R::kFloats) + c_begin * rec_step;
+  const float* rec0 = scratch + (base * p.hv + t.h) * static_cast<int64_t>(R::kFloats) + c_begin * rec_step;
 
   if (c_begin < c_end) fetch_chunk<L>(rec0, t.v0, sm, tid);
   cp_async_commit();
   float s[L::D / 8][4];
-  state_rows_io<L, false>(initial_ref(p, piece, L::D), t, row0, l, s);
+  state_rows_io<L, false>(initial_ref(p, piece, c_begin, L::D), t, row0, l, s);
   // From here on the stretch is the sequence: its chunk c is the sequence's chunk c_begin + c, so the
   // loop is the one-piece loop (a stretch starting at an odd chunk still starts in stage 0).
   t.r.start += c_begin * L::C;
@@ -976,7 +1001,7 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
     recurrence_chunk<L>(p, t, t0, len, sm + (L::kStages == 2 ? (c & 1) * L::kStage : 0), row0, l, s);
   }
   cp_async_wait<0>();
-  const StateRef out = final_ref(p, piece, nchunks, L::D);
+  const StateRef out = final_ref(p, piece, c_end, nchunks, L::D);
   if (out.ptr != nullptr) state_rows_io<L, true>(out, t, row0, l, s);
 }
 

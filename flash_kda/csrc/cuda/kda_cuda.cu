@@ -375,8 +375,14 @@ bool split_usable(const port::DeviceInfo& dev) {
 // How a call of the two-kernel form is cut into stretches of chunks, so that the recurrence of one
 // runs beside the preparation of the next (overlap.cuh; docs/next-overlap.md), and which recurrence
 // V slice it then uses (0: the usual choice). FLASH_KDA_CUDA_PIECES=<k> (read once per process): 1
-// never cuts, k >= 2 cuts dense calls in k (tc::split_pieces: at most one per chunk). Unset or empty:
-// the rule below, for dense calls at D = 128 with at least 256 chunks (8192 tokens) per sequence:
+// never cuts, k >= 2 cuts every call in k (tc::split_pieces: dense calls along their chunks, varlen
+// calls along their record slots; at most one piece per chunk or slot). Unset or empty: the rule
+// below, for calls at D = 128 with at least 256 chunks (8192 tokens) per sequence — for a varlen
+// call, whose lengths the host cannot see, per sequence on average (T_total / N). Measured on varlen
+// calls at H=32 (docs/performance.md v15, the rule's VS 64 and 8 pieces forced): one sequence of
+// 32768 tokens -19 %, [16384, 3000, 9000, 4384] -8 % (the rule leaves it whole: 256 blocks at VS 64),
+// 4 x 8192 +1 % (also left whole); the issue's varlen shapes at H=96 (more blocks) lost 1-7 % cut
+// and stay whole:
 //  - on compute capability 9.0 (the wgmma recurrence, fp16 records): VS 64 whenever its blocks number
 //    at most 1.5x the multiprocessors. Fitted to H200 whole-call times (docs/performance.md v13,
 //    H = 16 to 96): pieces at VS 64 were the fastest setting on every shape of at least 256 chunks,
@@ -401,8 +407,10 @@ SplitPlan split_plan(const KdaParams& p, const port::DeviceInfo& dev) {
   if constexpr (kHeadDim != 128) {
     return SplitPlan{1, 0};
   } else {
-    const int64_t chunks = tc::chunks_of(p.seq_len, kSplitChunk);
-    if (p.cu_seqlens != nullptr || chunks < 256 || vslice_override() != 0) return SplitPlan{1, 0};
+    // (dense: the sequences' length; varlen: p.seq_len is T_total, so their mean length)
+    const int64_t per_seq = p.cu_seqlens == nullptr ? p.seq_len : p.seq_len / (p.num_seqs > 0 ? p.num_seqs : 1);
+    const int64_t chunks = tc::chunks_of(per_seq, kSplitChunk);
+    if (chunks < 256 || vslice_override() != 0) return SplitPlan{1, 0};
     using R64 = RecurrenceVariant<64, 2>;
     using R32 = RecurrenceVariant<32, 2>;
     const int64_t k = tc::split_pieces(p, kSplitChunk, chunks >= 1024 ? 8 : 4);
