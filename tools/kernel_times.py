@@ -1,9 +1,13 @@
 """Per-kernel GPU time of flash_kda.fwd on bench shapes, from torch.profiler (which kernels a call
 launches and how its time splits between them; tools/bench.py gives the whole-call figures).
 
-    python tools/kernel_times.py [T:H ...]      e.g. 8192:96 32768:32 512:64
+    python tools/kernel_times.py [SHAPE:H ...]   e.g. 8192:96 32768:32 512:64 1300,547,2048:96
 
-Inputs and call are tools/bench.py's (B=1, bf16, D = 128, gate parameters and l2norm on, no state).
+SHAPE is T (dense, B=1) or comma-separated sequence lengths (varlen: two or more, or one with a
+trailing comma, e.g. 32768,). Inputs and call are tools/bench.py's (bf16, D = 128, gate parameters
+and l2norm on, no state). The kernels of one call run on two streams when it is cut into pieces
+(FLASH_KDA_CUDA_PIECES, the split_plan rule): their times then overlap, and "all" is their sum,
+not the call's time.
 """
 
 import sys
@@ -19,8 +23,8 @@ from bench import make_inputs, run_ours  # noqa: E402  (the benchmark's inputs a
 REPS = 10
 
 
-def shape_times(T: int, H: int) -> dict[str, float]:
-    x = make_inputs(None, T, H, states=False, gen=torch.Generator("cuda").manual_seed(0))
+def shape_times(seqlens: list[int] | None, T: int, H: int) -> dict[str, float]:
+    x = make_inputs(seqlens, T, H, states=False, gen=torch.Generator("cuda").manual_seed(0))
 
     def call():
         run_ours(x)
@@ -47,14 +51,27 @@ def short(name: str) -> str:
     return name[:60]
 
 
+def parse_shape(arg: str) -> tuple[list[int] | None, int, int, str]:
+    """SHAPE:H -> (seqlens or None, T, H, label)."""
+    try:
+        shape, heads = arg.rsplit(":", 1)
+        H = int(heads)
+        if "," in shape:
+            seqlens = [int(x) for x in shape.split(",") if x]
+            return seqlens, sum(seqlens), H, f"varlen {shape.rstrip(',')} H={H}"
+        return None, int(shape), H, f"T={shape} H={H}"
+    except ValueError:
+        sys.exit(f"kernel_times.py: {arg!r} is not SHAPE:H (e.g. 8192:96 or 1300,547:96)")
+
+
 def main() -> int:
-    shapes = [tuple(int(x) for x in a.split(":")) for a in sys.argv[1:]] or [(8192, 96), (32768, 32), (512, 64)]
+    shapes = [parse_shape(a) for a in sys.argv[1:]] or [parse_shape(a) for a in ("8192:96", "32768:32", "512:64")]
     print("| shape | kernel | ms per call |\n| --- | --- | ---: |")
-    for T, H in shapes:
-        times = shape_times(T, H)
+    for seqlens, T, H, label in shapes:
+        times = shape_times(seqlens, T, H)
         for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
-            print(f"| T={T} H={H} | {short(name)} | {ms:.3f} |")
-        print(f"| T={T} H={H} | all | {sum(times.values()):.3f} |")
+            print(f"| {label} | {short(name)} | {ms:.3f} |")
+        print(f"| {label} | all | {sum(times.values()):.3f} |")
     return 0
 
 
