@@ -17,14 +17,14 @@ def get_workspace_size(T_total: int, H: int, N: int) -> int:
     The scratch of the CUDA two-kernel form (the default on sm_80+), for head dim 128 (FlashKDA's
     only one), sized for the varlen slot bound ``T_total // 32 + N``, which also covers N dense
     sequences of T_total / N tokens: one record of 43,648 bytes per 32-token chunk and head (fp16
-    operands, fp32 U0), about 1.3x the bytes of q, k, v and g (bf16) together. A workspace of at least this many
+    operands, fp32 U0), about 1.35x the bytes of q, k, v and g (bf16) together. A workspace of at least this many
     bytes (on q's device, contiguous, 16-byte aligned; any dtype) passed to ``fwd`` is used
     instead of an internal allocation. For other head dims, or a workspace that is too small or unsuitable,
     ``fwd`` allocates what it needs itself (not an error; if that allocation fails, the fused
     kernel runs, which needs none). 0 where nothing will use it: no CUDA device, the portable
     kernels (``FLASH_KDA_KERNEL=portable``), or the fused form selected
     (``FLASH_KDA_CUDA_SPLIT=0``). It also counts the fp32 state carried between the stretches of
-    a call cut into pieces (long dense calls, docs/cuda.md), N x H x 128 x 128 x 4 bytes (64 KB per
+    a call cut into pieces (long calls, dense or varlen; docs/cuda.md), N x H x 128 x 128 x 4 bytes (64 KB per
     sequence and head: under 1 % of the records for sequences of 4096 tokens or more).
     """
     for name, x in (("T_total", T_total), ("H", H), ("N", N)):

@@ -1,7 +1,10 @@
 // kda_cuda.cu: the CUDA translation unit of one specialisation (head dim, input dtype).
 //
-// Implements flash_kda::launch_kda (declared in kda_params.h) with one of two kernel bodies:
-//   tensor-core  kda_chunk_tc.cuh: mma.sync TF32 products, NVIDIA sm_80 and newer (the `fast` build);
+// Implements flash_kda::launch_kda (declared in kda_params.h) with one of three kernel bodies:
+//   two-kernel   kda_chunk_split.cuh: a preparation (TF32 mma.sync) writing fp16 records, then the
+//                recurrence (fp16 wgmma on sm_90a, mma.m16n8k16 elsewhere); the default on sm_80+;
+//   tensor-core  kda_chunk_tc.cuh: the fused body, mma.sync TF32 products, NVIDIA sm_80 and newer
+//                (the `fast` build; FLASH_KDA_CUDA_SPLIT=0, or when the workspace cannot be had);
 //   portable     kda_chunk_portable.cuh: fp32 FMAs only, any CUDA device and MUSA (mcc compiles
 //                this file through ../musa/kda_musa.mu).
 // FLASH_KDA_KERNEL_PORTABLE (the `portable` JIT variant, and every MUSA build) compiles the portable
@@ -342,10 +345,10 @@ struct TcVariants<256> : TcChoice<TcVariant<64, 256>, TcVariant<32, 256>> {};
 
 // The two-kernel form per head dim: the preparation layouts (whole V width; 256 or 512 threads)
 // and the recurrence layouts (V slice, operand buffers: shared memory per block):
-//   D = 64:  preparation 51 KB; recurrence VS 64 or 32, two buffers (57 KB, 49 KB)
-//   D = 128: preparation 87 KB; recurrence VS 128, 64 or 32, two buffers (103 KB, 87 KB, 79 KB)
-//   D = 256: preparation 157 KB; recurrence VS 64 or 32, one buffer (73 KB, 69 KB)
-// (with fp16 records; two buffers at D = 256 would now fit, 146 KB and 138 KB: not yet measured)
+//   D = 64:  preparation 51 KB; recurrence VS 64 or 32, two buffers (46 KB, 38 KB)
+//   D = 128: preparation 87 KB; recurrence VS 128, 64 or 32, two buffers (86 KB, 70 KB, 62 KB)
+//   D = 256: preparation 157 KB; recurrence VS 64 or 32, one buffer (60 KB, 56 KB)
+// (with fp16 records; two buffers at D = 256 would now fit, 119 KB and 111 KB: not yet measured)
 template <int D>
 struct Split;
 template <>
@@ -386,7 +389,7 @@ bool split_usable(const port::DeviceInfo& dev) {
 //  - on compute capability 9.0 (the wgmma recurrence, fp16 records): VS 64 whenever its blocks number
 //    at most 1.5x the multiprocessors. Fitted to H200 whole-call times (docs/performance.md v13,
 //    H = 16 to 96): pieces at VS 64 were the fastest setting on every shape of at least 256 chunks,
-//    -2 % (H=64) to -21 % (T=32768 H=32) against one piece; a VS 64 block (87 KB, 32,768 registers)
+//    -2 % (H=64) to -21 % (T=32768 H=32) against one piece; a VS 64 block (70 KB, 32,768 registers)
 //    fits beside a 512-thread preparation block. H=96 (192 blocks) is the largest measured;
 //  - elsewhere (mma16 recurrence; fitted to H100 times of main's TF32 recurrence, v12): only if a
 //    recurrence of V slice 32 or 64 needs at most half the multiprocessors, then the cheaper of those
