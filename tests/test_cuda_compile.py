@@ -3,6 +3,7 @@ CI. The device translation unit includes no torch headers, so plain `nvcc -c` bu
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -60,6 +61,44 @@ def test_workspace_formula_matches_the_record(tmp_path, head_dim):
            str(tmp_path / "record_size.o")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
+
+
+def split_record_stores(ptx: str) -> list[str]:
+    """Base registers of the preparation kernels' vector stores that the compiler split: a 4-byte
+    global store to [%rd] with one to [%rd+4] among the next two stores (how a uint4 or float2 store
+    came out of nvcc, s17)."""
+    bad = []
+    for entry in re.split(r"\n(?:\.visible )?\.entry ", ptx)[1:]:
+        if "kda_prep_kernel" not in entry.split("(", 1)[0]:
+            continue
+        stores = re.findall(r"st\.global\.(?:[a-z]+\.)?[a-z]?\d+\s+\[(%rd\d+)(?:\+(\d+))?\]", entry)
+        for i, (reg, off) in enumerate(stores):
+            if not off and any(r == reg and o == "4" for r, o in stores[i + 1:i + 3]):
+                bad.append(reg)
+    return bad
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_record_stores_stay_vector_stores(tmp_path, head_dim):
+    """The preparation writes each lane's 16 bytes of an fp16 record array and 8 bytes of U0 with one
+    store. Written as plain uint4 / float2 stores they reached the PTX as four or two 4-byte stores,
+    up to 4x the L2 sectors per store instruction (Nsight Compute, docs/performance.md v17), so they go
+    through ptx.cuh's st16_global / st8_global. The check itself is tested on such a split below."""
+    spec = KernelSpec("cuda", "sm90a", head_dim, "bf16", "fast")
+    out = tmp_path / "kda_cuda.ptx"
+    cmd = [NVCC, "-std=c++17", "-O3", "-arch=sm_90a", *spec.defines(), "-I", str(PACKAGE_CSRC),
+           "-ptx", str(PACKAGE_CSRC / "cuda" / "kda_cuda.cu"), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
+    ptx = out.read_text()
+    assert ptx.count(".entry ") and "kda_prep_kernel" in ptx
+    assert split_record_stores(ptx) == []
+    # the detector on the split it is for (a uint4 stored as four words, a float2 as two)
+    fake = ("\n.entry _Z15kda_prep_kernel(\n st.global.u32 [%rd7], %r1;\n st.global.u32 [%rd7+4], %r2;\n"
+            " st.global.u32 [%rd7+8], %r3;\n st.global.u32 [%rd7+12], %r4;\n"
+            " st.global.f32 [%rd9], %f1;\n st.global.f32 [%rd9+4], %f2;\n"
+            " st.global.u32 [%rd5+4], %r5;\n st.global.u32 [%rd5+8], %r6;\n st.global.u32 [%rd5], %r7;\n}")
+    assert split_record_stores(fake) == ["%rd7", "%rd9"]
 
 
 # (T, H, N) -> (pieces, recurrence V slice; 0 = the usual choice): the best setting of each shape

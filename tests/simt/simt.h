@@ -347,7 +347,8 @@ inline float fast_exp2(float x) {  // ex2.approx.ftz: results below 2^-126 flush
   const float y = exp2f(x);
   return fabsf(y) < 1.17549435e-38f ? 0.0f : y;
 }
-inline void st4_global(float* p, float4 x) { memcpy(p, &x, 16); }
+inline void st16_global(void* p, uint4 x) { memcpy(p, &x, 16); }
+inline void st8_global(float* p, float2 x) { memcpy(p, &x, 8); }
 
 // The warp's D += A B for an m16n8kK tile, after every lane deposited its A registers as words
 // 0..3 and its B registers as words 4..5: a_at(word of lane, k) and b_at(...) give the operand

@@ -318,14 +318,14 @@ FLASH_KDA_DEVICE float max_of(const float* red, int lane) {
   return warp_max(lane < N ? red[lane] : 0.0f);
 }
 
-// Eight values times s as fp16: one 16-byte store (dst 16-byte aligned).
+// Eight values times s as fp16: one 16-byte store (dst global, 16-byte aligned).
 FLASH_KDA_DEVICE void store8_f16(__half* dst, const float (&v)[8], float s) {
   uint4 h;
   h.x = pack_f16(v[0] * s, v[1] * s);
   h.y = pack_f16(v[2] * s, v[3] * s);
   h.z = pack_f16(v[4] * s, v[5] * s);
   h.w = pack_f16(v[6] * s, v[7] * s);
-  *reinterpret_cast<uint4*>(dst) = h;
+  st16_global(dst, h);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -438,9 +438,10 @@ FLASH_KDA_DEVICE void invert_T(float* T, const float* A, const float* beta, Lane
 template <class L>
 constexpr int kApplySteps = (L::D / 8 + L::kWarps - 1) / L::kWarps;
 
-// U0 <- T V, straight from the accumulators to the record (rows of stride D; each quad of lanes
-// writes 32 contiguous bytes per row), and W <- T (K e^γ) left in the warp's accumulators w
-// (zeros for a step past the last tile), for store_w_f16: its fp16 scale needs all of W first.
+// U0 <- T V, straight from the accumulators to the record in global memory (rows of stride D;
+// each quad of lanes writes 32 contiguous bytes per row, one 8-byte store per lane), and
+// W <- T (K e^γ) left in the warp's accumulators w (zeros for a step past the last tile), for
+// store_w_f16: its fp16 scale needs all of W first.
 // A warp takes column tile j of both right-hand sides, so each fragment of T it loads serves
 // two products; tiles go to warps in turn, a fixed number per warp (no runtime choice of operand).
 // T is lower triangular, so row block m needs k < 16 (m + 1).
@@ -476,7 +477,7 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, fl
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int r = m * 16 + l.g + 8 * half, c = col0 + 2 * l.t;
-        *reinterpret_cast<float2*>(U0 + r * L::D + c) = make_float2(u[2 * half], u[2 * half + 1]);
+        st8_global(U0 + r * L::D + c, make_float2(u[2 * half], u[2 * half + 1]));
       }
     }
   }

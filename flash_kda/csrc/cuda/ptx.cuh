@@ -32,11 +32,18 @@ FLASH_KDA_DEVICE float fast_exp2(float x) {
   return y;
 }
 
-// A 16-byte store to global memory. (st4 of a float4 assembled from scalars was split by the
-// compiler into four 4-byte stores; this one cannot be.)
-FLASH_KDA_DEVICE void st4_global(float* p, float4 x) {
-  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(x.x), "f"(x.y), "f"(x.z), "f"(x.w)
+// 16- and 8-byte stores to global memory. Plain vector stores of values assembled from scalars
+// (a uint4 of packed halves, a float2 of accumulators) came out of the compiler as four or two
+// 4-byte stores, already in the PTX: each lane's 4 bytes then sit in their own 32-byte sector, so a
+// warp's store instruction moved up to 4x the sectors it needs (Nsight Compute on the preparation,
+// docs/performance.md v17; 2c14c6c had fixed it once, and the fp16 record brought it back). Inline
+// PTX cannot be split. The address must be a global one, aligned to the store's size.
+FLASH_KDA_DEVICE void st16_global(void* p, uint4 x) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(x.x), "r"(x.y), "r"(x.z), "r"(x.w)
                : "memory");
+}
+FLASH_KDA_DEVICE void st8_global(float* p, float2 x) {
+  asm volatile("st.global.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(x.x), "f"(x.y) : "memory");
 }
 
 // D += A B, m16n8k8, TF32 operands (the top 19 bits of each register), fp32 accumulators.
