@@ -65,6 +65,9 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_prep_kernel(co
   __trap();
 #else
   extern __shared__ float4 smem_f4[];
+  // A recurrence launched behind this kernel with programmatic serialization may start once every
+  // block of this one has got here (it waits for this kernel's writes itself: griddep_wait).
+  tc::griddep_launch_dependents();
   tc::prep_block<L>(p, g, static_cast<float*>(p.workspace), reinterpret_cast<float*>(smem_f4), blockIdx.x,
                     static_cast<int>(threadIdx.x));
 #endif
@@ -105,6 +108,41 @@ void launch_layout(const char* name, Kernel kernel, int64_t blocks, const port::
   ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
   port::launch(name, kernel, static_cast<unsigned>(blocks), L::kThreads, L::kSmemBytes, stream, args...);
 }
+
+#if FLASH_KDA_HAS_TC
+// FLASH_KDA_CUDA_PDL=0 (read once per process): launch the one-piece recurrence as an ordinary
+// kernel instead of one that may overlap the preparation's tail (pdl_launch_layout). For A/B runs.
+bool pdl_enabled() {
+  static const bool on = [] {
+    const char* s = getenv("FLASH_KDA_CUDA_PDL");
+    return s == nullptr || *s == '\0' || atoi(s) != 0;
+  }();
+  return on;
+}
+
+// launch_layout with programmatic stream serialization (sm_90+): the kernel may start before the
+// kernel launched just before it on `stream` completes, as soon as every block of that one has
+// called griddep_launch_dependents; it must call griddep_wait before it reads what that kernel
+// writes. Only for a kernel whose predecessor on the stream is known to be that kernel.
+template <class L, class Kernel, class... Args>
+void pdl_launch_layout(const char* name, Kernel kernel, int64_t blocks, const port::DeviceInfo& dev,
+                       port::stream_t stream, const Args&... args) {
+  if (blocks > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
+  static unsigned long long smem_set = 0;
+  ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(L::kThreads);
+  config.dynamicSmemBytes = L::kSmemBytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  port::check(cudaLaunchKernelEx(&config, kernel, args...), name);
+}
+#endif
 
 // One block layout (V-slice width VS, chunk C): its shared-memory need, grid size, cost and launch.
 template <int VS, int C>
@@ -286,10 +324,21 @@ struct RecurrenceVariant
     return static_cast<double>(load.waves) * (load.shared ? 1.6 : 1.0) * chunk;
   }
 
+  // A call in one piece launches its recurrence right behind its preparation on the same stream
+  // (tc::enqueue_pieces), so on sm_90+ it may overlap that preparation's tail (pdl_launch_layout): its
+  // blocks load their initial state while the last preparation blocks finish. Not for pieces (their
+  // recurrences follow each other and events on a side stream), nor where the preparation launched
+  // no block (then the kernel before this one is the caller's).
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream,
                      const tc::Piece& piece) {
-    launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream, p,
-                     piece);
+    const bool behind_prep = piece.carry == nullptr && tc::prep_blocks(p, L::C, 0, tc::kAllChunks) > 0;
+    if (behind_prep && dev.major >= 9 && pdl_enabled()) {
+      pdl_launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream,
+                           p, piece);
+    } else {
+      launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream, p,
+                       piece);
+    }
   }
 };
 
