@@ -98,20 +98,9 @@ void ensure_max_dynamic_smem(Kernel kernel, int bytes, int device, unsigned long
   done_mask |= bit;
 }
 
-// Launches `kernel` of layout L with `blocks` blocks (one per sequence x head x V slice) and the
-// kernel's arguments (p, and what else it takes).
-template <class L, class Kernel, class... Args>
-void launch_layout(const char* name, Kernel kernel, int64_t blocks, const port::DeviceInfo& dev,
-                   port::stream_t stream, const Args&... args) {
-  if (blocks > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
-  static unsigned long long smem_set = 0;  // one mask per instantiation: L differs per kernel
-  ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
-  port::launch(name, kernel, static_cast<unsigned>(blocks), L::kThreads, L::kSmemBytes, stream, args...);
-}
-
 #if FLASH_KDA_HAS_TC
 // FLASH_KDA_CUDA_PDL=0 (read once per process): launch the one-piece recurrence as an ordinary
-// kernel instead of one that may overlap the preparation's tail (pdl_launch_layout). For A/B runs.
+// kernel instead of one that may overlap the preparation's tail (launch_layout's kPdl). For A/B runs.
 bool pdl_enabled() {
   static const bool on = [] {
     const char* s = getenv("FLASH_KDA_CUDA_PDL");
@@ -119,30 +108,38 @@ bool pdl_enabled() {
   }();
   return on;
 }
-
-// launch_layout with programmatic stream serialization (sm_90+): the kernel may start before the
-// kernel launched just before it on `stream` completes, as soon as every block of that one has
-// called griddep_launch_dependents; it must call griddep_wait before it reads what that kernel
-// writes. Only for a kernel whose predecessor on the stream is known to be that kernel.
-template <class L, class Kernel, class... Args>
-void pdl_launch_layout(const char* name, Kernel kernel, int64_t blocks, const port::DeviceInfo& dev,
-                       port::stream_t stream, const Args&... args) {
-  if (blocks > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
-  static unsigned long long smem_set = 0;
-  ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(blocks));
-  config.blockDim = dim3(L::kThreads);
-  config.dynamicSmemBytes = L::kSmemBytes;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  port::check(cudaLaunchKernelEx(&config, kernel, args...), name);
-}
 #endif
+
+// Launches `kernel` of layout L with `blocks` blocks (one per sequence x head x V slice) and the
+// kernel's arguments (p, and what else it takes). kPdl (CUDA, sm_90+): with programmatic stream
+// serialization, so that the kernel may start before the kernel launched just before it on `stream`
+// completes, as soon as every block of that one has called griddep_launch_dependents; it must call
+// griddep_wait before it reads what that kernel writes. Only for a kernel whose predecessor on the
+// stream is known to be that kernel.
+template <class L, bool kPdl = false, class Kernel, class... Args>
+void launch_layout(const char* name, Kernel kernel, int64_t blocks, const port::DeviceInfo& dev,
+                   port::stream_t stream, const Args&... args) {
+  if (blocks > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
+  static unsigned long long smem_set = 0;  // one mask per instantiation: L differs per kernel
+  ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
+#if FLASH_KDA_HAS_TC
+  if constexpr (kPdl) {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(blocks));
+    config.blockDim = dim3(L::kThreads);
+    config.dynamicSmemBytes = L::kSmemBytes;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    port::check(cudaLaunchKernelEx(&config, kernel, args...), name);
+    return;
+  }
+#endif
+  port::launch(name, kernel, static_cast<unsigned>(blocks), L::kThreads, L::kSmemBytes, stream, args...);
+}
 
 // One block layout (V-slice width VS, chunk C): its shared-memory need, grid size, cost and launch.
 template <int VS, int C>
@@ -325,7 +322,7 @@ struct RecurrenceVariant
   }
 
   // A call in one piece launches its recurrence right behind its preparation on the same stream
-  // (tc::enqueue_pieces), so on sm_90+ it may overlap that preparation's tail (pdl_launch_layout): its
+  // (tc::enqueue_pieces), so on sm_90+ it may overlap that preparation's tail (launch_layout's kPdl): its
   // blocks load their initial state while the last preparation blocks finish. Not for pieces (their
   // recurrences follow each other and events on a side stream), nor where the preparation launched
   // no block (then the kernel before this one is the caller's).
@@ -333,8 +330,8 @@ struct RecurrenceVariant
                      const tc::Piece& piece) {
     const bool behind_prep = piece.carry == nullptr && tc::prep_blocks(p, L::C, 0, tc::kAllChunks) > 0;
     if (behind_prep && dev.major >= 9 && pdl_enabled()) {
-      pdl_launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream,
-                           p, piece);
+      launch_layout<L, true>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream,
+                             p, piece);
     } else {
       launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream, p,
                        piece);
