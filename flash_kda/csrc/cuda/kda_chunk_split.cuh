@@ -673,7 +673,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
                                        pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane)), tid);
   float w[kApplySteps<L>][2][4];
   apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec + R::kU, w, warp, l);
-  store_w_f16<L>(w, rec_h + 2 * R::kW, rec + R::kInvW, sm + L::kRed + 3 * L::kWarps, warp, l, tid);
+  store_w_f16<L>(w, rec_h + 2 * R::kW, rec + R::kInvW, red + 3 * L::kWarps, warp, l, tid);
 }
 
 // ---------------------------------------------------------------------------------------------
