@@ -65,11 +65,12 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_prep_kernel(co
   __trap();
 #else
   extern __shared__ float4 smem_f4[];
-  // A recurrence launched behind this kernel with programmatic serialization may start once every
-  // block of this one has got here (it waits for this kernel's writes itself: griddep_wait).
-  tc::griddep_launch_dependents();
   tc::prep_block<L>(p, g, static_cast<float*>(p.workspace), reinterpret_cast<float*>(smem_f4), blockIdx.x,
                     static_cast<int>(threadIdx.x));
+  // A recurrence launched behind this kernel with programmatic serialization may start once every
+  // block of this one has got here (it waits for this kernel's writes itself: griddep_wait). Here,
+  // at the end: released at the start, its blocks took SM slots beside the preparation's last wave.
+  tc::griddep_launch_dependents();
 #endif
 }
 
