@@ -208,6 +208,28 @@ def test_varlen_pieces_match_one_piece(D, vs, prep, states, monkeypatch):
         assert torch.equal(cut[1], whole[1]), f"{what}: final state differs from one piece"
 
 
+VARLEN_LOOKUP_CASES = {
+    # lengths that repeat (the order's ties) and an empty sequence: one round of the slot search
+    "ties": [33, 70, 33, 0, 70, 5, 70],
+    # 45 sequences of 0..40 tokens: two rounds of the slot search; the recurrence keeps batch order
+    "many": [(7 * i) % 41 for i in range(45)],
+}
+
+
+@pytest.mark.parametrize("case", list(VARLEN_LOOKUP_CASES))
+def test_varlen_slot_search_and_longest_first(case, monkeypatch):
+    """Varlen bookkeeping of the split form. A preparation block finds its slot's sequence by a
+    32-way search across the warp's lanes (varlen_seq_of_slot), and the recurrence takes the
+    sequences longest first (longest_first: up to 32 sequences, ties in batch order; more keep batch
+    order). A block given the wrong sequence leaves another's output unwritten (NaN from the
+    poisoned destination) or computes it from the wrong tokens: both fail the reference check."""
+    s = seed()
+    p = make_problem(seqlens=VARLEN_LOOKUP_CASES[case], hqk=1, hv=2, D=64, dtype=torch.bfloat16, state=True,
+                     seed=s, weak_decay=True)
+    out, final = run(p, D=64, dtype=torch.bfloat16, layout={"FORM": "split", "VS": 32}, monkeypatch=monkeypatch)
+    check(p, out, final, what=f"varlen {case} (seed {s})")
+
+
 @pytest.mark.parametrize("form", ["split", "fused"])
 def test_odd_head_and_sequence_counts(form, monkeypatch):
     """Three sequences of three chunks, six value heads over two query/key heads (groups of three):

@@ -295,6 +295,27 @@ inline T __shfl_xor_sync(unsigned, T v, int offset) {
   memcpy(&v, &u, 4);
   return v;
 }
+template <class T>
+inline T __shfl_sync(unsigned, T v, int src) {
+  static_assert(sizeof(T) == 4, "32-bit shuffles");
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  simt::deposit(0, u);
+  __syncwarp();
+  u = simt::word(src & 31, 0);
+  __syncwarp();
+  memcpy(&v, &u, 4);
+  return v;
+}
+inline unsigned __ballot_sync(unsigned, int pred) {
+  simt::deposit(0, pred != 0);
+  __syncwarp();
+  unsigned mask = 0;
+  for (int i = 0; i < 32; ++i) mask |= (simt::word(i, 0) != 0 ? 1u : 0u) << i;
+  __syncwarp();
+  return mask;
+}
+inline int __clz(unsigned x) { return x == 0 ? 32 : __builtin_clz(x); }
 inline int atomicOr(int* p, int v) {  // fibers never interleave inside a call
   const int old = *p;
   *p = old | v;

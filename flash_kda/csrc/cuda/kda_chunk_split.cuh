@@ -591,10 +591,28 @@ FLASH_KDA_DEVICE void store_state_side_f16(const float* sm, float* rec, Pow2 fq,
   for (int e = R::kScaleKl + 1 + tid; e < R::kFloats; e += kN) rec[e] = 0.0f;
 }
 
+// The sequence of a varlen call that holds record slot `slot`: the largest n with slot_base(n) <= slot
+// (0 if there is none, as for a malformed cu_seqlens; the caller checks the chunk). The warp's 32 lanes
+// test 32 evenly spaced candidates at once, so up to 32 sequences take one round of loads and up to
+// 1,024 two, where a binary search took log2 N loads one after another: a preparation block waits
+// for this before its first input load (docs/performance.md v16). Every lane of the warp calls it
+// with the same slot.
+FLASH_KDA_DEVICE int varlen_seq_of_slot(const KdaParams& p, int64_t slot, int C, int lane) {
+  int lo = 0, hi = p.num_seqs - 1;  // the answer lies in [lo, hi]
+  while (lo < hi) {
+    const int step = (hi - lo) / 32 + 1;  // 32 candidates lo + j step cover [lo, hi]
+    const int m = lo + lane * step;
+    const unsigned below = __ballot_sync(0xffffffffu, m <= hi && slot_base(p, m, C) <= slot);
+    lo += (below == 0 ? 0 : 31 - __clz(below)) * step;  // the last candidate at or below the slot
+    hi = lo + step - 1 < hi ? lo + step - 1 : hi;
+  }
+  return lo;
+}
+
 // The (sequence, chunk) of a block's index in the grid, and the slot of its record: dense by
-// division (index -> sequence, chunk within the stretch), varlen by binary search over slot_base
-// (the index is the slot within the stretch). False for an unused slot.
-FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, const PrepGrid& g, uint32_t index, int C, int& n,
+// division (index -> sequence, chunk within the stretch), varlen by a search over slot_base (the
+// index is the slot within the stretch). False for an unused slot.
+FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, const PrepGrid& g, uint32_t index, int C, int lane, int& n,
                                  int64_t& chunk, int64_t& slot) {
   if (p.cu_seqlens == nullptr) {
     uint32_t q, r;
@@ -605,12 +623,7 @@ FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, const PrepGrid& g, uint32_t
     return true;
   }
   slot = g.c_begin + index;
-  int lo = 0, hi = p.num_seqs - 1;  // largest n with slot_base(n) <= slot
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (slot_base(p, mid, C) <= slot) lo = mid; else hi = mid - 1;
-  }
-  n = lo;
+  n = varlen_seq_of_slot(p, slot, C, lane);
   chunk = slot - slot_base(p, n, C);
   return chunk >= 0 && chunk * C < seq_range(p, n).len;
 }
@@ -624,7 +637,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
   const int h = static_cast<int>(hu);
   portable::Task t;
   int64_t chunk, slot;
-  if (!slot_chunk(p, g, index, L::C, t.n, chunk, slot)) return;  // uniform: the whole block leaves
+  if (!slot_chunk(p, g, index, L::C, tid % 32, t.n, chunk, slot)) return;  // uniform: the whole block leaves
   t.h = h;
   t.hk = static_cast<int>(g.by_group.div(hu));
   t.v0 = 0;
@@ -957,12 +970,36 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   }
 }
 
+// The sequence of rank r among a varlen call's sequences sorted longest first (ties in batch order),
+// for calls of up to kMaxSorted sequences; rank r itself otherwise. The recurrence takes its blocks'
+// sequences in this order: a block runs its sequence's chunks one after another, so the blocks of
+// the longest sequences set the kernel's length, and the GPU starts blocks in index order; in batch
+// order a long last sequence starts last (docs/performance.md v16). Lane i holds sequence i's
+// length; every lane of the warp calls it with the same r.
+constexpr int kMaxSorted = 32;
+FLASH_KDA_DEVICE int longest_first(const KdaParams& p, int r, int lane) {
+  const int N = p.num_seqs;
+  if (p.cu_seqlens == nullptr || N > kMaxSorted) return r;
+  const int64_t len64 = lane < N ? seq_range(p, lane).len : 0;
+  const int len = len64 > 0x7fffffff ? 0x7fffffff : static_cast<int>(len64);  // an order, not a length
+  int rank = 0;  // sequences before this lane's in the order
+  for (int i = 0; i < N; ++i) {
+    const int other = __shfl_sync(0xffffffffu, len, i);
+    rank += other > len || (other == len && i < lane);
+  }
+  // (rank, lane) is a permutation of [0, N) even for a malformed cu_seqlens: one lane matches.
+  const unsigned hit = __ballot_sync(0xffffffffu, lane < N && rank == r);
+  return hit == 0 ? r : 31 - __clz(hit);
+}
+
 // The block's sequence's chunks in the piece (piece_chunks; all of them for a call in one piece).
 template <class L>
 FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, const float* scratch, float* sm,
                                        int block, int tid) {
   using R = Record<L::D, L::C>;
   portable::Task t = portable::block_task<L>(p, block);
+  t.n = longest_first(p, t.n, tid % 32);  // the grid's sequence index is a rank (dense: the same)
+  t.r = seq_range(p, t.n);
   const int row0 = (tid / 32) * 16;
   const Lane l{(tid % 32) / 4, tid % 4};
   const int64_t nchunks = chunks_of(t.r.len, L::C);
