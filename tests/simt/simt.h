@@ -283,30 +283,23 @@ inline uint32_t word(int src, int w) { return warp().slot[src][w]; }
 
 inline void __syncthreads() { simt::wait(simt::block()->all); }
 inline void __syncwarp(unsigned = 0xffffffffu) { simt::wait(simt::warp().bar); }
+// Every lane deposits v, then reads lane src's (the warp's lanes all take part, as on the GPU).
 template <class T>
-inline T __shfl_xor_sync(unsigned, T v, int offset) {
+inline T simt_shuffle(T v, int src) {
   static_assert(sizeof(T) == 4, "32-bit shuffles");
   uint32_t u;
   memcpy(&u, &v, 4);
   simt::deposit(0, u);
   __syncwarp();
-  u = simt::word(simt::lane() ^ offset, 0);
+  u = simt::word(src, 0);
   __syncwarp();
   memcpy(&v, &u, 4);
   return v;
 }
 template <class T>
-inline T __shfl_sync(unsigned, T v, int src) {
-  static_assert(sizeof(T) == 4, "32-bit shuffles");
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  simt::deposit(0, u);
-  __syncwarp();
-  u = simt::word(src & 31, 0);
-  __syncwarp();
-  memcpy(&v, &u, 4);
-  return v;
-}
+inline T __shfl_xor_sync(unsigned, T v, int offset) { return simt_shuffle(v, simt::lane() ^ offset); }
+template <class T>
+inline T __shfl_sync(unsigned, T v, int src) { return simt_shuffle(v, src & 31); }
 inline unsigned __ballot_sync(unsigned, int pred) {
   simt::deposit(0, pred != 0);
   __syncwarp();
