@@ -36,3 +36,25 @@ CHAIN_CASES = [
 @pytest.mark.parametrize("listing,depths", [c[1:] for c in CHAIN_CASES], ids=[c[0] for c in CHAIN_CASES])
 def test_load_chain_depths(listing, depths):
     assert [d for _, _, d in sass_load_chains.chains(list(enumerate(listing)))] == depths
+
+
+def test_emu_outputs_compare(tmp_path, capsys):
+    """tools/emu_outputs.py compare: identical saves pass (exit 0); one changed element of one output,
+    or a problem missing from the second save, fails (exit 1) and names the problem."""
+    import torch
+
+    import emu_outputs
+
+    g = torch.Generator().manual_seed(0)
+    saved = {name: (torch.randn(3, 4, generator=g), torch.randn(2, 2, generator=g)) for name in ("a", "b")}
+    torch.save(saved, tmp_path / "x.pt")
+    torch.save({k: (o.clone(), f.clone()) for k, (o, f) in saved.items()}, tmp_path / "same.pt")
+    assert emu_outputs.compare(str(tmp_path / "x.pt"), str(tmp_path / "same.pt")) == 0
+    changed = {k: (o.clone(), f.clone()) for k, (o, f) in saved.items()}
+    changed["b"][0][1, 2] += 1e-6
+    torch.save(changed, tmp_path / "changed.pt")
+    assert emu_outputs.compare(str(tmp_path / "x.pt"), str(tmp_path / "changed.pt")) == 1
+    assert "b: out differs" in capsys.readouterr().out
+    torch.save({"a": saved["a"]}, tmp_path / "fewer.pt")
+    assert emu_outputs.compare(str(tmp_path / "x.pt"), str(tmp_path / "fewer.pt")) == 1
+    assert "b: missing" in capsys.readouterr().out
