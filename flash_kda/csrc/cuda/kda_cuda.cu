@@ -109,6 +109,31 @@ bool pdl_enabled() {
   }();
   return on;
 }
+
+// Whether `kernel`'s code, as it runs on `device`, holds the griddepcontrol instructions: ptx.cuh
+// compiles them only for sm_90 and newer, and a module built for an older architecture (say
+// TORCH_CUDA_ARCH_LIST=8.0+PTX) runs on an H100 from PTX without them. Launched with the
+// programmatic attribute, such a recurrence would not wait for the preparation's writes. From the
+// PTX version the code was compiled from; read once per kernel and device (devices beyond 64 every
+// time). Programmatic launches inside CUDA graph capture need CUDA 12.3 or newer.
+template <class Kernel>
+bool kernel_has_griddep(Kernel kernel, int device, unsigned long long& known, unsigned long long& yes) {
+#if CUDART_VERSION >= 12030
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  const unsigned long long bit = device < 64 ? 1ull << device : 0ull;
+  if (bit != 0 && (known & bit)) return (yes & bit) != 0;
+  cudaFuncAttributes attr{};
+  const bool has = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
+  (void)cudaGetLastError();  // a failed query only turns the overlap off
+  known |= bit;
+  if (has) yes |= bit;
+  return has;
+#else
+  (void)kernel, (void)device, (void)known, (void)yes;
+  return false;
+#endif
+}
 #endif
 
 // Launches `kernel` of layout L with `blocks` blocks (one per sequence x head x V slice) and the
@@ -329,8 +354,10 @@ struct RecurrenceVariant
   // no block (then the kernel before this one is the caller's).
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream,
                      const tc::Piece& piece) {
+    static unsigned long long griddep_known = 0, griddep_yes = 0;  // per instantiation, per device
     const bool behind_prep = piece.carry == nullptr && tc::prep_blocks(p, L::C, 0, tc::kAllChunks) > 0;
-    if (behind_prep && dev.major >= 9 && pdl_enabled()) {
+    if (behind_prep && dev.major >= 9 && pdl_enabled() &&
+        kernel_has_griddep(kda_recurrence_kernel<L>, dev.device, griddep_known, griddep_yes)) {
       launch_layout<L, true>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream,
                              p, piece);
     } else {
