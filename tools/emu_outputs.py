@@ -52,8 +52,8 @@ def _problems():
     base = lambda seed, weak=False: make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=bf16, state=True,  # noqa: E731
                                                  seed=seed, weak_decay=weak)
     extreme = {}
-    for name, f in (("values x1e6", 1e6), ("values x1e-6", 1e-6)):
-        p = base(11 if f > 1 else 12)
+    for name, f, sd in (("values x1e6", 1e6, 11), ("values x1e-6", 1e-6, 12), ("values x1e-20", 1e-20, 18)):
+        p = base(sd)
         p["v"], p["initial_state"] = p["v"] * f, p["initial_state"] * f
         extreme[name] = (p, True)
     p = base(13)
