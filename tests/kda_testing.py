@@ -127,6 +127,30 @@ def zero_channels(p):
     return p
 
 
+MAGNITUDE_CASES = ["values x1e6", "values x1e-6", "queries x1e-5, no l2norm", "near-parallel keys, beta~1"]
+
+
+def far_from_one(p, case):
+    """Inputs whose products leave the range of 16-bit operands (fp16: max 65504, subnormal below
+    2^-14) unless a kernel scales them; returns (p, use_qk_l2norm). "values x<f>" scales v and the
+    initial state by f (MAGNITUDE_CASES has 1e6 and 1e-6; any float parses); "queries x1e-5, no
+    l2norm" runs raw q and k (q tiny, |k| ~ 0.1 so that the delta rule stays stable); "near-parallel
+    keys, beta~1" puts every key near the first one with beta's logits raised by 4."""
+    if case.startswith("values x"):
+        f = float(case[len("values x"):])
+        p["v"], p["initial_state"] = p["v"] * f, p["initial_state"] * f
+        return p, True
+    if case == "queries x1e-5, no l2norm":
+        p["q"], p["k"] = p["q"] * 1e-5, p["k"] * 0.1
+        return p, False
+    if case == "near-parallel keys, beta~1":
+        k = p["k"].float()
+        p["k"] = (k[:, :1] + 0.05 * k).to(p["k"].dtype)
+        p["beta"] = p["beta"] + 4.0
+        return p, True
+    raise ValueError(f"unknown magnitude case {case!r}")
+
+
 def huge_state_channel(p):
     """An initial state of 1e30 in key channel 3 (every value row), and keys that are zero in that
     channel throughout: the state dwarfs its updates by ~2^100, so a kernel that scales the state by

@@ -13,8 +13,8 @@ import torch
 import flash_kda
 from flash_kda import _workspace
 from conftest import DEVICES, cuda_ok
-from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison,
-                         reference_of, rel_l2, huge_state_channel, with_fp32_gates, zero_channels)
+from kda_testing import (MAGNITUDE_CASES, OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, far_from_one, make_problem,
+                         poison, reference_of, rel_l2, huge_state_channel, with_fp32_gates, zero_channels)
 
 GPU_DTYPES = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -250,27 +250,15 @@ def test_extreme_decay_stays_finite(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", ["values x1e6", "values x1e-6", "queries x1e-5, no l2norm",
-                                  "near-parallel keys, beta~1"])
+@pytest.mark.parametrize("case", MAGNITUDE_CASES)
 def test_magnitudes_far_from_one(device, case):
     """Inputs whose products leave the range of 16-bit operands (fp16: max 65504, subnormal below
     2^-14) unless the kernel scales them: the error must stay that of ordinary inputs.
     (tools/recurrence_precision_model.py shows unscaled fp16 operands failing the first three.)"""
     seed = fresh_seed()
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    p = make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=dtype, device=device, state=True,
-                     seed=seed)
-    l2 = True
-    if case.startswith("values"):
-        f = 1e6 if case == "values x1e6" else 1e-6
-        p["v"], p["initial_state"] = p["v"] * f, p["initial_state"] * f
-    elif case.startswith("queries"):
-        l2 = False  # raw q and k: q tiny, |k| ~ 1 so that the delta rule stays stable
-        p["q"], p["k"] = p["q"] * 1e-5, p["k"] * 0.1
-    else:
-        k = p["k"].float()
-        p["k"] = (k[:, :1] + 0.05 * k).to(dtype)  # every key near the first one
-        p["beta"] = p["beta"] + 4.0
+    p, l2 = far_from_one(make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=dtype, device=device, state=True,
+                                      seed=seed), case)
     out, final = run_chunk(p, use_qk_l2norm=l2)
     check(p, out, final, seed, use_qk_l2norm=l2, what=case)
 

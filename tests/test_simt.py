@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison, reference_of,
-                         rel_l2, huge_state_channel, with_fp32_gates, zero_channels)
+from kda_testing import (MAGNITUDE_CASES, OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, far_from_one, make_problem,
+                         poison, reference_of, rel_l2, huge_state_channel, with_fp32_gates, zero_channels)
 
 if not sys.platform.startswith("linux"):
     pytest.skip("the SIMT emulator uses ucontext fibers (Linux)", allow_module_level=True)
@@ -266,23 +266,12 @@ def test_fp32_g_and_beta(form, monkeypatch):
         check(p, out, final, what=f"fp32 g, beta, gate={gate}, {form} (seed {s})")
 
 
-@pytest.mark.parametrize("case", ["values x1e6", "values x1e-6", "queries x1e-5, no l2norm",
-                                  "near-parallel keys, beta~1"])
+@pytest.mark.parametrize("case", MAGNITUDE_CASES)
 def test_magnitudes_far_from_one(case, monkeypatch):
     """As test_correctness.test_magnitudes_far_from_one, on the emulated CUDA kernels."""
     s = seed()
-    p = make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=torch.bfloat16, state=True, seed=s)
-    l2 = True
-    if case.startswith("values"):
-        f = 1e6 if case == "values x1e6" else 1e-6
-        p["v"], p["initial_state"] = p["v"] * f, p["initial_state"] * f
-    elif case.startswith("queries"):
-        l2 = False
-        p["q"], p["k"] = p["q"] * 1e-5, p["k"] * 0.1
-    else:
-        k = p["k"].float()
-        p["k"] = (k[:, :1] + 0.05 * k).to(torch.bfloat16)
-        p["beta"] = p["beta"] + 4.0
+    p, l2 = far_from_one(make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=torch.bfloat16, state=True, seed=s),
+                         case)
     out, final = run(p, D=128, dtype=torch.bfloat16, use_qk_l2norm=l2, monkeypatch=monkeypatch)
     check(p, out, final, what=f"{case} (seed {s})", use_qk_l2norm=l2)
 

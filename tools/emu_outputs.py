@@ -10,9 +10,10 @@ reorders exact operations, such as folding power-of-two scales): run `save` in a
 tree (each with its own cache directory, since the emulator's build is named per head dim and
 dtype, not per tree), then `compare`, which prints each problem's difference and exits 1 if any
 output or final state differs. The problems: the split form's layouts (wgmma and mma16 products,
-D = 64/128/256, varlen) and extreme magnitudes at VS 64 and 128, as tests/test_simt.py builds them
-(fixed seeds). Correctness against the float64 reference stays the tests' job; this checks
-identity. About 4 minutes on a 2-core machine.
+D = 64/128/256, varlen) and extreme magnitudes at VS 64 and 128 (fixed seeds; the magnitude edits
+are tests/kda_testing.py's far_from_one, zero_channels and huge_state_channel, and a 1e-30 initial
+state). Correctness against the float64 reference stays the tests' job; this checks identity.
+About 4 minutes on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class _Env:
 
 
 def _problems():
-    from kda_testing import huge_state_channel, make_problem, zero_channels
+    from kda_testing import far_from_one, huge_state_channel, make_problem, zero_channels
 
     bf16 = torch.bfloat16
     split = lambda vs, prep=512, mma="auto": {"FORM": "split", "VS": vs, "PREP_THREADS": prep, "MMA": mma}  # noqa: E731
@@ -52,20 +53,12 @@ def _problems():
     base = lambda seed, weak=False: make_problem(B=1, T=96, hqk=2, hv=2, D=128, dtype=bf16, state=True,  # noqa: E731
                                                  seed=seed, weak_decay=weak)
     extreme = {}
-    for name, f, sd in (("values x1e6", 1e6, 11), ("values x1e-6", 1e-6, 12), ("values x1e-20", 1e-20, 18)):
-        p = base(sd)
-        p["v"], p["initial_state"] = p["v"] * f, p["initial_state"] * f
-        extreme[name] = (p, True)
-    p = base(13)
-    p["q"], p["k"] = p["q"] * 1e-5, p["k"] * 0.1
-    extreme["queries x1e-5, no l2norm"] = (p, False)
-    p = base(14)
-    k = p["k"].float()
-    p["k"], p["beta"] = (k[:, :1] + 0.05 * k).to(bf16), p["beta"] + 4.0
-    extreme["near-collinear keys"] = (p, True)
-    extreme["zero channels"] = (zero_channels(base(15, True)), True)
-    extreme["huge state channel"] = (huge_state_channel(base(16, True)), True)
-    p = base(17, True)
+    cases = ["values x1e6", "values x1e-6", "values x1e-20", "queries x1e-5, no l2norm", "near-parallel keys, beta~1"]
+    for sd, case in enumerate(cases, start=11):
+        extreme[case] = far_from_one(base(sd), case)
+    extreme["zero channels"] = (zero_channels(base(16, True)), True)
+    extreme["huge state channel"] = (huge_state_channel(base(17, True)), True)
+    p = base(18, True)
     p["initial_state"] = p["initial_state"] * 1e-30
     extreme["initial state x1e-30"] = (p, True)
     for name, (p, l2) in extreme.items():
