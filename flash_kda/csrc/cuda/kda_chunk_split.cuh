@@ -1010,10 +1010,14 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
   const int64_t rec_step = static_cast<int64_t>(p.hv) * R::kFloats;  // next slot, same head
   const float* rec0 = scratch + (base * p.hv + t.h) * static_cast<int64_t>(R::kFloats) + c_begin * rec_step;
 
-  if (c_begin < c_end) fetch_chunk<L>(rec0, t.v0, sm, tid);
-  cp_async_commit();
+  // The initial state first: the preparation does not write it, so where this kernel was launched
+  // to overlap the preparation's tail (programmatic dependent launch, kda_cuda.cu) its loads need
+  // not wait; the records do (griddep_wait: nothing to wait for otherwise).
   float s[L::D / 8][4];
   state_rows_io<L, false>(initial_ref(p, piece, c_begin, L::D), t, row0, l, s);
+  griddep_wait();
+  if (c_begin < c_end) fetch_chunk<L>(rec0, t.v0, sm, tid);
+  cp_async_commit();
   // From here on the stretch is the sequence: its chunk c is the sequence's chunk c_begin + c, so the
   // loop is the one-piece loop (a stretch starting at an odd chunk still starts in stage 0).
   t.r.start += c_begin * L::C;

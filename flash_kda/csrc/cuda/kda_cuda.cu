@@ -67,6 +67,10 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_prep_kernel(co
   extern __shared__ float4 smem_f4[];
   tc::prep_block<L>(p, g, static_cast<float*>(p.workspace), reinterpret_cast<float*>(smem_f4), blockIdx.x,
                     static_cast<int>(threadIdx.x));
+  // A recurrence launched behind this kernel with programmatic serialization may start once every
+  // block of this one has got here (it waits for this kernel's writes itself: griddep_wait). Here,
+  // at the end: released at the start, its blocks took SM slots beside the preparation's last wave.
+  tc::griddep_launch_dependents();
 #endif
 }
 
@@ -95,14 +99,71 @@ void ensure_max_dynamic_smem(Kernel kernel, int bytes, int device, unsigned long
   done_mask |= bit;
 }
 
+#if FLASH_KDA_HAS_TC
+// FLASH_KDA_CUDA_PDL=0 (read once per process): launch the one-piece recurrence as an ordinary
+// kernel instead of one that may overlap the preparation's tail (launch_layout's kPdl). For A/B runs.
+bool pdl_enabled() {
+  static const bool on = [] {
+    const char* s = getenv("FLASH_KDA_CUDA_PDL");
+    return s == nullptr || *s == '\0' || atoi(s) != 0;
+  }();
+  return on;
+}
+
+// Whether `kernel`'s code, as it runs on `device`, holds the griddepcontrol instructions: ptx.cuh
+// compiles them only for sm_90 and newer, and a module built for an older architecture (say
+// TORCH_CUDA_ARCH_LIST=8.0+PTX) runs on an H100 from PTX without them. Launched with the
+// programmatic attribute, such a recurrence would not wait for the preparation's writes. From the
+// PTX version the code was compiled from; read once per kernel and device (devices beyond 64 every
+// time). Programmatic launches inside CUDA graph capture need CUDA 12.3 or newer.
+template <class Kernel>
+bool kernel_has_griddep(Kernel kernel, int device, unsigned long long& known, unsigned long long& yes) {
+#if CUDART_VERSION >= 12030
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  const unsigned long long bit = device < 64 ? 1ull << device : 0ull;
+  if (bit != 0 && (known & bit)) return (yes & bit) != 0;
+  cudaFuncAttributes attr{};
+  const bool has = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
+  (void)cudaGetLastError();  // a failed query only turns the overlap off
+  known |= bit;
+  if (has) yes |= bit;
+  return has;
+#else
+  (void)kernel, (void)device, (void)known, (void)yes;
+  return false;
+#endif
+}
+#endif
+
 // Launches `kernel` of layout L with `blocks` blocks (one per sequence x head x V slice) and the
-// kernel's arguments (p, and what else it takes).
-template <class L, class Kernel, class... Args>
+// kernel's arguments (p, and what else it takes). kPdl (CUDA, sm_90+): with programmatic stream
+// serialization, so that the kernel may start before the kernel launched just before it on `stream`
+// completes, as soon as every block of that one has called griddep_launch_dependents; it must call
+// griddep_wait before it reads what that kernel writes. Only for a kernel whose predecessor on the
+// stream is known to be that kernel.
+template <class L, bool kPdl = false, class Kernel, class... Args>
 void launch_layout(const char* name, Kernel kernel, int64_t blocks, const port::DeviceInfo& dev,
                    port::stream_t stream, const Args&... args) {
   if (blocks > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
   static unsigned long long smem_set = 0;  // one mask per instantiation: L differs per kernel
   ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
+#if FLASH_KDA_HAS_TC
+  if constexpr (kPdl) {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(blocks));
+    config.blockDim = dim3(L::kThreads);
+    config.dynamicSmemBytes = L::kSmemBytes;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    port::check(cudaLaunchKernelEx(&config, kernel, args...), name);
+    return;
+  }
+#endif
   port::launch(name, kernel, static_cast<unsigned>(blocks), L::kThreads, L::kSmemBytes, stream, args...);
 }
 
@@ -286,10 +347,23 @@ struct RecurrenceVariant
     return static_cast<double>(load.waves) * (load.shared ? 1.6 : 1.0) * chunk;
   }
 
+  // A call in one piece launches its recurrence right behind its preparation on the same stream
+  // (tc::enqueue_pieces), so on sm_90+ it may overlap that preparation's tail (launch_layout's kPdl): its
+  // blocks load their initial state while the last preparation blocks finish. Not for pieces (their
+  // recurrences follow each other and events on a side stream), nor where the preparation launched
+  // no block (then the kernel before this one is the caller's).
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream,
                      const tc::Piece& piece) {
-    launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream, p,
-                     piece);
+    static unsigned long long griddep_known = 0, griddep_yes = 0;  // per instantiation, per device
+    const bool behind_prep = piece.carry == nullptr && tc::prep_blocks(p, L::C, 0, tc::kAllChunks) > 0;
+    if (behind_prep && dev.major >= 9 && pdl_enabled() &&
+        kernel_has_griddep(kda_recurrence_kernel<L>, dev.device, griddep_known, griddep_yes)) {
+      launch_layout<L, true>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream,
+                             p, piece);
+    } else {
+      launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream, p,
+                       piece);
+    }
   }
 };
 

@@ -91,6 +91,22 @@ FLASH_KDA_DEVICE unsigned shared_address(const float* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 FLASH_KDA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Programmatic dependent launch (sm_90+). A kernel launched with the programmatic-serialization
+// attribute (kda_cuda.cu, launch_layout) may start while the kernel before it on the stream still
+// runs: griddep_wait() then blocks until that kernel has completed and its writes are visible.
+// griddep_launch_dependents() lets such a dependent kernel start once every block of this one has
+// called it (or exited). Both do nothing without the attribute, and compile to nothing before sm_90.
+FLASH_KDA_DEVICE void griddep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+FLASH_KDA_DEVICE void griddep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 // Waits until at most N of this thread's groups are pending.
 template <int N>
 FLASH_KDA_DEVICE void cp_async_wait() {
