@@ -87,16 +87,28 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_recurrence_ker
 }
 #endif
 
-// Sets a kernel's dynamic shared-memory limit once per device (the attribute call costs a few
-// microseconds; launches are per call). Devices beyond 64 are simply set every time.
-template <class Kernel>
-void ensure_max_dynamic_smem(Kernel kernel, int bytes, int device, unsigned long long& done_mask) {
+// query() for `device`, run once per device and remembered in the caller's bit masks (known: asked;
+// yes: it said true); devices beyond 64 are asked every time. For per-kernel attribute calls, which
+// cost a few microseconds where launches are per call.
+template <class Query>
+bool once_per_device(int device, unsigned long long& known, unsigned long long& yes, Query query) {
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
   const unsigned long long bit = device < 64 ? 1ull << device : 0ull;
-  if (bit != 0 && (done_mask & bit)) return;
-  port::set_max_dynamic_smem(kernel, bytes);
-  done_mask |= bit;
+  if (bit != 0 && (known & bit)) return (yes & bit) != 0;
+  const bool answer = query();
+  known |= bit;
+  if (answer) yes |= bit;
+  return answer;
+}
+
+// Sets a kernel's dynamic shared-memory limit once per device (done_mask: both masks at once).
+template <class Kernel>
+void ensure_max_dynamic_smem(Kernel kernel, int bytes, int device, unsigned long long& done_mask) {
+  once_per_device(device, done_mask, done_mask, [&] {
+    port::set_max_dynamic_smem(kernel, bytes);
+    return true;
+  });
 }
 
 #if FLASH_KDA_HAS_TC
@@ -114,21 +126,17 @@ bool pdl_enabled() {
 // compiles them only for sm_90 and newer, and a module built for an older architecture (say
 // TORCH_CUDA_ARCH_LIST=8.0+PTX) runs on an H100 from PTX without them. Launched with the
 // programmatic attribute, such a recurrence would not wait for the preparation's writes. From the
-// PTX version the code was compiled from; read once per kernel and device (devices beyond 64 every
-// time). Programmatic launches inside CUDA graph capture need CUDA 12.3 or newer.
+// PTX version the code was compiled from; read once per kernel and device (once_per_device).
+// Programmatic launches inside CUDA graph capture need CUDA 12.3 or newer.
 template <class Kernel>
 bool kernel_has_griddep(Kernel kernel, int device, unsigned long long& known, unsigned long long& yes) {
 #if CUDART_VERSION >= 12030
-  static std::mutex mu;
-  std::lock_guard<std::mutex> lock(mu);
-  const unsigned long long bit = device < 64 ? 1ull << device : 0ull;
-  if (bit != 0 && (known & bit)) return (yes & bit) != 0;
-  cudaFuncAttributes attr{};
-  const bool has = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
-  (void)cudaGetLastError();  // a failed query only turns the overlap off
-  known |= bit;
-  if (has) yes |= bit;
-  return has;
+  return once_per_device(device, known, yes, [&] {
+    cudaFuncAttributes attr{};
+    const bool has = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
+    (void)cudaGetLastError();  // a failed query only turns the overlap off
+    return has;
+  });
 #else
   (void)kernel, (void)device, (void)known, (void)yes;
   return false;
