@@ -113,10 +113,20 @@ void ensure_max_dynamic_smem(Kernel kernel, int bytes, int device, unsigned long
 
 #if FLASH_KDA_HAS_TC
 // FLASH_KDA_CUDA_PDL=0 (read once per process): launch the one-piece recurrence as an ordinary
-// kernel instead of one that may overlap the preparation's tail (launch_layout's kPdl). For A/B runs.
+// kernel instead of one that may overlap the preparation's tail (LaunchExtras::pdl). For A/B runs.
 bool pdl_enabled() {
   static const bool on = [] {
     const char* s = getenv("FLASH_KDA_CUDA_PDL");
+    return s == nullptr || *s == '\0' || atoi(s) != 0;
+  }();
+  return on;
+}
+
+// FLASH_KDA_CUDA_CLUSTER=0 (read once per process): launch the recurrence's V slices as separate
+// blocks instead of one cluster per head (LaunchExtras::cluster). For A/B runs.
+bool cluster_enabled() {
+  static const bool on = [] {
+    const char* s = getenv("FLASH_KDA_CUDA_CLUSTER");
     return s == nullptr || *s == '\0' || atoi(s) != 0;
   }();
   return on;
@@ -144,30 +154,46 @@ bool kernel_has_griddep(Kernel kernel, int device, unsigned long long& known, un
 }
 #endif
 
+// What a launch may add to a plain one (CUDA, sm_90+; launch_layout ignores both elsewhere).
+// pdl: programmatic stream serialization, so that the kernel may start before the kernel launched
+// just before it on `stream` completes, as soon as every block of that one has called
+// griddep_launch_dependents; it must call griddep_wait before it reads what that kernel writes. Only
+// for a kernel whose predecessor on the stream is known to be that kernel. cluster: blocks per
+// thread-block cluster (consecutive block indices, run at once on one GPC); 1 for none. It must
+// divide the grid.
+struct LaunchExtras {
+  bool pdl = false;
+  unsigned cluster = 1;
+};
+
 // Launches `kernel` of layout L with `blocks` blocks (one per sequence x head x V slice) and the
-// kernel's arguments (p, and what else it takes). kPdl (CUDA, sm_90+): with programmatic stream
-// serialization, so that the kernel may start before the kernel launched just before it on `stream`
-// completes, as soon as every block of that one has called griddep_launch_dependents; it must call
-// griddep_wait before it reads what that kernel writes. Only for a kernel whose predecessor on the
-// stream is known to be that kernel.
-template <class L, bool kPdl = false, class Kernel, class... Args>
+// kernel's arguments (p, and what else it takes).
+template <class L, class Kernel, class... Args>
 void launch_layout(const char* name, Kernel kernel, int64_t blocks, const port::DeviceInfo& dev,
-                   port::stream_t stream, const Args&... args) {
+                   port::stream_t stream, LaunchExtras extras, const Args&... args) {
   if (blocks > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
   static unsigned long long smem_set = 0;  // one mask per instantiation: L differs per kernel
   ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
 #if FLASH_KDA_HAS_TC
-  if constexpr (kPdl) {
+  if (dev.major >= 9 && (extras.pdl || extras.cluster > 1)) {
+    if (blocks % extras.cluster != 0) throw std::logic_error("flash_kda: cluster width does not divide the grid");
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(static_cast<unsigned>(blocks));
     config.blockDim = dim3(L::kThreads);
     config.dynamicSmemBytes = L::kSmemBytes;
     config.stream = stream;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute attribute[2];
+    unsigned n = 0;
+    if (extras.pdl) {
+      attribute[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attribute[n++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (extras.cluster > 1) {
+      attribute[n].id = cudaLaunchAttributeClusterDimension;
+      attribute[n++].val.clusterDim = {extras.cluster, 1, 1};
+    }
     config.attrs = attribute;
-    config.numAttrs = 1;
+    config.numAttrs = n;
     port::check(cudaLaunchKernelEx(&config, kernel, args...), name);
     return;
   }
@@ -196,7 +222,7 @@ struct PortableVariant {
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    launch_layout<L>("kda_portable_kernel launch", kda_portable_kernel<L>, blocks(p), dev, stream, p);
+    launch_layout<L>("kda_portable_kernel launch", kda_portable_kernel<L>, blocks(p), dev, stream, {}, p);
   }
 };
 
@@ -323,7 +349,7 @@ struct TcVariant : VariantBase<tc::Layout<kHeadDim, VS, 32, T>, VS, T,
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    launch_layout<L>("kda_tc_kernel launch", kda_tc_kernel<L>, Base::blocks(p), dev, stream, p);
+    launch_layout<L>("kda_tc_kernel launch", kda_tc_kernel<L>, Base::blocks(p), dev, stream, {}, p);
   }
 };
 
@@ -356,7 +382,7 @@ struct RecurrenceVariant
   }
 
   // A call in one piece launches its recurrence right behind its preparation on the same stream
-  // (tc::enqueue_pieces), so on sm_90+ it may overlap that preparation's tail (launch_layout's kPdl): its
+  // (tc::enqueue_pieces), so on sm_90+ it may overlap that preparation's tail (LaunchExtras::pdl): its
   // blocks load their initial state while the last preparation blocks finish. Not for pieces (their
   // recurrences follow each other and events on a side stream), nor where the preparation launched
   // no block (then the kernel before this one is the caller's).
@@ -364,14 +390,14 @@ struct RecurrenceVariant
                      const tc::Piece& piece) {
     static unsigned long long griddep_known = 0, griddep_yes = 0;  // per instantiation, per device
     const bool behind_prep = piece.carry == nullptr && tc::prep_blocks(p, L::C, 0, tc::kAllChunks) > 0;
-    if (behind_prep && dev.major >= 9 && pdl_enabled() &&
-        kernel_has_griddep(kda_recurrence_kernel<L>, dev.device, griddep_known, griddep_yes)) {
-      launch_layout<L, true>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream,
-                             p, piece);
-    } else {
-      launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream, p,
-                       piece);
-    }
+    LaunchExtras extras;
+    extras.pdl = behind_prep && dev.major >= 9 && pdl_enabled() &&
+                 kernel_has_griddep(kda_recurrence_kernel<L>, dev.device, griddep_known, griddep_yes);
+    // The V slices of a head as one cluster, which its blocks' cluster barrier keeps in step
+    // (recurrence_block): consecutive blocks, and every sequence x head has L::NVS of them.
+    extras.cluster = cluster_enabled() && L::NVS <= 8 ? L::NVS : 1;  // 8: the portable cluster limit
+    launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream, extras,
+                     p, piece);
   }
 };
 
@@ -515,7 +541,7 @@ void launch_prep(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t
                  int64_t c_end) {
   const int64_t blocks = tc::prep_blocks(p, kSplitChunk, c_begin, c_end);
   if (blocks <= 0) return;
-  launch_layout<L>("kda_prep_kernel launch", kda_prep_kernel<L>, blocks, dev, stream, p,
+  launch_layout<L>("kda_prep_kernel launch", kda_prep_kernel<L>, blocks, dev, stream, {}, p,
                    tc::make_prep_grid<L>(p, c_begin, c_end));
 }
 
