@@ -76,12 +76,13 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_prep_kernel(co
 
 template <class L>
 __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_recurrence_kernel(const KdaParams p,
-                                                                                   const tc::Piece piece) {
+                                                                                   const tc::Piece piece,
+                                                                                   const bool lockstep) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
 #else
   extern __shared__ float4 smem_f4[];
-  tc::recurrence_block<L>(p, piece, static_cast<const float*>(p.workspace), reinterpret_cast<float*>(smem_f4),
+  tc::recurrence_block<L>(p, piece, lockstep, static_cast<const float*>(p.workspace), reinterpret_cast<float*>(smem_f4),
                           static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x));
 #endif
 }
@@ -122,14 +123,16 @@ bool pdl_enabled() {
   return on;
 }
 
-// FLASH_KDA_CUDA_CLUSTER=0 (read once per process): launch the recurrence's V slices as separate
-// blocks instead of one cluster per head (LaunchExtras::cluster). For A/B runs.
-bool cluster_enabled() {
-  static const bool on = [] {
+// FLASH_KDA_CUDA_CLUSTER (read once per process): 0, never launch the recurrence's V slices as a
+// cluster kept in step (recurrence_block's lockstep); any other number, always (where a head has
+// more than one slice); unset or empty, where the grid has more blocks than the device has
+// multiprocessors (RecurrenceVariant::launch). For A/B runs.
+int cluster_setting() {
+  static const int v = [] {
     const char* s = getenv("FLASH_KDA_CUDA_CLUSTER");
-    return s == nullptr || *s == '\0' || atoi(s) != 0;
+    return s == nullptr || *s == '\0' ? -1 : (atoi(s) != 0 ? 1 : 0);
   }();
-  return on;
+  return v;
 }
 
 // Whether `kernel`'s code, as it runs on `device`, holds the griddepcontrol instructions: ptx.cuh
@@ -393,11 +396,18 @@ struct RecurrenceVariant
     LaunchExtras extras;
     extras.pdl = behind_prep && dev.major >= 9 && pdl_enabled() &&
                  kernel_has_griddep(kda_recurrence_kernel<L>, dev.device, griddep_known, griddep_yes);
-    // The V slices of a head as one cluster, which its blocks' cluster barrier keeps in step
-    // (recurrence_block): consecutive blocks, and every sequence x head has L::NVS of them.
-    extras.cluster = cluster_enabled() && L::NVS <= 8 ? L::NVS : 1;  // 8: the portable cluster limit
+    // The V slices of a head as one cluster (consecutive blocks: every sequence x head has L::NVS of
+    // them), kept in step by its blocks (recurrence_block's lockstep), so that the slices' reads of
+    // the head's shared arrays come from L2 once one has read them. It pays where blocks share
+    // multiprocessors and the kernel streams its records at DRAM speed: 13 % at T=8192 H=96 (192
+    // blocks on an H100's 132). With a multiprocessor per block the kernel waits on latency, and
+    // the barrier cost 5 % at T=32768 H=32 (64 blocks; docs/performance.md v18).
+    const int setting = cluster_setting();
+    const bool lockstep = L::NVS > 1 && L::NVS <= 8 && dev.major >= 9 &&  // 8: the portable cluster limit
+                          (setting == 1 || (setting == -1 && Base::blocks(p) > dev.multiprocessors));
+    extras.cluster = lockstep ? L::NVS : 1;
     launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream, extras,
-                     p, piece);
+                     p, piece, lockstep);
   }
 };
 
