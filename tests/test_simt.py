@@ -211,6 +211,11 @@ def test_varlen_pieces_match_one_piece(D, vs, prep, states, monkeypatch):
 VARLEN_LOOKUP_CASES = {
     # lengths that repeat (the order's ties) and an empty sequence: one round of the slot search
     "ties": [33, 70, 33, 0, 70, 5, 70],
+    # 30 sequences, the most that one round of loads covers (boundaries 0..30 in lanes 0..30); the
+    # last one long (many slots), the one before it empty
+    "30": [(7 * i) % 41 for i in range(28)] + [0, 150],
+    # 31 sequences: two rounds (the second holds the answer's two boundaries); the last one empty
+    "31": [(7 * i) % 41 for i in range(29)] + [97, 0],
     # 45 sequences of 0..40 tokens: two rounds of the slot search; the recurrence keeps batch order
     "many": [(7 * i) % 41 for i in range(45)],
 }
@@ -218,8 +223,8 @@ VARLEN_LOOKUP_CASES = {
 
 @pytest.mark.parametrize("case", list(VARLEN_LOOKUP_CASES))
 def test_varlen_slot_search_and_longest_first(case, monkeypatch):
-    """Varlen bookkeeping of the split form. A preparation block finds its slot's sequence by a
-    32-way search across the warp's lanes (varlen_seq_of_slot), and the recurrence takes the
+    """Varlen bookkeeping of the split form. A preparation block finds its slot's sequence, chunk
+    and tokens by a 32-way search across the warp's lanes (varlen_slot), and the recurrence takes the
     sequences longest first (longest_first: up to 32 sequences, ties in batch order; more keep batch
     order). A block given the wrong sequence leaves another's output unwritten (NaN from the
     poisoned destination) or computes it from the wrong tokens: both fail the reference check."""

@@ -78,31 +78,35 @@ struct SeqRange {
   int64_t len;     // number of tokens
 };
 
-// Reads cu_seqlens defensively: values are clamped to [0, seq_len] and made non-decreasing, so a
-// malformed cu_seqlens can never make a kernel touch memory outside the tensors (the Python front end
-// rejects such input before launching; this is the second line of defence).
-FLASH_KDA_HD SeqRange seq_range(const KdaParams& p, int n) {
+// cu_seqlens[m] of a varlen call, clamped to [0, seq_len]: sequence n spans [boundary n, boundary n + 1).
+// With varlen_range below, cu_seqlens is read defensively: values are clamped to [0, seq_len] and made
+// non-decreasing, so a malformed cu_seqlens can never make a kernel touch memory outside the tensors
+// (the Python front end rejects such input before launching; this is the second line of defence).
+FLASH_KDA_HD int64_t cu_boundary(const KdaParams& p, int m) {
+  const int64_t a = p.cu_seqlens_int64 ? static_cast<const int64_t*>(p.cu_seqlens)[m]
+                                       : static_cast<const int32_t*>(p.cu_seqlens)[m];
+  return a < 0 ? 0 : (a > p.seq_len ? p.seq_len : a);
+}
+
+// Sequence n's tokens from its two clamped boundaries (the end raised to the start if below it).
+FLASH_KDA_HD SeqRange varlen_range(int64_t a, int64_t b) {
   SeqRange r;
+  r.batch = 0;
+  r.start = a;
+  r.len = b < a ? 0 : b - a;
+  return r;
+}
+
+// Sequence n's tokens, dense or varlen.
+FLASH_KDA_HD SeqRange seq_range(const KdaParams& p, int n) {
   if (p.cu_seqlens == nullptr) {
+    SeqRange r;
     r.batch = n;
     r.start = 0;
     r.len = p.seq_len;
     return r;
   }
-  int64_t a, b;
-  if (p.cu_seqlens_int64) {
-    a = static_cast<const int64_t*>(p.cu_seqlens)[n];
-    b = static_cast<const int64_t*>(p.cu_seqlens)[n + 1];
-  } else {
-    a = static_cast<const int32_t*>(p.cu_seqlens)[n];
-    b = static_cast<const int32_t*>(p.cu_seqlens)[n + 1];
-  }
-  a = a < 0 ? 0 : (a > p.seq_len ? p.seq_len : a);
-  b = b < a ? a : (b > p.seq_len ? p.seq_len : b);
-  r.batch = 0;
-  r.start = a;
-  r.len = b - a;
-  return r;
+  return varlen_range(cu_boundary(p, n), cu_boundary(p, n + 1));
 }
 
 FLASH_KDA_HD int64_t token_offset(const TokenStrides& s, const SeqRange& r, int64_t t, int h) {

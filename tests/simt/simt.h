@@ -286,14 +286,15 @@ inline void __syncwarp(unsigned = 0xffffffffu) { simt::wait(simt::warp().bar); }
 // Every lane deposits v, then reads lane src's (the warp's lanes all take part, as on the GPU).
 template <class T>
 inline T simt_shuffle(T v, int src) {
-  static_assert(sizeof(T) == 4, "32-bit shuffles");
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  simt::deposit(0, u);
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "32- and 64-bit shuffles");
+  constexpr int kWords = sizeof(T) / 4;
+  uint32_t u[kWords];
+  memcpy(u, &v, sizeof(T));
+  for (int w = 0; w < kWords; ++w) simt::deposit(w, u[w]);
   __syncwarp();
-  u = simt::word(src, 0);
+  for (int w = 0; w < kWords; ++w) u[w] = simt::word(src, w);
   __syncwarp();
-  memcpy(&v, &u, 4);
+  memcpy(&v, u, sizeof(T));
   return v;
 }
 template <class T>

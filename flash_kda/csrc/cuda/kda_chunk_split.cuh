@@ -592,41 +592,57 @@ FLASH_KDA_DEVICE void store_state_side_f16(const float* sm, float* rec, Pow2 fq,
   for (int e = R::kScaleKl + 1 + tid; e < R::kFloats; e += kN) rec[e] = 0.0f;
 }
 
-// The sequence of a varlen call that holds record slot `slot`: the largest n with slot_base(n) <= slot
-// (0 if there is none, as for a malformed cu_seqlens; the caller checks the chunk). The warp's 32 lanes
-// test 32 evenly spaced candidates at once, so up to 32 sequences take one round of loads and up to
-// 1,024 two, where a binary search took log2 N loads one after another: a preparation block waits
-// for this before its first input load (docs/performance.md v16). Every lane of the warp calls it
-// with the same slot.
-FLASH_KDA_DEVICE int varlen_seq_of_slot(const KdaParams& p, int64_t slot, int C, int lane) {
-  int lo = 0, hi = p.num_seqs - 1;  // the answer lies in [lo, hi]
-  while (lo < hi) {
-    const int step = (hi - lo) / 32 + 1;  // 32 candidates lo + j step cover [lo, hi]
+// Where record slot `slot` of a varlen call belongs: its sequence n (the last with slot_base(n) <= slot),
+// the chunk within it and the sequence's tokens; false for an unused slot (past its sequence's last
+// chunk, or past the last sequence, as with a malformed cu_seqlens). The warp's lanes test up to 32
+// boundaries m at once (slot_base(m) = cu_boundary(m) / C + m), narrowing the boundaries [lo, hi]
+// that can hold the answer 32-fold per round; the last round (at most 31 candidates) also loads the
+// boundary after them, so the sequence's start and end come from the same loads, by shuffles. Up to
+// 30 sequences take one round of loads, up to 991 two. A binary search took log2 N dependent
+// loads, and the bounds were then read again twice (by each of a block's 16 warps: +10 % of the
+// varlen preparation's instructions, docs/performance.md v17). Every lane calls it with the same slot.
+FLASH_KDA_DEVICE bool varlen_slot(const KdaParams& p, int64_t slot, int C, int lane, int& n, int64_t& chunk,
+                                  SeqRange& r) {
+  int lo = 0, hi = p.num_seqs;  // boundary num_seqs ends the last sequence: as an answer, no sequence
+  for (;;) {
+    const bool last = hi - lo <= 30;
+    const int step = last ? 1 : (hi - lo) / 32 + 1;  // 32 candidates lo + j step cover [lo, hi]
     const int m = lo + lane * step;
-    const unsigned below = __ballot_sync(0xffffffffu, m <= hi && slot_base(p, m, C) <= slot);
-    lo += (below == 0 ? 0 : 31 - __clz(below)) * step;  // the last candidate at or below the slot
+    const bool load = m <= (last ? hi + 1 : hi) && m <= p.num_seqs;
+    const int64_t a = load ? cu_boundary(p, m) : 0;
+    // (boundary num_seqs is loaded as the last sequence's end, never taken as an answer: with a
+    // malformed cu_seqlens whose slot bases decrease it could claim slots the old search gave n - 1)
+    const unsigned below = __ballot_sync(0xffffffffu, load && m <= hi && m < p.num_seqs && a / C + m <= slot);
+    const int k = below == 0 ? 0 : 31 - __clz(below);  // the last candidate at or below the slot
+    if (last) {
+      // lane k + 1 <= hi - lo + 1 <= 31 loaded boundary n + 1 whenever n < num_seqs
+      const int64_t start = __shfl_sync(0xffffffffu, a, k), end = __shfl_sync(0xffffffffu, a, k + 1);
+      n = lo + k;
+      r = varlen_range(start, end);
+      chunk = slot - (start / C + n);
+      return n < p.num_seqs && chunk >= 0 && chunk * C < r.len;
+    }
+    lo += k * step;
     hi = lo + step - 1 < hi ? lo + step - 1 : hi;
   }
-  return lo;
 }
 
-// The (sequence, chunk) of a block's index in the grid, and the slot of its record: dense by
-// division (index -> sequence, chunk within the stretch), varlen by a search over slot_base (the
-// index is the slot within the stretch). False for an unused slot.
+// The (sequence, chunk) of a block's index in the grid, the slot of its record and the sequence's
+// tokens: dense by division (index -> sequence, chunk within the stretch), varlen by varlen_slot
+// (the index is the slot within the stretch). False for an unused slot.
 FLASH_KDA_DEVICE bool slot_chunk(const KdaParams& p, const PrepGrid& g, uint32_t index, int C, int lane, int& n,
-                                 int64_t& chunk, int64_t& slot) {
+                                 int64_t& chunk, int64_t& slot, SeqRange& r) {
   if (p.cu_seqlens == nullptr) {
-    uint32_t q, r;
-    g.by_chunks.divmod(index, q, r);
+    uint32_t q, rem;
+    g.by_chunks.divmod(index, q, rem);
     n = static_cast<int>(q);
-    chunk = g.c_begin + r;
+    chunk = g.c_begin + rem;
     slot = static_cast<int64_t>(n) * g.chunks + chunk;
+    r = seq_range(p, n);
     return true;
   }
   slot = g.c_begin + index;
-  n = varlen_seq_of_slot(p, slot, C, lane);
-  chunk = slot - slot_base(p, n, C);
-  return chunk >= 0 && chunk * C < seq_range(p, n).len;
+  return varlen_slot(p, slot, C, lane, n, chunk, r);
 }
 
 template <class L>
@@ -638,11 +654,11 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
   const int h = static_cast<int>(hu);
   portable::Task t;
   int64_t chunk, slot;
-  if (!slot_chunk(p, g, index, L::C, tid % 32, t.n, chunk, slot)) return;  // uniform: the whole block leaves
+  // (uniform: for an unused slot the whole block leaves)
+  if (!slot_chunk(p, g, index, L::C, tid % 32, t.n, chunk, slot, t.r)) return;
   t.h = h;
   t.hk = static_cast<int>(g.by_group.div(hu));
   t.v0 = 0;
-  t.r = seq_range(p, t.n);
   const int64_t t0 = chunk * L::C;
   const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
   const int warp = tid / 32;
