@@ -562,6 +562,10 @@ inline unsigned shared_address(const float* p) { return static_cast<unsigned>(__
 // has always finished: nothing to wait for, nothing to release.
 inline void griddep_wait() {}
 inline void griddep_launch_dependents() {}
+// The cluster barrier only keeps blocks that run at once in step; the emulator runs blocks one
+// after another, so there is nothing to keep in step (and waiting would deadlock).
+inline void cluster_arrive_relaxed() {}
+inline void cluster_wait() {}
 inline void cp_async_commit() {
   simt::Block::Copies& c = simt::block()->copies[simt::tid()];
   c.committed.push_back(std::move(c.open));

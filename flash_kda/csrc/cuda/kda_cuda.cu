@@ -76,12 +76,13 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_prep_kernel(co
 
 template <class L>
 __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_recurrence_kernel(const KdaParams p,
-                                                                                   const tc::Piece piece) {
+                                                                                   const tc::Piece piece,
+                                                                                   const bool lockstep) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
 #else
   extern __shared__ float4 smem_f4[];
-  tc::recurrence_block<L>(p, piece, static_cast<const float*>(p.workspace), reinterpret_cast<float*>(smem_f4),
+  tc::recurrence_block<L>(p, piece, lockstep, static_cast<const float*>(p.workspace), reinterpret_cast<float*>(smem_f4),
                           static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x));
 #endif
 }
@@ -113,13 +114,25 @@ void ensure_max_dynamic_smem(Kernel kernel, int bytes, int device, unsigned long
 
 #if FLASH_KDA_HAS_TC
 // FLASH_KDA_CUDA_PDL=0 (read once per process): launch the one-piece recurrence as an ordinary
-// kernel instead of one that may overlap the preparation's tail (launch_layout's kPdl). For A/B runs.
+// kernel instead of one that may overlap the preparation's tail (LaunchExtras::pdl). For A/B runs.
 bool pdl_enabled() {
   static const bool on = [] {
     const char* s = getenv("FLASH_KDA_CUDA_PDL");
     return s == nullptr || *s == '\0' || atoi(s) != 0;
   }();
   return on;
+}
+
+// FLASH_KDA_CUDA_CLUSTER (read once per process): 0, never launch the recurrence's V slices as a
+// cluster kept in step (recurrence_block's lockstep); any other number, always (where a head has
+// more than one slice); unset or empty, where the grid has more blocks than the device has
+// multiprocessors (RecurrenceVariant::launch). For A/B runs.
+int cluster_setting() {
+  static const int v = [] {
+    const char* s = getenv("FLASH_KDA_CUDA_CLUSTER");
+    return s == nullptr || *s == '\0' ? -1 : (atoi(s) != 0 ? 1 : 0);
+  }();
+  return v;
 }
 
 // Whether `kernel`'s code, as it runs on `device`, holds the griddepcontrol instructions: ptx.cuh
@@ -144,30 +157,46 @@ bool kernel_has_griddep(Kernel kernel, int device, unsigned long long& known, un
 }
 #endif
 
+// What a launch may add to a plain one (CUDA, sm_90+; launch_layout ignores both elsewhere).
+// pdl: programmatic stream serialization, so that the kernel may start before the kernel launched
+// just before it on `stream` completes, as soon as every block of that one has called
+// griddep_launch_dependents; it must call griddep_wait before it reads what that kernel writes. Only
+// for a kernel whose predecessor on the stream is known to be that kernel. cluster: blocks per
+// thread-block cluster (consecutive block indices, run at once on one GPC); 1 for none. It must
+// divide the grid.
+struct LaunchExtras {
+  bool pdl = false;
+  unsigned cluster = 1;
+};
+
 // Launches `kernel` of layout L with `blocks` blocks (one per sequence x head x V slice) and the
-// kernel's arguments (p, and what else it takes). kPdl (CUDA, sm_90+): with programmatic stream
-// serialization, so that the kernel may start before the kernel launched just before it on `stream`
-// completes, as soon as every block of that one has called griddep_launch_dependents; it must call
-// griddep_wait before it reads what that kernel writes. Only for a kernel whose predecessor on the
-// stream is known to be that kernel.
-template <class L, bool kPdl = false, class Kernel, class... Args>
+// kernel's arguments (p, and what else it takes).
+template <class L, class Kernel, class... Args>
 void launch_layout(const char* name, Kernel kernel, int64_t blocks, const port::DeviceInfo& dev,
-                   port::stream_t stream, const Args&... args) {
+                   port::stream_t stream, LaunchExtras extras, const Args&... args) {
   if (blocks > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
   static unsigned long long smem_set = 0;  // one mask per instantiation: L differs per kernel
   ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
 #if FLASH_KDA_HAS_TC
-  if constexpr (kPdl) {
+  if (dev.major >= 9 && (extras.pdl || extras.cluster > 1)) {
+    if (blocks % extras.cluster != 0) throw std::logic_error("flash_kda: cluster width does not divide the grid");
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(static_cast<unsigned>(blocks));
     config.blockDim = dim3(L::kThreads);
     config.dynamicSmemBytes = L::kSmemBytes;
     config.stream = stream;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute attribute[2];
+    unsigned n = 0;
+    if (extras.pdl) {
+      attribute[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attribute[n++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (extras.cluster > 1) {
+      attribute[n].id = cudaLaunchAttributeClusterDimension;
+      attribute[n++].val.clusterDim = {extras.cluster, 1, 1};
+    }
     config.attrs = attribute;
-    config.numAttrs = 1;
+    config.numAttrs = n;
     port::check(cudaLaunchKernelEx(&config, kernel, args...), name);
     return;
   }
@@ -196,7 +225,7 @@ struct PortableVariant {
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    launch_layout<L>("kda_portable_kernel launch", kda_portable_kernel<L>, blocks(p), dev, stream, p);
+    launch_layout<L>("kda_portable_kernel launch", kda_portable_kernel<L>, blocks(p), dev, stream, {}, p);
   }
 };
 
@@ -323,7 +352,7 @@ struct TcVariant : VariantBase<tc::Layout<kHeadDim, VS, 32, T>, VS, T,
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    launch_layout<L>("kda_tc_kernel launch", kda_tc_kernel<L>, Base::blocks(p), dev, stream, p);
+    launch_layout<L>("kda_tc_kernel launch", kda_tc_kernel<L>, Base::blocks(p), dev, stream, {}, p);
   }
 };
 
@@ -356,7 +385,7 @@ struct RecurrenceVariant
   }
 
   // A call in one piece launches its recurrence right behind its preparation on the same stream
-  // (tc::enqueue_pieces), so on sm_90+ it may overlap that preparation's tail (launch_layout's kPdl): its
+  // (tc::enqueue_pieces), so on sm_90+ it may overlap that preparation's tail (LaunchExtras::pdl): its
   // blocks load their initial state while the last preparation blocks finish. Not for pieces (their
   // recurrences follow each other and events on a side stream), nor where the preparation launched
   // no block (then the kernel before this one is the caller's).
@@ -364,14 +393,21 @@ struct RecurrenceVariant
                      const tc::Piece& piece) {
     static unsigned long long griddep_known = 0, griddep_yes = 0;  // per instantiation, per device
     const bool behind_prep = piece.carry == nullptr && tc::prep_blocks(p, L::C, 0, tc::kAllChunks) > 0;
-    if (behind_prep && dev.major >= 9 && pdl_enabled() &&
-        kernel_has_griddep(kda_recurrence_kernel<L>, dev.device, griddep_known, griddep_yes)) {
-      launch_layout<L, true>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream,
-                             p, piece);
-    } else {
-      launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream, p,
-                       piece);
-    }
+    LaunchExtras extras;
+    extras.pdl = behind_prep && dev.major >= 9 && pdl_enabled() &&
+                 kernel_has_griddep(kda_recurrence_kernel<L>, dev.device, griddep_known, griddep_yes);
+    // The V slices of a head as one cluster (consecutive blocks: every sequence x head has L::NVS of
+    // them), kept in step by its blocks (recurrence_block's lockstep), so that the slices' reads of
+    // the head's shared arrays come from L2 once one has read them. It pays where blocks share
+    // multiprocessors and the kernel streams its records at DRAM speed: 13 % at T=8192 H=96 (192
+    // blocks on an H100's 132). With a multiprocessor per block the kernel waits on latency, and
+    // the barrier cost 5 % at T=32768 H=32 (64 blocks; docs/performance.md v18).
+    const int setting = cluster_setting();
+    const bool lockstep = L::NVS > 1 && L::NVS <= 8 && dev.major >= 9 &&  // 8: the portable cluster limit
+                          (setting == 1 || (setting == -1 && Base::blocks(p) > dev.multiprocessors));
+    extras.cluster = lockstep ? L::NVS : 1;
+    launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream, extras,
+                     p, piece, lockstep);
   }
 };
 
@@ -515,7 +551,7 @@ void launch_prep(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t
                  int64_t c_end) {
   const int64_t blocks = tc::prep_blocks(p, kSplitChunk, c_begin, c_end);
   if (blocks <= 0) return;
-  launch_layout<L>("kda_prep_kernel launch", kda_prep_kernel<L>, blocks, dev, stream, p,
+  launch_layout<L>("kda_prep_kernel launch", kda_prep_kernel<L>, blocks, dev, stream, {}, p,
                    tc::make_prep_grid<L>(p, c_begin, c_end));
 }
 

@@ -107,6 +107,21 @@ FLASH_KDA_DEVICE void griddep_launch_dependents() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// The cluster's split barrier (sm_90+): every thread of every block of the cluster arrives, then
+// waits for all the others' arrivals. The recurrence uses it only to keep the blocks of one head's
+// V slices in step (kda_chunk_split.cuh, recurrence_block), so the arrival is relaxed: it orders no
+// memory. A grid launched without cluster dimensions runs as clusters of one block, where the pair
+// is a block-wide barrier. Nothing before sm_90.
+FLASH_KDA_DEVICE void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#endif
+}
+FLASH_KDA_DEVICE void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+#endif
+}
 // Waits until at most N of this thread's groups are pending.
 template <int N>
 FLASH_KDA_DEVICE void cp_async_wait() {
