@@ -20,6 +20,9 @@ one of these modes:
     fp16-chunk   S and U scaled per state row as in fp16-scaled, but each record array (W,
                  Q e^γ, A_qk, Klᵀ) with one scale for the whole chunk: fewer multiplies in the
                  recurrence (docs/performance.md v8); same errors as fp16-scaled here
+    fp16-U0tok   fp16-chunk, and U0 (which main's records keep in fp32: 38 % of a record's bytes)
+                 stored as fp16 too, one power-of-two scale per token (a row of U0 [L, V])
+    fp16-U0v     the same with one scale per value channel (a column of U0, as U's scales)
     fp16-SU      scales on S and U only (the state-side operands); the records W, Q e^γ, A_qk
                  and Kl rounded to fp16 as they are
     fp16         fp16 operands without scales (shows what the scales are for)
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flash_kda.reference import gate_log_decay, kda_reference, l2norm  # noqa: E402
 
 C = 32  # tokens per chunk, as in the kernels
-MODES = ("tf32", "fp16-scaled", "fp16-chunk", "fp16-SU", "fp16", "bf16")
+MODES = ("tf32", "fp16-scaled", "fp16-chunk", "fp16-U0tok", "fp16-U0v", "fp16-SU", "fp16", "bf16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +79,7 @@ def operand(x: torch.Tensor, mode: str, dims=None, record=False) -> torch.Tensor
     of the preparation's arrays rather than S or U)."""
     if mode == "fp16-SU":
         mode = "fp16" if record else "fp16-scaled"
-    if mode == "fp16-chunk":
+    if mode in ("fp16-chunk", "fp16-U0tok", "fp16-U0v"):
         return to_fp16_scaled(x.float().double(), None if record else dims)
     if mode == "tf32":
         return to_tf32(x)
@@ -128,6 +131,8 @@ def recurrence_chunk(S, rec, mode):
     s_op = operand(S, mode, dims=(1,))             # A operand: per state row
     x = mm(operand(w, mode, (1,), True), s_op.T)   # [L, V]: W S0ᵀ, W scaled per token
     o = mm(operand(qe, mode, (1,), True), s_op.T)  # Q e^γ scaled per token
+    if mode in ("fp16-U0tok", "fp16-U0v"):         # U0 as the record would hold it
+        u0 = to_fp16_scaled(u0, (1,) if mode == "fp16-U0tok" else (0,))
     u = to_fp32(u0 - x)                            # [L, V]
     u_op = operand(u, mode, dims=(0,))             # per state row v (column of this [L, V] array)
     o = to_fp32(o + mm(operand(aqk, mode, (1,), True), u_op))
@@ -174,6 +179,13 @@ def family(name, T, H, D, gen):
     elif name == "near-parallel keys, beta~1":  # large entries in T
         k = k[:1].expand(T, H, D) + 0.05 * k
         beta = beta + 4.0
+    elif name == "v = k M + 1 % noise":  # values the state learns to predict: U = U0 - W S0ᵀ is a
+        # small residual of two larger terms (cancellation), where U0's own rounding shows most
+        m = r(H, D, D) / D ** 0.5
+        kn = k / k.norm(dim=-1, keepdim=True)
+        v = torch.einsum("thk,hkv->thv", kn, m) + 0.01 * v
+        beta = beta + 4.0  # beta ~ 1: the delta rule writes each value in almost fully
+        dt_bias = dt_bias - 8.0  # weak decay: the state keeps what it learnt
     # bf16 inputs, as the kernels get them
     q, k, v, g, beta = (x.bfloat16().double() for x in (q, k, v, g, beta))
     return q, k, v, g, beta, A_log.float().double(), dt_bias.float().double(), l2
@@ -195,7 +207,7 @@ def main(argv=None) -> int:
     print(f"T={T} H={H} D={D}, chunk {C}; rel-L2 vs float64 kda_reference "
           "(out fp32 | out bf16 | final state fp32)")
     names = ("randn (main job)", "values x1e6", "values x1e-6", "no l2norm, |k|~4",
-             "no l2norm, q x1e-5", "strong decay", "near-parallel keys, beta~1")
+             "no l2norm, q x1e-5", "strong decay", "near-parallel keys, beta~1", "v = k M + 1 % noise")
     print(f"{'inputs':28s}" + "".join(f"{m:>24s}" for m in MODES))
     for i, name in enumerate(names):
         gen = torch.Generator().manual_seed(args.seed * 100 + i)
