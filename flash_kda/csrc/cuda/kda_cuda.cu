@@ -196,7 +196,16 @@ void launch_layout(const char* name, Kernel kernel, int64_t blocks, const port::
     }
     config.attrs = attribute;
     config.numAttrs = n;
-    port::check(cudaLaunchKernelEx(&config, kernel, args...), name);
+    cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
+    if (err != cudaSuccess && extras.cluster > 1) {
+      // A cluster the device cannot place (a MIG slice or an MPS share with too few free SMs per
+      // GPC, say): launch the grid without it. A kernel's cluster barrier then spans its own block
+      // only (ptx.cuh), which stays correct; only the blocks' keeping in step is lost.
+      (void)cudaGetLastError();
+      config.numAttrs = n - 1;  // the cluster attribute is the last one
+      err = cudaLaunchKernelEx(&config, kernel, args...);
+    }
+    port::check(err, name);
     return;
   }
 #endif
