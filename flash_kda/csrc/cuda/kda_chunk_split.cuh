@@ -58,9 +58,13 @@ struct Record {
 
 FLASH_KDA_HD int64_t chunks_of(int64_t len, int C) { return (len + C - 1) / C; }
 
+// A varlen sequence n's first slot from its first token (the rule of the comment at the top; the
+// slot search, varlen_slot, applies it to the boundaries it has loaded).
+FLASH_KDA_HD int64_t varlen_slot_base(int64_t start, int n, int C) { return start / C + n; }
+
 FLASH_KDA_HD int64_t slot_base(const KdaParams& p, int n, int C) {
   if (p.cu_seqlens == nullptr) return static_cast<int64_t>(n) * chunks_of(p.seq_len, C);
-  return seq_range(p, n).start / C + n;
+  return varlen_slot_base(seq_range(p, n).start, n, C);
 }
 
 FLASH_KDA_HD int64_t num_slots(const KdaParams& p, int C) {
@@ -592,15 +596,16 @@ FLASH_KDA_DEVICE void store_state_side_f16(const float* sm, float* rec, Pow2 fq,
   for (int e = R::kScaleKl + 1 + tid; e < R::kFloats; e += kN) rec[e] = 0.0f;
 }
 
-// Where record slot `slot` of a varlen call belongs: its sequence n (the last with slot_base(n) <= slot),
-// the chunk within it and the sequence's tokens; false for an unused slot (past its sequence's last
-// chunk, or past the last sequence, as with a malformed cu_seqlens). The warp's lanes test up to 32
-// boundaries m at once (slot_base(m) = cu_boundary(m) / C + m), narrowing the boundaries [lo, hi]
-// that can hold the answer 32-fold per round; the last round (at most 31 candidates) also loads the
-// boundary after them, so the sequence's start and end come from the same loads, by shuffles. Up to
-// 30 sequences take one round of loads, up to 991 two. A binary search took log2 N dependent
-// loads, and the bounds were then read again twice (by each of a block's 16 warps: +10 % of the
-// varlen preparation's instructions, docs/performance.md v17). Every lane calls it with the same slot.
+// Where record slot `slot` of a varlen call belongs: its sequence n (the last with slot_base(n) <=
+// slot), the chunk within it and the sequence's tokens; false for an unused slot (past its sequence's
+// last chunk, or past the last sequence, as with a malformed cu_seqlens). The warp's lanes test up to
+// 32 boundaries m at once (slot_base(m) = varlen_slot_base(cu_boundary(m), m, C)), narrowing the
+// boundaries [lo, hi] that can hold the answer 32-fold per round; the last round (at most 31
+// candidates) also loads the boundary after them, so the sequence's start and end come from the same
+// loads, by shuffles. Up to 30 sequences take one round of loads, up to 991 two. A binary search took
+// log2 N dependent loads, and the bounds were then read again twice (by each of a block's 16 warps:
+// +10 % of the varlen preparation's instructions, docs/performance.md v17). Every lane calls it with
+// the same slot.
 FLASH_KDA_DEVICE bool varlen_slot(const KdaParams& p, int64_t slot, int C, int lane, int& n, int64_t& chunk,
                                   SeqRange& r) {
   int lo = 0, hi = p.num_seqs;  // boundary num_seqs ends the last sequence: as an answer, no sequence
@@ -612,14 +617,14 @@ FLASH_KDA_DEVICE bool varlen_slot(const KdaParams& p, int64_t slot, int C, int l
     const int64_t a = load ? cu_boundary(p, m) : 0;
     // (boundary num_seqs is loaded as the last sequence's end, never taken as an answer: with a
     // malformed cu_seqlens whose slot bases decrease it could claim slots the old search gave n - 1)
-    const unsigned below = __ballot_sync(0xffffffffu, load && m <= hi && m < p.num_seqs && a / C + m <= slot);
+    const unsigned below = __ballot_sync(0xffffffffu, load && m <= hi && m < p.num_seqs && varlen_slot_base(a, m, C) <= slot);
     const int k = below == 0 ? 0 : 31 - __clz(below);  // the last candidate at or below the slot
     if (last) {
       // lane k + 1 <= hi - lo + 1 <= 31 loaded boundary n + 1 whenever n < num_seqs
       const int64_t start = __shfl_sync(0xffffffffu, a, k), end = __shfl_sync(0xffffffffu, a, k + 1);
       n = lo + k;
       r = varlen_range(start, end);
-      chunk = slot - (start / C + n);
+      chunk = slot - varlen_slot_base(start, n, C);
       return n < p.num_seqs && chunk >= 0 && chunk * C < r.len;
     }
     lo += k * step;
