@@ -168,13 +168,18 @@ struct LaunchExtras {
   unsigned cluster = 1;
 };
 
-// Launches `kernel` of layout L with `blocks` blocks (one per sequence x head x V slice) and the
+// Launches kKernel (of layout L) with `blocks` blocks (one per sequence x head x V slice) and the
 // kernel's arguments (p, and what else it takes).
-template <class L, class Kernel, class... Args>
-void launch_layout(const char* name, Kernel kernel, int64_t blocks, const port::DeviceInfo& dev,
-                   port::stream_t stream, LaunchExtras extras, const Args&... args) {
+// The kernel is a template argument so that each kernel has its own record of the devices whose
+// shared-memory limit it has raised: two kernels of one layout and one signature (the recurrence
+// with and without lockstep) once shared an instantiation, so the second one launched never had its
+// limit raised and failed with "invalid argument" (session 19).
+template <class L, auto kKernel, class... Args>
+void launch_layout(const char* name, int64_t blocks, const port::DeviceInfo& dev, port::stream_t stream,
+                   LaunchExtras extras, const Args&... args) {
   if (blocks > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
-  static unsigned long long smem_set = 0;  // one mask per instantiation: L differs per kernel
+  static unsigned long long smem_set = 0;  // per kernel (kKernel), one bit per device
+  constexpr auto kernel = kKernel;
   ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
 #if FLASH_KDA_HAS_TC
   if (dev.major >= 9 && (extras.pdl || extras.cluster > 1)) {
@@ -233,7 +238,7 @@ struct PortableVariant {
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    launch_layout<L>("kda_portable_kernel launch", kda_portable_kernel<L>, blocks(p), dev, stream, {}, p);
+    launch_layout<L, kda_portable_kernel<L>>("kda_portable_kernel launch", blocks(p), dev, stream, {}, p);
   }
 };
 
@@ -360,7 +365,7 @@ struct TcVariant : VariantBase<tc::Layout<kHeadDim, VS, 32, T>, VS, T,
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    launch_layout<L>("kda_tc_kernel launch", kda_tc_kernel<L>, Base::blocks(p), dev, stream, {}, p);
+    launch_layout<L, kda_tc_kernel<L>>("kda_tc_kernel launch", Base::blocks(p), dev, stream, {}, p);
   }
 };
 
@@ -425,8 +430,8 @@ struct RecurrenceVariant
     extras.pdl = behind_prep && dev.major >= 9 && pdl_enabled() &&
                  kernel_has_griddep(kda_recurrence_kernel<L, kLockstep>, dev.device, griddep_known, griddep_yes);
     extras.cluster = kLockstep ? L::NVS : 1;
-    launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L, kLockstep>, Base::blocks(p), dev,
-                     stream, extras, p, piece);
+    launch_layout<L, kda_recurrence_kernel<L, kLockstep>>("kda_recurrence_kernel launch", Base::blocks(p), dev,
+                                                          stream, extras, p, piece);
   }
 };
 
@@ -570,7 +575,7 @@ void launch_prep(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t
                  int64_t c_end) {
   const int64_t blocks = tc::prep_blocks(p, kSplitChunk, c_begin, c_end);
   if (blocks <= 0) return;
-  launch_layout<L>("kda_prep_kernel launch", kda_prep_kernel<L>, blocks, dev, stream, {}, p,
+  launch_layout<L, kda_prep_kernel<L>>("kda_prep_kernel launch", blocks, dev, stream, {}, p,
                    tc::make_prep_grid<L>(p, c_begin, c_end));
 }
 
