@@ -445,3 +445,53 @@ def test_pieces_match_one_piece_and_capture(tmp_path):
             what = f"{pieces} pieces, {order}, {key}"
             assert torch.equal(out, ref_out), f"{what}: output differs from one piece (seed {seed})"
             assert torch.equal(final, ref_final), f"{what}: final state differs (seed {seed})"
+
+
+# A child process: FLASH_KDA_CUDA_VSLICE=64 (read once per process) pins the recurrence's V slice at
+# 64, two slices per head at D = 128. The first problem has 96 value heads (192 blocks: more than an
+# H100's or H200's 132 multiprocessors, so on sm_90 the slices run as clusters kept in step), the
+# second 4 (8 blocks: the plain kernel). Saves both results for the parent to check.
+_LOCKSTEP_CHILD = r"""
+import sys
+import torch
+import flash_kda
+from kda_testing import make_problem, poison
+seed, path = int(sys.argv[1]), sys.argv[2]
+results = {}
+for hv in (96, 4):
+    p = make_problem(B=1, T=200, hqk=hv, hv=hv, D=128, dtype=torch.bfloat16, device="cuda", state=True,
+                     seed=seed, weak_decay=True)
+    out = poison(torch.empty_like(p["v"]))
+    final = poison(torch.empty_like(p["initial_state"]))
+    flash_kda.fwd(p["q"], p["k"], p["v"], p["g"], p["beta"], 128 ** -0.5, out, p["A_log"], p["dt_bias"],
+                  -5.0, initial_state=p["initial_state"], final_state=final)
+    torch.cuda.synchronize()
+    results[hv] = (out.cpu(), final.cpu())
+torch.save(results, path)
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_ok(), reason="no CUDA device on this machine (CPU-only CI)")
+def test_recurrence_in_step_then_plain_in_one_process(tmp_path):
+    """One process launches the recurrence kept in step (a cluster per head, sm_90) and then the
+    plain one of the same layout. Each kernel must get its own shared-memory limit: when the two
+    shared one record of it, the second launch failed with "invalid argument" (session 19)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    seed = fresh_seed()
+    path = tmp_path / "lockstep.pt"
+    env = {**os.environ, "FLASH_KDA_CUDA_VSLICE": "64",
+           "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    env.pop("FLASH_KDA_CUDA_CLUSTER", None)  # the default rule decides
+    res = subprocess.run([sys.executable, "-c", _LOCKSTEP_CHILD, str(seed), str(path)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"seed {seed}:\n{res.stderr[-3000:]}"
+    results = torch.load(path)
+    for hv in (96, 4):
+        p = make_problem(B=1, T=200, hqk=hv, hv=hv, D=128, dtype=torch.bfloat16, state=True, seed=seed,
+                         weak_decay=True)
+        check(p, *results[hv], seed, what=f"VS 64, {hv} heads")

@@ -73,9 +73,9 @@ void recurrence_with(const KdaParams& p, const tc::Piece& piece) {
   using L = tc::RecurrenceLayout<D, VS, C, D == 256 ? 1 : 2, kMma>;  // stages as kda_cuda.cu's Split<D>
   const float* scratch = static_cast<const float*>(p.workspace);
   simt::run_grid(slice_blocks<L>(p), L::kThreads, L::kSmemBytes, [&](int64_t blk, float* sm, int t) {
-    // lockstep: the emulator's cluster barrier does nothing (blocks run one after another), but the
-    // kernel's path with it runs.
-    tc::recurrence_block<L>(p, piece, /*lockstep=*/true, scratch, sm, static_cast<int>(blk), t);
+    // kLockstep where the GPU may take it: the emulator's cluster barrier does nothing (blocks run
+    // one after another), but the kernel's path with it runs.
+    tc::recurrence_block<L, (L::NVS > 1 && L::NVS <= 8)>(p, piece, scratch, sm, static_cast<int>(blk), t);
   });
 }
 

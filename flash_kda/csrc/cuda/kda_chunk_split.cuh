@@ -1015,10 +1015,13 @@ FLASH_KDA_DEVICE int longest_first(const KdaParams& p, int r, int lane) {
 }
 
 // The block's sequence's chunks in the piece (piece_chunks; all of them for a call in one piece).
-// lockstep: the grid was launched in clusters of a head's V slices, to be kept in step (below).
-template <class L>
-FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, bool lockstep, const float* scratch,
-                                       float* sm, int block, int tid) {
+// kLockstep: the grid was launched in clusters of a head's V slices, to be kept in step (below). A
+// template parameter, not a kernel argument: the argument's untaken branches cost 2.5 % at
+// T=32768 H=32 (a constant load and a test on each chunk's critical path; docs/performance.md v18),
+// and without it the chunk loop is the one before clusters.
+template <class L, bool kLockstep>
+FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, const float* scratch, float* sm,
+                                       int block, int tid) {
   using R = Record<L::D, L::C>;
   portable::Task t = portable::block_task<L>(p, block);
   t.n = longest_first(p, t.n, tid % 32);  // the grid's sequence index is a rank (dense: the same)
@@ -1048,23 +1051,23 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, b
   int64_t next = 0;  // offset of chunk c + 1's record from rec0 (a step per chunk, no multiply)
   for (int64_t c = 0; c < count; ++c) {
     next += rec_step;
-    // lockstep: the blocks of a cluster (the head's V slices, kda_cuda.cu, RecurrenceVariant) stay
+    // kLockstep: the blocks of a cluster (the head's V slices, kda_cuda.cu, RecurrenceVariant) stay
     // within a chunk of each other: this block copies chunk c + 1 only once every block of the
     // cluster has issued its copies of chunk c. They read the same fp16 arrays of each record; left
     // to drift apart, the later block's reads missed L2 and went to DRAM again (Nsight Compute,
     // docs/performance.md v17-v18: 1.44 GB read where 1.07 GB are needed). Every block of a cluster
     // has the same sequence and so the same count: the arrivals and waits pair up. (The pair costs a
     // few percent where each block has a multiprocessor to itself: hence a choice, not always on.)
-    if (lockstep && c > 0) cluster_wait();
+    if (kLockstep && c > 0) cluster_wait();
     port::block_sync();  // every warp is done with chunk c - 1's buffer
     if (L::kStages == 2) {
       if (c + 1 < count) fetch_chunk<L>(rec0 + next, t.v0, sm + ((c + 1) & 1) * L::kStage, tid);
-      if (lockstep) cluster_arrive_relaxed();
+      if (kLockstep) cluster_arrive_relaxed();
       cp_async_commit();   // possibly empty: one group per chunk keeps the count exact
       cp_async_wait<1>();  // every group but the newest, i.e. chunk c's, has landed
     } else {
       if (c > 0) fetch_chunk<L>(rec0 + (next - rec_step), t.v0, sm, tid);
-      if (lockstep) cluster_arrive_relaxed();
+      if (kLockstep) cluster_arrive_relaxed();
       cp_async_commit();
       cp_async_wait<0>();
     }
@@ -1074,7 +1077,7 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, b
     const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
     recurrence_chunk<L>(p, t, t0, len, sm + (L::kStages == 2 ? (c & 1) * L::kStage : 0), row0, l, s);
   }
-  if (lockstep && count > 0) cluster_wait();  // the last arrival's pair
+  if (kLockstep && count > 0) cluster_wait();  // the last arrival's pair
   cp_async_wait<0>();
   const StateRef out = final_ref(p, piece, c_end, nchunks, L::D);
   if (out.ptr != nullptr) state_rows_io<L, true>(out, t, row0, l, s);

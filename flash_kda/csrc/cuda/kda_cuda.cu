@@ -74,15 +74,14 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_prep_kernel(co
 #endif
 }
 
-template <class L>
+template <class L, bool kLockstep>
 __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_recurrence_kernel(const KdaParams p,
-                                                                                   const tc::Piece piece,
-                                                                                   const bool lockstep) {
+                                                                                   const tc::Piece piece) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
 #else
   extern __shared__ float4 smem_f4[];
-  tc::recurrence_block<L>(p, piece, lockstep, static_cast<const float*>(p.workspace), reinterpret_cast<float*>(smem_f4),
+  tc::recurrence_block<L, kLockstep>(p, piece, static_cast<const float*>(p.workspace), reinterpret_cast<float*>(smem_f4),
                           static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x));
 #endif
 }
@@ -124,7 +123,7 @@ bool pdl_enabled() {
 }
 
 // FLASH_KDA_CUDA_CLUSTER (read once per process): 0, never launch the recurrence's V slices as a
-// cluster kept in step (recurrence_block's lockstep); any other number, always (where a head has
+// cluster kept in step (recurrence_block's kLockstep); any other number, always (where a head has
 // more than one slice); unset or empty, where the grid has more blocks than the device has
 // multiprocessors (RecurrenceVariant::launch). For A/B runs.
 int cluster_setting() {
@@ -169,13 +168,18 @@ struct LaunchExtras {
   unsigned cluster = 1;
 };
 
-// Launches `kernel` of layout L with `blocks` blocks (one per sequence x head x V slice) and the
+// Launches kKernel (of layout L) with `blocks` blocks (one per sequence x head x V slice) and the
 // kernel's arguments (p, and what else it takes).
-template <class L, class Kernel, class... Args>
-void launch_layout(const char* name, Kernel kernel, int64_t blocks, const port::DeviceInfo& dev,
-                   port::stream_t stream, LaunchExtras extras, const Args&... args) {
+// The kernel is a template argument so that each kernel has its own record of the devices whose
+// shared-memory limit it has raised: two kernels of one layout and one signature (the recurrence
+// with and without lockstep) once shared an instantiation, so the second one launched never had its
+// limit raised and failed with "invalid argument" (session 19).
+template <class L, auto kKernel, class... Args>
+void launch_layout(const char* name, int64_t blocks, const port::DeviceInfo& dev, port::stream_t stream,
+                   LaunchExtras extras, const Args&... args) {
   if (blocks > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
-  static unsigned long long smem_set = 0;  // one mask per instantiation: L differs per kernel
+  static unsigned long long smem_set = 0;  // per kernel (kKernel), one bit per device
+  constexpr auto kernel = kKernel;
   ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
 #if FLASH_KDA_HAS_TC
   if (dev.major >= 9 && (extras.pdl || extras.cluster > 1)) {
@@ -197,7 +201,16 @@ void launch_layout(const char* name, Kernel kernel, int64_t blocks, const port::
     }
     config.attrs = attribute;
     config.numAttrs = n;
-    port::check(cudaLaunchKernelEx(&config, kernel, args...), name);
+    cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
+    if (err != cudaSuccess && extras.cluster > 1) {
+      // A cluster the device cannot place (a MIG slice or an MPS share with too few free SMs per
+      // GPC, say): launch the grid without it. A kernel's cluster barrier then spans its own block
+      // only (ptx.cuh), which stays correct; only the blocks' keeping in step is lost.
+      (void)cudaGetLastError();
+      config.numAttrs = n - 1;  // the cluster attribute is the last one
+      err = cudaLaunchKernelEx(&config, kernel, args...);
+    }
+    port::check(err, name);
     return;
   }
 #endif
@@ -225,7 +238,7 @@ struct PortableVariant {
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    launch_layout<L>("kda_portable_kernel launch", kda_portable_kernel<L>, blocks(p), dev, stream, {}, p);
+    launch_layout<L, kda_portable_kernel<L>>("kda_portable_kernel launch", blocks(p), dev, stream, {}, p);
   }
 };
 
@@ -352,7 +365,7 @@ struct TcVariant : VariantBase<tc::Layout<kHeadDim, VS, 32, T>, VS, T,
   }
 
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream) {
-    launch_layout<L>("kda_tc_kernel launch", kda_tc_kernel<L>, Base::blocks(p), dev, stream, {}, p);
+    launch_layout<L, kda_tc_kernel<L>>("kda_tc_kernel launch", Base::blocks(p), dev, stream, {}, p);
   }
 };
 
@@ -391,23 +404,34 @@ struct RecurrenceVariant
   // no block (then the kernel before this one is the caller's).
   static void launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream,
                      const tc::Piece& piece) {
+    // The V slices of a head as one cluster (consecutive blocks: every sequence x head has L::NVS of
+    // them), kept in step by its blocks (recurrence_block's kLockstep), so that the slices' reads of
+    // the head's shared arrays come from L2 once one has read them. It pays where blocks share
+    // multiprocessors and the kernel streams its records at DRAM speed: 11-14 % at T=8192 H=96 (192
+    // blocks on an H100's 132). With a multiprocessor per block the kernel waits on latency, and the
+    // barrier cost 3-7 % at T=32768 H=32 (64 blocks) and T=8192 H=64 (128; docs/performance.md v18).
+    constexpr bool kCanCluster = L::NVS > 1 && L::NVS <= 8;  // 8: the portable cluster limit
+    const int setting = cluster_setting();
+    if constexpr (kCanCluster) {
+      if (dev.major >= 9 && (setting == 1 || (setting == -1 && Base::blocks(p) > dev.multiprocessors))) {
+        launch_as<true>(p, dev, stream, piece);
+        return;
+      }
+    }
+    launch_as<false>(p, dev, stream, piece);
+  }
+
+  template <bool kLockstep>
+  static void launch_as(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream,
+                        const tc::Piece& piece) {
     static unsigned long long griddep_known = 0, griddep_yes = 0;  // per instantiation, per device
     const bool behind_prep = piece.carry == nullptr && tc::prep_blocks(p, L::C, 0, tc::kAllChunks) > 0;
     LaunchExtras extras;
     extras.pdl = behind_prep && dev.major >= 9 && pdl_enabled() &&
-                 kernel_has_griddep(kda_recurrence_kernel<L>, dev.device, griddep_known, griddep_yes);
-    // The V slices of a head as one cluster (consecutive blocks: every sequence x head has L::NVS of
-    // them), kept in step by its blocks (recurrence_block's lockstep), so that the slices' reads of
-    // the head's shared arrays come from L2 once one has read them. It pays where blocks share
-    // multiprocessors and the kernel streams its records at DRAM speed: 13 % at T=8192 H=96 (192
-    // blocks on an H100's 132). With a multiprocessor per block the kernel waits on latency, and
-    // the barrier cost 5 % at T=32768 H=32 (64 blocks; docs/performance.md v18).
-    const int setting = cluster_setting();
-    const bool lockstep = L::NVS > 1 && L::NVS <= 8 && dev.major >= 9 &&  // 8: the portable cluster limit
-                          (setting == 1 || (setting == -1 && Base::blocks(p) > dev.multiprocessors));
-    extras.cluster = lockstep ? L::NVS : 1;
-    launch_layout<L>("kda_recurrence_kernel launch", kda_recurrence_kernel<L>, Base::blocks(p), dev, stream, extras,
-                     p, piece, lockstep);
+                 kernel_has_griddep(kda_recurrence_kernel<L, kLockstep>, dev.device, griddep_known, griddep_yes);
+    extras.cluster = kLockstep ? L::NVS : 1;
+    launch_layout<L, kda_recurrence_kernel<L, kLockstep>>("kda_recurrence_kernel launch", Base::blocks(p), dev,
+                                                          stream, extras, p, piece);
   }
 };
 
@@ -551,7 +575,7 @@ void launch_prep(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t
                  int64_t c_end) {
   const int64_t blocks = tc::prep_blocks(p, kSplitChunk, c_begin, c_end);
   if (blocks <= 0) return;
-  launch_layout<L>("kda_prep_kernel launch", kda_prep_kernel<L>, blocks, dev, stream, {}, p,
+  launch_layout<L, kda_prep_kernel<L>>("kda_prep_kernel launch", blocks, dev, stream, {}, p,
                    tc::make_prep_grid<L>(p, c_begin, c_end));
 }
 
