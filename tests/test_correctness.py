@@ -335,6 +335,28 @@ def test_fwd_caller_workspace(varlen):
         assert torch.equal(out, out0) and torch.equal(final, final0), f"seed {seed}"
 
 
+def run_child(script: str, path, args, env_changes: dict, *, what: str):
+    """Runs `script` in a fresh Python process (for launcher settings that are read once per process)
+    as `python -c script path *args`, with tests/ and the project on its path and the environment
+    changed by env_changes (a value of None unsets the variable); returns what it saved at path."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    for key, value in env_changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    res = subprocess.run([sys.executable, "-c", script, str(path), *map(str, args)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{what}:\n{res.stderr[-3000:]}"
+    return torch.load(path)
+
+
 # A child process: FLASH_KDA_CUDA_PIECES is read once per process by the launcher, so each piece
 # count gets its own. For three problems (small: checked against the reference by the parent; large:
 # 256 chunks, 32 heads, so that the two streams really run side by side; varlen: cut along its
@@ -349,7 +371,7 @@ import sys
 import torch
 import flash_kda
 from kda_testing import make_problem, poison
-seed, path, order = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+path, seed, order = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 problems = {"small": dict(B=2, T=1000, hqk=2, hv=4), "large": dict(B=1, T=8192, hqk=32, hv=32),
             "varlen": dict(seqlens=[300, 0, 1, 700, 33, 2048], hqk=2, hv=4)}
 
@@ -416,21 +438,12 @@ def test_pieces_match_one_piece_and_capture(tmp_path):
     tolerances. 1000 tokens are 32 chunks: 3 pieces start stretches at chunks 10 and 21, 8 pieces at
     every fourth chunk; the large problem has 256 chunks and 32 heads; the varlen problem's 102
     slots are cut inside and between its sequences."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = Path(__file__).resolve().parent
     seed = fresh_seed()
     results = {}
     for pieces, order in ((1, "eager-first"), (3, "eager-first"), (8, "eager-first"), (3, "capture-first")):
-        path = tmp_path / f"pieces{pieces}-{order}.pt"
-        env = {**os.environ, "FLASH_KDA_CUDA_PIECES": str(pieces),
-               "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
-        res = subprocess.run([sys.executable, "-c", _PIECES_CHILD, str(seed), str(path), order], env=env,
-                             capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, f"{pieces} pieces, {order} (seed {seed}):\n{res.stderr[-3000:]}"
-        results[(pieces, order)] = torch.load(path)
+        results[(pieces, order)] = run_child(_PIECES_CHILD, tmp_path / f"pieces{pieces}-{order}.pt", [seed, order],
+                                             {"FLASH_KDA_CUDA_PIECES": str(pieces)},
+                                             what=f"{pieces} pieces, {order} (seed {seed})")
     # The small problem's inputs, rebuilt on the CPU (make_problem draws on a CPU generator).
     p = make_problem(B=2, T=1000, hqk=2, hv=4, D=128, dtype=torch.bfloat16, state=True, seed=seed,
                      weak_decay=True)
@@ -456,7 +469,7 @@ import sys
 import torch
 import flash_kda
 from kda_testing import make_problem, poison
-seed, path = int(sys.argv[1]), sys.argv[2]
+path, seed = sys.argv[1], int(sys.argv[2])
 results = {}
 for hv in (96, 4):
     p = make_problem(B=1, T=200, hqk=hv, hv=hv, D=128, dtype=torch.bfloat16, device="cuda", state=True,
@@ -477,20 +490,10 @@ def test_recurrence_in_step_then_plain_in_one_process(tmp_path):
     """One process launches the recurrence kept in step (a cluster per head, sm_90) and then the
     plain one of the same layout. Each kernel must get its own shared-memory limit: when the two
     shared one record of it, the second launch failed with "invalid argument" (session 19)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = Path(__file__).resolve().parent
     seed = fresh_seed()
-    path = tmp_path / "lockstep.pt"
-    env = {**os.environ, "FLASH_KDA_CUDA_VSLICE": "64",
-           "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
-    env.pop("FLASH_KDA_CUDA_CLUSTER", None)  # the default rule decides
-    res = subprocess.run([sys.executable, "-c", _LOCKSTEP_CHILD, str(seed), str(path)], env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"seed {seed}:\n{res.stderr[-3000:]}"
-    results = torch.load(path)
+    # (FLASH_KDA_CUDA_CLUSTER None: unset, so that the default rule decides)
+    results = run_child(_LOCKSTEP_CHILD, tmp_path / "lockstep.pt", [seed],
+                        {"FLASH_KDA_CUDA_VSLICE": "64", "FLASH_KDA_CUDA_CLUSTER": None}, what=f"seed {seed}")
     for hv in (96, 4):
         p = make_problem(B=1, T=200, hqk=hv, hv=hv, D=128, dtype=torch.bfloat16, state=True, seed=seed,
                          weak_decay=True)
