@@ -58,3 +58,45 @@ def test_emu_outputs_compare(tmp_path, capsys):
     torch.save({"a": saved["a"]}, tmp_path / "fewer.pt")
     assert emu_outputs.compare(str(tmp_path / "x.pt"), str(tmp_path / "fewer.pt")) == 1
     assert "b: missing" in capsys.readouterr().out
+
+
+def _ncu_listing(rows):
+    """A small listing in the layout of `ncu --page source --print-source sass`: a dashed line
+    giving the column widths, a header whose names wrap inside them, then one row per instruction."""
+    cols = [("Address", 18), ("Source", 40), ("Warp Stall Sampling (All Samples)", 6),
+            ("Warp Stall Sampling (Not-issued Samples)", 6), ("Instructions Executed", 7),
+            ("stall_barrier", 6), ("stall_barrier (Not Issued)", 6), ("stall_long_sb", 6)]
+    wrapped = [[name[i:i + w] for i in range(0, len(name), w)] for name, w in cols]
+    out = [" ".join("-" * w for _, w in cols)]
+    for r in range(max(map(len, wrapped))):
+        out.append(" ".join((c[r] if r < len(c) else "").ljust(w) for c, (_, w) in zip(wrapped, cols)))
+    for k, (instr, samples, executed, barrier, long_sb) in enumerate(rows):
+        cells = [f"0x{16 * k:x}", instr, samples, 0, executed, barrier, barrier, long_sb]
+        out.append(" ".join(str(v).ljust(w) for v, (_, w) in zip(cells, cols)))
+    return "\n".join(["Kernel Name        k", *out]) + "\n"
+
+
+def test_ncu_segments_attributes_barrier_waits_to_the_barrier_before(tmp_path, capsys):
+    import ncu_segments
+
+    # the instruction that fills its column exactly is what the old regex parser misread
+    rows = [("LDG.E R4, desc[UR6][R20.64]", 30, 64, 0, 25),
+            ("@P2 FSETP.GEU.AND P4, PT, |R48|, 1e-38, PT".ljust(40)[:40], 5, 64, 0, 0),
+            ("BAR.SYNC.DEFER_BLOCKING 0x0", 1, 64, 1, 0),
+            ("ISETP.NE.AND P0, PT, R2, RZ, PT", 2, 64, 0, 0),
+            ("@!P0 BRA 0x400", 40, 64, 38, 0),  # where the barrier's waiters are sampled
+            ("EXIT", 0, 64, 0, 0)]
+    path = tmp_path / "sass.txt"
+    path.write_text(_ncu_listing(rows))
+    parsed = ncu_segments.parse(str(path))
+    assert [r[1] for r in parsed] == [30, 5, 1, 2, 40, 0]
+    assert [r[2] for r in parsed] == [64] * 6
+    assert parsed[4][3] == {"barrier": 38}  # the "not issued" column is not a reason of its own
+    segs = ncu_segments.segments(parsed)
+    assert [len(s) for s in segs] == [3, 3]
+    sys.argv = ["ncu_segments.py", str(path)]
+    ncu_segments.main()
+    out = capsys.readouterr().out
+    assert "78 stall samples" in out
+    assert "after 0: 48.7" in out  # 38 of 78 samples: warps waiting at segment 0's barrier
+    assert "long_sb 32.1" in out

@@ -3,37 +3,76 @@
     ncu -i report.ncu-rep --page source --print-source sass > sass.txt
     python tools/ncu_segments.py sass.txt [--dump N,M]
 
-Our kernels separate their phases with barriers, so cutting the SASS at each BAR.SYNC gives one
+Our kernels separate their phases with barriers, so cutting the SASS after each BAR.SYNC gives one
 segment per phase (in code order). For each segment: its instruction count, the warp-stall samples
-(where warps waited: a barrier's waiters are counted at the barrier that ends the segment) and the
-warp-level instructions executed, with the commonest opcodes. `--dump` prints the executed
-instructions of the named segments. tools/device_check.sh's `ncu` step runs it.
+taken at its instructions, the warp-level instructions executed with the commonest opcodes, and the
+commonest stall reasons (share of all samples). `--dump` prints the executed instructions of the
+named segments. tools/device_check.sh's `ncu` step runs it.
+
+Where a barrier's waiters are sampled: not at the BAR.SYNC itself. Our barriers compile to
+BAR.SYNC.DEFER_BLOCKING, after which a warp goes on issuing until the first instruction that must
+wait (a branch, a shared-memory read, a few instructions on), and that is where its "barrier" stall
+samples land, i.e. at the start of the next segment. So the table ends with the barrier waits per
+barrier: the "barrier" samples of segment k + 1 are warps that finished segment k early and wait
+there for the rest of the block (the preparation, session 20: 171 samples of any reason at its
+seven BAR.SYNC rows, about 8,700 "barrier" samples at the rows after them).
+
+Columns are found by the dashed line above the listing's header, whose dashes give each column's
+width; a column's name is its header cells joined (ncu wraps names inside the width). The stall
+reasons are the columns named `stall_*` that count all samples (not the "not issued" ones).
 """
 
 import argparse
 import collections
 import re
 
-# A SASS row: address, instruction, then the numeric columns; the first two are the warp-stall
-# samples (all, not-issued), the fourth the warp-level instructions executed.
-ROW = re.compile(r"^0x[0-9a-f]+\s+(.*?)\s{2,}(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s")
-
 
 def opcode(instr):
     return re.sub(r"^@!?U?P\w+\s+", "", instr).split()[0].split(".")[0]
 
 
-def segments(path):
-    rows, seg = [], []
-    for line in open(path):
-        m = ROW.match(line)
-        if m:
-            seg.append((m.group(1).strip(), int(m.group(2)), int(m.group(5))))
-            if "BAR.SYNC" in m.group(1):
-                rows.append(seg)
-                seg = []
-    rows.append(seg)
+def columns(lines):
+    """[(start, end, name)] of the listing's table, from the dashed line before its 'Address' header."""
+    head = next(i for i, line in enumerate(lines) if line.startswith("Address"))
+    dashes = next(lines[i] for i in range(head - 1, -1, -1) if lines[i].startswith("---"))
+    spans = [(m.start(), m.end()) for m in re.finditer(r"-+", dashes)]
+    body = next(i for i in range(head, len(lines)) if lines[i].startswith("0x"))
+    cells = lines[head:body]
+    return head, [(s, e, "".join(c[s:e].strip() for c in cells)) for s, e in spans]
+
+
+def parse(path):
+    """Rows of (instruction, samples, executed, {stall reason: samples}) in code order."""
+    lines = open(path).read().split("\n")
+    head, cols = columns(lines)
+    # (names compared without spaces: where ncu wraps a name decides whether a space survives)
+    key = lambda k: cols[k][2].replace(" ", "")  # noqa: E731
+    name = lambda prefix: next(k for k in range(len(cols)) if key(k).startswith(prefix))  # noqa: E731
+    i_src, i_samples, i_exec = name("Source"), name("WarpStallSampling(All"), name("InstructionsExecuted")
+    stalls = [(k, key(k)[len("stall_"):]) for k in range(len(cols))
+              if key(k).startswith("stall_") and "Not" not in key(k)]
+    rows, odd = [], 0
+    for line in lines[head:]:
+        if not line.startswith("0x"):
+            continue
+        cell = lambda k: line[cols[k][0]:cols[k][1]].strip()  # noqa: E731
+        num = lambda k: int(cell(k)) if cell(k).isdigit() else 0  # noqa: E731
+        odd += not (cell(i_samples).isdigit() and cell(i_exec).isdigit())
+        rows.append((cell(i_src), num(i_samples), num(i_exec), {r: num(k) for k, r in stalls if num(k)}))
+    if odd:
+        print(f"warning: {odd} rows do not fit the header's column widths; their counts read as 0")
     return rows
+
+
+def segments(rows):
+    segs, seg = [], []
+    for row in rows:
+        seg.append(row)
+        if "BAR.SYNC" in row[0]:
+            segs.append(seg)
+            seg = []
+    segs.append(seg)
+    return segs
 
 
 def main():
@@ -41,22 +80,32 @@ def main():
     ap.add_argument("sass")
     ap.add_argument("--dump", default="", help="comma-separated segment numbers to print")
     a = ap.parse_args()
-    segs = segments(a.sass)
+    segs = segments(parse(a.sass))
     samples = sum(r[1] for s in segs for r in s) or 1
     executed = sum(r[2] for s in segs for r in s) or 1
     print(f"{sum(map(len, segs))} instructions, {samples} stall samples, {executed} warp-instructions executed")
+    waits = []
     for k, s in enumerate(segs):
         ns, ni = sum(r[1] for r in s), sum(r[2] for r in s)
+        reasons = collections.Counter()
+        for r in s:
+            reasons.update(r[3])
+        if k > 0:
+            waits.append((k - 1, reasons["barrier"]))
         if ns == 0 and ni == 0:
             continue
         ops = collections.Counter()
         for r in s:
             ops[opcode(r[0])] += r[2]
         top = ", ".join(f"{o} {100 * c // max(ni, 1)}%" for o, c in ops.most_common(6))
+        why = ", ".join(f"{w} {100 * c / samples:.1f}" for w, c in reasons.most_common(4))
         print(f"segment {k:2d}: {len(s):4d} instr, samples {100 * ns / samples:5.1f}%, "
-              f"executed {100 * ni / executed:5.1f}%  ({top})")
+              f"executed {100 * ni / executed:5.1f}%  ({top})" + (f"\n    stalls, % of all samples: {why}" if why else ""))
+    if any(c for _, c in waits):
+        print("barrier waits (samples of warps waiting at the barrier that ends segment k, % of all):")
+        print("    " + ", ".join(f"after {k}: {100 * c / samples:.1f}" for k, c in waits))
     for k in (int(x) for x in a.dump.split(",") if x):
-        for instr, ns, ni in segs[k]:
+        for instr, ns, ni, _ in segs[k]:
             if ni:
                 print(f"{k:2d} {ni:10d} {ns:6d}  {instr}")
 
