@@ -76,7 +76,7 @@ def _ncu_listing(rows):
     return "\n".join(["Kernel Name        k", *out]) + "\n"
 
 
-def test_ncu_segments_attributes_barrier_waits_to_the_barrier_before(tmp_path, capsys):
+def test_ncu_segments_attributes_barrier_waits_to_the_barrier_before(tmp_path, capsys, monkeypatch):
     import ncu_segments
 
     # the instruction that fills its column exactly is what the old regex parser misread
@@ -94,7 +94,7 @@ def test_ncu_segments_attributes_barrier_waits_to_the_barrier_before(tmp_path, c
     assert parsed[4][3] == {"barrier": 38}  # the "not issued" column is not a reason of its own
     segs = ncu_segments.segments(parsed)
     assert [len(s) for s in segs] == [3, 3]
-    sys.argv = ["ncu_segments.py", str(path)]
+    monkeypatch.setattr(sys, "argv", ["ncu_segments.py", str(path)])
     ncu_segments.main()
     out = capsys.readouterr().out
     assert "78 stall samples" in out

@@ -32,7 +32,8 @@ def opcode(instr):
 
 
 def columns(lines):
-    """[(start, end, name)] of the listing's table, from the dashed line before its 'Address' header."""
+    """The line of the listing's 'Address' header and its columns [(start, end, name)], from the
+    dashed line above that header."""
     head = next(i for i, line in enumerate(lines) if line.startswith("Address"))
     dashes = next(lines[i] for i in range(head - 1, -1, -1) if lines[i].startswith("---"))
     spans = [(m.start(), m.end()) for m in re.finditer(r"-+", dashes)]
