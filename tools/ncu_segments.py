@@ -56,10 +56,10 @@ def parse(path):
     for line in lines[head:]:
         if not line.startswith("0x"):
             continue
-        cell = lambda k: line[cols[k][0]:cols[k][1]].strip()  # noqa: E731
-        num = lambda k: int(cell(k)) if cell(k).isdigit() else 0  # noqa: E731
-        odd += not (cell(i_samples).isdigit() and cell(i_exec).isdigit())
-        rows.append((cell(i_src), num(i_samples), num(i_exec), {r: num(k) for k, r in stalls if num(k)}))
+        cell = [line[s:e].strip() for s, e, _ in cols]
+        num = [int(v) if v.isdigit() else 0 for v in cell]
+        odd += not (cell[i_samples].isdigit() and cell[i_exec].isdigit())
+        rows.append((cell[i_src], num[i_samples], num[i_exec], {r: num[k] for k, r in stalls if num[k]}))
     if odd:
         print(f"warning: {odd} rows do not fit the header's column widths; their counts read as 0")
     return rows
