@@ -100,3 +100,29 @@ def test_ncu_segments_attributes_barrier_waits_to_the_barrier_before(tmp_path, c
     assert "78 stall samples" in out
     assert "after 0: 48.7" in out  # 38 of 78 samples: warps waiting at segment 0's barrier
     assert "long_sb 32.1" in out
+
+
+def test_prep_precision_model_factors_A_like_the_direct_formula():
+    """tools/prep_precision_model.py forms A from the kernel's factored operands (reference tokens,
+    M); with unrounded operands that must give the direct e^{γ_i - γ_j} formula, also under strong
+    decays (gates at the lower bound), and the tril masks must match A_kk's and A_qk's causality.
+    TF32 operands must then differ from it by about TF32's precision, not more."""
+    import torch
+
+    import prep_precision_model as ppm
+
+    g = torch.Generator().manual_seed(3)
+    L, K = 32, 64
+    k = torch.randn(L, K, generator=g, dtype=torch.float64) / K ** 0.5
+    q = torch.randn(L, K, generator=g, dtype=torch.float64) / K ** 0.5
+    for a in (-torch.rand(L, K, generator=g, dtype=torch.float64),   # moderate decays
+              torch.full((L, K), -5.0, dtype=torch.float64)):          # KDA's lower bound: spans of 115 log2
+        gam = torch.cumsum(a, 0)
+        decay = (gam[:, None, :] - gam[None, :, :]).clamp(max=0).exp()
+        for rows, strict in ((k, True), (q, False)):
+            direct = torch.einsum("ic,jc,ijc->ij", rows, k, decay)
+            direct = direct * torch.tril(torch.ones(L, L, dtype=torch.float64), -1 if strict else 0)
+            exact = ppm.a_products(rows, k, gam, "exact", strict)
+            tf32 = ppm.a_products(rows, k, gam, "tf32", strict)
+            assert ((exact - direct).norm() / direct.norm()).item() < 1e-6
+            assert 1e-5 < ((tf32 - direct).norm() / direct.norm()).item() < 3e-3

@@ -1,11 +1,12 @@
 """Per-kernel GPU time of flash_kda.fwd on bench shapes, from torch.profiler (which kernels a call
 launches and how its time splits between them; tools/bench.py gives the whole-call figures).
 
-    python tools/kernel_times.py [SHAPE:H ...]   e.g. 8192:96 32768:32 512:64 1300,547,2048:96
+    python tools/kernel_times.py [--states] [SHAPE:H ...]   e.g. 8192:96 32768:32 512:64 1300,547,2048:96
 
 SHAPE is T (dense, B=1) or comma-separated sequence lengths (varlen: two or more, or one with a
 trailing comma, e.g. 32768,). Inputs and call are tools/bench.py's (bf16, D = 128, gate parameters
-and l2norm on, no state). The kernels of one call run on two streams when it is cut into pieces
+and l2norm on; no state, or with --states fp32 initial and final states, so that the states' cost
+shows per kernel). The kernels of one call run on two streams when it is cut into pieces
 (FLASH_KDA_CUDA_PIECES, the split_plan rule): their times then overlap, and "all" is their sum,
 not the call's time.
 """
@@ -23,8 +24,8 @@ from bench import make_inputs, run_ours  # noqa: E402  (the benchmark's inputs a
 REPS = 10
 
 
-def shape_times(seqlens: list[int] | None, T: int, H: int) -> dict[str, float]:
-    x = make_inputs(seqlens, T, H, states=False, gen=torch.Generator("cuda").manual_seed(0))
+def shape_times(seqlens: list[int] | None, T: int, H: int, states: bool = False) -> dict[str, float]:
+    x = make_inputs(seqlens, T, H, states=states, gen=torch.Generator("cuda").manual_seed(0))
 
     def call():
         run_ours(x)
@@ -65,10 +66,14 @@ def parse_shape(arg: str) -> tuple[list[int] | None, int, int, str]:
 
 
 def main() -> int:
-    shapes = [parse_shape(a) for a in sys.argv[1:] or ("8192:96", "32768:32", "512:64")]
+    args = sys.argv[1:]
+    states = "--states" in args
+    args = [a for a in args if a != "--states"]
+    shapes = [parse_shape(a) for a in args or ("8192:96", "32768:32", "512:64")]
     print("| shape | kernel | ms per call |\n| --- | --- | ---: |")
     for seqlens, T, H, label in shapes:
-        times = shape_times(seqlens, T, H)
+        label += " fp32 states" if states else ""
+        times = shape_times(seqlens, T, H, states)
         for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
             print(f"| {label} | {short(name)} | {ms:.3f} |")
         print(f"| {label} | all | {sum(times.values()):.3f} |")
