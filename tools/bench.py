@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import sys
 import time
@@ -106,6 +107,14 @@ def host_overhead_us(x, reps=200) -> float:
     return dt * 1e6
 
 
+class Stopped(Exception):
+    """SIGTERM (e.g. `timeout`) during the timing loop: print the rows timed so far."""
+
+
+def _stop(signum, frame):
+    raise Stopped
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=30)
@@ -132,7 +141,22 @@ def main() -> int:
     if args.only:
         parts = [x.strip() for x in args.only.split(",") if x.strip()]
         shapes = [s for s in shapes if any(x in s[0] for x in parts)]
-    rows = []
+    rows, host = [], float("nan")
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        _time_shapes(shapes, args, fla_chunk, bw, gen, rows)
+        with torch.inference_mode():
+            host = host_overhead_us(make_inputs(None, 512, 64, False, gen))
+    except Stopped:
+        print(f"\nstopped by SIGTERM after {len(rows)} rows; the table holds those")
+    print_table(rows)
+    if host == host:
+        print(f"\nhost time per fwd call (Python + launch, GPU busy): {host:.1f} us")
+    return 0
+
+
+def _time_shapes(shapes, args, fla_chunk, bw, gen, rows) -> None:
+    """Times each shape (and its fp32-state form) and appends a row per timing to `rows`."""
     with torch.inference_mode():
         for label, seqlens, T, H in shapes:
             for states in (False,) if args.no_states else (False, True):
@@ -154,15 +178,15 @@ def main() -> int:
                 print(f"  {label:22s} states={rows[-1][1]:11s} ours {ours:8.3f} ms  fla {theirs:8.3f} ms",
                       flush=True)
                 del sets, probe
-        host = host_overhead_us(make_inputs(None, 512, 64, False, gen))
-    print(f"\n| shape | states | flash_kda ms | fla ms | fla / ours | flash_kda GB/s | floor ms |")
+
+
+def print_table(rows) -> None:
+    print("\n| shape | states | flash_kda ms | fla ms | fla / ours | flash_kda GB/s | floor ms |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for label, st, ours, theirs, nbytes, floor in rows:
         fla_ms, ratio = (f"{theirs:.3f}", f"{theirs / ours:.2f}") if theirs == theirs else ("-", "-")
         print(f"| {label} | {st} | {ours:.3f} | {fla_ms} | {ratio} | "
               f"{nbytes / ours / 1e6:.0f} | {floor:.3f} |")
-    print(f"\nhost time per fwd call (Python + launch, GPU busy): {host:.1f} us")
-    return 0
 
 
 if __name__ == "__main__":
