@@ -35,18 +35,15 @@ state 2.8e-3.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flash_kda.reference import gate_log_decay, kda_reference, l2norm  # noqa: E402
 from recurrence_precision_model import (  # noqa: E402  (the same roundings, families, recurrence)
-    C, family, mm, recurrence_chunk, rel, to_fp16_scaled, to_fp32, to_tf32)
+    C, NAMES, chunked_forward, mm, model_args, print_errors, to_fp16_scaled, to_fp32, to_tf32)
 
 ROUNDINGS = ("tf32", "bf16", "fp16-row", "exact")  # exact: float64 operands (tests the factoring)
 MODES = ("tf32", "bf16", "bf16/tf32", "tf32/bf16", "tf32/fp16-row", "bf16/fp16-row", "fp16-row")
@@ -125,31 +122,15 @@ def prepare(q, k, v, a, b, scale, mode):
         to_fp32(gam[-1].exp())
 
 
-def chunked_forward(q, k, v, a, b, scale, mode):
-    """[T, H, D] single sequence, zero initial state: out [T, H, V] and S [H, V, K]."""
-    T, H, D = q.shape
-    out, states = torch.zeros_like(v), []
-    for h in range(H):
-        S = torch.zeros(D, D, dtype=torch.float64)
-        for t0 in range(0, T, C):
-            sl = slice(t0, min(t0 + C, T))
-            o, S = recurrence_chunk(S, prepare(q[sl, h], k[sl, h], v[sl, h], a[sl, h], b[sl, h], scale, mode),
-                                    "fp16-chunk")
-            out[sl, h] = o
-        states.append(S)
-    return out, torch.stack(states)
-
-
-NAMES = ("randn (main job)", "values x1e6", "values x1e-6", "no l2norm, |k|~4", "no l2norm, q x1e-5",
-         "strong decay", "near-parallel keys, beta~1", "v = k M + 1 % noise")
+def forward(q, k, v, a, b, scale, mode):
+    """[T, H, D] single sequence, zero initial state: out [T, H, V] and S [H, V, K], the
+    preparation's operands rounded as `mode` says, the recurrence as main runs it."""
+    return chunked_forward(q, k, v, a, b, scale, "fp16-chunk",
+                           prep=lambda *x: prepare(*x, mode))
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--T", type=int, default=1024)
-    ap.add_argument("--H", type=int, default=2)
-    ap.add_argument("--D", type=int, default=128)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = model_args(__doc__)
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated, from: " + ", ".join(MODES))
     ap.add_argument("--families", type=int, default=len(NAMES), help="the first N input families")
     args = ap.parse_args(argv)
@@ -157,25 +138,9 @@ def main(argv=None) -> int:
     for m in modes:
         if any(r not in ROUNDINGS for r in split_mode(m)):
             ap.error(f"unknown mode {m!r}: one of {', '.join(ROUNDINGS)}, or two joined by '/'")
-    T, H, D = args.T, args.H, args.D
-    scale = D ** -0.5
-    print(f"T={T} H={H} D={D}, chunk {C}; rel-L2 vs float64 kda_reference "
+    print(f"T={args.T} H={args.H} D={args.D}, chunk {C}; rel-L2 vs float64 kda_reference "
           "(out fp32 | out bf16 | final state fp32); recurrence as main (fp16-chunk)")
-    print(f"{'inputs':28s}" + "".join(f"{m:>24s}" for m in modes))
-    for i, name in enumerate(NAMES[:args.families]):
-        gen = torch.Generator().manual_seed(args.seed * 100 + i)  # the recurrence model's inputs
-        q, k, v, g, beta, A_log, dt_bias, l2 = family(name, T, H, D, gen)
-        ref_out, ref_S = kda_reference(q[None], k[None], v[None], g[None], beta[None], scale,
-                                       A_log=A_log, dt_bias=dt_bias, use_qk_l2norm=l2)
-        qq, kk = (l2norm(q), l2norm(k)) if l2 else (q, k)
-        a = gate_log_decay(g, A_log, dt_bias, -5.0)
-        b = torch.sigmoid(beta)
-        row = f"{name:28s}"
-        for mode in modes:
-            out, S = chunked_forward(qq, kk, v, a, b, scale, mode)
-            cell = f"{rel(out, ref_out[0]):.1e} {rel(out.bfloat16().double(), ref_out[0]):.1e} {rel(S, ref_S[0]):.1e}"
-            row += f"{cell:>24s}"
-        print(row, flush=True)
+    print_errors(modes, forward, args.T, args.H, args.D, args.seed, NAMES[:args.families])
     return 0
 
 

@@ -140,8 +140,9 @@ def recurrence_chunk(S, rec, mode):
     return o, S
 
 
-def chunked_forward(q, k, v, a, b, scale, mode):
-    """[T, H, D] single sequence, zero initial state. Returns out [T, H, V] and S [H, V, K]."""
+def chunked_forward(q, k, v, a, b, scale, mode, prep=None):
+    """[T, H, D] single sequence, zero initial state. Returns out [T, H, V] and S [H, V, K].
+    prep(q, k, v, a, b, scale) forms a chunk's record (default: prepare above)."""
     T, H, D = q.shape
     out = torch.zeros_like(v)
     states = []
@@ -149,7 +150,7 @@ def chunked_forward(q, k, v, a, b, scale, mode):
         S = torch.zeros(D, D, dtype=torch.float64)
         for t0 in range(0, T, C):
             sl = slice(t0, min(t0 + C, T))
-            rec = prepare(q[sl, h], k[sl, h], v[sl, h], a[sl, h], b[sl, h], scale)
+            rec = (prep or prepare)(q[sl, h], k[sl, h], v[sl, h], a[sl, h], b[sl, h], scale)
             o, S = recurrence_chunk(S, rec, mode)
             out[sl, h] = o
         states.append(S)
@@ -195,22 +196,17 @@ def rel(x, ref):
     return ((x - ref).norm() / ref.norm()).item()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--T", type=int, default=1024)
-    ap.add_argument("--H", type=int, default=2)
-    ap.add_argument("--D", type=int, default=128)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    T, H, D = args.T, args.H, args.D
+NAMES = ("randn (main job)", "values x1e6", "values x1e-6", "no l2norm, |k|~4", "no l2norm, q x1e-5",
+         "strong decay", "near-parallel keys, beta~1", "v = k M + 1 % noise")
+
+
+def print_errors(modes, forward, T, H, D, seed, names=NAMES) -> None:
+    """For each input family, one row: per mode, forward(q, k, v, a, b, scale, mode)'s relative L2
+    errors against the float64 kda_reference (out fp32, out rounded to bf16, final state)."""
     scale = D ** -0.5
-    print(f"T={T} H={H} D={D}, chunk {C}; rel-L2 vs float64 kda_reference "
-          "(out fp32 | out bf16 | final state fp32)")
-    names = ("randn (main job)", "values x1e6", "values x1e-6", "no l2norm, |k|~4",
-             "no l2norm, q x1e-5", "strong decay", "near-parallel keys, beta~1", "v = k M + 1 % noise")
-    print(f"{'inputs':28s}" + "".join(f"{m:>24s}" for m in MODES))
+    print(f"{'inputs':28s}" + "".join(f"{m:>24s}" for m in modes))
     for i, name in enumerate(names):
-        gen = torch.Generator().manual_seed(args.seed * 100 + i)
+        gen = torch.Generator().manual_seed(seed * 100 + i)
         q, k, v, g, beta, A_log, dt_bias, l2 = family(name, T, H, D, gen)
         ref_out, ref_S = kda_reference(q[None], k[None], v[None], g[None], beta[None], scale,
                                        A_log=A_log, dt_bias=dt_bias, use_qk_l2norm=l2)
@@ -218,14 +214,28 @@ def main(argv=None) -> int:
         a = gate_log_decay(g, A_log, dt_bias, -5.0)
         b = torch.sigmoid(beta)
         row = f"{name:28s}"
-        for mode in MODES:
-            out, S = chunked_forward(qq, kk, v, a, b, scale, mode)
-            e_out = rel(out, ref_out[0])
-            e_o16 = rel(out.bfloat16().double(), ref_out[0])
-            e_s = rel(S, ref_S[0])
-            cell = f"{e_out:.1e} {e_o16:.1e} {e_s:.1e}"
+        for mode in modes:
+            out, S = forward(qq, kk, v, a, b, scale, mode)
+            cell = f"{rel(out, ref_out[0]):.1e} {rel(out.bfloat16().double(), ref_out[0]):.1e} {rel(S, ref_S[0]):.1e}"
             row += f"{cell:>24s}"
         print(row, flush=True)
+
+
+def model_args(doc: str) -> argparse.ArgumentParser:
+    """The options both precision models take: problem size and seed."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--H", type=int, default=2)
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = model_args(__doc__).parse_args(argv)
+    print(f"T={args.T} H={args.H} D={args.D}, chunk {C}; rel-L2 vs float64 kda_reference "
+          "(out fp32 | out bf16 | final state fp32)")
+    print_errors(MODES, chunked_forward, args.T, args.H, args.D, args.seed)
     return 0
 
 
