@@ -126,3 +126,34 @@ def test_prep_precision_model_factors_A_like_the_direct_formula():
             tf32 = ppm.a_products(rows, k, gam, "tf32", strict)
             assert ((exact - direct).norm() / direct.norm()).item() < 1e-6
             assert 1e-5 < ((tf32 - direct).norm() / direct.norm()).item() < 3e-3
+
+
+def test_sass_path_count_follows_the_chosen_branches():
+    """tools/sass_path_count.py: unconditional branches are followed, predicated ones only when
+    listed, predicated-off instructions count, the walk stops at the stop pattern; another
+    function's instructions are not read."""
+    import sass_path_count as spc
+
+    listing = """
+        Function : other_kernel
+        /*0000*/                   NOP ;
+        Function : _Z4prepv
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   ISETP.NE.AND P0, PT, R0, RZ, PT ;
+        /*0020*/               @P0 BRA 0x50 ;
+        /*0030*/                   MOV R1, RZ ;
+        /*0040*/                   BRA 0x60 ;
+        /*0050*/              @!P0 FADD R1, R1, 1 ;
+        /*0060*/                   HMMA.1688.F32.TF32 R4, R8, R12, R4 ;
+        /*0070*/                   EXIT ;
+        Function : after
+        /*0000*/                   NOP ;
+    """
+    code = spc.kernel_listing(listing, r"_Z4prep")
+    assert len(code) == 8
+    # not taken: 0, 10, 20, 30, 40 -> 60 (stop) = 6 issued
+    assert spc.walk(code, set(), "HMMA")[0] == 6
+    # taken: 0, 10, 20 -> 50, 60 = 5 issued (the predicated-off FADD counts)
+    count, met = spc.walk(code, {0x20}, "HMMA")
+    assert count == 5 and met == ["20->50 (taken)"]
+    assert spc.walk(code, set(), "EXIT_NEVER")[0] == 7  # runs to EXIT
