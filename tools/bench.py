@@ -141,7 +141,7 @@ def main() -> int:
     if args.only:
         parts = [x.strip() for x in args.only.split(",") if x.strip()]
         shapes = [s for s in shapes if any(x in s[0] for x in parts)]
-    rows, host = [], float("nan")
+    rows, host = [], None
     signal.signal(signal.SIGTERM, _stop)
     try:
         _time_shapes(shapes, args, fla_chunk, bw, gen, rows)
@@ -150,7 +150,7 @@ def main() -> int:
     except Stopped:
         print(f"\nstopped by SIGTERM after {len(rows)} rows; the table holds those")
     print_table(rows)
-    if host == host:
+    if host is not None:
         print(f"\nhost time per fwd call (Python + launch, GPU busy): {host:.1f} us")
     return 0
 

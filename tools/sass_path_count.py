@@ -23,7 +23,8 @@ import re
 import sys
 
 INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-BRANCH = re.compile(r"^(@!?U?P\w+\s+)?BRA\s+(?:!?U?P\w+,\s*)?(?:`\()?[^0-9]*0x([0-9a-f]+)")
+# a branch, its guard (if any) and its target; `BRA P2, 0x...` carries a second predicate
+BRANCH = re.compile(r"^(@!?U?P\w+\s+)?BRA\s+(?:!?U?P\w+,\s*)?0x([0-9a-f]+)")
 
 
 def kernel_listing(text: str, kernel: str) -> list[tuple[int, str]]:
