@@ -669,7 +669,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
   const int warp = tid / 32;
   const Lane l{(tid % 32) / 4, tid % 4};
 
-  k_side_A<L>(p, t, t0, len, g.vec, sm, tid, warp, l);
+  k_side_A<L, false>(p, t, t0, len, g.vec, sm, tid, warp, l);  // (A_qk goes to the record as fp16)
 
   float* rec = scratch + (slot * p.hv + h) * static_cast<int64_t>(R::kFloats);
   __half* rec_h = reinterpret_cast<__half*>(rec);
@@ -681,7 +681,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
     // Meanwhile the other warps finish the state-side operands and their largest magnitudes: the
     // three fp16 arrays' chunk scales come from one reduction (scale_for_state's maxima, A_qk's here).
     const int rt = tid - 32, rw = rt / 32;
-    StateSideMax m = scale_for_state<L, kRest>(sm, rt);
+    StateSideMax m = scale_for_state<L, kRest, false>(sm, rt);  // (Q e^γ, Ke go to the record as fp16)
     float ma = 0.0f;
     for_each_quad<C, C, kRest>(rt, [&](int i, int j) {  // A_qk's written tiles (4 columns: one sub-block)
       if (j / L::BS <= i / L::BS) ma = fmaxf(ma, max_abs(ld4(sm + L::kAqk + i * L::LDA + j)));

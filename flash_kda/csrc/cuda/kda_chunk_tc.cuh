@@ -529,7 +529,9 @@ FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid) {
 // its stall samples, docs/performance.md v6; the column operand is now formed twice.) Tiles above
 // the diagonal sub-blocks are never read (the products below stop at the causal edge), so they are
 // not written.
-template <class L>
+// kAqkTf32: A_qk is stored rounded to TF32, for the fused body's products; the two-kernel form
+// scales it to fp16 for its record, where a TF32 rounding first would only round twice.
+template <class L, bool kAqkTf32 = true>
 FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
   constexpr int D = L::D;
   for (int unit = warp; unit < 4 * L::NPAIR; unit += L::kWarps) {
@@ -570,7 +572,8 @@ FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = i0 + l.g + (e >= 2 ? 8 : 0), j = j0 + 2 * l.t + (e & 1);
-      out[i * L::LDA + j] = (qk ? j <= i : j < i) ? round_tf32(acc[0][e] + acc[1][e]) : 0.0f;
+      const float a = acc[0][e] + acc[1][e];
+      out[i * L::LDA + j] = (qk ? j <= i : j < i) ? (qk && !kAqkTf32 ? a : round_tf32(a)) : 0.0f;
     }
   }
 }
@@ -584,15 +587,21 @@ struct StateSideMax {
   float q, ke;
 };
 
-template <class L, int kN = L::kThreads>
+// kRecordsTf32: Q e^γ and Ke rounded to TF32 (the fused body's product operands); the two-kernel
+// form scales them to fp16 for its record, so it leaves them in fp32 (one rounding, not two). K e^γ
+// is apply_T's TF32 operand in both.
+template <class L, int kN = L::kThreads, bool kRecordsTf32 = true>
 FLASH_KDA_DEVICE StateSideMax scale_for_state(float* sm, int tid) {
   constexpr int D = L::D;
   StateSideMax m{0.0f, 0.0f};
   for_each_quad<L::C, D, kN>(tid, [&](int i, int c) {
     const int I = i / L::BS, o = i * L::LD + c;
     const float4 fb = ld4(sm + L::kEr + I * D + c);  // e^{γ_r(I)}
-    const float4 q = round_tf32(ld4(sm + L::kQ + o) * fb);
-    const float4 ke = round_tf32(ld4(sm + L::kKe + o) * ld4(sm + L::kEl + I * D + c));
+    float4 q = ld4(sm + L::kQ + o) * fb, ke = ld4(sm + L::kKe + o) * ld4(sm + L::kEl + I * D + c);
+    if (kRecordsTf32) {
+      q = round_tf32(q);
+      ke = round_tf32(ke);
+    }
     st4(sm + L::kK + o, round_tf32(ld4(sm + L::kK + o) * fb));
     st4(sm + L::kQ + o, q);
     st4(sm + L::kKe + o, ke);
@@ -767,7 +776,7 @@ FLASH_KDA_DEVICE void update_state(float* sm, int warp, Lane l) {
 // The K-side phases of a chunk up to A (loads, norms, gate, decays, A_kk, A_qk), shared by
 // run_block and the two-kernel form's preparation (kda_chunk_split.cuh); ends with every thread
 // past a barrier. Call it with every thread past a barrier since the arrays' last use.
-template <class L>
+template <class L, bool kAqkTf32 = true>
 FLASH_KDA_DEVICE void k_side_A(const KdaParams& p, const portable::Task& t, int64_t t0, int len, VecOk vec,
                                float* sm, int tid, int warp, Lane l) {
   int* flags_sm = reinterpret_cast<int*>(sm + L::kFlags);
@@ -787,7 +796,7 @@ FLASH_KDA_DEVICE void k_side_A(const KdaParams& p, const portable::Task& t, int6
   }
   scale_for_A<L>(sm, tid);
   port::block_sync();
-  compute_A<L>(sm, warp, l, flags);
+  compute_A<L, kAqkTf32>(sm, warp, l, flags);
   port::block_sync();
 }
 
