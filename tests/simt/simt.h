@@ -340,9 +340,12 @@ namespace flash_kda {
 // ---------------------------------------------------------------------------------------------
 namespace tc {
 
-inline float round_tf32(float x) {  // cvt.rna.tf32.f32
+// As the sm_90a build rounds (ptx.cuh: cvt.rn.tf32.f32, ties to even; builds for older
+// architectures use cvt.rna, ties away, which differs only on exact ties).
+inline float round_tf32(float x) {
   if (isnan(x)) return x;
-  return __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
+  const uint32_t u = __float_as_uint(x);
+  return __uint_as_float((u + 0xfffu + ((u >> 13) & 1u)) & 0xffffe000u);
 }
 inline float fast_exp2(float x) {  // ex2.approx.ftz: results below 2^-126 flush to 0
   const float y = exp2f(x);

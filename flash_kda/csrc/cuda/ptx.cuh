@@ -17,10 +17,17 @@
 namespace flash_kda {
 namespace tc {
 
-// fp32 -> TF32, rounded to nearest (ties away from zero).
+// fp32 -> TF32 (the fp32 bits with the low 13 cleared), rounded to nearest. sm_90 converts in
+// hardware with ties to even (cvt.rn.tf32.f32, PTX 7.8: one F2FP instruction); before it only ties
+// away exists (cvt.rna.tf32.f32, which ptxas emulates in three: a compare, an add, a mask). The two
+// differ only on exact ties; tools/tf32_rounding_probe.cu checks both against their definitions.
 FLASH_KDA_DEVICE float round_tf32(float x) {
   uint32_t r;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm("cvt.rn.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+#else
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+#endif
   return __uint_as_float(r);
 }
 
