@@ -92,16 +92,23 @@ def _kda_fwd_fake(q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, 
 
 def run_kernel(q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, out, cu_seqlens,
                scale, lower_bound, use_qk_l2norm, state_in_place, workspace) -> None:
-    kernel = kernel_for(q.device, q.shape[-1], q.dtype)
-    kernel.op(q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, out, cu_seqlens,
-              scale, lower_bound, use_qk_l2norm, state_in_place, workspace)
+    launch(kernel_for(q.device, q.shape[-1], q.dtype),
+           (q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, out, cu_seqlens, scale,
+            lower_bound, use_qk_l2norm, state_in_place, workspace))
+
+
+def launch(kernel: "jit.LoadedKernel", args: tuple) -> None:
+    """kda_fwd's `args` through the library's direct entry (csrc/python_entry.h: no dispatcher),
+    or through its op where the entry declines the call or the library has none."""
+    if kernel.direct is None or not kernel.direct(*args):
+        kernel.op(*args)
 
 
 def call(args: tuple, device: torch.device, head_dim: int, dtype: torch.dtype) -> None:
     """Run the op on `args` (kda_fwd's, in order) of q's device, head dim and dtype: through the
     custom op when tracing (torch.compile sees it), directly otherwise (the custom-op wrapper
-    costs tens of microseconds of host time per call)."""
+    costs tens of microseconds of host time per call; launch skips the dispatcher too)."""
     if torch.compiler.is_compiling():
         torch.ops.flash_kda.kda_fwd(*args)
     else:
-        kernel_for(device, head_dim, dtype).op(*args)
+        launch(kernel_for(device, head_dim, dtype), args)

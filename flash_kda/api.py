@@ -97,26 +97,25 @@ def _run_unchecked(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, in
                    final_state, cu_seqlens, workspace, use_qk_l2norm: bool) -> bool:
     """The entry points' fast path: the compiled op with the arguments as given, its own checks
     (binding.cpp: every argument, device, stride and overlap rule of _validate.py, tersely)
-    standing in for the Python ones, which cost more host time than launching the kernels. True if
-    it ran. False — nothing run, nothing written — where it does not apply (not yet loaded,
-    tracing, [S, H, K] inputs, cu_seqlens elsewhere than q's device, arguments of unexpected types)
-    or where the op rejected the arguments: then the checked path runs and names the problem."""
+    standing in for the Python ones, which cost more host time than launching the kernels. It is
+    called through the library's direct entry (csrc/python_entry.h), which skips torch's
+    dispatcher and checks the arguments' types itself. True if it ran. False — nothing run,
+    nothing written — where it does not apply (not yet loaded, tracing, [S, H, K] inputs,
+    cu_seqlens elsewhere than q's device, arguments of unexpected types, calls the direct entry
+    declines: tensor subclasses, dispatch modes, autograd recording) or where the op rejected the
+    arguments: then the checked path runs and names the problem."""
     T = torch.Tensor
-    if not (isinstance(q, T) and isinstance(k, T) and isinstance(v, T) and isinstance(g, T)
-            and isinstance(beta, T) and isinstance(out, T)
-            and (A_log is None or isinstance(A_log, T)) and (dt_bias is None or isinstance(dt_bias, T))
-            and (initial_state is None or isinstance(initial_state, T))
-            and (final_state is None or isinstance(final_state, T))
-            and (workspace is None or isinstance(workspace, T))
-            and (scale is None or type(scale) in _REALS) and type(lower_bound) in _REALS):
-        return False
-    if torch.compiler.is_compiling() or q.dim() != 4:
+    if not (isinstance(q, T) and q.dim() == 4) or torch.compiler.is_compiling():
         return False
     device = q.device
     head_dim = q.shape[3]
     kernel = _ops.loaded_kernel(device, head_dim, q.dtype)
     if kernel is None:
         return False
+    direct = kernel.direct
+    if direct is None and not _schema_types(k, v, g, beta, out, A_log, dt_bias, initial_state,
+                                            final_state, workspace, scale, lower_bound):
+        return False  # (the op would raise TypeError; the checked path names the argument)
     if cu_seqlens is not None:
         if not (isinstance(cu_seqlens, T) and cu_seqlens.dtype in _OFFSET_DTYPES
                 and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1
@@ -126,12 +125,15 @@ def _run_unchecked(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, in
             check_offset_values(cu_seqlens, q.shape[1], device)
         except ValueError:
             return False  # the checked path reports it (after any earlier problem)
-    in_place = (initial_state is not None and final_state is not None
+    in_place = (isinstance(initial_state, T) and isinstance(final_state, T)
                 and same_view(final_state, initial_state))
+    args = (q, k, v, g, beta, A_log, dt_bias, None if in_place else initial_state, final_state,
+            out, cu_seqlens, head_dim ** -0.5 if scale is None else scale, lower_bound,
+            use_qk_l2norm, in_place, workspace)
     try:
-        kernel.op(q, k, v, g, beta, A_log, dt_bias, None if in_place else initial_state, final_state,
-                  out, cu_seqlens, head_dim ** -0.5 if scale is None else scale, lower_bound,
-                  use_qk_l2norm, in_place, workspace)
+        if direct is not None:
+            return direct(*args)
+        kernel.op(*args)
     except ValueError as e:
         if str(e).startswith(_INVALID):
             return False
@@ -139,6 +141,20 @@ def _run_unchecked(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, in
     except NotImplementedError:
         return False  # a tensor on a device whose dispatch key has no kernel (meta, ...)
     return True
+
+
+def _schema_types(k, v, g, beta, out, A_log, dt_bias, initial_state, final_state, workspace, scale,
+                  lower_bound) -> bool:
+    """The arguments (q aside) have the op's schema types: what torch.ops would otherwise refuse
+    with a TypeError. For libraries without the direct entry, which checks this itself."""
+    T = torch.Tensor
+    return (isinstance(k, T) and isinstance(v, T) and isinstance(g, T) and isinstance(beta, T)
+            and isinstance(out, T)
+            and (A_log is None or isinstance(A_log, T)) and (dt_bias is None or isinstance(dt_bias, T))
+            and (initial_state is None or isinstance(initial_state, T))
+            and (final_state is None or isinstance(final_state, T))
+            and (workspace is None or isinstance(workspace, T))
+            and (scale is None or type(scale) in _REALS) and type(lower_bound) in _REALS)
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,

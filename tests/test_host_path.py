@@ -165,3 +165,129 @@ def test_out_may_not_overlap_a_state(state):
         flash_kda.fwd(p["q"], p["k"], p["v"], p["g"], p["beta"], 0.125, out, p["A_log"],
                       p["dt_bias"], -5.0, initial_state=h0, final_state=ht)
     assert unchanged(before, dict(p, ht=ht)) == []
+
+
+# The direct entry (csrc/python_entry.h): kda_fwd's arguments straight from Python, past torch's
+# dispatcher. Where it runs it must write exactly what the op writes; where the dispatcher could do
+# anything else (a tensor subclass, a dispatch mode, autograd recording, another device type) it
+# must decline, write nothing, and leave the call to the op.
+
+def direct_problem(device):
+    """varlen_problem as the op takes it: [1, S, H, D] tokens; destinations poisoned."""
+    p = varlen_problem(device)
+    for name in ("q", "k", "v", "g", "beta", "out"):
+        p[name] = p[name].unsqueeze(0)
+    p["out"].fill_(float("nan"))
+    p["final_state"].fill_(float("nan"))
+    return p
+
+
+def op_args(p, **over):
+    """kda_fwd's arguments, in its order (as api._run_unchecked passes them)."""
+    a = dict(q=p["q"], k=p["k"], v=p["v"], g=p["g"], beta=p["beta"], A_log=p["A_log"],
+             dt_bias=p["dt_bias"], initial_state=p["initial_state"], final_state=p["final_state"],
+             out=p["out"], cu_seqlens=p["cu_seqlens"], scale=0.125, lower_bound=-5.0,
+             use_qk_l2norm=True, state_in_place=False, workspace=None)
+    a.update(over)
+    return tuple(a.values())
+
+
+def loaded_kernel(p):
+    from flash_kda import _ops
+    return _ops.kernel_for(p["q"].device, p["q"].shape[-1], p["q"].dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_direct_entry_writes_what_the_op_writes(device):
+    p = direct_problem(device)
+    kernel = loaded_kernel(p)
+    assert kernel.direct is not None, "the library exports no direct entry"
+    assert kernel.direct(*op_args(p)) is True
+    direct_out, direct_state = p["out"].clone(), p["final_state"].clone()
+    assert torch.isfinite(direct_out).all() and torch.isfinite(direct_state).all()
+    p["out"].fill_(float("nan"))
+    p["final_state"].fill_(float("nan"))
+    kernel.op(*op_args(p))
+    assert torch.equal(p["out"], direct_out) and torch.equal(p["final_state"], direct_state)
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _declined(p, context, **over):
+    kernel = loaded_kernel(p)
+    before = snapshot(p)
+    with context:
+        ran = kernel.direct(*op_args(p, **over))
+    return ran is False and unchanged(before, p) == []
+
+
+@pytest.mark.parametrize("case", ["subclass", "dispatch mode", "requires grad", "bool scale",
+                                  "tensor scale", "flag not a bool"])
+def test_direct_entry_declines_what_the_dispatcher_would_handle(case):
+    import contextlib
+    p = direct_problem("cpu")
+    ctx, over = contextlib.nullcontext(), {}
+    if case == "subclass":
+        over = dict(q=p["q"].as_subclass(_Sub))
+    elif case == "dispatch mode":
+        ctx = _Recorder()
+    elif case == "requires grad":
+        over = dict(v=p["v"].clone().requires_grad_())
+        ctx = torch.enable_grad()
+    elif case == "bool scale":
+        over = dict(scale=True)
+    elif case == "tensor scale":
+        over = dict(scale=torch.tensor(0.125))
+    else:
+        over = dict(use_qk_l2norm=1)
+    assert _declined(p, ctx, **over)
+
+
+def test_direct_entry_runs_without_grad_recording():
+    """A tensor that requires grad is fine where nothing records (no_grad, inference_mode)."""
+    p = direct_problem("cpu")
+    kernel = loaded_kernel(p)
+    v = p["v"].clone().requires_grad_()
+    with torch.no_grad():
+        assert kernel.direct(*op_args(p, v=v)) is True
+    assert torch.isfinite(p["out"]).all()
+
+
+def test_direct_entry_declines_another_device_type():
+    p = direct_problem("cpu")
+    meta = {k: (t.to("meta") if isinstance(t, torch.Tensor) else t) for k, t in p.items()}
+    assert loaded_kernel(p).direct(*op_args(meta)) is False
+
+
+def test_direct_entry_reports_bad_arguments_like_the_op():
+    from flash_kda.api import _INVALID
+    p = direct_problem("cpu")
+    before = snapshot(p)
+    with pytest.raises(ValueError) as e:
+        loaded_kernel(p).direct(*op_args(p, out=p["out"][:, :1]))
+    assert str(e.value).startswith(_INVALID) and "out" in str(e.value)
+    assert unchanged(before, p) == []
+    with pytest.raises(TypeError, match="16 arguments"):
+        loaded_kernel(p).direct(*op_args(p)[:15])
+
+
+def test_fwd_under_a_dispatch_mode_goes_through_the_op():
+    """Declined calls still run, through the op, where the mode sees them."""
+    p = direct_problem("cpu")
+    mode = _Recorder()
+    with mode:
+        call(p)
+    assert any("flash_kda_kernels" in op for op in mode.ops), mode.ops
+    assert torch.isfinite(p["out"]).all()

@@ -12,8 +12,10 @@ Tiny shapes, so that what is timed is the call, not the work. Each call is timed
 
 Either way each case is also timed with the compiled op replaced by a no-op ("python"): that is
 the front end alone (validation, routing, allocation of missing outputs), which is what this
-package adds on top of the raw op (timed alone on the first line; where the CUDA two-kernel form
-runs, also with a caller-provided workspace, so that the binding's allocation shows).
+package adds on top of the raw op. The raw op is timed alone first, through torch.ops and through
+the library's direct entry (csrc/python_entry.h, which the front end uses): with no sequences
+(argument handling and checks alone: nothing launches), with the launch, and where the CUDA
+two-kernel form runs with a caller-provided workspace (so that the binding's allocation shows).
 """
 
 from __future__ import annotations
@@ -67,29 +69,39 @@ def cases(x, D):
     }
 
 
-def raw_op(x, D, workspace=None):
+def raw_op(x, D, workspace=None, entry="op", cu_seqlens=None):
     """The compiled op alone, with the arguments `fwd dense` hands it (and `workspace`: None lets
-    the binding allocate the CUDA two-kernel form's scratch itself)."""
-    op = _ops.kernel_for(x["q"].device, D, x["q"].dtype).op
+    the binding allocate the CUDA two-kernel form's scratch itself), through torch.ops (entry
+    "op") or the library's direct entry ("direct": csrc/python_entry.h, no dispatcher).
+    cu_seqlens: a varlen call instead (tensor([0]): no sequences, so only the arguments are
+    handled and checked; nothing is launched)."""
+    kernel = _ops.kernel_for(x["q"].device, D, x["q"].dtype)
+    fn = kernel.op if entry == "op" else kernel.direct
     s = D ** -0.5
-    return lambda: op(x["q"], x["k"], x["v"], x["g"], x["beta"], x["A_log"], x["dt_bias"], None,
-                      None, x["out"], None, s, -5.0, True, False, workspace)
+    return lambda: fn(x["q"], x["k"], x["v"], x["g"], x["beta"], x["A_log"], x["dt_bias"], None,
+                      None, x["out"], cu_seqlens, s, -5.0, True, False, workspace)
 
 
 def _no_op(*args):
     return None
 
 
+def _ran(*args):
+    return True
+
+
 @contextlib.contextmanager
 def kernel_stubbed(kernel):
-    """Within: the memoised `kernel` runs nothing, so a call costs only the front end (its
-    lookup of the kernel included)."""
-    real = kernel.op
+    """Within: the memoised `kernel` runs nothing (its op and its direct entry), so a call costs
+    only the front end (its lookup of the kernel included)."""
+    real_op, real_direct = kernel.op, kernel.direct
     kernel.op = _no_op
+    if real_direct is not None:
+        kernel.direct = _ran
     try:
         yield
     finally:
-        kernel.op = real
+        kernel.op, kernel.direct = real_op, real_direct
 
 
 def median_us(fn, reps: int, cuda: bool, rounds: int = 5, block: int = 100) -> float:
@@ -138,13 +150,19 @@ def main() -> int:
     mode = torch.enable_grad() if args.grad_mode else torch.inference_mode()
     with mode:
         kernel = _ops.kernel_for(device, args.D, DTYPES[args.dtype])  # memoised: calls find it
-        raw = median_us(raw_op(x, args.D), args.reps, cuda)
-        print(f"  {'raw op (C++ dispatch + launch/kernel)':46s} {raw:7.1f} us")
+        none = torch.tensor([0], dtype=torch.int32, device=device)  # a batch of no sequences
+        entries = ["op"] + (["direct"] if kernel.direct is not None else [])
         ws_bytes = flash_kda.get_workspace_size(args.T, args.H, 1)
-        if ws_bytes:  # the two-kernel form: the same with the scratch preallocated by the caller
-            ws = torch.empty(ws_bytes, dtype=torch.uint8, device=device)
-            raw_ws = median_us(raw_op(x, args.D, ws), args.reps, cuda)
-            print(f"  {'raw op, caller workspace (no allocation)':46s} {raw_ws:7.1f} us")
+        ws = torch.empty(ws_bytes, dtype=torch.uint8, device=device) if ws_bytes else None
+        for entry in entries:
+            label = "raw op (torch.ops: dispatcher" if entry == "op" else "direct entry (no dispatcher"
+            t = median_us(raw_op(x, args.D, entry=entry, cu_seqlens=none), args.reps, cuda)
+            print(f"  {label + ', no sequences)':46s} {t:7.1f} us")
+            t = median_us(raw_op(x, args.D, entry=entry), args.reps, cuda)
+            print(f"  {label + ' + launch/kernel)':46s} {t:7.1f} us")
+            if ws is not None:  # the two-kernel form: the scratch preallocated by the caller
+                t = median_us(raw_op(x, args.D, ws, entry=entry), args.reps, cuda)
+                print(f"  {label[:12] + ', caller workspace (no allocation)':46s} {t:7.1f} us")
         print(f"  {'':46s} {'call':>10s} {'python':>10s}")
         for name, fn in cases(x, args.D).items():
             t = median_us(fn, args.reps, cuda)

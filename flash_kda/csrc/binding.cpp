@@ -1,9 +1,10 @@
-// binding.cpp: registers this specialisation's kernel as a torch operator and turns tensors into
-// KdaParams. Compiled by the host C++ compiler for every backend; it never sees device code.
+// binding.cpp: registers this specialisation's kernel as a torch operator, exports the same call
+// to Python past torch's dispatcher (python_entry.h), and turns tensors into KdaParams. Compiled by
+// the host C++ compiler for every backend; it never sees device code.
 //
-// The Python front end (flash_kda/_validate.py) checks every argument before calling here; the
-// TORCH_CHECKs below are a cheap second line so that a direct call of the raw op cannot make a
-// kernel read or write outside its tensors.
+// The TORCH_CHECKs below check every argument (the front end's fast path relies on them and runs
+// flash_kda/_validate.py's checks, which name the problem, only when they refuse), so that no call
+// of the raw op or of the direct entry can make a kernel read or write outside its tensors.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -22,12 +23,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #define FLASH_KDA_DISPATCH_KEY CUDA
+static constexpr c10::DeviceType kModuleDeviceType = c10::DeviceType::CUDA;
 #elif defined(FLASH_KDA_BACKEND_MUSA)
 #include "torch_musa/csrc/core/MUSAGuard.h"
 #include "torch_musa/csrc/core/MUSAStream.h"
 #define FLASH_KDA_DISPATCH_KEY PrivateUse1
+static constexpr c10::DeviceType kModuleDeviceType = c10::DeviceType::PrivateUse1;
 #elif defined(FLASH_KDA_BACKEND_CPU)
 #define FLASH_KDA_DISPATCH_KEY CPU
+static constexpr c10::DeviceType kModuleDeviceType = c10::DeviceType::CPU;
 #else
 #error "define one of FLASH_KDA_BACKEND_{CPU,CUDA,MUSA}"
 #endif
@@ -322,6 +326,9 @@ void kda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 }
 
 }  // namespace
+
+// The same kda_fwd, callable from Python without the dispatcher (the op's fast path).
+#include "python_entry.h"
 
 TORCH_LIBRARY_FRAGMENT(flash_kda_kernels, m) {
   m.def(FLASH_KDA_STR(FLASH_KDA_OP_NAME)

@@ -13,6 +13,7 @@ wait for one builder instead of all compiling. A cached library that fails to lo
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -55,9 +56,26 @@ class LoadedKernel:
         self.built = built          # compiled by this process (False: loaded from cache)
         self.seconds = seconds      # build (or load) time
         self.op = getattr(torch.ops.flash_kda_kernels, entry.op_name)
+        self.direct = _python_entry(entry.library)
 
     def __repr__(self):
         return f"LoadedKernel({self.spec.name}, {self.entry.dir})"
+
+
+def _python_entry(library: Path):
+    """The library's direct entry (csrc/python_entry.h): the op's arguments, past torch's
+    dispatcher; True if it ran, False if it declined the call (then the op must run). None where
+    the library has none (then callers use the op alone)."""
+    try:
+        fetch = ctypes.PyDLL(str(library)).flash_kda_python_entry
+    except (OSError, AttributeError):
+        return None
+    fetch.restype = ctypes.py_object
+    fetch.argtypes = []
+    try:
+        return fetch()
+    except (ValueError, SystemError):  # a null result: the entry could not be made
+        return None
 
 
 def clear_memo() -> None:
