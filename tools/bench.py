@@ -96,15 +96,22 @@ def run_fla(fla_chunk, x):
                      dt_bias=x["dt_bias"].view(-1))
 
 
-def host_overhead_us(x, reps=200) -> float:
-    """Host time per call (Python + launch), measured with the GPU busy so launches queue."""
-    torch.cuda._sleep(int(1e9))  # keep the GPU busy: measure only the CPU side
-    t0 = time.perf_counter()
-    for _ in range(reps):
+def host_overhead_us(x, reps=200, warmup=20) -> tuple[float, float]:
+    """Host time per call (Python + launch) in us, (mean, median) of `reps` calls timed one by one
+    with the GPU busy, so that launches only queue. After `warmup` calls, so that what is timed is
+    the steady state, not a first call's allocations (until session 22 the mean included them:
+    18.8-31.3 us in runs minutes apart, docs/performance.md v22)."""
+    for _ in range(warmup):
         run_ours(x)
-    dt = (time.perf_counter() - t0) / reps
     torch.cuda.synchronize()
-    return dt * 1e6
+    torch.cuda._sleep(int(1e9))  # keep the GPU busy: measure only the CPU side
+    clock, times = time.perf_counter_ns, []
+    for _ in range(reps):
+        t0 = clock()
+        run_ours(x)
+        times.append(clock() - t0)
+    torch.cuda.synchronize()
+    return statistics.fmean(times) / 1e3, statistics.median(times) / 1e3
 
 
 class Stopped(Exception):
@@ -151,7 +158,8 @@ def main() -> int:
         print(f"\nstopped by SIGTERM after {len(rows)} rows; the table holds those")
     print_table(rows)
     if host is not None:
-        print(f"\nhost time per fwd call (Python + launch, GPU busy): {host:.1f} us")
+        print(f"\nhost time per fwd call (Python + launch, GPU busy, T=512 H=64): mean {host[0]:.1f} us, "
+              f"median {host[1]:.1f} us")
     return 0
 
 
