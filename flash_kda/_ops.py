@@ -98,7 +98,7 @@ def run_kernel(q, k, v, g, beta, A_log, dt_bias, initial_state, final_state, out
 
 
 def launch(kernel: "jit.LoadedKernel", args: tuple) -> None:
-    """kda_fwd's `args` through the library's direct entry (csrc/python_entry.h: no dispatcher),
+    """kda_fwd's `args` through the library's direct entry (csrc/python_entry.cpp: no dispatcher),
     or through its op where the entry declines the call or the library has none."""
     if kernel.direct is None or not kernel.direct(*args):
         kernel.op(*args)

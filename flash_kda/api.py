@@ -98,7 +98,7 @@ def _run_unchecked(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, in
     """The entry points' fast path: the compiled op with the arguments as given, its own checks
     (binding.cpp: every argument, device, stride and overlap rule of _validate.py, tersely)
     standing in for the Python ones, which cost more host time than launching the kernels. It is
-    called through the library's direct entry (csrc/python_entry.h), which skips torch's
+    called through the library's direct entry (csrc/python_entry.cpp), which skips torch's
     dispatcher and checks the arguments' types itself. True if it ran. False — nothing run,
     nothing written — where it does not apply (not yet loaded, tracing, [S, H, K] inputs,
     cu_seqlens elsewhere than q's device, arguments of unexpected types, calls the direct entry

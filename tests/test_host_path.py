@@ -167,7 +167,7 @@ def test_out_may_not_overlap_a_state(state):
     assert unchanged(before, dict(p, ht=ht)) == []
 
 
-# The direct entry (csrc/python_entry.h): kda_fwd's arguments straight from Python, past torch's
+# The direct entry (csrc/python_entry.cpp): kda_fwd's arguments straight from Python, past torch's
 # dispatcher. Where it runs it must write exactly what the op writes; where the dispatcher could do
 # anything else (a tensor subclass, a dispatch mode, autograd recording, another device type) it
 # must decline, write nothing, and leave the call to the op.

@@ -411,16 +411,16 @@ def test_spec_names_parse_back():
 
 def test_cuda_key_covers_every_header_the_cuda_module_compiles():
     """Editing any file the CUDA translation units include must change the cache key: found by
-    following #include "..." from kda_cuda.cu and binding.cpp (so a new header cannot be missed),
+    following #include "..." from kda_cuda.cu and the host units (so a new header cannot be missed),
     plus every body under cuda/."""
     from flash_kda.jit.backends import get_toolchain
     from flash_kda.jit.backends.base import csrc_dir
     spec = KernelSpec("cuda", "sm90a", 128, "bf16")
     rel = {str(p.relative_to(csrc_dir())) for p in get_toolchain("cuda").hashed_files(spec)}
     from jit_testing import include_closure
-    included = include_closure(csrc_dir(), ["cuda/kda_cuda.cu", "binding.cpp"]) | {
+    included = include_closure(csrc_dir(), ["cuda/kda_cuda.cu", "binding.cpp", "python_entry.cpp"]) | {
         f"cuda/{p.name}" for p in (csrc_dir() / "cuda").iterdir()}
-    assert {"port.cuh", "kda_params.h", "cuda/ptx.cuh"} <= included  # the closure works
+    assert {"port.cuh", "kda_params.h", "binding.h", "cuda/ptx.cuh"} <= included  # the closure works
     assert included <= rel, f"not in the key: {sorted(included - rel)}"
     assert not any(r.startswith(("cpu/", "musa/")) for r in rel)
 

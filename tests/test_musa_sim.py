@@ -203,11 +203,12 @@ def test_plan_for_mp31(fake_musa, jit):
     spec = jit.default_spec("musa")
     plan = toolchain().plan(spec)
     assert plan.loader == "torch_musa"
-    # binding.cpp goes to the host compiler; every device translation unit is .mu (torch_musa
+    # The host units go to the host compiler; every device translation unit is .mu (torch_musa
     # hands only .mu/.muh to mcc).
-    assert plan.sources == [str(CSRC / "binding.cpp"), str(CSRC / "musa" / "kda_musa.mu")]
+    host = [str(CSRC / "binding.cpp"), str(CSRC / "python_entry.cpp")]
+    assert plan.sources == host + [str(CSRC / "musa" / "kda_musa.mu")]
     assert all(Path(s).exists() for s in plan.sources)
-    assert all(s.endswith(".mu") for s in plan.sources if not s.endswith("binding.cpp"))
+    assert all(s.endswith(".mu") for s in plan.sources if s not in host)
     assert '#include "../cuda/kda_cuda.cu"' in (CSRC / "musa" / "kda_musa.mu").read_text()
 
     dev = plan.extra_device_cflags
@@ -230,11 +231,11 @@ def test_plan_for_mp31(fake_musa, jit):
     assert "MUSA SDK 5.1.0" in plan.compiler and "torch_musa 2.7.1" in plan.compiler
 
     rel = {str(p.relative_to(CSRC)) for p in toolchain().hashed_files(spec)}
-    assert {"port.cuh", "port_device.cuh", "binding.cpp", "kda_params.h", "musa/kda_musa.mu", "cuda/kda_cuda.cu",
-            "cuda/kda_chunk_portable.cuh"} <= rel
+    assert {"port.cuh", "port_device.cuh", "binding.cpp", "binding.h", "python_entry.cpp", "kda_params.h",
+            "musa/kda_musa.mu", "cuda/kda_cuda.cu", "cuda/kda_chunk_portable.cuh"} <= rel
     assert not any(r.startswith("cpu/") for r in rel)
     from jit_testing import include_closure  # every header the translation unit can reach
-    reached = include_closure(CSRC, ["musa/kda_musa.mu", "binding.cpp"])
+    reached = include_closure(CSRC, ["musa/kda_musa.mu", "binding.cpp", "python_entry.cpp"])
     assert "cuda/kda_cuda.cu" in reached and reached <= rel, f"not in the key: {sorted(reached - rel)}"
 
     fp16 = toolchain().plan(musa_spec(head_dim=64, dtype="fp16"))
@@ -400,7 +401,7 @@ def _assert_mcc_got_the_plan(fake_musa, plan, entry):
     assert kw["extra_include_paths"] == plan.extra_include_paths
     assert Path(kw["build_directory"]).parent == entry.root  # our cache, not torch's
     host = [s for s in record["steps"] if s["kind"] == "cxx"]
-    assert [Path(s["argv"][s["argv"].index("-c") + 1]).name for s in host] == ["binding.cpp"]
+    assert [Path(s["argv"][s["argv"].index("-c") + 1]).name for s in host] == ["binding.cpp", "python_entry.cpp"]
 
 
 def test_build_runs_the_fake_toolchain_and_reports_compile_errors(fake_musa, jit, monkeypatch):

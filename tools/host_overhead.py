@@ -13,7 +13,7 @@ Tiny shapes, so that what is timed is the call, not the work. Each call is timed
 Either way each case is also timed with the compiled op replaced by a no-op ("python"): that is
 the front end alone (validation, routing, allocation of missing outputs), which is what this
 package adds on top of the raw op. The raw op is timed alone first, through torch.ops and through
-the library's direct entry (csrc/python_entry.h, which the front end uses): with no sequences
+the library's direct entry (csrc/python_entry.cpp, which the front end uses): with no sequences
 (argument handling and checks alone: nothing launches), with the launch, and where the CUDA
 two-kernel form runs with a caller-provided workspace (so that the binding's allocation shows).
 """
@@ -72,7 +72,7 @@ def cases(x, D):
 def raw_op(x, D, workspace=None, entry="op", cu_seqlens=None):
     """The compiled op alone, with the arguments `fwd dense` hands it (and `workspace`: None lets
     the binding allocate the CUDA two-kernel form's scratch itself), through torch.ops (entry
-    "op") or the library's direct entry ("direct": csrc/python_entry.h, no dispatcher).
+    "op") or the library's direct entry ("direct": csrc/python_entry.cpp, no dispatcher).
     cu_seqlens: a varlen call instead (tensor([0]): no sequences, so only the arguments are
     handled and checked; nothing is launched)."""
     kernel = _ops.kernel_for(x["q"].device, D, x["q"].dtype)

@@ -1,6 +1,6 @@
-// binding.cpp: registers this specialisation's kernel as a torch operator, exports the same call
-// to Python past torch's dispatcher (python_entry.h), and turns tensors into KdaParams. Compiled by
-// the host C++ compiler for every backend; it never sees device code.
+// binding.cpp: registers this specialisation's kernel as a torch operator and turns tensors into
+// KdaParams (kda_fwd, which python_entry.cpp also calls, past torch's dispatcher). Compiled by the
+// host C++ compiler for every backend; it never sees device code.
 //
 // The TORCH_CHECKs below check every argument (the front end's fast path relies on them and runs
 // flash_kda/_validate.py's checks, which name the problem, only when they refuse), so that no call
@@ -17,21 +17,19 @@
 #include <utility>
 #include <vector>
 
+#include "binding.h"
 #include "kda_params.h"
 
 #if defined(FLASH_KDA_BACKEND_CUDA)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #define FLASH_KDA_DISPATCH_KEY CUDA
-static constexpr c10::DeviceType kModuleDeviceType = c10::DeviceType::CUDA;
 #elif defined(FLASH_KDA_BACKEND_MUSA)
 #include "torch_musa/csrc/core/MUSAGuard.h"
 #include "torch_musa/csrc/core/MUSAStream.h"
 #define FLASH_KDA_DISPATCH_KEY PrivateUse1
-static constexpr c10::DeviceType kModuleDeviceType = c10::DeviceType::PrivateUse1;
 #elif defined(FLASH_KDA_BACKEND_CPU)
 #define FLASH_KDA_DISPATCH_KEY CPU
-static constexpr c10::DeviceType kModuleDeviceType = c10::DeviceType::CPU;
 #else
 #error "define one of FLASH_KDA_BACKEND_{CPU,CUDA,MUSA}"
 #endif
@@ -274,6 +272,10 @@ KdaParams checked_params(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return p;
 }
 
+}  // namespace
+
+namespace flash_kda {
+
 void kda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
              const at::Tensor& beta, const std::optional<at::Tensor>& A_log,
              const std::optional<at::Tensor>& dt_bias,
@@ -325,10 +327,7 @@ void kda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   flash_kda::launch_kda(p, stream);
 }
 
-}  // namespace
-
-// The same kda_fwd, callable from Python without the dispatcher (the op's fast path).
-#include "python_entry.h"
+}  // namespace flash_kda
 
 TORCH_LIBRARY_FRAGMENT(flash_kda_kernels, m) {
   m.def(FLASH_KDA_STR(FLASH_KDA_OP_NAME)
@@ -339,5 +338,5 @@ TORCH_LIBRARY_FRAGMENT(flash_kda_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(flash_kda_kernels, FLASH_KDA_DISPATCH_KEY, m) {
-  m.impl(FLASH_KDA_STR(FLASH_KDA_OP_NAME), &kda_fwd);
+  m.impl(FLASH_KDA_STR(FLASH_KDA_OP_NAME), &flash_kda::kda_fwd);
 }

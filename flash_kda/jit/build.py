@@ -63,7 +63,7 @@ class LoadedKernel:
 
 
 def _python_entry(library: Path):
-    """The library's direct entry (csrc/python_entry.h): the op's arguments, past torch's
+    """The library's direct entry (csrc/python_entry.cpp): the op's arguments, past torch's
     dispatcher; True if it ran, False if it declined the call (then the op must run). None where
     the library has none (then callers use the op alone)."""
     try:

@@ -21,8 +21,16 @@ def csrc_dir() -> Path:
     from .. import env
     return env.csrc_override() or PACKAGE_CSRC
 
+# The host translation units of every backend's module: the torch op, and its direct entry from
+# Python past the dispatcher (compiled apart: its Python-binding headers are the slow part).
+HOST_UNITS = ["binding.cpp", "python_entry.cpp"]
 # Every backend's module includes these.
-SHARED_SOURCES = ["kda_params.h", "binding.cpp"]
+SHARED_SOURCES = ["kda_params.h", "binding.h", *HOST_UNITS]
+
+
+def host_sources() -> list[str]:
+    """Absolute paths of HOST_UNITS, for a plan's sources (before the backend's own units)."""
+    return [str(csrc_dir() / unit) for unit in HOST_UNITS]
 
 
 class CompilerNotFoundError(RuntimeError):

@@ -6,7 +6,7 @@ import os
 import platform
 import shutil
 
-from .base import (BuildPlan, CompilerNotFoundError, Toolchain, csrc_dir, require_ninja,
+from .base import (BuildPlan, CompilerNotFoundError, Toolchain, csrc_dir, host_sources, require_ninja,
                    run_version)
 from .. import env
 
@@ -79,7 +79,7 @@ class CpuToolchain(Toolchain):
         cflags += env.extra_cflags()
         return BuildPlan(
             loader="torch",
-            sources=[str(csrc_dir() / "binding.cpp"), str(csrc_dir() / "cpu" / "kda_cpu.cpp")],
+            sources=[*host_sources(), str(csrc_dir() / "cpu" / "kda_cpu.cpp")],
             extra_cflags=cflags,
             extra_ldflags=["-fopenmp"],
             compiler=f"{cxx}: {run_version([cxx, '--version'])}",

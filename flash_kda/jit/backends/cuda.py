@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from .base import (BuildPlan, CompilerNotFoundError, Toolchain, UnsupportedToolchainError, csrc_dir,
-                   require_ninja, run_version, split_arch_list)
+                   host_sources, require_ninja, run_version, split_arch_list)
 from .. import env
 
 # Compute capabilities that get the arch-specific ("a") target: wgmma and setmaxnreg need sm_90a.
@@ -102,7 +102,7 @@ class CudaToolchain(Toolchain):
                         *spec.defines(), *env.extra_device_cflags()]
         return BuildPlan(
             loader="torch",
-            sources=[str(csrc_dir() / "binding.cpp"), str(csrc_dir() / "cuda" / "kda_cuda.cu")],
+            sources=[*host_sources(), str(csrc_dir() / "cuda" / "kda_cuda.cu")],
             extra_cflags=["-O3", *spec.defines(), *env.extra_cflags()],
             extra_device_cflags=device_flags,
             compiler=f"nvcc: {run_version([nvcc, '--version'])}; host: {run_version([cxx, '--version'])}",

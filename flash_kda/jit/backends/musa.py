@@ -8,8 +8,8 @@ What a MUSA build needs, each checked by ``plan`` with a message that says what 
 * The MUSA SDK: ``MUSA_HOME`` found the way torch_musa finds it, ``mcc`` (``PYTORCH_MCC`` or
   ``$MUSA_HOME/bin/mcc``), and ``MUSA_VERSION`` in ``$MUSA_HOME/include/musa.h`` at least 5.1.0
   (50100): the fused chunk kernel is documented to need MTCC 5.1.0; 4.3.6 may fail to compile it.
-* ninja, and the host C++ compiler (``$CXX`` or ``c++``), which torch_musa uses for ``binding.cpp``
-  and for the link.
+* ninja, and the host C++ compiler (``$CXX`` or ``c++``), which torch_musa uses for the host units
+  (``binding.cpp``, ``python_entry.cpp``) and for the link.
 
 torch_musa hands only ``.mu``/``.muh`` files to mcc (a ``.cu`` would go to the host compiler), and
 its ``load`` adds no target flag, so the device sources are ``csrc/musa/*.mu`` and the plan passes
@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 
 from .base import (BuildPlan, CompilerNotFoundError, Toolchain, UnsupportedToolchainError,
-                   csrc_dir, require_ninja, run_version, split_arch_list)
+                   csrc_dir, host_sources, require_ninja, run_version, split_arch_list)
 from .. import env
 
 MIN_TORCH_MUSA = (2, 7, 0)
@@ -296,7 +296,7 @@ class MusaToolchain(Toolchain):
                     f"host: {run_version([cxx, '--version'])}")
         return BuildPlan(
             loader="torch_musa",
-            sources=[str(csrc_dir() / "binding.cpp"), str(csrc_dir() / "musa" / "kda_musa.mu")],
+            sources=[*host_sources(), str(csrc_dir() / "musa" / "kda_musa.mu")],
             extra_cflags=["-O3", *defines, *env.extra_cflags()],
             extra_device_cflags=device_flags,
             # torch_musa adds $MUSA_HOME/include as a system path too; naming it here ties the key

@@ -1,10 +1,11 @@
-// python_entry.h: kda_fwd's arguments straight from Python, past torch's dispatcher. Included once,
-// by binding.cpp, after kda_fwd; flash_kda/jit/build.py fetches the entry through
-// flash_kda_python_entry() and flash_kda/api.py calls it before the op.
+// python_entry.cpp: kda_fwd's arguments straight from Python, past torch's dispatcher. Its own
+// translation unit: the Python-binding headers it needs take longer to compile than the rest of the
+// binding, and this way they compile beside it. flash_kda/jit/build.py fetches the entry through
+// flash_kda_python_entry(), and flash_kda/api.py calls it before the op.
 //
 // Why: called through torch.ops, the op turns its 16 Python arguments into a boxed stack and
-// dispatches it. That costs ~3.9 us a call on the 2-core CI machine, about twice that on the H100's
-// host: as much as launching the two kernels, against the 20 us for a whole call. This entry
+// dispatches it. That costs ~3.9 us a call on the 2-core CI machine, 4-8 us on the H100's host:
+// as much as launching the two kernels, against the 20 us for a whole call. This entry
 // reads the same arguments by hand (vectorcall) in ~0.2 us (docs/performance.md v22).
 //
 // It is a shortcut, never a second meaning. It declines (returns False, having written nothing)
@@ -17,9 +18,9 @@
 //  - autograd recording: grad mode on and a tensor argument that requires grad.
 // Argument errors are raised as the op raises them (ValueError, kInvalid first); so are the launch's.
 // Neither path bumps the destinations' version counters (the op, a plain CUDA kernel, does not).
-#pragma once
 
 #include <Python.h>
+
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/GradMode.h>
@@ -30,7 +31,12 @@
 
 #include <iterator>
 
+#include "binding.h"
+
 namespace {
+
+using flash_kda::kda_fwd;
+using flash_kda::kModuleDeviceType;
 
 // The tensor arguments' slots in kda_fwd's order, and whether each may be None.
 constexpr int kTensorSlots[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15};
