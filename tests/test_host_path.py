@@ -234,7 +234,8 @@ def _declined(p, context, **over):
 
 
 @pytest.mark.parametrize("case", ["subclass", "dispatch mode", "requires grad", "bool scale",
-                                  "tensor scale", "flag not a bool"])
+                                  "tensor scale", "flag not a bool", "negative bit", "zero tensor",
+                                  "included key", "profiler"])
 def test_direct_entry_declines_what_the_dispatcher_would_handle(case):
     import contextlib
     p = direct_problem("cpu")
@@ -243,6 +244,14 @@ def test_direct_entry_declines_what_the_dispatcher_would_handle(case):
         over = dict(q=p["q"].as_subclass(_Sub))
     elif case == "dispatch mode":
         ctx = _Recorder()
+    elif case == "negative bit":  # the same values, the memory holding their negation
+        over = dict(beta=torch._neg_view(-p["beta"]))
+    elif case == "zero tensor":  # no memory behind it
+        over = dict(beta=torch._efficientzerotensor(p["beta"].shape))
+    elif case == "included key":  # as functionalize, jit.trace (Tracer) and the like include
+        ctx = torch._C._IncludeDispatchKeyGuard(torch._C.DispatchKey.Functionalize)
+    elif case == "profiler":
+        ctx = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
     elif case == "requires grad":
         over = dict(v=p["v"].clone().requires_grad_())
         ctx = torch.enable_grad()
@@ -291,3 +300,45 @@ def test_fwd_under_a_dispatch_mode_goes_through_the_op():
         call(p)
     assert any("flash_kda_kernels" in op for op in mode.ops), mode.ops
     assert torch.isfinite(p["out"]).all()
+
+
+def test_fwd_with_a_negative_bit_input_reads_its_values():
+    """A lazily negated view (memory -x, value x) reaches the kernel materialised, through the op."""
+    p = direct_problem("cpu")
+    call(p)
+    want = p["out"].clone()
+    p["out"].fill_(float("nan"))
+    call(dict(p, beta=torch._neg_view(-p["beta"])))
+    assert torch.equal(p["out"], want)
+
+
+def test_fwd_under_the_profiler_shows_the_op():
+    p = direct_problem("cpu")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call(p)
+    assert any("flash_kda_kernels" in e.key for e in prof.key_averages())
+
+
+def test_direct_entry_survives_being_fetched_again(tmp_path):
+    """Each fetch of the entry hands out a reference of its own: forgetting the loaded kernels and
+    loading them again (tests, a changed environment) must not free the function in use. Run in a
+    child process, where a crash cannot take the test run with it."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import torch\n"
+        "from flash_kda import _ops\n"
+        "from test_host_path import direct_problem, loaded_kernel, op_args\n"
+        "p = direct_problem('cpu')\n"
+        "held = []\n"
+        "for _ in range(4):\n"
+        "    _ops.forget_kernels()\n"
+        "    held.append(loaded_kernel(p).direct)\n"
+        "    del held[:-1]\n"
+        "    assert held[-1](*op_args(p)) is True\n"
+        "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(__file__), timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stderr[-2000:])

@@ -13,15 +13,20 @@
 // takes its checked path, which calls the op:
 //  - an argument not of the schema's exact type: a tensor subclass (FakeTensor, DTensor, ...), a
 //    bool or a tensor where a float goes, anything but True or False where a bool goes;
-//  - a tensor of another device type than this module's, not strided, or with Python or functorch
-//    dispatch keys; a TorchDispatchMode, a torch-function mode or a functorch transform active;
-//  - autograd recording: grad mode on and a tensor argument that requires grad.
+//  - a tensor of another device type than this module's, not strided, nested, quantized, a lazy
+//    zero tensor, with its negative or conjugate bit set (the dispatcher would materialise those),
+//    or with Python or functorch dispatch keys;
+//  - a key in the thread's included set beyond the defaults (jit.trace's Tracer, functionalize,
+//    the Python dispatcher, functorch transforms), a TorchDispatchMode or a torch-function mode;
+//  - autograd recording: grad mode on and a tensor argument that requires grad;
+//  - the profiler (any RecordFunction callback): the op's event then shows in its trace.
 // Argument errors are raised as the op raises them (ValueError, kInvalid first); so are the launch's.
 // Neither path bumps the destinations' version counters (the op, a plain CUDA kernel, does not).
 
 #include <Python.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/record_function.h>
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -43,16 +48,21 @@ constexpr int kTensorSlots[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15};
 constexpr bool kMayBeNone[] = {false, false, false, false, false, true, true, true, true, false, true, true};
 constexpr Py_ssize_t kArgCount = 16;
 
-// Keys that route a call through Python or a functorch transform instead of the backend kernel.
-constexpr c10::DispatchKeySet kDetourKeys =
-    c10::python_ks | c10::functorch_transforms_ks |
-    c10::DispatchKeySet({c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
-                         c10::DispatchKey::FuncTorchDynamicLayerBackMode});
+// A tensor's keys that route a call through Python or a functorch transform instead of the kernel.
+constexpr c10::DispatchKeySet kDetourKeys = c10::python_ks | c10::functorch_transforms_ks;
 
-// A tensor the dispatcher would hand to this module's kernel as it is.
+// A tensor the dispatcher would hand to this module's kernel as it is: its memory is its values.
 bool plain_tensor(const at::Tensor& t, bool grad_on) {
-  return t.device().type() == kModuleDeviceType && t.layout() == c10::kStrided &&
+  return t.device().type() == kModuleDeviceType && t.layout() == c10::kStrided && !t.is_nested() &&
+         !t.is_quantized() && !t._is_zerotensor() && !t.is_neg() && !t.is_conj() &&
          !t.key_set().has_any(kDetourKeys) && !(grad_on && t.requires_grad());
+}
+
+// Nothing in this thread's state that the dispatcher would act on before the kernel.
+bool plain_dispatch_state() {
+  return (c10::impl::tls_local_dispatch_key_set().included_ - c10::default_included_set).empty() &&
+         !c10::impl::TorchDispatchModeTLS::any_modes_set() && !at::impl::torch_function_mode_enabled() &&
+         !at::hasCallbacks();
 }
 
 // A float argument: a Python float or int (not bool, which the op's callers never pass for one).
@@ -86,10 +96,7 @@ PyObject* direct_kda_fwd(PyObject* /*self*/, PyObject* const* args, Py_ssize_t n
     PyErr_Format(PyExc_TypeError, "flash_kda's direct entry takes %zd arguments, got %zd", kArgCount, nargs);
     return nullptr;
   }
-  if (c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled() ||
-      c10::impl::tls_local_dispatch_key_set().included_.has_any(kDetourKeys)) {
-    Py_RETURN_FALSE;
-  }
+  if (!plain_dispatch_state()) Py_RETURN_FALSE;
   const bool grad_on = c10::GradMode::is_enabled();
   std::optional<at::Tensor> t[std::size(kTensorSlots)];
   for (size_t i = 0; i < std::size(kTensorSlots); ++i) {
@@ -122,9 +129,13 @@ PyMethodDef direct_kda_fwd_def = {
 
 }  // namespace
 
-// The entry as a Python callable, made once and kept for the life of the process. Fetched by
-// ctypes.PyDLL (which holds the GIL for the call), whose py_object result takes a reference of its own.
+// The entry as a Python callable, made once and kept for the life of the process (the static holds
+// one reference). Fetched by ctypes.PyDLL, which holds the GIL for the call and takes over the
+// returned reference as a new one: so each call hands out a reference of its own. (Without it, the
+// second fetch in a process, after flash_kda._ops.forget_kernels(), freed the function while the
+// first fetch's holders still used it: a crash found in review, session 22.)
 extern "C" __attribute__((visibility("default"))) PyObject* flash_kda_python_entry() {
   static PyObject* const fn = PyCFunction_New(&direct_kda_fwd_def, nullptr);
+  Py_XINCREF(fn);
   return fn;  // (null, with the Python error set, if it could not be made: the loader then uses the op)
 }
