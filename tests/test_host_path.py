@@ -342,3 +342,16 @@ def test_direct_entry_survives_being_fetched_again(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        cwd=os.path.dirname(__file__), timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stderr[-2000:])
+
+
+def test_fwd_without_a_direct_entry_writes_the_same(monkeypatch):
+    """A library without the entry (kernel.direct None: the op alone, with the Python type checks
+    the entry otherwise makes) gives the same bits."""
+    p = direct_problem("cpu")
+    call(p)
+    want = p["out"].clone(), p["final_state"].clone()
+    monkeypatch.setattr(loaded_kernel(p), "direct", None)
+    p["out"].fill_(float("nan"))
+    p["final_state"].fill_(float("nan"))
+    call(p)
+    assert torch.equal(p["out"], want[0]) and torch.equal(p["final_state"], want[1])

@@ -84,12 +84,18 @@ FWD_CASES = [(n, b, TypeError, "dt_bias must be a torch.Tensor") if n == "A_log-
              else (n, b, e, t.replace("output", "out")) for n, b, e, t in CASES if n != "flag-not-bool"]
 
 
+@pytest.mark.parametrize("entry", ["direct", "op"])
 @pytest.mark.parametrize("case", FWD_CASES, ids=[c[0] for c in FWD_CASES])
-def test_fwd_rejects_and_touches_nothing(case):
+def test_fwd_rejects_and_touches_nothing(case, entry, monkeypatch):
     """As test_chunk_kda_rejects_and_touches_nothing, through fwd: with its kernel loaded, fwd
     calls the compiled op first, whose own checks must reject everything these cases break (else
-    the kernels would run on them), and only then explains in Python."""
+    the kernels would run on them), and only then explains in Python. Through the library's
+    direct entry, and through torch.ops as for a library without one (entry "op")."""
     call_fwd(good())  # loads the kernel: the unchecked path applies from here on
+    if entry == "op":
+        from flash_kda import _ops
+        q = good()["q"]
+        monkeypatch.setattr(_ops.kernel_for(q.device, q.shape[-1], q.dtype), "direct", None)
     name, breaker, exc, text = case
     p = good()
     over = breaker(p)
