@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     print(f"  backend   {backend} ({spec.name}); device {device_name}")
     print(f"  compiler  {plan.compiler_summary()}")
     print(f"  cache     {kernel.entry.dir}")  # where it was found or built (maybe a fallback)
-    print(f"  kernel    {'built' if kernel.built else 'loaded from cache'} in {kernel.seconds:.2f} s")
+    print(f"  kernel    {'built' if kernel.built else 'loaded from cache'} in {kernel.seconds:.2f} s; "
+          f"called {'through its direct entry' if kernel.direct is not None else 'through its torch op'}")
 
     gen = torch.Generator().manual_seed(int(time.time()))
     rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731

@@ -355,3 +355,19 @@ def test_fwd_without_a_direct_entry_writes_the_same(monkeypatch):
     p["final_state"].fill_(float("nan"))
     call(p)
     assert torch.equal(p["out"], want[0]) and torch.equal(p["final_state"], want[1])
+
+
+def test_direct_entry_can_be_turned_off(monkeypatch):
+    """FLASH_KDA_DIRECT_ENTRY=0: kernels loaded from then on have no direct entry, and fwd runs."""
+    from flash_kda import _ops
+    monkeypatch.setenv("FLASH_KDA_DIRECT_ENTRY", "0")
+    _ops.forget_kernels()
+    try:
+        p = direct_problem("cpu")
+        assert loaded_kernel(p).direct is None
+        call(p)
+        assert torch.isfinite(p["out"]).all()
+    finally:
+        monkeypatch.delenv("FLASH_KDA_DIRECT_ENTRY")
+        _ops.forget_kernels()
+    assert loaded_kernel(p).direct is not None

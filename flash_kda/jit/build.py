@@ -56,7 +56,7 @@ class LoadedKernel:
         self.built = built          # compiled by this process (False: loaded from cache)
         self.seconds = seconds      # build (or load) time
         self.op = getattr(torch.ops.flash_kda_kernels, entry.op_name)
-        self.direct = _python_entry(entry.library)
+        self.direct = _python_entry(entry.library) if env.direct_entry() else None
 
     def __repr__(self):
         return f"LoadedKernel({self.spec.name}, {self.entry.dir})"

@@ -75,6 +75,13 @@ def verbose() -> bool:
     return _flag("FLASH_KDA_VERBOSE", False)
 
 
+def direct_entry() -> bool:
+    """FLASH_KDA_DIRECT_ENTRY=0 calls every kernel through its torch op, never through the
+    library's direct entry (csrc/python_entry.cpp; ~3 us more host time a call on a GPU). Read when
+    a kernel is loaded (flash_kda._ops.forget_kernels() makes a change take effect)."""
+    return _flag("FLASH_KDA_DIRECT_ENTRY", True)
+
+
 def disable_jit() -> bool:
     """FLASH_KDA_DISABLE_JIT=1 never compiles: a missing cache entry is an error (production images)."""
     return _flag("FLASH_KDA_DISABLE_JIT", False)
