@@ -4,9 +4,11 @@
 // flash_kda_python_entry(), and flash_kda/api.py calls it before the op.
 //
 // Why: called through torch.ops, the op turns its 16 Python arguments into a boxed stack and
-// dispatches it. That costs ~3.9 us a call on the 2-core CI machine, 4-8 us on the H100's host:
-// as much as launching the two kernels, against the issue's 20 us for a whole call. This entry
-// reads the same arguments by hand (vectorcall) in ~0.2 us (docs/performance.md v22).
+// dispatches it: an empty op with this schema costs ~3.9 us a call on the 2-core CI machine. This
+// entry reads the same arguments by hand (vectorcall) in ~0.2 us. With kda_fwd's checks, a call
+// that launches nothing: 3.1 -> 1.1 us there, 4.0-8.0 -> 1.4-2.9 us on the H100 machines' hosts,
+// where launching the two kernels takes ~8 us and the issue allows 20 us for a whole call
+// (docs/performance.md v22).
 //
 // It is a shortcut, never a second meaning. It declines (returns False, having written nothing)
 // wherever the dispatcher could do anything but call kda_fwd with these tensors, and the caller then
