@@ -155,14 +155,16 @@ def main() -> int:
         ws_bytes = flash_kda.get_workspace_size(args.T, args.H, 1)
         ws = torch.empty(ws_bytes, dtype=torch.uint8, device=device) if ws_bytes else None
         for entry in entries:
-            label = "raw op (torch.ops: dispatcher" if entry == "op" else "direct entry (no dispatcher"
+            name, via = (("raw op", "torch.ops: dispatcher") if entry == "op"
+                         else ("direct entry", "no dispatcher"))
+            label = f"{name} ({via}"
             t = median_us(raw_op(x, args.D, entry=entry, cu_seqlens=none), args.reps, cuda)
             print(f"  {label + ', no sequences)':46s} {t:7.1f} us")
             t = median_us(raw_op(x, args.D, entry=entry), args.reps, cuda)
             print(f"  {label + ' + launch/kernel)':46s} {t:7.1f} us")
             if ws is not None:  # the two-kernel form: the scratch preallocated by the caller
                 t = median_us(raw_op(x, args.D, ws, entry=entry), args.reps, cuda)
-                print(f"  {label[:12] + ', caller workspace (no allocation)':46s} {t:7.1f} us")
+                print(f"  {name + ', caller workspace (no allocation)':46s} {t:7.1f} us")
         print(f"  {'':46s} {'call':>10s} {'python':>10s}")
         for name, fn in cases(x, args.D).items():
             t = median_us(fn, args.reps, cuda)
