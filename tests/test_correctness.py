@@ -182,6 +182,36 @@ def test_strided_views(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["odd-row-stride", "off-8-bytes"])
+def test_fp32_states_that_cannot_move_in_pairs(device, layout):
+    """fp32 states whose rows have an odd stride, or that start 4 bytes past an 8-byte boundary:
+    the CUDA recurrence then reads and writes them one element at a time instead of in pairs of
+    channels (its pair path needs even strides and an 8-byte aligned base). Both ends, poisoned."""
+    seed = fresh_seed()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = make_problem(seqlens=[40, 75], hqk=2, hv=4, D=128, dtype=dtype, device=device, state=True, seed=seed)
+    h0 = p["initial_state"]
+    N, H, V, K = h0.shape
+
+    def placed(fill):
+        if layout == "odd-row-stride":
+            t = fill(torch.empty(N, H, V, K + 1, dtype=torch.float32, device=device))[..., :K]
+            assert t.stride(2) % 2 == 1
+        else:
+            t = fill(torch.empty(h0.numel() + 1, dtype=torch.float32, device=device))[1:].view(h0.shape)
+            assert t.data_ptr() % 8 != 0
+        return t
+
+    initial = placed(lambda t: t)
+    initial.copy_(h0)
+    final = placed(poison)
+    out, got = run_chunk(dict(p, initial_state=initial), final_state=final)
+    assert got.data_ptr() == final.data_ptr()
+    assert torch.equal(initial, h0)  # the caller's initial state is only read
+    check(p, out, final, seed, what=f"fp32 states, {layout}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("which", ["inputs", "dt_bias"])
 def test_views_off_16_byte_alignment(device, which):
     """Rows that start one element past a 16-byte boundary (legal: only the last dim must be

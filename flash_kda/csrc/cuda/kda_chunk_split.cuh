@@ -87,6 +87,12 @@ struct PrepGrid {
   int64_t c_begin;    // the stretch's first chunk (dense) or slot (varlen)
   int64_t chunks;     // dense: chunks per sequence, so that slot = sequence * chunks + chunk
   VecOk vec;          // vec_ok of p
+  // Non-zero: every block lets the recurrence launched behind this grid start as soon as it has
+  // started itself (griddep_launch_dependents at its start, not only at its end), so that the
+  // recurrence's blocks take the multiprocessors the last wave leaves and load their initial state
+  // there. Set by the host only for a recurrence of one wave at one block per multiprocessor
+  // (kda_cuda.cu, RecurrenceVariant::releases_early).
+  int release_at_start = 0;
 };
 
 // The preparation's grid for chunks [c_begin, c_end) of every sequence (dense), or for slots
@@ -824,10 +830,36 @@ FLASH_KDA_HD bool piece_chunks(const KdaParams& p, const Piece& piece, int64_t b
   return c_begin < c_end || (nchunks == 0 && piece.c_begin == 0);
 }
 
+// Whether an fp32 state's elements can move in pairs (channels c, c + 1 as one 8-byte access; c is
+// even in every fragment): every stride even and the base 8-byte aligned. Uniform over the block.
+FLASH_KDA_DEVICE bool fp32_state_pairs(const StateRef& ref) {
+  return ref.ptr != nullptr && ref.fp32 && ((ref.strides.seq | ref.strides.head | ref.strides.row) & 1) == 0 &&
+         (reinterpret_cast<uintptr_t>(ref.ptr) & 7) == 0;
+}
+
 // Reads or writes the warp's state rows: element e of tile nt is (row r(e), channel c(e)).
 template <class L, bool kStore>
 FLASH_KDA_DEVICE void state_rows_io(const StateRef& ref, const portable::Task& t, int row0, Lane l,
                                     float (&s)[L::D / 8][4]) {
+  if (fp32_state_pairs(ref)) {
+    // Half the instructions, and each warp access covers 8 rows of 32 whole bytes.
+    float* base = static_cast<float*>(ref.ptr);
+#pragma unroll
+    for (int nt = 0; nt < L::D / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; e += 2) {
+        const int v = t.v0 + row0 + l.g + (e >= 2 ? 8 : 0), c = nt * 8 + 2 * l.t;
+        float2* at = reinterpret_cast<float2*>(base + state_offset(ref.strides, t.n, t.h, v) + c);
+        if (kStore) {
+          *at = make_float2(s[nt][e], s[nt][e + 1]);
+        } else {
+          const float2 x = *at;
+          s[nt][e] = x.x;
+          s[nt][e + 1] = x.y;
+        }
+      }
+    return;
+  }
 #pragma unroll
   for (int nt = 0; nt < L::D / 8; ++nt)
 #pragma unroll

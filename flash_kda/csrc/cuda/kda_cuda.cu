@@ -65,11 +65,15 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_prep_kernel(co
   __trap();
 #else
   extern __shared__ float4 smem_f4[];
+  // A recurrence launched behind this kernel with programmatic serialization may start once every
+  // block of this one has called griddep_launch_dependents or exited (it waits for this kernel's
+  // writes itself: griddep_wait). At the end by default: released at the start, its blocks took
+  // multiprocessors two at a time beside the preparation's last wave (docs/performance.md v16).
+  // At the start where the host made that impossible (PrepGrid::release_at_start). A second call
+  // of the instruction changes nothing.
+  if (g.release_at_start) tc::griddep_launch_dependents();
   tc::prep_block<L>(p, g, static_cast<float*>(p.workspace), reinterpret_cast<float*>(smem_f4), blockIdx.x,
                     static_cast<int>(threadIdx.x));
-  // A recurrence launched behind this kernel with programmatic serialization may start once every
-  // block of this one has got here (it waits for this kernel's writes itself: griddep_wait). Here,
-  // at the end: released at the start, its blocks took SM slots beside the preparation's last wave.
   tc::griddep_launch_dependents();
 #endif
 }
@@ -122,6 +126,17 @@ bool pdl_enabled() {
   return on;
 }
 
+// FLASH_KDA_CUDA_EARLY_RELEASE=0 (read once per process): keep the preparation's release of the
+// recurrence at the end of its blocks even where RecurrenceVariant::releases_early would move it to
+// their start. For A/B runs.
+bool early_release_enabled() {
+  static const bool on = [] {
+    const char* s = getenv("FLASH_KDA_CUDA_EARLY_RELEASE");
+    return s == nullptr || *s == '\0' || atoi(s) != 0;
+  }();
+  return on;
+}
+
 // FLASH_KDA_CUDA_CLUSTER (read once per process): 0, never launch the recurrence's V slices as a
 // cluster kept in step (recurrence_block's kLockstep); any other number, always (where a head has
 // more than one slice); unset or empty, where the grid has more blocks than the device has
@@ -166,6 +181,7 @@ bool kernel_has_griddep(Kernel kernel, int device, unsigned long long& known, un
 struct LaunchExtras {
   bool pdl = false;
   unsigned cluster = 1;
+  int smem_bytes = 0;  // dynamic shared memory per block if above the layout's (0: the layout's)
 };
 
 // Launches kKernel (of layout L) with `blocks` blocks (one per sequence x head x V slice) and the
@@ -178,16 +194,19 @@ template <class L, auto kKernel, class... Args>
 void launch_layout(const char* name, int64_t blocks, const port::DeviceInfo& dev, port::stream_t stream,
                    LaunchExtras extras, const Args&... args) {
   if (blocks > 0x7fffffff) throw std::runtime_error("flash_kda: too many sequences x heads for one grid");
-  static unsigned long long smem_set = 0;  // per kernel (kKernel), one bit per device
+  static unsigned long long smem_set = 0, padded_set = 0;  // per kernel (kKernel), one bit per device
   constexpr auto kernel = kKernel;
   ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
+  // (A padded size is the same for every launch on a device: pad_to_one_per_sm.)
+  const int smem = extras.smem_bytes > L::kSmemBytes ? extras.smem_bytes : L::kSmemBytes;
+  if (smem > L::kSmemBytes) ensure_max_dynamic_smem(kernel, smem, dev.device, padded_set);
 #if FLASH_KDA_HAS_TC
-  if (dev.major >= 9 && (extras.pdl || extras.cluster > 1)) {
+  if (dev.major >= 9 && (extras.pdl || extras.cluster > 1 || smem > L::kSmemBytes)) {
     if (blocks % extras.cluster != 0) throw std::logic_error("flash_kda: cluster width does not divide the grid");
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(static_cast<unsigned>(blocks));
     config.blockDim = dim3(L::kThreads);
-    config.dynamicSmemBytes = L::kSmemBytes;
+    config.dynamicSmemBytes = smem;
     config.stream = stream;
     cudaLaunchAttribute attribute[2];
     unsigned n = 0;
@@ -214,7 +233,7 @@ void launch_layout(const char* name, int64_t blocks, const port::DeviceInfo& dev
     return;
   }
 #endif
-  port::launch(name, kernel, static_cast<unsigned>(blocks), L::kThreads, L::kSmemBytes, stream, args...);
+  port::launch(name, kernel, static_cast<unsigned>(blocks), L::kThreads, smem, stream, args...);
 }
 
 // One block layout (V-slice width VS, chunk C): its shared-memory need, grid size, cost and launch.
@@ -421,6 +440,22 @@ struct RecurrenceVariant
     launch_as<false>(p, dev, stream, piece);
   }
 
+  // Dynamic shared memory that leaves room for one block per multiprocessor (the layout's need or
+  // more: half a multiprocessor's memory, and each block's 1 KB reserve on top); 0 if a block may
+  // not ask for that much. One preparation block still fits beside it (87 KB at D = 128).
+  static int one_per_sm_bytes(const port::DeviceInfo& dev) {
+    const int half = dev.smem_per_multiprocessor / 2;
+    return half <= L::kSmemBytes ? L::kSmemBytes : (half <= dev.max_smem_per_block ? half : 0);
+  }
+  // Whether a one-piece recurrence of this layout runs with the early release (launch_split asks
+  // the same of the layout it will launch, for the preparation's side): one wave, one block per
+  // multiprocessor, so that no multiprocessor gets two of its blocks beside the preparation's last
+  // ones while others get none.
+  static bool releases_early(const KdaParams& p, const port::DeviceInfo& dev) {
+    return early_release_enabled() && dev.major >= 9 && Base::blocks(p) <= dev.multiprocessors &&
+           one_per_sm_bytes(dev) > 0;
+  }
+
   template <bool kLockstep>
   static void launch_as(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream,
                         const tc::Piece& piece) {
@@ -430,6 +465,7 @@ struct RecurrenceVariant
     extras.pdl = behind_prep && dev.major >= 9 && pdl_enabled() &&
                  kernel_has_griddep(kda_recurrence_kernel<L, kLockstep>, dev.device, griddep_known, griddep_yes);
     extras.cluster = kLockstep ? L::NVS : 1;
+    if (extras.pdl && releases_early(p, dev)) extras.smem_bytes = one_per_sm_bytes(dev);
     launch_layout<L, kda_recurrence_kernel<L, kLockstep>>("kda_recurrence_kernel launch", Base::blocks(p), dev,
                                                           stream, extras, p, piece);
   }
@@ -440,9 +476,8 @@ struct RecurrenceVariant
 template <class... Vs>
 struct TcChoice {
   static bool any_fits(const port::DeviceInfo& dev) { return (Vs::fits(dev) || ...); }
-  template <class... Extra>
-  static bool launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream,
-                     const Extra&... extra) {
+  // The index of the cheapest layout that fits (ties go to the one listed first), -1 if none.
+  static int choose(const KdaParams& p, const port::DeviceInfo& dev) {
     const bool any_allowed = (Vs::allowed(dev) || ...);
     int best = -1, index = 0;
     double best_cost = 0.0;
@@ -454,10 +489,22 @@ struct TcChoice {
       ++index;
     };
     (consider(any_allowed ? Vs::allowed(dev) : Vs::fits(dev), Vs::cost(p, dev)), ...);
+    return best;
+  }
+  template <class... Extra>
+  static bool launch(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream,
+                     const Extra&... extra) {
+    const int best = choose(p, dev);
     if (best < 0) return false;
-    index = 0;
+    int index = 0;
     ((index++ == best ? (Vs::launch(p, dev, stream, extra...), 0) : 0), ...);
     return true;
+  }
+  // Whether the layout launch() would pick releases early (RecurrenceVariant::releases_early).
+  static bool chosen_releases_early(const KdaParams& p, const port::DeviceInfo& dev) {
+    const int best = choose(p, dev);
+    int index = 0;
+    return ((index++ == best && Vs::releases_early(p, dev)) || ...);
   }
   // Launches the layout of V-slice width vs; false if none of that width fits.
   template <class... Extra>
@@ -570,21 +617,23 @@ SplitPlan split_plan(const KdaParams& p, const port::DeviceInfo& dev) {
   }
 }
 
+// release_at_start: PrepGrid::release_at_start.
 template <class L>
 void launch_prep(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream, int64_t c_begin,
-                 int64_t c_end) {
+                 int64_t c_end, bool release_at_start) {
   const int64_t blocks = tc::prep_blocks(p, kSplitChunk, c_begin, c_end);
   if (blocks <= 0) return;
-  launch_layout<L, kda_prep_kernel<L>>("kda_prep_kernel launch", blocks, dev, stream, {}, p,
-                   tc::make_prep_grid<L>(p, c_begin, c_end));
+  tc::PrepGrid g = tc::make_prep_grid<L>(p, c_begin, c_end);
+  g.release_at_start = release_at_start ? 1 : 0;
+  launch_layout<L, kda_prep_kernel<L>>("kda_prep_kernel launch", blocks, dev, stream, {}, p, g);
 }
 
 void launch_prep_piece(const KdaParams& p, const port::DeviceInfo& dev, port::stream_t stream, int64_t c_begin,
-                       int64_t c_end) {
+                       int64_t c_end, bool release_at_start = false) {
   if (prep_threads() == 512) {
-    launch_prep<PrepWide>(p, dev, stream, c_begin, c_end);
+    launch_prep<PrepWide>(p, dev, stream, c_begin, c_end, release_at_start);
   } else {
-    launch_prep<PrepNarrow>(p, dev, stream, c_begin, c_end);
+    launch_prep<PrepNarrow>(p, dev, stream, c_begin, c_end, release_at_start);
   }
 }
 
@@ -596,7 +645,14 @@ bool launch_split(const KdaParams& p, const port::DeviceInfo& dev, port::stream_
   const auto prep = [&](int64_t c_begin, int64_t c_end) { launch_prep_piece(p, dev, stream, c_begin, c_end); };
   bool launched = true;
   const auto in_one_piece = [&] {
-    tc::enqueue_pieces<kHeadDim, kSplitChunk>(p, 1, prep, [&](const Piece& piece) {
+    // The early release (PrepGrid::release_at_start) where the recurrence will be launched for it:
+    // the preparation asks the layout choice the recurrence's launch makes. (Without a programmatic
+    // launch behind it, the early call does nothing.)
+    const bool early = pdl_enabled() && Split<kHeadDim>::chosen_releases_early(p, dev);
+    const auto prep_one = [&](int64_t c_begin, int64_t c_end) {
+      launch_prep_piece(p, dev, stream, c_begin, c_end, early);
+    };
+    tc::enqueue_pieces<kHeadDim, kSplitChunk>(p, 1, prep_one, [&](const Piece& piece) {
       launched = Split<kHeadDim>::launch(p, dev, stream, piece);
     });
     return launched;
