@@ -21,6 +21,7 @@
 #include "kda_params.h"
 
 #if defined(FLASH_KDA_BACKEND_CUDA)
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #define FLASH_KDA_DISPATCH_KEY CUDA
@@ -307,6 +308,11 @@ void kda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   // (stream-ordered: the block is not handed to other work on this stream before the kernels are
   // done with it). An unusable workspace is not an error. If the allocation fails the launcher uses
   // a kernel form that needs none, so a large call still runs.
+  // On CUDA the block comes from the allocator itself, not as a tensor: the same block, tagged with
+  // the current stream and given back when `block` goes out of scope as a tensor's storage would
+  // be, without at::empty's dispatch and tensor object (~1 us of a call's host time on the H100's
+  // host, docs/performance.md v23). Other backends allocate a tensor.
+  c10::DataPtr block;
   at::Tensor scratch;
   const int64_t scratch_bytes = flash_kda::workspace_bytes(p);
   if (scratch_bytes > 0) {
@@ -317,8 +323,13 @@ void kda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
       p.workspace = workspace->data_ptr();
     } else {
       try {
+#if defined(FLASH_KDA_BACKEND_CUDA)
+        block = c10::cuda::CUDACachingAllocator::get()->allocate(static_cast<size_t>(scratch_bytes));
+        p.workspace = block.get();
+#else
         scratch = at::empty({scratch_bytes}, q.options().dtype(at::kByte));
         p.workspace = scratch.data_ptr();
+#endif
       } catch (const c10::OutOfMemoryError&) {
         p.workspace = nullptr;
       }
