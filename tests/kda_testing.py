@@ -79,6 +79,31 @@ def make_problem(*, B=1, T=64, hqk=2, hv=2, D=64, dtype=torch.float32, device="c
     )
 
 
+# fp32 states whose elements cannot move in pairs of channels (the CUDA recurrence's 8-byte path
+# needs every stride even and the base 8-byte aligned): one odd stride each, or a base 4 bytes off.
+UNPAIRED_STATE_LAYOUTS = ("odd-row-stride", "odd-head-stride", "odd-seq-stride", "off-8-bytes")
+
+
+def unpaired_state(shape, layout: str, device, fill=lambda t: t) -> torch.Tensor:
+    """An fp32 [N, H, V, K] view laid out as `layout` (UNPAIRED_STATE_LAYOUTS), its whole buffer
+    passed through `fill` first (e.g. poison)."""
+    N, H, V, K = shape
+    f32 = dict(dtype=torch.float32, device=device)
+    if layout == "odd-row-stride":
+        t = fill(torch.empty(N, H, V, K + 1, **f32))[..., :K]
+    elif layout == "odd-head-stride":
+        t = fill(torch.empty(N, H, V * K + 1, **f32))[..., :V * K].view(N, H, V, K)
+    elif layout == "odd-seq-stride":
+        t = fill(torch.empty(N, H * V * K + 1, **f32))[:, :H * V * K].view(N, H, V, K)
+    elif layout == "off-8-bytes":
+        t = fill(torch.empty(N * H * V * K + 1, **f32))[1:].view(N, H, V, K)
+    else:
+        raise ValueError(layout)
+    odd = [st for st in t.stride()[:3] if st % 2 == 1]
+    assert (odd or t.data_ptr() % 8 != 0) and t.stride(3) == 1, (layout, t.stride())
+    return t
+
+
 def with_fp32_gates(p32: dict, dtype) -> dict:
     """A float32 problem with q, k, v in `dtype` and g, beta left in float32 (values that 16-bit
     types do not hold): the contract allows fp32 g and beta beside 16-bit inputs, and the kernels

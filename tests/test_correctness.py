@@ -13,8 +13,9 @@ import torch
 import flash_kda
 from flash_kda import _workspace
 from conftest import DEVICES, cuda_ok
-from kda_testing import (MAGNITUDE_CASES, OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, far_from_one, make_problem,
-                         poison, reference_of, rel_l2, huge_state_channel, with_fp32_gates, zero_channels)
+from kda_testing import (MAGNITUDE_CASES, OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, UNPAIRED_STATE_LAYOUTS,
+                         far_from_one, make_problem, poison, reference_of, rel_l2, huge_state_channel,
+                         unpaired_state, with_fp32_gates, zero_channels)
 
 GPU_DTYPES = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -182,29 +183,19 @@ def test_strided_views(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["odd-row-stride", "off-8-bytes"])
+@pytest.mark.parametrize("layout", UNPAIRED_STATE_LAYOUTS)
 def test_fp32_states_that_cannot_move_in_pairs(device, layout):
-    """fp32 states whose rows have an odd stride, or that start 4 bytes past an 8-byte boundary:
-    the CUDA recurrence then reads and writes them one element at a time instead of in pairs of
-    channels (its pair path needs even strides and an 8-byte aligned base). Both ends, poisoned."""
+    """fp32 states with one odd stride (row, head or sequence), or starting 4 bytes past an 8-byte
+    boundary: the CUDA recurrence then reads and writes them one element at a time instead of in
+    pairs of channels (its pair path needs even strides and an 8-byte aligned base; a pair access
+    there would fault on a misaligned address). Both ends, the final state poisoned."""
     seed = fresh_seed()
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     p = make_problem(seqlens=[40, 75], hqk=2, hv=4, D=128, dtype=dtype, device=device, state=True, seed=seed)
     h0 = p["initial_state"]
-    N, H, V, K = h0.shape
-
-    def placed(fill):
-        if layout == "odd-row-stride":
-            t = fill(torch.empty(N, H, V, K + 1, dtype=torch.float32, device=device))[..., :K]
-            assert t.stride(2) % 2 == 1
-        else:
-            t = fill(torch.empty(h0.numel() + 1, dtype=torch.float32, device=device))[1:].view(h0.shape)
-            assert t.data_ptr() % 8 != 0
-        return t
-
-    initial = placed(lambda t: t)
+    initial = unpaired_state(h0.shape, layout, device)
     initial.copy_(h0)
-    final = placed(poison)
+    final = unpaired_state(h0.shape, layout, device, fill=poison)
     out, got = run_chunk(dict(p, initial_state=initial), final_state=final)
     assert got.data_ptr() == final.data_ptr()
     assert torch.equal(initial, h0)  # the caller's initial state is only read

@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kda_testing import (MAGNITUDE_CASES, OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, far_from_one, make_problem,
-                         poison, reference_of, rel_l2, huge_state_channel, with_fp32_gates, zero_channels)
+from kda_testing import (MAGNITUDE_CASES, OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, UNPAIRED_STATE_LAYOUTS,
+                         far_from_one, make_problem, poison, reference_of, rel_l2, huge_state_channel,
+                         unpaired_state, with_fp32_gates, zero_channels)
 
 if not sys.platform.startswith("linux"):
     pytest.skip("the SIMT emulator uses ucontext fibers (Linux)", allow_module_level=True)
@@ -55,9 +56,10 @@ def sim_op(D: int, dtype: torch.dtype):
     return _ops[key]
 
 
-def run(p, *, D, dtype, layout=None, state_dtype=torch.float32, use_qk_l2norm=True, monkeypatch):
+def run(p, *, D, dtype, layout=None, state_dtype=torch.float32, use_qk_l2norm=True, monkeypatch, final=None):
     """The sim op on problem p (as make_problem returns it); returns (out, final_state).
-    layout: FLASH_KDA_SIM_* settings (tests/simt/cuda_sim.cpp), e.g. {"FORM": "fused", "VS": 32}."""
+    layout: FLASH_KDA_SIM_* settings (tests/simt/cuda_sim.cpp), e.g. {"FORM": "fused", "VS": 32}.
+    final: the final state's destination (poisoned here when not given)."""
     for key, value in (layout or {}).items():
         monkeypatch.setenv(f"FLASH_KDA_SIM_{key}", str(value))
     varlen = p["cu_seqlens"] is not None
@@ -65,7 +67,7 @@ def run(p, *, D, dtype, layout=None, state_dtype=torch.float32, use_qk_l2norm=Tr
     N = p["cu_seqlens"].numel() - 1 if varlen else p["q"].shape[0]
     hv = p["v"].shape[-2]
     out = poison(torch.empty_like(p["v"]))
-    final = poison(torch.empty(N, hv, D, D, dtype=state_dtype))
+    final = poison(torch.empty(N, hv, D, D, dtype=state_dtype)) if final is None else final
     h0 = p["initial_state"]
     sim_op(D, dtype)(as4(p["q"]), as4(p["k"]), as4(p["v"]), as4(p["g"]), as4(p["beta"]), p["A_log"],
                      p["dt_bias"], None if h0 is None else h0.to(state_dtype), final, as4(out),
@@ -256,6 +258,29 @@ def test_varlen_and_state_dtypes(dtype, monkeypatch):
                      state_dtype=dtype, gate=False, seed=s, weak_decay=True)
     out, final = run(p, D=128, dtype=dtype, state_dtype=dtype, monkeypatch=monkeypatch)
     check(p, out, final, what=f"varlen {dtype} (seed {s})")
+
+
+@pytest.mark.parametrize("layout", ("contiguous",) + UNPAIRED_STATE_LAYOUTS)
+def test_fp32_state_layouts(layout, monkeypatch):
+    """The recurrence moves fp32 states in pairs of channels (8-byte accesses) where every stride is
+    even and the base 8-byte aligned, one element at a time otherwise. The emulator's 8-byte
+    accesses throw on a misaligned address as the hardware faults, so a pair path taken where it
+    must not be fails here; both paths must give the reference's results (final state poisoned)."""
+    s = seed()
+    p = make_problem(seqlens=[40, 75], hqk=1, hv=2, D=128, dtype=torch.bfloat16, state=True, seed=s,
+                     weak_decay=True)
+    h0 = p["initial_state"]
+    if layout == "contiguous":
+        final = poison(torch.empty_like(h0))
+    else:
+        initial = unpaired_state(h0.shape, layout, "cpu")
+        initial.copy_(h0)
+        p = dict(p, initial_state=initial)
+        final = unpaired_state(h0.shape, layout, "cpu", fill=poison)
+    out, got = run(p, D=128, dtype=torch.bfloat16, layout={"FORM": "split", "VS": 64}, final=final,
+                   monkeypatch=monkeypatch)
+    assert got is final
+    check(p, out, final, what=f"fp32 states, {layout} (seed {s})")
 
 
 @pytest.mark.parametrize("form", ["split", "fused", "portable"])

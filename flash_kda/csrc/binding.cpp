@@ -21,7 +21,9 @@
 #include "kda_params.h"
 
 #if defined(FLASH_KDA_BACKEND_CUDA)
+#include <ATen/Context.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <torch/version.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #define FLASH_KDA_DISPATCH_KEY CUDA
@@ -324,6 +326,13 @@ void kda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
     } else {
       try {
 #if defined(FLASH_KDA_BACKEND_CUDA)
+        // (at::empty initialises torch's CUDA side first; the allocator asserts that it was. A
+        // caller's tensors need not have done it: libtorch's from_blob, say. Once per process.)
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6)
+        at::globalContext().lazyInitDevice(c10::DeviceType::CUDA);
+#else
+        at::globalContext().lazyInitCUDA();
+#endif
         block = c10::cuda::CUDACachingAllocator::get()->allocate(static_cast<size_t>(scratch_bytes));
         p.workspace = block.get();
 #else

@@ -351,8 +351,19 @@ inline float fast_exp2(float x) {  // ex2.approx.ftz: results below 2^-126 flush
   const float y = exp2f(x);
   return fabsf(y) < 1.17549435e-38f ? 0.0f : y;
 }
-inline void st16_global(void* p, uint4 x) { memcpy(p, &x, 16); }
-inline void st8_global(float* p, float2 x) { memcpy(p, &x, 8); }
+// Vector accesses fault on a misaligned address on the hardware; here they throw.
+inline void require_aligned(const void* p, uintptr_t bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) throw std::runtime_error(std::string("simt: misaligned ") + what);
+}
+inline void st16_global(void* p, uint4 x) { require_aligned(p, 16, "st16_global"); memcpy(p, &x, 16); }
+inline void st8_global(float* p, float2 x) { require_aligned(p, 8, "st8_global"); memcpy(p, &x, 8); }
+inline float2 ld8_aligned(const float* p) {
+  require_aligned(p, 8, "ld8_aligned");
+  float2 x;
+  memcpy(&x, p, 8);
+  return x;
+}
+inline void st8_aligned(float* p, float2 x) { require_aligned(p, 8, "st8_aligned"); memcpy(p, &x, 8); }
 
 // The warp's D += A B for an m16n8kK tile, after every lane deposited its A registers as words
 // 0..3 and its B registers as words 4..5: a_at(word of lane, k) and b_at(...) give the operand

@@ -849,11 +849,11 @@ FLASH_KDA_DEVICE void state_rows_io(const StateRef& ref, const portable::Task& t
 #pragma unroll
       for (int e = 0; e < 4; e += 2) {
         const int v = t.v0 + row0 + l.g + (e >= 2 ? 8 : 0), c = nt * 8 + 2 * l.t;
-        float2* at = reinterpret_cast<float2*>(base + state_offset(ref.strides, t.n, t.h, v) + c);
+        float* at = base + state_offset(ref.strides, t.n, t.h, v) + c;
         if (kStore) {
-          *at = make_float2(s[nt][e], s[nt][e + 1]);
+          st8_aligned(at, make_float2(s[nt][e], s[nt][e + 1]));
         } else {
-          const float2 x = *at;
+          const float2 x = ld8_aligned(at);
           s[nt][e] = x.x;
           s[nt][e + 1] = x.y;
         }

@@ -171,13 +171,14 @@ bool kernel_has_griddep(Kernel kernel, int device, unsigned long long& known, un
 }
 #endif
 
-// What a launch may add to a plain one (CUDA, sm_90+; launch_layout ignores both elsewhere).
+// What a launch may add to a plain one (pdl and cluster: CUDA sm_90+ only, launch_layout ignores
+// them elsewhere; smem_bytes: everywhere).
 // pdl: programmatic stream serialization, so that the kernel may start before the kernel launched
 // just before it on `stream` completes, as soon as every block of that one has called
 // griddep_launch_dependents; it must call griddep_wait before it reads what that kernel writes. Only
 // for a kernel whose predecessor on the stream is known to be that kernel. cluster: blocks per
 // thread-block cluster (consecutive block indices, run at once on one GPC); 1 for none. It must
-// divide the grid.
+// divide the grid. smem_bytes: RecurrenceVariant::one_per_sm_bytes.
 struct LaunchExtras {
   bool pdl = false;
   unsigned cluster = 1;
@@ -197,7 +198,7 @@ void launch_layout(const char* name, int64_t blocks, const port::DeviceInfo& dev
   static unsigned long long smem_set = 0, padded_set = 0;  // per kernel (kKernel), one bit per device
   constexpr auto kernel = kKernel;
   ensure_max_dynamic_smem(kernel, L::kSmemBytes, dev.device, smem_set);
-  // (A padded size is the same for every launch on a device: pad_to_one_per_sm.)
+  // (A padded size is the same for every launch on a device: RecurrenceVariant::one_per_sm_bytes.)
   const int smem = extras.smem_bytes > L::kSmemBytes ? extras.smem_bytes : L::kSmemBytes;
   if (smem > L::kSmemBytes) ensure_max_dynamic_smem(kernel, smem, dev.device, padded_set);
 #if FLASH_KDA_HAS_TC
@@ -442,7 +443,9 @@ struct RecurrenceVariant
 
   // Dynamic shared memory that leaves room for one block per multiprocessor (the layout's need or
   // more: half a multiprocessor's memory, and each block's 1 KB reserve on top); 0 if a block may
-  // not ask for that much. One preparation block still fits beside it (87 KB at D = 128).
+  // not ask for that much. At D = 128 one 512-thread preparation block (87 KB, 32,768 registers)
+  // still fits beside a VS 64 or VS 32 block, so those start beside the last preparation blocks;
+  // a VS 128 block (256 threads x 230 registers) does not, and waits for a multiprocessor of its own.
   static int one_per_sm_bytes(const port::DeviceInfo& dev) {
     const int half = dev.smem_per_multiprocessor / 2;
     return half <= L::kSmemBytes ? L::kSmemBytes : (half <= dev.max_smem_per_block ? half : 0);
@@ -451,9 +454,11 @@ struct RecurrenceVariant
   // the same of the layout it will launch, for the preparation's side): one wave, one block per
   // multiprocessor, so that no multiprocessor gets two of its blocks beside the preparation's last
   // ones while others get none.
+  // Head dim 128 only: the one measured (docs/performance.md v23); D = 64 and 256 keep the release
+  // at the end.
   static bool releases_early(const KdaParams& p, const port::DeviceInfo& dev) {
-    return early_release_enabled() && dev.major >= 9 && Base::blocks(p) <= dev.multiprocessors &&
-           one_per_sm_bytes(dev) > 0;
+    return kHeadDim == 128 && early_release_enabled() && dev.major >= 9 &&
+           Base::blocks(p) <= dev.multiprocessors && one_per_sm_bytes(dev) > 0;
   }
 
   template <bool kLockstep>

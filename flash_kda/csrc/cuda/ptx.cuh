@@ -53,6 +53,12 @@ FLASH_KDA_DEVICE void st8_global(float* p, float2 x) {
   asm volatile("st.global.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(x.x), "f"(x.y) : "memory");
 }
 
+// Plain 8-byte accesses of two floats at an address the caller has checked to be 8-byte aligned
+// (the recurrence's fp32 states, fp32_state_pairs). Plain C++ (ld/st.v2.f32 in the PTX), so the
+// compiler may still order them; the emulator's versions check the alignment (tests/simt/simt.h).
+FLASH_KDA_DEVICE float2 ld8_aligned(const float* p) { return *reinterpret_cast<const float2*>(p); }
+FLASH_KDA_DEVICE void st8_aligned(float* p, float2 x) { *reinterpret_cast<float2*>(p) = x; }
+
 // D += A B, m16n8k8, TF32 operands (the top 19 bits of each register), fp32 accumulators.
 // Fragments: kda_chunk_tc.cuh, before Lane.
 FLASH_KDA_DEVICE void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
