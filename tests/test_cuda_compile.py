@@ -136,3 +136,32 @@ def test_split_plan_picks_the_measured_best(tmp_path, monkeypatch):
     got = {tuple(x if x == "v" else int(x) for x in line.split()[0].split(":")):
            tuple(int(x) for x in line.split()[1:]) for line in out.stdout.splitlines()}
     assert got == SPLIT_PLAN_EXPECTED
+
+
+def test_recurrence_register_cap_compiles_and_holds(tmp_path):
+    """FLASH_KDA_RECURRENCE_MAXNREG (kda_cuda.cu; a benchmarking knob set through
+    FLASH_KDA_EXTRA_CUDA_CFLAGS) replaces the recurrence's launch bounds by a register cap: every
+    recurrence kernel then uses at most that many registers, and nothing else changes."""
+    cap = 208
+    archs = parse_arch_list("9.0a")
+    spec = KernelSpec("cuda", "sm90a", 128, "bf16", "fast")
+    cmd = [NVCC, "-std=c++17", "-O3", *gencode_flags(archs), *spec.defines(), f"-DFLASH_KDA_RECURRENCE_MAXNREG={cap}",
+           "-I", str(PACKAGE_CSRC), "-c", str(PACKAGE_CSRC / "cuda" / "kda_cuda.cu"),
+           "-o", str(tmp_path / "kda_cuda.o"), "-Xptxas", "-v"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
+    used = {}  # kernel name -> registers, from ptxas -v
+    name = None
+    for line in (res.stdout + res.stderr).splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name is not None:
+            used[name] = int(m.group(1))
+            name = None
+    recurrences = {k: v for k, v in used.items() if "kda_recurrence_kernel" in k}
+    assert len(recurrences) >= 3, used
+    assert all(v <= cap for v in recurrences.values()), recurrences
+    # the preparation keeps its launch bounds (512 threads, two blocks: 64 registers)
+    assert any("kda_prep_kernel" in k and v == 64 for k, v in used.items()), used

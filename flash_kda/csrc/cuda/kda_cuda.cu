@@ -78,8 +78,18 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_prep_kernel(co
 #endif
 }
 
+// FLASH_KDA_RECURRENCE_MAXNREG=<n> (a compile definition, e.g. through
+// FLASH_KDA_EXTRA_CUDA_CFLAGS="-DFLASH_KDA_RECURRENCE_MAXNREG=224", which is part of the cache key):
+// cap the recurrence's registers per thread at n instead of its launch bounds' 255, for sweeps of
+// the register budget (docs/performance.md v23). The two qualifiers cannot be combined.
+#if defined(FLASH_KDA_RECURRENCE_MAXNREG)
+#define FLASH_KDA_RECURRENCE_BOUNDS(L) __maxnreg__(FLASH_KDA_RECURRENCE_MAXNREG)
+#else
+#define FLASH_KDA_RECURRENCE_BOUNDS(L) __launch_bounds__(L::kThreads, L::kMinBlocks)
+#endif
+
 template <class L, bool kLockstep>
-__global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) kda_recurrence_kernel(const KdaParams p,
+__global__ void FLASH_KDA_RECURRENCE_BOUNDS(L) kda_recurrence_kernel(const KdaParams p,
                                                                                    const tc::Piece piece) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
