@@ -561,7 +561,7 @@ template <>
 struct Split<128> : TcChoice<RecurrenceVariant<128, 2>, RecurrenceVariant<64, 2>,
                              RecurrenceVariant<32, 2>> {};
 template <>
-struct Split<256> : TcChoice<RecurrenceVariant<64, 1>, RecurrenceVariant<32, 1>> {};
+struct Split<256> : TcChoice<RecurrenceVariant<64, 2>, RecurrenceVariant<32, 2>> {};
 
 // FLASH_KDA_CUDA_PREP_THREADS=256|512 picks the preparation layout (default 512: 7-9 % faster on
 // every bench shape at D = 128, docs/performance.md).
