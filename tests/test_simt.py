@@ -92,12 +92,13 @@ def seed() -> int:
 # Every layout kda_cuda.cu can launch: (head dim, FLASH_KDA_SIM_* settings). The split form's
 # recurrence runs its products as sm_90a does (wgmma where the layout allows: VS 64 and 128 at
 # D <= 128) and, with MMA=mma16, as the other archs do.
-def _split(D, vs, prep, mma="auto"):
-    return (D, {"FORM": "split", "VS": vs, "PREP_THREADS": prep, "MMA": mma})
+def _split(D, vs, prep, mma="auto", stages=2):
+    return (D, {"FORM": "split", "VS": vs, "PREP_THREADS": prep, "MMA": mma, "STAGES": stages})
 
 
 LAYOUTS = ([_split(64, 64, 256), _split(64, 32, 256), _split(128, 128, 512), _split(128, 64, 512),
             _split(128, 32, 512), _split(128, 128, 256), _split(256, 64, 512), _split(256, 32, 256),
+            _split(256, 64, 512, stages=1), _split(256, 32, 256, stages=1),
             _split(64, 64, 256, "mma16"), _split(128, 128, 512, "mma16"),
             _split(128, 64, 512, "mma16")]
            + [(D, {"FORM": "fused", "VS": vs}) for D, vs in [(64, 64), (64, 32), (128, 128), (128, 32),

@@ -68,9 +68,9 @@ void prep(const KdaParams& p, int64_t c_begin, int64_t c_end) {
   });
 }
 
-template <int VS, tc::RecurrenceMma kMma>
+template <int VS, tc::RecurrenceMma kMma, int kStages>
 void recurrence_with(const KdaParams& p, const tc::Piece& piece) {
-  using L = tc::RecurrenceLayout<D, VS, C, D == 256 ? 1 : 2, kMma>;  // stages as kda_cuda.cu's Split<D>
+  using L = tc::RecurrenceLayout<D, VS, C, kStages, kMma>;
   const float* scratch = static_cast<const float*>(p.workspace);
   simt::run_grid(slice_blocks<L>(p), L::kThreads, L::kSmemBytes, [&](int64_t blk, float* sm, int t) {
     // kLockstep where the GPU may take it: the emulator's cluster barrier does nothing (blocks run
@@ -79,15 +79,29 @@ void recurrence_with(const KdaParams& p, const tc::Piece& piece) {
   });
 }
 
+// The operand buffers of kda_cuda.cu's Split<D>: two, or at D = 256 one or two
+// (FLASH_KDA_SIM_STAGES, default 2).
+template <int VS, tc::RecurrenceMma kMma>
+void recurrence_staged(const KdaParams& p, const tc::Piece& piece) {
+  const int stages = env_int("FLASH_KDA_SIM_STAGES", 2);
+  if (stages == 2) {
+    recurrence_with<VS, kMma, 2>(p, piece);
+  } else if (stages == 1 && D == 256) {
+    recurrence_with<VS, kMma, D == 256 ? 1 : 2>(p, piece);
+  } else {
+    throw std::runtime_error("cuda_sim: FLASH_KDA_SIM_STAGES must be 2, or 1 at head dim 256");
+  }
+}
+
 // The products as the GPU's sm_90a pass runs them (wgmma where the layout allows) or, with
 // FLASH_KDA_SIM_MMA=mma16, as every other pass does.
 template <int VS>
 void recurrence(const KdaParams& p, const tc::Piece& piece) {
   const std::string mma = env_str("FLASH_KDA_SIM_MMA", "auto");
   if (mma == "mma16") {
-    recurrence_with<VS, tc::RecurrenceMma::kMma16>(p, piece);
+    recurrence_staged<VS, tc::RecurrenceMma::kMma16>(p, piece);
   } else if (mma == "auto") {
-    recurrence_with<VS, tc::RecurrenceMma::kAuto>(p, piece);
+    recurrence_staged<VS, tc::RecurrenceMma::kAuto>(p, piece);
   } else {
     throw std::runtime_error("cuda_sim: FLASH_KDA_SIM_MMA must be auto or mma16");
   }

@@ -12,6 +12,7 @@
 // is a uniform branch inside a body, so a specialisation compiles one kernel per block layout.
 #include <stdlib.h>
 
+#include <limits>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -420,10 +421,20 @@ struct RecurrenceVariant
   // wgmma runs where the build targets sm_90a, which the JIT does for a compute-capability-9.0
   // device (an explicit FLASH_KDA_CUDA_ARCH without the 'a' gets mma16 costed as wgmma: a
   // ranking error, not a correctness one). A model to rank layouts, not a prediction of time.
+  // One operand buffer (D = 256 only): a chunk's copies are not overlapped with the one before, 1.35x
+  // the chunk of two buffers where each block has a multiprocessor (D = 256, H100: recurrence 0.40 ->
+  // 0.29 ms at T=4096 H=32, 128 blocks; 0.37 -> 0.31 at T=4096 H=8). Two buffers at D = 256 take a
+  // multiprocessor's shared memory, and with more blocks than multiprocessors they lost 1-6 % to one
+  // buffer at two blocks per multiprocessor (256 to 1,024 blocks; docs/performance.md v24): not
+  // considered there.
   static double cost(const KdaParams& p, const port::DeviceInfo& dev) {
+    if (kHeadDim == 256 && kStages > 1 && Base::blocks(p) > dev.multiprocessors) {
+      return std::numeric_limits<double>::infinity();
+    }
     const auto load = Base::busiest(p, dev);
     const bool wgmma = L::kWgmmaShape && dev.major == 9;
-    const double chunk = wgmma ? 0.2 + 0.8 * VS / kHeadDim : 1.46 * (0.25 + 0.75 * VS / kHeadDim);
+    const double chunk = (wgmma ? 0.2 + 0.8 * VS / kHeadDim : 1.46 * (0.25 + 0.75 * VS / kHeadDim)) *
+                         (kStages == 1 ? 1.35 : 1.0);
     return static_cast<double>(load.waves) * (load.shared ? 1.6 : 1.0) * chunk;
   }
 
@@ -551,8 +562,9 @@ struct TcVariants<256> : TcChoice<TcVariant<64, 256>, TcVariant<32, 256>> {};
 // and the recurrence layouts (V slice, operand buffers: shared memory per block):
 //   D = 64:  preparation 51 KB; recurrence VS 64 or 32, two buffers (46 KB, 38 KB)
 //   D = 128: preparation 87 KB; recurrence VS 128, 64 or 32, two buffers (86 KB, 70 KB, 62 KB)
-//   D = 256: preparation 157 KB; recurrence VS 64 or 32, one buffer (60 KB, 56 KB)
-// (with fp16 records; two buffers at D = 256 would now fit, 119 KB and 111 KB: not yet measured)
+//   D = 256: preparation 157 KB; recurrence VS 64 or 32, one buffer (60 KB, 56 KB) or two (119 KB,
+//            111 KB: one block per multiprocessor; only where the blocks fit one per multiprocessor,
+//            RecurrenceVariant::cost)
 template <int D>
 struct Split;
 template <>
@@ -561,7 +573,8 @@ template <>
 struct Split<128> : TcChoice<RecurrenceVariant<128, 2>, RecurrenceVariant<64, 2>,
                              RecurrenceVariant<32, 2>> {};
 template <>
-struct Split<256> : TcChoice<RecurrenceVariant<64, 2>, RecurrenceVariant<32, 2>> {};
+struct Split<256> : TcChoice<RecurrenceVariant<64, 1>, RecurrenceVariant<32, 1>, RecurrenceVariant<64, 2>,
+                             RecurrenceVariant<32, 2>> {};
 
 // FLASH_KDA_CUDA_PREP_THREADS=256|512 picks the preparation layout (default 512: 7-9 % faster on
 // every bench shape at D = 128, docs/performance.md).
