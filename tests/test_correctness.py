@@ -449,6 +449,29 @@ torch.save(results, path)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not cuda_ok(), reason="no CUDA device on this machine (CPU-only CI)")
+@pytest.mark.parametrize("many", [False, True], ids=["blocks-fit", "more-blocks-than-SMs"])
+def test_d256_recurrence_operand_buffers(many):
+    """At D = 256 the recurrence runs with two operand buffers where its blocks fit one per
+    multiprocessor and with one where they do not (kda_cuda.cu, RecurrenceVariant::cost). Both paths
+    against the reference, fp32 states and weak decays so that the state crosses chunks, and the
+    layout the profiler names is the one the rule picks (its fourth template argument)."""
+    import re
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    hv = sms // 4 + 4 if many else 2  # V slices of 64: 4 blocks per head (8 of 32)
+    seed = fresh_seed()
+    p = make_problem(B=1, T=70, hqk=1, hv=hv, D=256, dtype=torch.bfloat16, device="cuda", state=True,
+                     seed=seed, weak_decay=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out, final = run_chunk(p)
+        torch.cuda.synchronize()
+    check(p, out, final, seed, what=f"D256 H{hv} ({'many' if many else 'few'} blocks)")
+    stages = {m.group(1) for e in prof.events()
+              for m in [re.search(r"RecurrenceLayout<256, \d+, 32, (\d)", e.name)] if m}
+    assert stages == ({"1"} if many else {"2"}), f"recurrence layouts run: {stages}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_ok(), reason="no CUDA device on this machine (CPU-only CI)")
 def test_pieces_match_one_piece_and_capture(tmp_path):
     """FLASH_KDA_CUDA_PIECES cuts a call into stretches (dense: of chunks; varlen: of record slots)
     whose recurrences run on a
