@@ -123,14 +123,17 @@ def test_layouts(D, layout, monkeypatch):
     check(p, out, final, what=f"D={D} {layout} (seed {s})")
 
 
-# (head dim, recurrence V slice, preparation threads, states): one split layout per head dim, plus
-# a narrow slice and the 256-thread preparation at D = 128; each with one kind of state (fp32 in and
-# out, bf16 in and out, none in).
-PIECE_CASES = [(64, 32, 256, "bf16"), (128, 128, 512, "fp32"), (128, 64, 256, "none"), (256, 64, 512, "fp32")]
+# (head dim, recurrence V slice, preparation threads, states, operand buffers): one split layout per
+# head dim, plus a narrow slice and the 256-thread preparation at D = 128, and D = 256 with each of
+# its buffer counts; each with one kind of state (fp32 in and out, bf16 in and out, none in).
+PIECE_CASES = [(64, 32, 256, "bf16", 2), (128, 128, 512, "fp32", 2), (128, 64, 256, "none", 2),
+               (256, 64, 512, "fp32", 2), (256, 64, 512, "fp32", 1)]
 
 
-@pytest.mark.parametrize("D,vs,prep,states", PIECE_CASES, ids=[f"D{d}-VS{v}-prep{t}-{st}" for d, v, t, st in PIECE_CASES])
-def test_pieces_match_one_piece(D, vs, prep, states, monkeypatch):
+@pytest.mark.parametrize("D,vs,prep,states,stages", PIECE_CASES,
+                         ids=[f"D{d}-VS{v}-prep{t}-{st}" + ("" if n == 2 else f"-stages{n}")
+                              for d, v, t, st, n in PIECE_CASES])
+def test_pieces_match_one_piece(D, vs, prep, states, stages, monkeypatch):
     """A dense call cut into stretches of chunks (FLASH_KDA_CUDA_PIECES on a GPU; here the pieces
     run one after the other): each stretch's preparation covers only its chunks, each recurrence
     starts from the state the previous one left in the carry (fp32). 150 tokens are 5 chunks:
@@ -139,7 +142,7 @@ def test_pieces_match_one_piece(D, vs, prep, states, monkeypatch):
     The arithmetic is the same as in one piece, so the outputs must be identical bit for bit, and
     within the tolerances of the float64 reference. The scratch starts as NaN
     (cuda_sim.cpp), so a stretch reading a record or carry its predecessors did not write fails."""
-    layout = {"FORM": "split", "VS": vs, "PREP_THREADS": prep}
+    layout = {"FORM": "split", "VS": vs, "PREP_THREADS": prep, "STAGES": stages}
     state_dtype = torch.bfloat16 if states == "bf16" else torch.float32
     s = seed()
     p = make_problem(B=2, T=150, hqk=1, hv=2, D=D, dtype=torch.bfloat16, state=states != "none",

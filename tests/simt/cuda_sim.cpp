@@ -8,6 +8,8 @@
 //                               64, 32; D = 256: 64, 32); fused: the block's V slice (D = 64: 64,
 //                               32; D = 128: 128, 32; D = 256: 64, 32). Default: the first.
 //   FLASH_KDA_SIM_PREP_THREADS  split: 512 (default) or 256 (D = 64 has only 256)
+//   FLASH_KDA_SIM_STAGES        split: the recurrence's operand buffers, 2 (default) or, at D = 256,
+//                               1 (kda_cuda.cu's Split<256> has both)
 //   FLASH_KDA_SIM_MMA           split: auto (default: wgmma where the recurrence layout allows it,
 //                               as on sm_90a) or mma16 (as on every other arch)
 //   FLASH_KDA_SIM_PORTABLE      portable: wide (default), narrow or compact

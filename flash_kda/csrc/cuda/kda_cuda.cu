@@ -423,10 +423,10 @@ struct RecurrenceVariant
   // ranking error, not a correctness one). A model to rank layouts, not a prediction of time.
   // One operand buffer (D = 256 only): a chunk's copies are not overlapped with the one before, 1.35x
   // the chunk of two buffers where each block has a multiprocessor (D = 256, H100: recurrence 0.40 ->
-  // 0.29 ms at T=4096 H=32, 128 blocks; 0.37 -> 0.31 at T=4096 H=8). Two buffers at D = 256 take a
-  // multiprocessor's shared memory, and with more blocks than multiprocessors they lost 1-6 % to one
-  // buffer at two blocks per multiprocessor (256 to 1,024 blocks; docs/performance.md v24): not
-  // considered there.
+  // 0.29 ms at T=4096 H=32, 128 blocks; 0.37 -> 0.31 at T=4096 H=8). With two buffers at D = 256 a
+  // multiprocessor holds one VS 64 block (119 KB) or two VS 32 ones (111 KB), and with more blocks
+  // than multiprocessors they lost 1-6 % to one buffer (256 to 1,024 blocks at VS 64;
+  // docs/performance.md v24): not considered there.
   static double cost(const KdaParams& p, const port::DeviceInfo& dev) {
     if (kHeadDim == 256 && kStages > 1 && Base::blocks(p) > dev.multiprocessors) {
       return std::numeric_limits<double>::infinity();
@@ -563,8 +563,7 @@ struct TcVariants<256> : TcChoice<TcVariant<64, 256>, TcVariant<32, 256>> {};
 //   D = 64:  preparation 51 KB; recurrence VS 64 or 32, two buffers (46 KB, 38 KB)
 //   D = 128: preparation 87 KB; recurrence VS 128, 64 or 32, two buffers (86 KB, 70 KB, 62 KB)
 //   D = 256: preparation 157 KB; recurrence VS 64 or 32, one buffer (60 KB, 56 KB) or two (119 KB,
-//            111 KB: one block per multiprocessor; only where the blocks fit one per multiprocessor,
-//            RecurrenceVariant::cost)
+//            111 KB; only where the blocks fit one per multiprocessor, RecurrenceVariant::cost)
 template <int D>
 struct Split;
 template <>
