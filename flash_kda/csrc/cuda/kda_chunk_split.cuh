@@ -881,9 +881,13 @@ FLASH_KDA_DEVICE void state_rows_io(const StateRef& ref, const portable::Task& t
 // k-blocks (B1, B2: core-matrix arrays at desc1 and desc2, 256 bytes per k-block), each in its own
 // commit group. Returns when d1 is done; d2's group may still run, so d2 and a must stay untouched
 // until a later wgmma_wait.
-template <int K, int N1, int N2>
+struct Nothing {
+  FLASH_KDA_DEVICE void operator()() const {}
+};
+// (`meanwhile()` runs once both are issued: work that touches neither d1, d2 nor a.)
+template <int K, int N1, int N2, class Meanwhile = Nothing>
 FLASH_KDA_DEVICE void wgmma_pair(float (&d1)[N1][4], float (&d2)[N2][4], uint32_t (&a)[K][4], uint64_t desc1,
-                                 uint64_t desc2) {
+                                 uint64_t desc2, Meanwhile&& meanwhile = Meanwhile{}) {
   wgmma_fence_operand(d1);
   wgmma_fence_operand(d2);
   wgmma_fence_operand(a);
@@ -894,13 +898,14 @@ FLASH_KDA_DEVICE void wgmma_pair(float (&d1)[N1][4], float (&d2)[N2][4], uint32_
 #pragma unroll
   for (int k = 0; k < K; ++k) wgmma_f16<8 * N2>(d2, a[k], wgmma_desc_at(desc2, 256 * k));
   wgmma_commit();
+  meanwhile();
   wgmma_wait<1>();
   wgmma_fence_operand(d1);
 }
 
 // One chunk for one warp: rows [row0, row0 + 16) of the block's slice, operands in stage `st`.
 // (With wgmma the four warps of a warpgroup run it together: every wgmma step is issued by all.)
-template <class L>
+template <class L, bool kDecayBeside = false>
 FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task& t, int64_t t0, int len,
                                        const float* st, int row0, Lane l, float (&s)[L::D / 8][4]) {
   constexpr bool kWgmma = L::kWgmmaShape && kArchHasWgmma;
@@ -927,10 +932,29 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   uint32_t a[KB][4];
 #pragma unroll
   for (int kb = 0; kb < KB; ++kb) pack_a(a[kb], s[2 * kb], s[2 * kb + 1], r0.s, r1.s);
+  // The state's decay, S diag(e^{γ_last}), needs nothing from this chunk's products. kDecayBeside
+  // (wgmma only): it runs while they do (the state's fp32 registers are not their operands), off
+  // the chain between X and the update. That pays where blocks share multiprocessors (the in-step
+  // kernel's case) and costs where a block has one to itself (docs/performance.md v24).
+  const float* eg = st + L::kEg + 2 * l.t;
+  auto decay = [&] {
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const float2 e2 = ld2(eg + nt * 8);
+      s[nt][0] *= e2.x;
+      s[nt][1] *= e2.y;
+      s[nt][2] *= e2.x;
+      s[nt][3] *= e2.y;
+    }
+  };
   if constexpr (kWgmma) {
     // X (on the state's critical path) and O (not) in separate groups: O's products run while
     // this warpgroup computes U from X.
-    wgmma_pair(x, o, a, wgmma_desc(W, 128, 16 * D), wgmma_desc(Q, 128, 16 * D));
+    if constexpr (kDecayBeside) {
+      wgmma_pair(x, o, a, wgmma_desc(W, 128, 16 * D), wgmma_desc(Q, 128, 16 * D), decay);
+    } else {
+      wgmma_pair(x, o, a, wgmma_desc(W, 128, 16 * D), wgmma_desc(Q, 128, 16 * D));
+    }
     // (X done; O may still run: o and a stay untouched until the wait below)
   } else {
 #pragma unroll
@@ -961,17 +985,26 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
 #pragma unroll
   for (int jb = 0; jb < JB; ++jb) pack_a(ua[jb], x[2 * jb], x[2 * jb + 1], u0.s, u1.s);
   // S <- S diag(e^{γ_last}) + Uᵀ Kl. The product carries U's row scale u_v and Klᵀ's scale k, so
-  // S is brought into those units first and back after: element (v, c) times e^{γ_last,c} u_v k,
-  // then the mma, then times 1 / (u_v k).
-  const float* eg = st + L::kEg + 2 * l.t;
+  // S (decayed above) is brought into those units first and back after: element (v, c) times u_v k
+  // (powers of two: exact), then the mma, then times 1 / (u_v k).
   const float uk0 = u0.s * sc[L::sKlScale], uk1 = u1.s * sc[L::sKlScale];
+  if constexpr (kWgmma && kDecayBeside) {
 #pragma unroll
-  for (int nt = 0; nt < D / 8; ++nt) {
-    const float2 e2 = ld2(eg + nt * 8);
-    s[nt][0] *= e2.x * uk0;
-    s[nt][1] *= e2.y * uk0;
-    s[nt][2] *= e2.x * uk1;
-    s[nt][3] *= e2.y * uk1;
+    for (int nt = 0; nt < D / 8; ++nt) {
+      s[nt][0] *= uk0;
+      s[nt][1] *= uk0;
+      s[nt][2] *= uk1;
+      s[nt][3] *= uk1;
+    }
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const float2 e2 = ld2(eg + nt * 8);
+      s[nt][0] *= e2.x * uk0;
+      s[nt][1] *= e2.y * uk0;
+      s[nt][2] *= e2.x * uk1;
+      s[nt][3] *= e2.y * uk1;
+    }
   }
   // The state update's product and O2ᵀ = Uᵀ A_qkᵀ (A_qk is zero above its diagonal: mma16 skips
   // those blocks, token tile it needs the k-blocks jb <= it / 2; wgmma multiplies the zeros).
@@ -1107,7 +1140,7 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
     port::block_sync();
     const int64_t t0 = c * L::C;
     const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
-    recurrence_chunk<L>(p, t, t0, len, sm + (L::kStages == 2 ? (c & 1) * L::kStage : 0), row0, l, s);
+    recurrence_chunk<L, kLockstep>(p, t, t0, len, sm + (L::kStages == 2 ? (c & 1) * L::kStage : 0), row0, l, s);
   }
   if (kLockstep && count > 0) cluster_wait();  // the last arrival's pair
   cp_async_wait<0>();
