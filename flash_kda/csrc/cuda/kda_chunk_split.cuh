@@ -29,6 +29,15 @@
 namespace flash_kda {
 namespace tc {
 
+// A fact the device compiler cannot see for itself, such as a thread index being non-negative (so
+// that a division of it by a power of two needs no signed fix-up: 10 % of the preparation's SASS,
+// docs/performance.md v25). nvcc's __builtin_assume; nothing for the host compiler (the emulator).
+#if defined(__CUDACC__)
+#define FLASH_KDA_ASSUME(x) __builtin_assume(x)
+#else
+#define FLASH_KDA_ASSUME(x) ((void)0)
+#endif
+
 // One chunk's operands for the recurrence (offsets in floats). The B operands of its fp16 products
 // come as scaled fp16 arrays in core-matrix order (core_offset below), two halves per float; U0
 // (which the recurrence subtracts from) and e^{γ_last} stay fp32; then each fp16 array's inverse
@@ -660,6 +669,7 @@ template <class L>
 FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* scratch, float* sm, uint32_t block,
                                  int tid) {
   using R = Record<L::D, L::C>;
+  FLASH_KDA_ASSUME(tid >= 0 && tid < L::kThreads);
   uint32_t index, hu;  // (block < 2^31: a grid's x index)
   g.by_hv.divmod(block, index, hu);
   const int h = static_cast<int>(hu);
