@@ -163,5 +163,7 @@ def test_recurrence_register_cap_compiles_and_holds(tmp_path):
     recurrences = {k: v for k, v in used.items() if "kda_recurrence_kernel" in k}
     assert len(recurrences) >= 3, used
     assert all(v <= cap for v in recurrences.values()), recurrences
-    # the preparation keeps its launch bounds (512 threads, two blocks: 64 registers)
-    assert any("kda_prep_kernel" in k and v == 64 for k, v in used.items()), used
+    # the preparation keeps its launch bounds (512 threads, two blocks: at most 64 registers; under
+    # the cap instead it would take ~100, as its 256-thread layout does)
+    wide_prep = {k: v for k, v in used.items() if "kda_prep_kernel" in k and "Li512E" in k}
+    assert len(wide_prep) == 1 and all(v <= 64 for v in wide_prep.values()), used
