@@ -127,13 +127,17 @@ void ensure_max_dynamic_smem(Kernel kernel, int bytes, int device, unsigned long
 }
 
 #if FLASH_KDA_HAS_TC
+// A switch that is on unless set to something atoi reads as 0 (unset or empty: on). The callers
+// below read theirs once per process.
+bool env_flag_on(const char* name) {
+  const char* s = getenv(name);
+  return s == nullptr || *s == '\0' || atoi(s) != 0;
+}
+
 // FLASH_KDA_CUDA_PDL=0 (read once per process): launch the one-piece recurrence as an ordinary
 // kernel instead of one that may overlap the preparation's tail (LaunchExtras::pdl). For A/B runs.
 bool pdl_enabled() {
-  static const bool on = [] {
-    const char* s = getenv("FLASH_KDA_CUDA_PDL");
-    return s == nullptr || *s == '\0' || atoi(s) != 0;
-  }();
+  static const bool on = env_flag_on("FLASH_KDA_CUDA_PDL");
   return on;
 }
 
@@ -141,10 +145,7 @@ bool pdl_enabled() {
 // recurrence at the end of its blocks even where RecurrenceVariant::releases_early would move it to
 // their start. For A/B runs.
 bool early_release_enabled() {
-  static const bool on = [] {
-    const char* s = getenv("FLASH_KDA_CUDA_EARLY_RELEASE");
-    return s == nullptr || *s == '\0' || atoi(s) != 0;
-  }();
+  static const bool on = env_flag_on("FLASH_KDA_CUDA_EARLY_RELEASE");
   return on;
 }
 
@@ -344,10 +345,7 @@ int threads_override() {
 // The two-kernel form (kda_chunk_split.cuh) is the default on sm_80+; FLASH_KDA_CUDA_SPLIT=0 (any
 // value atoi reads as 0) selects the fused body, which needs no workspace. Unset or empty: default.
 bool split_enabled() {
-  static const bool on = [] {
-    const char* s = getenv("FLASH_KDA_CUDA_SPLIT");
-    return s == nullptr || *s == '\0' || atoi(s) != 0;
-  }();
+  static const bool on = env_flag_on("FLASH_KDA_CUDA_SPLIT");
   return on;
 }
 
