@@ -108,6 +108,7 @@ struct Block {
     uint64_t desc;
     float* d;  // the issuing thread's accumulators, written when the op completes
     int n;
+    bool accumulate;  // false: D = A B (wgmma's scale-d = 0), D's old values ignored
   };
   std::vector<std::vector<WgmmaOp>> wgmma_pending;  // per thread, oldest first
   std::vector<std::vector<int>> wgmma_groups;       // per thread: committed group sizes, oldest first
@@ -471,7 +472,7 @@ inline void fence_proxy_async() {
   b->copies[simt::tid()].unfenced.clear();
 }
 
-template <int N>
+template <int N, bool kAccumulate = true>
 inline void wgmma_f16(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc) {
   static_assert(N % 8 == 0 && N >= 8 && N <= 256, "m64nNk16");
   if ((desc >> 49) != 0) throw std::runtime_error("simt: wgmma swizzle / base offset not modelled");
@@ -497,6 +498,7 @@ inline void wgmma_f16(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t des
   op.desc = desc;
   op.d = &d[0][0];
   op.n = N;
+  op.accumulate = kAccumulate;
   simt::block()->wgmma_pending[simt::tid()].push_back(op);
 }
 inline void wgmma_commit() {
@@ -553,7 +555,7 @@ inline void wgmma_wait() {
     for (int j = 0; j < op.n / 8; ++j)
       for (int e = 0; e < 4; ++e) {
         const int row = 16 * w + g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * tq + (e & 1);
-        float acc = op.d[4 * j + e];
+        float acc = op.accumulate ? op.d[4 * j + e] : 0.0f;
         for (int k = 0; k < 16; ++k) acc = fmaf(a_at(row, k), wgmma_b(op.desc, k, col), acc);
         op.d[4 * j + e] = acc;
       }

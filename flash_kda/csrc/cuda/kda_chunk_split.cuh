@@ -889,24 +889,27 @@ FLASH_KDA_DEVICE void state_rows_io(const StateRef& ref, const portable::Task& t
 
 // Two products of one warpgroup with the same A fragments, d1 += A B1 and d2 += A B2 over K
 // k-blocks (B1, B2: core-matrix arrays at desc1 and desc2, 256 bytes per k-block), each in its own
-// commit group. Returns when d1 is done; d2's group may still run, so d2 and a must stay untouched
-// until a later wgmma_wait.
+// commit group; kNew1 / kNew2: d1 = A B1 / d2 = A B2 instead, the accumulators' old values ignored
+// (they need not be zeroed first). Returns when d1 is done; d2's group may still run, so d2 and a
+// must stay untouched until a later wgmma_wait.
 struct Nothing {
   FLASH_KDA_DEVICE void operator()() const {}
 };
 // (`meanwhile()` runs once both are issued: work that touches neither d1, d2 nor a.)
-template <int K, int N1, int N2, class Meanwhile = Nothing>
+template <bool kNew1, bool kNew2, int K, int N1, int N2, class Meanwhile = Nothing>
 FLASH_KDA_DEVICE void wgmma_pair(float (&d1)[N1][4], float (&d2)[N2][4], uint32_t (&a)[K][4], uint64_t desc1,
                                  uint64_t desc2, Meanwhile&& meanwhile = Meanwhile{}) {
-  wgmma_fence_operand(d1);
-  wgmma_fence_operand(d2);
+  if constexpr (!kNew1) wgmma_fence_operand(d1);
+  if constexpr (!kNew2) wgmma_fence_operand(d2);
   wgmma_fence_operand(a);
   wgmma_fence();
+  wgmma_f16<8 * N1, !kNew1>(d1, a[0], desc1);
 #pragma unroll
-  for (int k = 0; k < K; ++k) wgmma_f16<8 * N1>(d1, a[k], wgmma_desc_at(desc1, 256 * k));
+  for (int k = 1; k < K; ++k) wgmma_f16<8 * N1>(d1, a[k], wgmma_desc_at(desc1, 256 * k));
   wgmma_commit();
+  wgmma_f16<8 * N2, !kNew2>(d2, a[0], desc2);
 #pragma unroll
-  for (int k = 0; k < K; ++k) wgmma_f16<8 * N2>(d2, a[k], wgmma_desc_at(desc2, 256 * k));
+  for (int k = 1; k < K; ++k) wgmma_f16<8 * N2>(d2, a[k], wgmma_desc_at(desc2, 256 * k));
   wgmma_commit();
   meanwhile();
   wgmma_wait<1>();
@@ -930,11 +933,13 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   const __half* Kl = h + 2 * L::kKl;
   const float* sc = st + L::kSc;
   const int lane_at = l.g * 8 + 2 * l.t;  // core_offset of lane (g, t)'s B fragment in a block
-  float x[NT][4], o[NT][4];  // Xᵀ -> Uᵀ, Oᵀ: [16 rows, C tokens]
+  float x[NT][4], o[NT][4];  // Xᵀ -> Uᵀ, Oᵀ: [16 rows, C tokens] (wgmma's first k-block sets them)
+  if constexpr (!kWgmma) {
 #pragma unroll
-  for (int it = 0; it < NT; ++it) {
-    zero(x[it]);
-    zero(o[it]);
+    for (int it = 0; it < NT; ++it) {
+      zero(x[it]);
+      zero(o[it]);
+    }
   }
   // Xᵀ = S Wᵀ, Oᵀ = S (Q e^γ)ᵀ, with the state rows scaled into fp16 as A operands.
   Pow2 r0, r1;
@@ -961,9 +966,9 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
     // X (on the state's critical path) and O (not) in separate groups: O's products run while
     // this warpgroup computes U from X.
     if constexpr (kDecayBeside) {
-      wgmma_pair(x, o, a, wgmma_desc(W, 128, 16 * D), wgmma_desc(Q, 128, 16 * D), decay);
+      wgmma_pair<true, true>(x, o, a, wgmma_desc(W, 128, 16 * D), wgmma_desc(Q, 128, 16 * D), decay);
     } else {
-      wgmma_pair(x, o, a, wgmma_desc(W, 128, 16 * D), wgmma_desc(Q, 128, 16 * D));
+      wgmma_pair<true, true>(x, o, a, wgmma_desc(W, 128, 16 * D), wgmma_desc(Q, 128, 16 * D));
     }
     // (X done; O may still run: o and a stay untouched until the wait below)
   } else {
@@ -1019,10 +1024,12 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   // The state update's product and O2ᵀ = Uᵀ A_qkᵀ (A_qk is zero above its diagonal: mma16 skips
   // those blocks, token tile it needs the k-blocks jb <= it / 2; wgmma multiplies the zeros).
   float o2[NT][4];
+  if constexpr (!kWgmma) {
 #pragma unroll
-  for (int it = 0; it < NT; ++it) zero(o2[it]);
+    for (int it = 0; it < NT; ++it) zero(o2[it]);
+  }
   if constexpr (kWgmma) {
-    wgmma_pair(s, o2, ua, wgmma_desc(Kl, 128, 16 * C), wgmma_desc(A, 128, 16 * C));
+    wgmma_pair<false, true>(s, o2, ua, wgmma_desc(Kl, 128, 16 * C), wgmma_desc(A, 128, 16 * C));
     wgmma_fence_operand(o);  // O's group, older, has retired too (groups retire in order)
   } else {
 #pragma unroll

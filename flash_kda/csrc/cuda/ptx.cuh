@@ -222,20 +222,23 @@ FLASH_KDA_DEVICE void fence_proxy_async() {
 }
 
 // D (64 x N) += A (64 x 16, registers) B (16 x N, shared memory at desc); N = 32, 64 or 128.
+// kAccumulate = false: D = A B, D's old values neither read nor needed (wgmma's scale-d = 0), so
+// a product's first k-block needs no zeroed accumulators (48 register moves a chunk in the
+// recurrence, docs/performance.md v26).
 // The N / 2 accumulators are the asm's first operands (%0 ..), then A (4 registers) and desc:
 // FLASH_KDA_WGMMA_ARGS lists them, 16 accumulators (four n-tiles) per FLASH_KDA_WGMMA_D16.
-template <int N>
+template <int N, bool kAccumulate = true>
 FLASH_KDA_DEVICE void wgmma_f16(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc);
-#define FLASH_KDA_WGMMA_D4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
-#define FLASH_KDA_WGMMA_D16(j) \
-  FLASH_KDA_WGMMA_D4(j), FLASH_KDA_WGMMA_D4(j + 1), FLASH_KDA_WGMMA_D4(j + 2), FLASH_KDA_WGMMA_D4(j + 3)
+#define FLASH_KDA_WGMMA_D4(c, j) c(d[j][0]), c(d[j][1]), c(d[j][2]), c(d[j][3])
+#define FLASH_KDA_WGMMA_D16(c, j) \
+  FLASH_KDA_WGMMA_D4(c, j), FLASH_KDA_WGMMA_D4(c, j + 1), FLASH_KDA_WGMMA_D4(c, j + 2), FLASH_KDA_WGMMA_D4(c, j + 3)
 #define FLASH_KDA_WGMMA_IN : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
 #if FLASH_KDA_HAS_WGMMA
-#define FLASH_KDA_WGMMA(shape, regs, tail, ...) \
-  asm volatile("wgmma.mma_async.sync.aligned." shape ".f32.f16.f16 " regs ", " tail ", 1, 1, 1, 0;" \
+#define FLASH_KDA_WGMMA(shape, scale_d, regs, tail, ...) \
+  asm volatile("wgmma.mma_async.sync.aligned." shape ".f32.f16.f16 " regs ", " tail ", " scale_d ", 1, 1, 0;" \
                : __VA_ARGS__ FLASH_KDA_WGMMA_IN)
 #else
-#define FLASH_KDA_WGMMA(shape, regs, tail, ...) __trap()
+#define FLASH_KDA_WGMMA(shape, scale_d, regs, tail, ...) __trap()
 #endif
 #define FLASH_KDA_WGMMA_R16 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
 #define FLASH_KDA_WGMMA_R32 \
@@ -243,20 +246,47 @@ FLASH_KDA_DEVICE void wgmma_f16(float (&d)[N / 8][4], const uint32_t (&a)[4], ui
 #define FLASH_KDA_WGMMA_R64                                                                         \
   FLASH_KDA_WGMMA_R32 ",%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47"          \
                       ",%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
+#define FLASH_KDA_ACC(x) "+f"(x)
+#define FLASH_KDA_NEW(x) "=f"(x)
+// (one body per N and mode: the constraint, +f or =f, and the scale-d literal go together)
+#define FLASH_KDA_WGMMA_N32(c, sd) \
+  FLASH_KDA_WGMMA("m64n32k16", sd, "{" FLASH_KDA_WGMMA_R16 "}", "{%16,%17,%18,%19}, %20", FLASH_KDA_WGMMA_D16(c, 0))
+#define FLASH_KDA_WGMMA_N64(c, sd)                                                                 \
+  FLASH_KDA_WGMMA("m64n64k16", sd, "{" FLASH_KDA_WGMMA_R32 "}", "{%32,%33,%34,%35}, %36", FLASH_KDA_WGMMA_D16(c, 0), \
+                  FLASH_KDA_WGMMA_D16(c, 4))
+#define FLASH_KDA_WGMMA_N128(c, sd)                                                                 \
+  FLASH_KDA_WGMMA("m64n128k16", sd, "{" FLASH_KDA_WGMMA_R64 "}", "{%64,%65,%66,%67}, %68",          \
+                  FLASH_KDA_WGMMA_D16(c, 0), FLASH_KDA_WGMMA_D16(c, 4), FLASH_KDA_WGMMA_D16(c, 8), \
+                  FLASH_KDA_WGMMA_D16(c, 12))
 template <>
-FLASH_KDA_DEVICE void wgmma_f16<32>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
-  FLASH_KDA_WGMMA("m64n32k16", "{" FLASH_KDA_WGMMA_R16 "}", "{%16,%17,%18,%19}, %20", FLASH_KDA_WGMMA_D16(0));
+FLASH_KDA_DEVICE void wgmma_f16<32, true>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
+  FLASH_KDA_WGMMA_N32(FLASH_KDA_ACC, "1");
 }
 template <>
-FLASH_KDA_DEVICE void wgmma_f16<64>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
-  FLASH_KDA_WGMMA("m64n64k16", "{" FLASH_KDA_WGMMA_R32 "}", "{%32,%33,%34,%35}, %36", FLASH_KDA_WGMMA_D16(0),
-                  FLASH_KDA_WGMMA_D16(4));
+FLASH_KDA_DEVICE void wgmma_f16<32, false>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
+  FLASH_KDA_WGMMA_N32(FLASH_KDA_NEW, "0");
 }
 template <>
-FLASH_KDA_DEVICE void wgmma_f16<128>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc) {
-  FLASH_KDA_WGMMA("m64n128k16", "{" FLASH_KDA_WGMMA_R64 "}", "{%64,%65,%66,%67}, %68", FLASH_KDA_WGMMA_D16(0),
-                  FLASH_KDA_WGMMA_D16(4), FLASH_KDA_WGMMA_D16(8), FLASH_KDA_WGMMA_D16(12));
+FLASH_KDA_DEVICE void wgmma_f16<64, true>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+  FLASH_KDA_WGMMA_N64(FLASH_KDA_ACC, "1");
 }
+template <>
+FLASH_KDA_DEVICE void wgmma_f16<64, false>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+  FLASH_KDA_WGMMA_N64(FLASH_KDA_NEW, "0");
+}
+template <>
+FLASH_KDA_DEVICE void wgmma_f16<128, true>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc) {
+  FLASH_KDA_WGMMA_N128(FLASH_KDA_ACC, "1");
+}
+template <>
+FLASH_KDA_DEVICE void wgmma_f16<128, false>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc) {
+  FLASH_KDA_WGMMA_N128(FLASH_KDA_NEW, "0");
+}
+#undef FLASH_KDA_WGMMA_N32
+#undef FLASH_KDA_WGMMA_N64
+#undef FLASH_KDA_WGMMA_N128
+#undef FLASH_KDA_ACC
+#undef FLASH_KDA_NEW
 #undef FLASH_KDA_WGMMA
 #undef FLASH_KDA_WGMMA_IN
 #undef FLASH_KDA_WGMMA_D16
