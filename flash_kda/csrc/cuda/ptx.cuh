@@ -248,7 +248,7 @@ FLASH_KDA_DEVICE void wgmma_f16(float (&d)[N / 8][4], const uint32_t (&a)[4], ui
                       ",%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
 #define FLASH_KDA_ACC(x) "+f"(x)
 #define FLASH_KDA_NEW(x) "=f"(x)
-// (one body per N and mode: the constraint, +f or =f, and the scale-d literal go together)
+// (per N, the accumulators as +f with scale-d 1, or as =f with scale-d 0)
 #define FLASH_KDA_WGMMA_N32(c, sd) \
   FLASH_KDA_WGMMA("m64n32k16", sd, "{" FLASH_KDA_WGMMA_R16 "}", "{%16,%17,%18,%19}, %20", FLASH_KDA_WGMMA_D16(c, 0))
 #define FLASH_KDA_WGMMA_N64(c, sd)                                                                 \
@@ -258,29 +258,22 @@ FLASH_KDA_DEVICE void wgmma_f16(float (&d)[N / 8][4], const uint32_t (&a)[4], ui
   FLASH_KDA_WGMMA("m64n128k16", sd, "{" FLASH_KDA_WGMMA_R64 "}", "{%64,%65,%66,%67}, %68",          \
                   FLASH_KDA_WGMMA_D16(c, 0), FLASH_KDA_WGMMA_D16(c, 4), FLASH_KDA_WGMMA_D16(c, 8), \
                   FLASH_KDA_WGMMA_D16(c, 12))
-template <>
-FLASH_KDA_DEVICE void wgmma_f16<32, true>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
-  FLASH_KDA_WGMMA_N32(FLASH_KDA_ACC, "1");
-}
-template <>
-FLASH_KDA_DEVICE void wgmma_f16<32, false>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
-  FLASH_KDA_WGMMA_N32(FLASH_KDA_NEW, "0");
-}
-template <>
-FLASH_KDA_DEVICE void wgmma_f16<64, true>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
-  FLASH_KDA_WGMMA_N64(FLASH_KDA_ACC, "1");
-}
-template <>
-FLASH_KDA_DEVICE void wgmma_f16<64, false>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
-  FLASH_KDA_WGMMA_N64(FLASH_KDA_NEW, "0");
-}
-template <>
-FLASH_KDA_DEVICE void wgmma_f16<128, true>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc) {
-  FLASH_KDA_WGMMA_N128(FLASH_KDA_ACC, "1");
-}
-template <>
-FLASH_KDA_DEVICE void wgmma_f16<128, false>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc) {
-  FLASH_KDA_WGMMA_N128(FLASH_KDA_NEW, "0");
+template <int N, bool kAccumulate>
+FLASH_KDA_DEVICE void wgmma_f16(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc) {
+  static_assert(N == 32 || N == 64 || N == 128, "m64nNk16 with N = 32, 64 or 128");
+  if constexpr (N == 32 && kAccumulate) {
+    FLASH_KDA_WGMMA_N32(FLASH_KDA_ACC, "1");
+  } else if constexpr (N == 32) {
+    FLASH_KDA_WGMMA_N32(FLASH_KDA_NEW, "0");
+  } else if constexpr (N == 64 && kAccumulate) {
+    FLASH_KDA_WGMMA_N64(FLASH_KDA_ACC, "1");
+  } else if constexpr (N == 64) {
+    FLASH_KDA_WGMMA_N64(FLASH_KDA_NEW, "0");
+  } else if constexpr (kAccumulate) {
+    FLASH_KDA_WGMMA_N128(FLASH_KDA_ACC, "1");
+  } else {
+    FLASH_KDA_WGMMA_N128(FLASH_KDA_NEW, "0");
+  }
 }
 #undef FLASH_KDA_WGMMA_N32
 #undef FLASH_KDA_WGMMA_N64
