@@ -934,13 +934,6 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   const float* sc = st + L::kSc;
   const int lane_at = l.g * 8 + 2 * l.t;  // core_offset of lane (g, t)'s B fragment in a block
   float x[NT][4], o[NT][4];  // Xᵀ -> Uᵀ, Oᵀ: [16 rows, C tokens] (wgmma's first k-block sets them)
-  if constexpr (!kWgmma) {
-#pragma unroll
-    for (int it = 0; it < NT; ++it) {
-      zero(x[it]);
-      zero(o[it]);
-    }
-  }
   // Xᵀ = S Wᵀ, Oᵀ = S (Q e^γ)ᵀ, with the state rows scaled into fp16 as A operands.
   Pow2 r0, r1;
   row_scales<D / 8>(s, r0, r1);
@@ -972,6 +965,11 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
     }
     // (X done; O may still run: o and a stay untouched until the wait below)
   } else {
+#pragma unroll
+    for (int it = 0; it < NT; ++it) {
+      zero(x[it]);
+      zero(o[it]);
+    }
 #pragma unroll
     for (int kb = 0; kb < KB; ++kb)
 #pragma unroll
@@ -1023,15 +1021,13 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   }
   // The state update's product and O2ᵀ = Uᵀ A_qkᵀ (A_qk is zero above its diagonal: mma16 skips
   // those blocks, token tile it needs the k-blocks jb <= it / 2; wgmma multiplies the zeros).
-  float o2[NT][4];
-  if constexpr (!kWgmma) {
-#pragma unroll
-    for (int it = 0; it < NT; ++it) zero(o2[it]);
-  }
+  float o2[NT][4];  // (wgmma's first k-block sets it)
   if constexpr (kWgmma) {
     wgmma_pair<false, true>(s, o2, ua, wgmma_desc(Kl, 128, 16 * C), wgmma_desc(A, 128, 16 * C));
     wgmma_fence_operand(o);  // O's group, older, has retired too (groups retire in order)
   } else {
+#pragma unroll
+    for (int it = 0; it < NT; ++it) zero(o2[it]);
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt)
 #pragma unroll
