@@ -682,6 +682,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
   t.v0 = 0;
   const int64_t t0 = chunk * L::C;
   const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
+  FLASH_KDA_ASSUME(len >= 1 && len <= L::C && t0 >= 0 && t.h >= 0 && t.hk >= 0);  // (a used slot)
   const int warp = tid / 32;
   const Lane l{(tid % 32) / 4, tid % 4};
 
