@@ -434,16 +434,9 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   }
   if (tid < L::C) sm[L::kBeta + tid] = tid < len ? fast_sigmoid(float_from_bits(b_bits, p.beta_fp32)) : 0.0f;
 
-  // sigmoid(e^{A_log} x) = 1 / (1 + 2^(x · neg_a2)): one product per element where fast_sigmoid's
-  // form takes two
-  const float neg_a2 = gate ? -port::exp(a_log) * portable::kLog2e : 0.0f;
+  const float exp_a = gate ? port::exp(a_log) : 0.0f;
   const float lb2 = p.lower_bound * portable::kLog2e;
   constexpr float kMin2 = portable::kMinLogDecay;  // log2 units; only needs to stay finite
-  // With the gate, lb2 · s for s in [0, 1] (or NaN) lies in [lb2, 0] (or is NaN), so the clamp to kMin2
-  // changes nothing unless lb2 is near or below kMin2 (a lower bound below about -3e29, whose lb2 may
-  // even be -inf): uniform, and false for any lower bound a model uses. (Half of kMin2 leaves room
-  // for the approximate reciprocal's s slightly above 1.)
-  const bool clamp = !gate || lb2 < 0.5f * kMin2;
 #pragma unroll
   for (int r = 0; r < kPass; ++r) {
     const int i = row0 + r * kRowsPerPass, c = rl.group * 8;
@@ -469,15 +462,13 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
     // elements' exp2 / reciprocal chains)
     if (gate) {  // uniform
 #pragma unroll
-      for (int e = 0; e < 8; ++e) gx[r][e] = lb2 * __fdividef(1.0f, 1.0f + fast_exp2((gx[r][e] + dtb[r][e]) * neg_a2));
+      for (int e = 0; e < 8; ++e) gx[r][e] = lb2 * fast_sigmoid(exp_a * (gx[r][e] + dtb[r][e]));
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) gx[r][e] *= portable::kLog2e;
     }
-    if (clamp) {  // uniform
 #pragma unroll
-      for (int e = 0; e < 8; ++e) gx[r][e] = gx[r][e] < kMin2 ? kMin2 : gx[r][e];  // NaN passes
-    }
+    for (int e = 0; e < 8; ++e) gx[r][e] = gx[r][e] < kMin2 ? kMin2 : gx[r][e];  // NaN passes
     if (short_chunk) {
       zero_past_end(i >= len, qx[r]);
       zero_past_end(i >= len, kx[r]);
