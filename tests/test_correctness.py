@@ -449,6 +449,35 @@ torch.save(results, path)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not cuda_ok(), reason="no CUDA device on this machine (CPU-only CI)")
+def test_offsets_past_int32():
+    """The preparation forms its loads' element offsets in 32 bits when every input's offsets lie
+    below 2^31 (tc::offsets_fit_int32) and in 64 bits otherwise. Here q's second sequence starts
+    2^31 + 256 elements into its storage (a 4.3 GB bf16 buffer), so the call takes the 64-bit form;
+    it must give the reference's results and, bit for bit, what the same values in a contiguous q
+    give through the 32-bit form."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 6 * 2**30:
+        pytest.skip(f"{free / 2**30:.1f} GiB free on the GPU; the case needs about 5")
+    seed = fresh_seed()
+    p = make_problem(B=2, T=70, hqk=2, hv=4, D=128, dtype=torch.bfloat16, device="cuda", state=True, seed=seed,
+                     weak_decay=True)
+    q = p["q"]
+    seq_stride = 2**31 + 256  # a multiple of 8 elements: 16-byte loads stay possible
+    one_seq = q[0].numel()
+    storage = torch.empty(seq_stride + one_seq, dtype=q.dtype, device="cuda")
+    far = storage.as_strided(q.shape, (seq_stride,) + q.stride()[1:])
+    far.copy_(q)
+    assert far.stride(0) * (q.shape[0] - 1) >= 2**31 and torch.equal(far, q)
+    out_far, final_far = run_chunk(dict(p, q=far))
+    del far, storage
+    out, final = run_chunk(p)
+    check(p, out_far, final_far, seed, what="q past 2^31 elements")
+    assert torch.equal(out_far, out), f"output differs from the contiguous q's (seed {seed})"
+    assert torch.equal(final_far, final), f"final state differs from the contiguous q's (seed {seed})"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_ok(), reason="no CUDA device on this machine (CPU-only CI)")
 @pytest.mark.parametrize("many", [False, True], ids=["blocks-fit", "more-blocks-than-SMs"])
 def test_d256_recurrence_operand_buffers(many):
     """At D = 256 the recurrence runs with two operand buffers where its blocks fit one per

@@ -373,6 +373,26 @@ def test_load_paths_and_decay_fallback(form, case, monkeypatch):
     check(p, out, final, what=f"{form}, {case} (seed {s})")
 
 
+@pytest.mark.parametrize("case", ["dense", "varlen"])
+def test_int64_offsets_match_int32(case, monkeypatch):
+    """The preparation forms its loads' element offsets in 32 bits where every input's offsets lie
+    below 2^31 (tc::offsets_fit_int32), in 64 bits otherwise. A GPU takes the 64-bit form only for
+    tensors past 2^31 elements, which the emulator cannot hold (test_correctness's
+    test_offsets_past_int32 runs it on a GPU), so FLASH_KDA_SIM_OFFSETS=int64 forces it here: on the
+    same inputs the two forms must agree bit for bit (same arithmetic, other addresses), and match
+    the reference. Grouped heads, a partial chunk, fp32 states."""
+    s = seed()
+    shape = dict(B=2, T=70) if case == "dense" else dict(seqlens=[45, 1, 64])
+    p = make_problem(**shape, hqk=1, hv=2, D=128, dtype=torch.bfloat16, state=True, seed=s, weak_decay=True)
+    results = {}
+    for offsets in ("auto", "int64"):
+        results[offsets] = run(p, D=128, dtype=torch.bfloat16, layout={"FORM": "split", "VS": 64, "OFFSETS": offsets},
+                               monkeypatch=monkeypatch)
+    check(p, *results["auto"], what=f"{case}, 32-bit offsets (seed {s})")
+    for a, b, name in zip(results["auto"], results["int64"], ("output", "final state")):
+        assert torch.equal(a, b), f"{case}: {name} differs between 32- and 64-bit offsets (seed {s})"
+
+
 def test_nan_stays_in_its_row_and_sequence(monkeypatch):
     """A NaN in one value of one token of the second sequence: the first sequence stays finite;
     from that token on, the affected value row is NaN (as in the reference)."""

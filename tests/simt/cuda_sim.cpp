@@ -21,6 +21,9 @@
 //                               carried state, not concurrency.
 //   FLASH_KDA_SIM_TRACE         split: 1 prints the schedule (one line per kernel) to stderr
 //   FLASH_KDA_SIM_PIECE_ORDER   split with pieces: enqueued (default) or preps-first (see split())
+//   FLASH_KDA_SIM_OFFSETS       split: auto (default: the preparation's loads form 32-bit offsets
+//                               where tc::offsets_fit_int32 allows, as on a GPU) or int64 (the
+//                               64-bit form, which a GPU takes only for tensors past 2^31 elements)
 // The split form's scratch (records and carry) is filled with NaN before the first kernel, so a
 // record or carry state read before it is written shows in the output.
 #include "simt.h"
@@ -64,7 +67,13 @@ int64_t pieces_of(const KdaParams& p) { return tc::split_pieces(p, C, env_int("F
 template <class L>
 void prep(const KdaParams& p, int64_t c_begin, int64_t c_end) {
   float* scratch = static_cast<float*>(p.workspace);
-  const tc::PrepGrid g = tc::make_prep_grid<L>(p, c_begin, c_end);
+  tc::PrepGrid g = tc::make_prep_grid<L>(p, c_begin, c_end);
+  const std::string offsets = env_str("FLASH_KDA_SIM_OFFSETS", "auto");
+  if (offsets == "int64") {
+    g.vec.off32 = false;
+  } else if (offsets != "auto") {
+    throw std::runtime_error("cuda_sim: FLASH_KDA_SIM_OFFSETS must be auto or int64");
+  }
   simt::run_grid(tc::prep_blocks(p, C, c_begin, c_end), L::kThreads, L::kSmemBytes, [&](int64_t blk, float* sm, int t) {
     tc::prep_block<L>(p, g, scratch, sm, static_cast<uint32_t>(blk), t);
   });

@@ -919,9 +919,12 @@ FLASH_KDA_DEVICE void wgmma_pair(float (&d1)[N1][4], float (&d2)[N2][4], uint32_
 
 // One chunk for one warp: rows [row0, row0 + 16) of the block's slice, operands in stage `st`.
 // (With wgmma the four warps of a warpgroup run it together: every wgmma step is issued by all.)
+// `out` is the output element of the chunk's first token in this lane's first state row (the lane
+// writes rows l.g and l.g + 8 of its 16, tokens 2 l.t, 2 l.t + 1 of each 8); tokens follow every
+// `ostride` elements.
 template <class L, bool kDecayBeside = false>
-FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task& t, int64_t t0, int len,
-                                       const float* st, int row0, Lane l, float (&s)[L::D / 8][4]) {
+FLASH_KDA_DEVICE void recurrence_chunk(port::input_t* out, int64_t ostride, int len, const float* st, int row0,
+                                       Lane l, float (&s)[L::D / 8][4]) {
   constexpr bool kWgmma = L::kWgmmaShape && kArchHasWgmma;
   constexpr int C = L::C, D = L::D;
   constexpr int NT = C / 8;   // token tiles (n = 8)
@@ -1053,20 +1056,20 @@ FLASH_KDA_DEVICE void recurrence_chunk(const KdaParams& p, const portable::Task&
   }
   // O = O + O2, each unscaled (O: the state's rows and Q e^γ's scale; O2: U's rows and A_qk's
   // scale), stored.
-  port::input_t* out = static_cast<port::input_t*>(p.out);
   const float oq0 = r0.inv * sc[L::sQ], oq1 = r1.inv * sc[L::sQ];
   const float oa0 = u0.inv * sc[L::sA], oa1 = u1.inv * sc[L::sA];
+  // Token i's element by pointer steps (8 tokens per tile, one to the odd token), not by
+  // token_offset's 64-bit products per element (~80 of the chunk loop's ~990 instructions).
+  port::input_t* even = out + 2 * l.t * ostride;
+  const int64_t tile_step = 8 * ostride;
 #pragma unroll
-  for (int it = 0; it < NT; ++it) {
+  for (int it = 0; it < NT; ++it, even += tile_step) {
     const int i = it * 8 + 2 * l.t;
+    port::input_t* odd = even + ostride;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const float y = fmaf(o[it][e], e >= 2 ? oq1 : oq0, o2[it][e] * (e >= 2 ? oa1 : oa0));
-      if (i + (e & 1) < len) {
-        const int v = t.v0 + row0 + l.g + (e >= 2 ? 8 : 0);
-        out[token_offset(p.out_strides, t.r, t0 + i + (e & 1), t.h) + v] =
-            port::from_float<port::input_t>(y);
-      }
+      if (i + (e & 1) < len) ((e & 1) ? odd : even)[e >= 2 ? 8 : 0] = port::from_float<port::input_t>(y);
     }
   }
 }
@@ -1128,6 +1131,9 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
   t.r.len -= c_begin * L::C;
   const int64_t count = c_end - c_begin;
   int64_t next = 0;  // offset of chunk c + 1's record from rec0 (a step per chunk, no multiply)
+  // The output of chunk c's first token in this lane's first row, a step per chunk
+  const int64_t ostride = p.out_strides.token;
+  port::input_t* out_c = static_cast<port::input_t*>(p.out) + token_offset(p.out_strides, t.r, 0, t.h) + t.v0 + row0 + l.g;
   for (int64_t c = 0; c < count; ++c) {
     next += rec_step;
     // kLockstep: the blocks of a cluster (the head's V slices, kda_cuda.cu, RecurrenceVariant) stay
@@ -1154,7 +1160,8 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
     port::block_sync();
     const int64_t t0 = c * L::C;
     const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
-    recurrence_chunk<L, kLockstep>(p, t, t0, len, sm + (L::kStages == 2 ? (c & 1) * L::kStage : 0), row0, l, s);
+    recurrence_chunk<L, kLockstep>(out_c, ostride, len, sm + (L::kStages == 2 ? (c & 1) * L::kStage : 0), row0, l, s);
+    out_c += L::C * ostride;
   }
   if (kLockstep && count > 0) cluster_wait();  // the last arrival's pair
   cp_async_wait<0>();

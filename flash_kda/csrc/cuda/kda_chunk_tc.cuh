@@ -229,8 +229,36 @@ FLASH_KDA_HD bool rows_aligned(const void* base, const TokenStrides& s, int per1
   return reinterpret_cast<uintptr_t>(base) % 16 == 0 && ((s.batch | s.token | s.head) & (per16 - 1)) == 0;
 }
 
+// Largest element offset of a token-major tensor over `batches` x `tokens` x `heads` x `dim`, or -1
+// if a stride is negative (then no bound is claimed).
+FLASH_KDA_HD int64_t max_token_offset(const TokenStrides& s, int64_t batches, int64_t tokens, int64_t heads,
+                                      int64_t dim) {
+  if (s.batch < 0 || s.token < 0 || s.head < 0) return -1;
+  const auto last = [](int64_t n) { return n > 1 ? n - 1 : int64_t{0}; };
+  return last(batches) * s.batch + last(tokens) * s.token + last(heads) * s.head + last(dim);
+}
+
+// Whether every element offset load_chunk forms (q, k, v, g, beta, dt_bias) lies in [0, 2^31): then
+// its offsets are computed in 32-bit integers, each a few instructions where a 64-bit product of a
+// stride and an index takes a multiply chain (the address arithmetic was about a fifth of the
+// loading phase's instructions, docs/performance.md v27). Every partial sum is a sum of
+// non-negative terms of such an offset, so none overflows.
+FLASH_KDA_HD bool offsets_fit_int32(const KdaParams& p) {
+  const int64_t b = p.cu_seqlens == nullptr ? p.num_seqs : 1, t = p.seq_len, d = p.head_dim;
+  const int64_t m[] = {max_token_offset(p.q_strides, b, t, p.hqk, d), max_token_offset(p.k_strides, b, t, p.hqk, d),
+                       max_token_offset(p.v_strides, b, t, p.hv, d), max_token_offset(p.g_strides, b, t, p.hv, d),
+                       max_token_offset(p.beta_strides, b, t, p.hv, 1),
+                       p.dt_bias == nullptr ? 0 : (p.dt_bias_head_stride < 0 ? -1 : (p.hv - 1) * p.dt_bias_head_stride + d - 1)};
+  for (const int64_t x : m) {
+    if (x < 0 || x > INT32_MAX) return false;
+  }
+  return true;
+}
+
+// How load_chunk may form its reads: 16-byte loads per tensor (q .. dtb), and 32-bit offsets (off32).
 struct VecOk {
   bool q, k, v, g, dtb;
+  bool off32;
   FLASH_KDA_HD bool all() const { return q && k && v && g && dtb; }
 };
 
@@ -239,15 +267,31 @@ FLASH_KDA_HD VecOk vec_ok(const KdaParams& p) {
   constexpr int h = 16 / sizeof(port::input_t);
   const bool dtb = p.dt_bias == nullptr ||
                    (reinterpret_cast<uintptr_t>(p.dt_bias) % 16 == 0 && (p.dt_bias_head_stride & 3) == 0);
-  return {rows_aligned(p.q, p.q_strides, h), rows_aligned(p.k, p.k_strides, h),
-          rows_aligned(p.v, p.v_strides, h), rows_aligned(p.g, p.g_strides, p.g_fp32 ? 4 : h), dtb};
+  return {rows_aligned(p.q, p.q_strides, h),
+          rows_aligned(p.k, p.k_strides, h),
+          rows_aligned(p.v, p.v_strides, h),
+          rows_aligned(p.g, p.g_strides, p.g_fp32 ? 4 : h),
+          dtb,
+          offsets_fit_int32(p)};
+}
+
+// token_offset in the offset type Off: int where offsets_fit_int32 holds (the caller's promise),
+// otherwise int64_t.
+template <class Off>
+FLASH_KDA_DEVICE Off token_offset_as(const TokenStrides& s, const SeqRange& r, int64_t t, int h) {
+  if constexpr (sizeof(Off) == 4) {
+    return static_cast<int>(r.batch) * static_cast<int>(s.batch) + static_cast<int>(r.start + t) * static_cast<int>(s.token) +
+           h * static_cast<int>(s.head);
+  } else {
+    return token_offset(s, r, t, h);
+  }
 }
 
 // Eight consecutive elements of a tensor holding the input dtype, or fp32 if `fp32`; 16-byte loads
 // if `vec` (always with kVec: the caller checked every tensor, and the scalar path is not compiled,
 // so it costs no predicated instructions).
-template <bool kVec>
-FLASH_KDA_DEVICE void load8(const void* base, int64_t off, bool fp32, bool vec_, float (&x)[8]) {
+template <bool kVec, class Off>
+FLASH_KDA_DEVICE void load8(const void* base, Off off, bool fp32, bool vec_, float (&x)[8]) {
   const bool vec = kVec || vec_;
   if (fp32) {
     const float* f = static_cast<const float*>(base) + off;
@@ -280,7 +324,8 @@ FLASH_KDA_DEVICE void store8(float* dst, const float (&x)[8]) {
 // Element i of a buffer of fp32 or of the input dtype, as raw bits (a 16-bit element in the low
 // half), and its value: load_as_float in two steps, so that the read can be issued early and the
 // conversion, which waits for it, placed late.
-FLASH_KDA_DEVICE uint32_t load_bits(const void* base, int64_t i, bool is_fp32) {
+template <class Off>
+FLASH_KDA_DEVICE uint32_t load_bits(const void* base, Off i, bool is_fp32) {
   return is_fp32 ? static_cast<const uint32_t*>(base)[i] : static_cast<const uint16_t*>(base)[i];
 }
 FLASH_KDA_DEVICE float float_from_bits(uint32_t bits, bool is_fp32) {
@@ -334,7 +379,7 @@ FLASH_KDA_DEVICE RowLane row_lane(int lane) {
 // callers never load an empty chunk), and are replaced by zeros afterwards, as the arrays held
 // before. (The gates' zeros are what the result needs, to keep γ_last at the last real token; q,
 // k and v of those rows meet only zero coefficients, β = 0, and the reread row is a real one.)
-template <class L, bool kVec>
+template <class L, bool kVec, class Off = int64_t>
 FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, int64_t t0, int len, VecOk vec,
                                  float* sm, int tid) {
   constexpr int D = L::D, RV = D / 8;        // vectors per row = lanes sharing a row
@@ -354,26 +399,26 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   // b as raw bits, converted in part 2: a conversion here would wait for the read and hold back
   // every read issued after it
   uint32_t b_bits = 0;
-  if (tid < L::C) b_bits = load_bits(p.beta, token_offset(p.beta_strides, t.r, t0 + min(tid, last), t.h), p.beta_fp32);
+  if (tid < L::C) b_bits = load_bits(p.beta, token_offset_as<Off>(p.beta_strides, t.r, t0 + min(tid, last), t.h), p.beta_fp32);
 #pragma unroll
   for (int r = 0; r < kPass; ++r) {
     const int i = min(row0 + r * kRowsPerPass, last), c = rl.group * 8;
     // dt_bias straight from global memory (cached: every block of the head reads the same row)
     if (gate) {
-      load8<kVec>(p.dt_bias, t.h * p.dt_bias_head_stride + c, true, vec.dtb, dtb[r]);
+      load8<kVec>(p.dt_bias, static_cast<Off>(t.h) * static_cast<Off>(p.dt_bias_head_stride) + c, true, vec.dtb, dtb[r]);
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) dtb[r][e] = 0.0f;
     }
-    load8<kVec>(p.q, token_offset(p.q_strides, t.r, t0 + i, t.hk) + c, false, vec.q, qx[r]);
-    load8<kVec>(p.k, token_offset(p.k_strides, t.r, t0 + i, t.hk) + c, false, vec.k, kx[r]);
-    load8<kVec>(p.g, token_offset(p.g_strides, t.r, t0 + i, t.h) + c, p.g_fp32, vec.g, gx[r]);
+    load8<kVec>(p.q, token_offset_as<Off>(p.q_strides, t.r, t0 + i, t.hk) + c, false, vec.q, qx[r]);
+    load8<kVec>(p.k, token_offset_as<Off>(p.k_strides, t.r, t0 + i, t.hk) + c, false, vec.k, kx[r]);
+    load8<kVec>(p.g, token_offset_as<Off>(p.g_strides, t.r, t0 + i, t.h) + c, p.g_fp32, vec.g, gx[r]);
   }
 #pragma unroll
   for (int r = 0; r < kVPass; ++r) {  // (items past kVItems, where threads outnumber them, reread the last)
     const int item = min(tid + r * L::kThreads, kVItems - 1);
     const int i = min(item / (L::VS / 8), last), c = (item % (L::VS / 8)) * 8;
-    load8<kVec>(p.v, token_offset(p.v_strides, t.r, t0 + i, t.h) + t.v0 + c, false, vec.v, vx[r]);
+    load8<kVec>(p.v, token_offset_as<Off>(p.v_strides, t.r, t0 + i, t.h) + t.v0 + c, false, vec.v, vx[r]);
   }
 
   // 2. Their uses. Rows past the end are zeroed just before their stores, the norms and gates having
@@ -781,7 +826,9 @@ FLASH_KDA_DEVICE void k_side_A(const KdaParams& p, const portable::Task& t, int6
                                float* sm, int tid, int warp, Lane l) {
   int* flags_sm = reinterpret_cast<int*>(sm + L::kFlags);
   if (tid == 0) *flags_sm = 0;
-  if (vec.all()) {  // uniform across the block
+  if (vec.all() && vec.off32) {  // uniform across the block
+    load_chunk<L, true, int>(p, t, t0, len, vec, sm, tid);
+  } else if (vec.all()) {
     load_chunk<L, true>(p, t, t0, len, vec, sm, tid);
   } else {
     load_chunk<L, false>(p, t, t0, len, vec, sm, tid);
