@@ -157,3 +157,33 @@ def test_sass_path_count_follows_the_chosen_branches():
     count, met = spc.walk(code, {0x20}, "HMMA")
     assert count == 5 and met == ["20->50 (taken)"]
     assert spc.walk(code, set(), "EXIT_NEVER")[0] == 7  # runs to EXIT
+
+
+def test_sass_loop_segments_cuts_the_longest_loop_at_its_waits():
+    """tools/sass_loop_segments.py: the longest backward branch is the loop; its body is cut before
+    each barrier or wait and before the first HGMMA of each run (set-up instructions between HGMMAs
+    do not end a run); the instructions before the loop are not in it."""
+    import sass_loop_segments as sls
+    import sass_path_count as spc
+
+    listing = """
+        Function : _Z3recv
+        /*0000*/                   MOV R1, RZ ;
+        /*0010*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0020*/                   FMUL R2, R2, R3 ;
+        /*0030*/                   HGMMA.64x32x16.F32 R24, R120, gdesc[UR8], RZ, !UPT ;
+        /*0040*/                   UIADD3 UR8, UR8, 0x2, URZ ;
+        /*0050*/                   HGMMA.64x32x16.F32 R24, R124, gdesc[UR8], R24, gsb0 ;
+        /*0060*/                   IMAD R5, R6, R7, RZ ;
+        /*0070*/                   HGMMA.64x32x16.F32 R88, R152, gdesc[UR4], RZ, !UPT, gsb0 ;
+        /*0080*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0090*/                   FFMA R8, R24, R2, R8 ;
+        /*00a0*/               @P0 BRA 0x10 ;
+        /*00b0*/                   BRA 0x20 ;
+        /*00c0*/                   EXIT ;
+    """
+    body = sls.main_loop(spc.kernel_listing(listing, r"_Z3rec"))
+    assert [a for a, _ in body] == list(range(0x10, 0xb0, 0x10))  # 0x10..0xa0, the longer of two loops
+    segs = [[a for a, _ in seg] for seg in sls.segments(body)]
+    assert segs == [[0x10, 0x20], [0x30, 0x40, 0x50, 0x60], [0x70], [0x80, 0x90, 0xa0]]
+    assert sls.opcode("@!P0 FADD R1, R1, 1") == "FADD"
