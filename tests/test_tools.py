@@ -179,7 +179,7 @@ def test_sass_loop_segments_cuts_the_longest_loop_at_its_waits():
         /*0080*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
         /*0090*/                   FFMA R8, R24, R2, R8 ;
         /*00a0*/               @P0 BRA 0x10 ;
-        /*00b0*/                   BRA 0x20 ;
+        /*00b0*/                   BRA 0x30 ;
         /*00c0*/                   EXIT ;
     """
     body = sls.main_loop(spc.kernel_listing(listing, r"_Z3rec"))
