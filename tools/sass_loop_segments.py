@@ -20,9 +20,8 @@ import re
 import sys
 from collections import Counter
 
-from sass_path_count import kernel_listing
+from sass_path_count import BRANCH, kernel_listing
 
-BACKWARD = re.compile(r"BRA\s+(?:!?U?P\w+,\s*)?0x([0-9a-f]+)")
 WAIT = re.compile(r"BAR\.SYNC|WARPGROUP\.DEPBAR|(?<![A-Z])DEPBAR|LDGDEPBAR")
 
 
@@ -35,9 +34,9 @@ def main_loop(listing: list[tuple[int, str]]) -> list[tuple[int, str]]:
     """The instructions of the longest backward branch's range (empty if the function has no loop)."""
     loops = []
     for addr, text in listing:
-        m = BACKWARD.search(text)
-        if m and int(m.group(1), 16) < addr:
-            loops.append((int(m.group(1), 16), addr))
+        m = BRANCH.match(text)
+        if m and int(m.group(2), 16) < addr:
+            loops.append((int(m.group(2), 16), addr))
     if not loops:
         return []
     lo, hi = max(loops, key=lambda r: r[1] - r[0])
