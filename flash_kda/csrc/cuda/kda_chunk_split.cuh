@@ -802,7 +802,10 @@ FLASH_KDA_DEVICE void fetch_chunk(const float* rec, int v0, float* st, int tid) 
   static_assert(R::kU % (D / 2) == 0, "the fp16 arrays as rows of D / 2 floats");
   copy_tile_async<R::kU / (D / 2), D / 2, D / 2, D / 2, T>(st, rec, tid);  // every fp16 array, as is
   copy_tile_async<C, L::VS, D, L::LDU, T>(st + L::kU, rec + R::kU + v0, tid);
-  copy_tile_async<1, R::kTail, R::kTail, R::kTail, T>(st + L::kEg, rec + R::kEg, tid);
+  // (The tail as rows of 32 floats: as one row of kTail, 8 quads a row do not divide the threads
+  // and the copy took copy_tile_async's general loop, a division and a branch per quad, v28.)
+  static_assert(R::kTail % 32 == 0, "the tail in whole rows of 32 floats");
+  copy_tile_async<R::kTail / 32, 32, 32, 32, T>(st + L::kEg, rec + R::kEg, tid);
 }
 
 // Where a block's state comes from or goes: the user's states, or a piece's carry (fp32).
