@@ -176,6 +176,38 @@ def far_from_one(p, case):
     raise ValueError(f"unknown magnitude case {case!r}")
 
 
+def stepped_values(p, block=32, step=10):
+    """Value channels whose magnitudes jump from block to block of `block` tokens, in four kinds
+    (channel j's kind is j % 4): steady; up by 2^step in odd blocks; down by 2^step in odd blocks;
+    2^-step, 1, 2^step in turn. A kernel that keeps a scale per state row across chunks (the CUDA
+    recurrence's units, docs/performance.md v28) has to change it in both directions and in some
+    rows of a warp only. Within a block the channels stay within 2^(2 step) of each other, which a
+    16-bit operand scaled per chunk still holds (2^20 under fp16's 2^29 of normal range)."""
+    T, D = p["v"].shape[-3], p["v"].shape[-1]
+    b = (torch.arange(T) // block).to(torch.float64)[:, None]           # [T, 1]
+    kind = (torch.arange(D) % 4)[None, :]                               # [1, D]
+    odd = b % 2
+    e = torch.where(kind == 1, step * odd, torch.where(kind == 2, -step * odd,
+                    torch.where(kind == 3, step * (b % 3 - 1), torch.zeros_like(b))))
+    f = torch.pow(2.0, e)[:, None, :]                                   # [T, 1, D]
+    p["v"] = (p["v"].double() * f.to(p["v"].device)).to(p["v"].dtype)
+    return p
+
+
+def check_blocks(out, ref, *, block=32, tol, what):
+    """rel-L2 of each (token block, channel kind) part of [B, T, H, D] outputs, so that a part far
+    smaller than the rest is checked too (a whole-tensor rel-L2 sees only the largest parts)."""
+    T, D = ref.shape[1], ref.shape[-1]
+    worst = 0.0
+    for b0 in range(0, T, block):
+        for kind in range(4):
+            part = (slice(None), slice(b0, b0 + block), slice(None), slice(kind, D, 4))
+            e = rel_l2(out[part], ref[part])
+            assert e <= tol, f"{what}: tokens {b0}.., channel kind {kind}: rel-L2 {e:.3e} > {tol}"
+            worst = max(worst, e)
+    return worst
+
+
 def huge_state_channel(p):
     """An initial state of 1e30 in key channel 3 (every value row), and keys that are zero in that
     channel throughout: the state dwarfs its updates by ~2^100, so a kernel that scales the state by

@@ -14,8 +14,8 @@ import flash_kda
 from flash_kda import _workspace
 from conftest import DEVICES, cuda_ok
 from kda_testing import (MAGNITUDE_CASES, OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, UNPAIRED_STATE_LAYOUTS,
-                         far_from_one, make_problem, poison, reference_of, rel_l2, huge_state_channel,
-                         unpaired_state, with_fp32_gates, zero_channels)
+                         check_blocks, far_from_one, make_problem, poison, reference_of, rel_l2,
+                         huge_state_channel, stepped_values, unpaired_state, with_fp32_gates, zero_channels)
 
 GPU_DTYPES = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -282,6 +282,23 @@ def test_magnitudes_far_from_one(device, case):
                                       seed=seed), case)
     out, final = run_chunk(p, use_qk_l2norm=l2)
     check(p, out, final, seed, use_qk_l2norm=l2, what=case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weak_decay", [False, True], ids=["strong-decay", "weak-decay"])
+def test_state_units_follow_value_steps(device, weak_decay):
+    """kda_testing.stepped_values: rows whose values jump by 2^10 or 2^20 between chunks, up and down, beside
+    steady rows; checked per token block and channel kind (check_blocks), so the small parts count."""
+    seed = fresh_seed()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = stepped_values(make_problem(B=1, T=320, hqk=2, hv=2, D=128, dtype=dtype, device=device, state=True,
+                                    seed=seed, weak_decay=weak_decay))
+    out, final = run_chunk(p)
+    ref_out, ref_final = reference_of(p)
+    worst = check_blocks(out, ref_out, tol=2 * OUT_TOL[dtype], what=f"stepped values (seed {seed})")
+    e_st = rel_l2(final, ref_final)
+    print(f"[{device}] stepped values: worst block out rel-L2 {worst:.2e}, final_state {e_st:.2e}")
+    assert e_st <= STATE_TOL_FP32[dtype], f"stepped values: final_state rel-L2 {e_st:.3e} (seed {seed})"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from kda_testing import (MAGNITUDE_CASES, OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, UNPAIRED_STATE_LAYOUTS,
-                         far_from_one, make_problem, poison, reference_of, rel_l2, huge_state_channel,
-                         unpaired_state, with_fp32_gates, zero_channels)
+                         check_blocks, far_from_one, make_problem, poison, reference_of, rel_l2,
+                         huge_state_channel, stepped_values, unpaired_state, with_fp32_gates, zero_channels)
 
 if not sys.platform.startswith("linux"):
     pytest.skip("the SIMT emulator uses ucontext fibers (Linux)", allow_module_level=True)
@@ -308,6 +308,29 @@ def test_magnitudes_far_from_one(case, monkeypatch):
                          case)
     out, final = run(p, D=128, dtype=torch.bfloat16, use_qk_l2norm=l2, monkeypatch=monkeypatch)
     check(p, out, final, what=f"{case} (seed {s})", use_qk_l2norm=l2)
+
+
+@pytest.mark.parametrize("weak_decay", [False, True], ids=["strong-decay", "weak-decay"])
+@pytest.mark.parametrize("D,layout", [(128, {"FORM": "split", "VS": 64}),
+                                      (128, {"FORM": "split", "VS": 128}),
+                                      (128, {"FORM": "split", "VS": 64, "MMA": "mma16"}),
+                                      (64, {"FORM": "split", "VS": 32})],
+                         ids=["VS64-in-step", "VS128-plain", "VS64-mma16", "D64-VS32"])
+def test_state_units_follow_value_steps(D, layout, weak_decay, monkeypatch):
+    """kda_testing.stepped_values: state rows whose update's scale jumps by 2^10 or 2^20 between
+    chunks, up and down, beside steady rows in the same warp: the recurrence's per-row units must
+    change where U's scale leaves their window and stay where it does not. Checked per token block
+    and channel kind, so small parts count. (VS 64 at D = 128 runs the in-step form, its decay
+    beside the first products; VS 128 the plain wgmma form; the others mma16.)"""
+    s = seed()
+    p = stepped_values(make_problem(B=1, T=320, hqk=2, hv=2, D=D, dtype=torch.bfloat16, state=True, seed=s,
+                                    weak_decay=weak_decay))
+    out, final = run(p, D=D, dtype=torch.bfloat16, layout=layout, monkeypatch=monkeypatch)
+    ref_out, ref_final = reference_of(p)
+    worst = check_blocks(out, ref_out, tol=2 * OUT_TOL[torch.bfloat16], what=f"stepped values (seed {s})")
+    e_st = rel_l2(final, ref_final)
+    print(f"[simt] stepped values: worst block out rel-L2 {worst:.2e}, final_state {e_st:.2e}")
+    assert e_st <= STATE_TOL_FP32[torch.bfloat16], f"stepped values (seed {s}): final_state rel-L2 {e_st:.3e}"
 
 
 @pytest.mark.parametrize("form", ["split", "fused"])

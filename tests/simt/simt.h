@@ -352,6 +352,15 @@ inline float fast_exp2(float x) {  // ex2.approx.ftz: results below 2^-126 flush
   const float y = exp2f(x);
   return fabsf(y) < 1.17549435e-38f ? 0.0f : y;
 }
+// warp_max_u32 (redux.sync.max.u32): every lane deposits v, every lane gets the largest
+inline uint32_t warp_max_u32(uint32_t v) {
+  simt::deposit(0, v);
+  __syncwarp();
+  uint32_t m = 0;
+  for (int i = 0; i < 32; ++i) m = simt::word(i, 0) > m ? simt::word(i, 0) : m;
+  __syncwarp();
+  return m;
+}
 // Vector accesses fault on a misaligned address on the hardware; here they throw.
 inline void require_aligned(const void* p, uintptr_t bytes, const char* what) {
   if (reinterpret_cast<uintptr_t>(p) % bytes != 0) throw std::runtime_error(std::string("simt: misaligned ") + what);

@@ -321,12 +321,11 @@ FLASH_KDA_DEVICE void row_scales(const float (&x)[NT][4], Pow2& r0, Pow2& r1) {
   r1 = pow2_scale(quad_max(m1));
 }
 
-// Largest value of m over the warp, in every lane.
-FLASH_KDA_DEVICE float warp_max(float m) {
-#pragma unroll
-  for (int off = 16; off >= 1; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-  return m;
-}
+// Largest value of m over the warp, in every lane, for m a magnitude: +0 to +inf, never NaN (every
+// caller's m is an fmaxf over fabsf values starting from 0, and fmaxf drops NaN). Those floats order
+// as their bit patterns do as unsigned integers, so the maximum is one integer reduction
+// (warp_max_u32: one instruction on sm_80+ where the float butterfly took ten).
+FLASH_KDA_DEVICE float warp_max(float m) { return __uint_as_float(warp_max_u32(__float_as_uint(m))); }
 
 // Largest of red[0 .. N) (N <= 32 warps' maxima, all >= 0), in every lane of the calling warp: one
 // load per lane and a shuffle reduction. (Each thread reading all N cost N loads and N maxima per
@@ -803,7 +802,10 @@ FLASH_KDA_DEVICE void fetch_chunk(const float* rec, int v0, float* st, int tid) 
   static_assert(R::kU % (D / 2) == 0, "the fp16 arrays as rows of D / 2 floats");
   copy_tile_async<R::kU / (D / 2), D / 2, D / 2, D / 2, T>(st, rec, tid);  // every fp16 array, as is
   copy_tile_async<C, L::VS, D, L::LDU, T>(st + L::kU, rec + R::kU + v0, tid);
-  copy_tile_async<1, R::kTail, R::kTail, R::kTail, T>(st + L::kEg, rec + R::kEg, tid);
+  // (The tail as rows of 32 floats: as one row of kTail, 8 quads a row do not divide the threads
+  // and the copy took copy_tile_async's general loop, a division and a branch per quad, v28.)
+  static_assert(R::kTail % 32 == 0, "the tail in whole rows of 32 floats");
+  copy_tile_async<R::kTail / 32, 32, 32, 32, T>(st + L::kEg, rec + R::kEg, tid);
 }
 
 // Where a block's state comes from or goes: the user's states, or a piece's carry (fp32).

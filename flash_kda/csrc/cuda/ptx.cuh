@@ -39,6 +39,22 @@ FLASH_KDA_DEVICE float fast_exp2(float x) {
   return y;
 }
 
+// The largest of v over the warp's 32 lanes, in every lane; every lane must call it. sm_80 and later
+// have an instruction for it (redux.sync.max.u32: one REDUX where a butterfly takes five shuffles and
+// five maxima); before, the butterfly.
+FLASH_KDA_DEVICE uint32_t warp_max_u32(uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(0xffffffffu, v);
+#else
+#pragma unroll
+  for (int off = 16; off >= 1; off /= 2) {
+    const uint32_t o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = o > v ? o : v;
+  }
+  return v;
+#endif
+}
+
 // 16- and 8-byte stores to global memory. Plain vector stores of values assembled from scalars
 // (a uint4 of packed halves, a float2 of accumulators) came out of the compiler as four or two
 // 4-byte stores, already in the PTX: each lane's 4 bytes then sit in their own 32-byte sector, so a
