@@ -179,10 +179,11 @@ def far_from_one(p, case):
 def stepped_values(p, block=32, step=10):
     """Value channels whose magnitudes jump from block to block of `block` tokens, in four kinds
     (channel j's kind is j % 4): steady; up by 2^step in odd blocks; down by 2^step in odd blocks;
-    2^-step, 1, 2^step in turn. A kernel that keeps a scale per state row across chunks (the CUDA
-    recurrence's units, docs/performance.md v28) has to change it in both directions and in some
-    rows of a warp only. Within a block the channels stay within 2^(2 step) of each other, which a
-    16-bit operand scaled per chunk still holds (2^20 under fp16's 2^29 of normal range)."""
+    2^-step, 1, 2^step in turn. The CUDA recurrence scales each state row into fp16 anew every
+    chunk; a kernel that kept a row's scale across chunks (docs/branches/stable-units/) would have to
+    change it in both directions and in some rows of a warp only. Within a block the channels stay
+    within 2^(2 step) of each other, which a 16-bit operand scaled per chunk still holds (2^20 under
+    fp16's 2^29 of normal range)."""
     T, D = p["v"].shape[-3], p["v"].shape[-1]
     b = (torch.arange(T) // block).to(torch.float64)[:, None]           # [T, 1]
     kind = (torch.arange(D) % 4)[None, :]                               # [1, D]

@@ -318,10 +318,11 @@ def test_magnitudes_far_from_one(case, monkeypatch):
                          ids=["VS64-in-step", "VS128-plain", "VS64-mma16", "D64-VS32"])
 def test_state_units_follow_value_steps(D, layout, weak_decay, monkeypatch):
     """kda_testing.stepped_values: state rows whose update's scale jumps by 2^10 or 2^20 between
-    chunks, up and down, beside steady rows in the same warp: the recurrence's per-row units must
-    change where U's scale leaves their window and stay where it does not. Checked per token block
-    and channel kind, so small parts count. (VS 64 at D = 128 runs the in-step form, its decay
-    beside the first products; VS 128 the plain wgmma form; the others mma16.)"""
+    chunks, up and down, beside steady rows in the same warp; each row's scales must follow (a
+    per-row scale kept across chunks, docs/branches/stable-units/, failed it under two mutations).
+    Checked per token block and channel kind, so small parts count. (VS 64 at D = 128 runs the
+    in-step form, its decay beside the first products; VS 128 the plain wgmma form; the others
+    mma16.)"""
     s = seed()
     p = stepped_values(make_problem(B=1, T=320, hqk=2, hv=2, D=D, dtype=torch.bfloat16, state=True, seed=s,
                                     weak_decay=weak_decay))
