@@ -195,18 +195,25 @@ def stepped_values(p, block=32, step=10):
     return p
 
 
-def check_blocks(out, ref, *, block=32, tol, what):
-    """rel-L2 of each (token block, channel kind) part of [B, T, H, D] outputs, so that a part far
-    smaller than the rest is checked too (a whole-tensor rel-L2 sees only the largest parts)."""
-    T, D = ref.shape[1], ref.shape[-1]
+def check_blocks(p, out, final, *, block=32, what):
+    """out against the float64 reference by rel-L2 of each (token block, channel kind) part of the
+    [B, T, H, D] output, so that a part far smaller than the rest is checked too (a whole-tensor
+    rel-L2 sees only the largest parts), at twice OUT_TOL; and the fp32 final state as a whole.
+    Returns (worst part's error, state's error)."""
+    ref_out, ref_final = reference_of(p)
+    dtype = p["v"].dtype
+    tol = 2 * OUT_TOL[dtype]
+    T, D = ref_out.shape[1], ref_out.shape[-1]
     worst = 0.0
     for b0 in range(0, T, block):
         for kind in range(4):
             part = (slice(None), slice(b0, b0 + block), slice(None), slice(kind, D, 4))
-            e = rel_l2(out[part], ref[part])
+            e = rel_l2(out[part], ref_out[part])
             assert e <= tol, f"{what}: tokens {b0}.., channel kind {kind}: rel-L2 {e:.3e} > {tol}"
             worst = max(worst, e)
-    return worst
+    e_st = rel_l2(final, ref_final)
+    assert e_st <= STATE_TOL_FP32[dtype], f"{what}: final_state rel-L2 {e_st:.3e} > {STATE_TOL_FP32[dtype]}"
+    return worst, e_st
 
 
 def huge_state_channel(p):
