@@ -15,10 +15,10 @@ SPLIT_CHUNK = 32  # C: tokens per chunk of the split path (kSplitChunk)
 
 def split_scratch_bytes(num_slots: int, hv: int, head_dim: int, chunk: int = SPLIT_CHUNK) -> int:
     """Bytes for `num_slots` chunk slots of `hv` value heads of head dim D (K == V)."""
-    # Record<D, C>::kFloats (kda_chunk_split.cuh): W, Q e^γ, Klᵀ ([C, D] fp16 each) and A_qk
-    # ([C, C] fp16) at two halves per float; U0 [C, D] and e^{γ_last} [D] fp32; the four arrays'
-    # inverse scales and Klᵀ's scale; padded to a whole number of 128-byte lines (32 floats)
-    record_floats = (3 * chunk * head_dim + chunk * chunk) // 2 + chunk * head_dim + head_dim + 5
+    # Record<D, C>::kFloats (kda_chunk_split.cuh): W, Q e^γ, Klᵀ, U0 ([C, D] fp16 each) and A_qk
+    # ([C, C] fp16) at two halves per float; e^{γ_last} [D] fp32; U0's inverse scales (one per 8
+    # channels), the other four arrays' and Klᵀ's scale; padded to a whole number of 128-byte lines
+    record_floats = (4 * chunk * head_dim + chunk * chunk) // 2 + head_dim + head_dim // 8 + 5
     record_floats = -(-record_floats // 32) * 32
     return num_slots * hv * record_floats * 4
 

@@ -39,21 +39,27 @@ namespace tc {
 #endif
 
 // One chunk's operands for the recurrence (offsets in floats). The B operands of its fp16 products
-// come as scaled fp16 arrays in core-matrix order (core_offset below), two halves per float; U0
-// (which the recurrence subtracts from) and e^{γ_last} stay fp32; then each fp16 array's inverse
+// come as scaled fp16 arrays in core-matrix order (core_offset below), two halves per float. U0
+// (which the recurrence subtracts from) is fp16 in the same order, with one power-of-two scale per
+// tile of 8 value channels (a tile is what one warp of apply_T computes, so its maximum is one warp
+// reduction); e^{γ_last} stays fp32. Then U0's tiles' inverse scales, each other fp16 array's inverse
 // scale (one per array and chunk) and Klᵀ's scale (the state update needs both), padded with zeros
 // so that every record is a whole number of 128-byte lines (the records of a chunk's heads follow
 // one another, and the recurrence copies whole core matrices: each should sit in one line).
-// 10,912 floats at D = 128 (the fp32 record was 17,536).
+// 8,864 floats at D = 128 (with fp32 U0 10,912; the fp32 record was 17,536). Why U0 in fp16 keeps
+// its precision: fp16's normal range spans 29 binades, so every channel within 2^28 of its tile's
+// largest U0 keeps an 11-bit mantissa (TF32's, and the other operands'); the recurrence's error
+// model, tools/recurrence_precision_model.py, docs/performance.md v18 and v29.
 template <int D, int C>
 struct Record {
   static constexpr int kW = 0;                 // [C, D] fp16: W = T (K e^γ)
   static constexpr int kQ = kW + C * D / 2;    // [C, D] fp16: Q e^γ
   static constexpr int kKl = kQ + C * D / 2;   // [D, C] fp16: (K e^{γ_last - γ})ᵀ
   static constexpr int kA = kKl + C * D / 2;   // [C, C] fp16: A_qk (zero above the diagonal)
-  static constexpr int kU = kA + C * C / 2;    // [C, V] fp32: U0 = T V
-  static constexpr int kEg = kU + C * D;       // [D] e^{γ_last}
-  static constexpr int kInvW = kEg + D;        // inverse scales of W,
+  static constexpr int kU = kA + C * C / 2;    // [C, D] fp16: U0 = T V, scaled per tile of 8 channels
+  static constexpr int kEg = kU + C * D / 2;   // [D] e^{γ_last}
+  static constexpr int kInvU = kEg + D;        // [D / 8] inverse scales of U0's tiles,
+  static constexpr int kInvW = kInvU + D / 8;  // inverse scales of W,
   static constexpr int kInvQ = kInvW + 1;      //   Q e^γ,
   static constexpr int kInvA = kInvQ + 1;      //   A_qk,
   static constexpr int kInvKl = kInvA + 1;     //   Klᵀ,
@@ -456,15 +462,17 @@ FLASH_KDA_DEVICE void invert_T(float* T, const float* A, const float* beta, Lane
 template <class L>
 constexpr int kApplySteps = (L::D / 8 + L::kWarps - 1) / L::kWarps;
 
-// U0 <- T V, straight from the accumulators to the record in global memory (rows of stride D;
-// each quad of lanes writes 32 contiguous bytes per row, one 8-byte store per lane), and
-// W <- T (K e^γ) left in the warp's accumulators w (zeros for a step past the last tile), for
-// store_w_f16: its fp16 scale needs all of W first.
+// U0 <- T V, straight from the accumulators to the record in global memory: fp16 in core-matrix
+// order (as W, store_w_f16: a warp's 32 lanes fill one 128-byte core matrix per store), each tile of
+// 8 channels times the power of two that brings its largest magnitude into [2^14, 2^15) (pow2_scale),
+// the inverse into inv_u[tile]. The warp holds its tile's 32 tokens, so the tile's maximum is one
+// warp reduction and no barrier. And W <- T (K e^γ) left in the warp's accumulators w (zeros for a
+// step past the last tile), for store_w_f16: its fp16 scale needs all of W first.
 // A warp takes column tile j of both right-hand sides, so each fragment of T it loads serves
 // two products; tiles go to warps in turn, a fixed number per warp (no runtime choice of operand).
 // T is lower triangular, so row block m needs k < 16 (m + 1).
 template <class L>
-FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, float* U0,
+FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, __half* U0, float* inv_u,
                               float (&w)[kApplySteps<L>][2][4], int warp, Lane l) {
   static_assert(L::C == 32, "two row blocks of 16");
   constexpr int kTiles = L::D / 8;
@@ -481,23 +489,33 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, fl
       load_b_t(bv[kb], V + kb * 8 * L::LDV + col0, L::LDV, l);
       load_b_t(bk[kb], K + kb * 8 * L::LD + col0, L::LD, l);
     }
+    float u[2][4];
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
-      float u[4];
-      zero(u);
+      zero(u[m]);
 #pragma unroll
       for (int kb = 0; kb < 2 * (m + 1); ++kb) {
         uint32_t a[4];
         ldmatrix_x4(a, t_row + 4 * (m * 16 * L::LDA + kb * 8));
-        mma(u, a, bv[kb]);
+        mma(u[m], a, bv[kb]);
         mma(w[step][m], a, bk[kb]);
       }
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = m * 16 + l.g + 8 * half, c = col0 + 2 * l.t;
-        st8_global(U0 + r * L::D + c, make_float2(u[2 * half], u[2 * half + 1]));
-      }
     }
+    float mu = 0.0f;
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mu = fmaxf(mu, fabsf(u[m][e]));
+    const Pow2 f = pow2_scale(warp_max(mu));
+    // Rows 16 m + 8 half + g, columns col0 + 2t, + 1: core matrix (2 m + half, col0 / 8), at 8 g + 2t.
+    __half* tile = U0 + 8 * l.g + 2 * l.t + col0 * 8;
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        *reinterpret_cast<uint32_t*>(tile + (2 * m + half) * 8 * L::D) =
+            pack_f16(u[m][2 * half] * f.s, u[m][2 * half + 1] * f.s);
+    if (l.g == 0 && l.t == 0) inv_u[col0 / 8] = f.inv;
   }
 }
 
@@ -723,7 +741,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
                                        pow2_scale(max_of<kRestWarps>(red + L::kWarps, lane)),
                                        pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane)), tid);
   float w[kApplySteps<L>][2][4];
-  apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec + R::kU, w, warp, l);
+  apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec_h + 2 * R::kU, rec + R::kInvU, w, warp, l);
   store_w_f16<L>(w, rec_h + 2 * R::kW, rec + R::kInvW, red + 3 * L::kWarps, warp, l, tid);
 }
 
@@ -766,16 +784,15 @@ struct RecurrenceLayout {
   // wgmma where this pass has it and the rows fill warpgroups (device code only: see kArchHasWgmma);
   // D <= 128 because ptx.cuh's wgmma_f16 goes up to N = 128 (the update's N is D)
   static constexpr bool kWgmmaShape = kMma_ == RecurrenceMma::kAuto && VS % 64 == 0 && D <= 128;
-  // fp32 U0 rows: the scalar reads (4 rows x 8 columns) need a stride of 4 (mod 32).
-  static constexpr int LDU = VS + 4;                // U0: [C, LDU] floats
   // A stage, in floats (an fp16 array of n halves takes n / 2); fp16 arrays as in Record
   static constexpr int kW = 0;                      // [C, D] fp16
   static constexpr int kQ = kW + C * D / 2;         // [C, D] fp16
   static constexpr int kKl = kQ + C * D / 2;        // [D, C] fp16
   static constexpr int kA = kKl + D * C / 2;        // [C, C] fp16
-  static constexpr int kU = kA + C * C / 2;
-  static constexpr int kEg = kU + C * LDU;          // e^{γ_last} [D], then the scales (Record's tail)
-  static constexpr int kSc = kEg + D;
+  static constexpr int kU = kA + C * C / 2;         // [C, VS] fp16 U0, the slice's core matrices
+  static constexpr int kEg = kU + C * VS / 2;       // e^{γ_last} [D], then the scales (Record's tail):
+  static constexpr int kInvU = kEg + D;             //   U0's tiles' [D / 8] (all of the record's),
+  static constexpr int kSc = kInvU + D / 8;         //   the arrays' (sW ...)
   static constexpr int sW = 0, sQ = 1, sA = 2, sKl = 3, sKlScale = 4;  // in kSc (Record's order)
   // A stage is a whole number of 128-byte lines, so that every stage's fp16 arrays start 128-byte
   // aligned (a second stage 32 bytes off its line made the recurrence 12 % slower, v10).
@@ -785,23 +802,25 @@ struct RecurrenceLayout {
   static constexpr int kMinBlocks = 1;
   using R = Record<D, C>;
   static_assert(kU == R::kU, "the stage's fp16 arrays are the record's");
-  static_assert(R::kInvQ - R::kEg == D + sQ && R::kInvA - R::kEg == D + sA && R::kInvKl - R::kEg == D + sKl &&
-                    R::kScaleKl - R::kEg == D + sKlScale,
+  static_assert(R::kInvU - R::kEg == kInvU - kEg && R::kInvW - R::kEg == kSc - kEg + sW &&
+                    R::kInvQ - R::kEg == kSc - kEg + sQ && R::kInvA - R::kEg == kSc - kEg + sA &&
+                    R::kInvKl - R::kEg == kSc - kEg + sKl && R::kScaleKl - R::kEg == kSc - kEg + sKlScale,
                 "the stage's scales in the record's order");
   static_assert(kStages == 1 || kStages == 2, "one or two operand buffers");
   static_assert(VS % 16 == 0 && C % 16 == 0 && D % 16 == 0, "m16n8k16 tiling");
-  static_assert(LDU % 32 == 4, "bank-conflict-free U0 reads");
+  static_assert(VS % 8 == 0, "U0's slice in whole core matrices");
   static_assert(kStage % 32 == 0 && kU % 4 == 0 && kEg % 4 == 0, "128-byte stages, 16-byte aligned arrays");
 };
 
-// Issues the copies of one chunk's record (the block's V slice of U0) into a stage buffer.
+// Issues the copies of one chunk's record (of U0, the block's V slice) into a stage buffer.
 template <class L>
 FLASH_KDA_DEVICE void fetch_chunk(const float* rec, int v0, float* st, int tid) {
   using R = Record<L::D, L::C>;
   constexpr int C = L::C, D = L::D, T = L::kThreads;
   static_assert(R::kU % (D / 2) == 0, "the fp16 arrays as rows of D / 2 floats");
   copy_tile_async<R::kU / (D / 2), D / 2, D / 2, D / 2, T>(st, rec, tid);  // every fp16 array, as is
-  copy_tile_async<C, L::VS, D, L::LDU, T>(st + L::kU, rec + R::kU + v0, tid);
+  // U0's slice: in each of the C / 8 row blocks, its VS / 8 core matrices are contiguous
+  copy_tile_async<C / 8, 4 * L::VS, 4 * D, 4 * L::VS, T>(st + L::kU, rec + R::kU + 4 * v0, tid);
   // (The tail as rows of 32 floats: as one row of kTail, 8 quads a row do not divide the threads
   // and the copy took copy_tile_async's general loop, a division and a branch per quad, v28.)
   static_assert(R::kTail % 32 == 0, "the tail in whole rows of 32 floats");
@@ -923,10 +942,10 @@ FLASH_KDA_DEVICE void wgmma_pair(float (&d1)[N1][4], float (&d2)[N2][4], uint32_
 // (With wgmma the four warps of a warpgroup run it together: every wgmma step is issued by all.)
 // `out` is the output element of the chunk's first token in this lane's first state row (the lane
 // writes rows l.g and l.g + 8 of its 16, tokens 2 l.t, 2 l.t + 1 of each 8); tokens follow every
-// `ostride` elements.
+// `ostride` elements. `vtile`: the record's U0 tile (8 value channels) that holds row row0.
 template <class L, bool kDecayBeside = false>
 FLASH_KDA_DEVICE void recurrence_chunk(port::input_t* out, int64_t ostride, int len, const float* st, int row0,
-                                       Lane l, float (&s)[L::D / 8][4]) {
+                                       int vtile, Lane l, float (&s)[L::D / 8][4]) {
   constexpr bool kWgmma = L::kWgmmaShape && kArchHasWgmma;
   constexpr int C = L::C, D = L::D;
   constexpr int NT = C / 8;   // token tiles (n = 8)
@@ -961,16 +980,34 @@ FLASH_KDA_DEVICE void recurrence_chunk(port::input_t* out, int64_t ostride, int 
       s[nt][3] *= e2.y;
     }
   };
+  // U0, unscaled by its tiles' scales (this lane's rows g and g + 8 lie in the record's tiles vtile
+  // and vtile + 1): element (token 8 it + 2t + (e & 1), row g + 8 (e >= 2)) is in core matrix
+  // (it, row0 / 8 + (e >= 2)) at 8 (2t + (e & 1)) + g. Read while X's products run: none of it waits
+  // for X (after X's wait, ptxas kept the loads there and their conversions on the chain).
+  float u0v[NT][4];
+  auto load_u0 = [&] {
+    const __half* U0 = h + 2 * L::kU + 8 * row0 + 16 * l.t + l.g;
+    const float us0 = st[L::kInvU + vtile], us1 = st[L::kInvU + vtile + 1];
+#pragma unroll
+    for (int it = 0; it < NT; ++it)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        u0v[it][e] = __half2float(U0[it * 8 * L::VS + (e >= 2 ? 64 : 0) + (e & 1) * 8]) * (e >= 2 ? us1 : us0);
+  };
   if constexpr (kWgmma) {
     // X (on the state's critical path) and O (not) in separate groups: O's products run while
     // this warpgroup computes U from X.
     if constexpr (kDecayBeside) {
-      wgmma_pair<true, true>(x, o, a, wgmma_desc(W, 128, 16 * D), wgmma_desc(Q, 128, 16 * D), decay);
+      wgmma_pair<true, true>(x, o, a, wgmma_desc(W, 128, 16 * D), wgmma_desc(Q, 128, 16 * D), [&] {
+        decay();
+        load_u0();
+      });
     } else {
-      wgmma_pair<true, true>(x, o, a, wgmma_desc(W, 128, 16 * D), wgmma_desc(Q, 128, 16 * D));
+      wgmma_pair<true, true>(x, o, a, wgmma_desc(W, 128, 16 * D), wgmma_desc(Q, 128, 16 * D), load_u0);
     }
     // (X done; O may still run: o and a stay untouched until the wait below)
   } else {
+    load_u0();
 #pragma unroll
     for (int it = 0; it < NT; ++it) {
       zero(x[it]);
@@ -985,16 +1022,11 @@ FLASH_KDA_DEVICE void recurrence_chunk(port::input_t* out, int64_t ostride, int 
       }
   }
   // U = U0 - X, X unscaled (rows by the state's scales, all of it by W's one scale).
-  const float* U0 = st + L::kU + row0 + l.g;
   const float xs0 = r0.inv * sc[L::sW], xs1 = r1.inv * sc[L::sW];
 #pragma unroll
-  for (int it = 0; it < NT; ++it) {
-    const int i = it * 8 + 2 * l.t;
+  for (int it = 0; it < NT; ++it)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      x[it][e] = fmaf(-x[it][e], e >= 2 ? xs1 : xs0, U0[(i + (e & 1)) * L::LDU + (e >= 2 ? 8 : 0)]);
-    }
-  }
+    for (int e = 0; e < 4; ++e) x[it][e] = fmaf(-x[it][e], e >= 2 ? xs1 : xs0, u0v[it][e]);
   // U's rows as fp16 A fragments, one per token k-block (used twice: by O and by the update).
   Pow2 u0, u1;
   row_scales<NT>(x, u0, u1);
@@ -1111,6 +1143,7 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
   t.n = longest_first(p, t.n, tid % 32);  // the grid's sequence index is a rank (dense: the same)
   t.r = seq_range(p, t.n);
   const int row0 = (tid / 32) * 16;
+  const int vtile = (t.v0 + row0) / 8;  // U0's tile of the warp's first row (recurrence_chunk)
   const Lane l{(tid % 32) / 4, tid % 4};
   const int64_t nchunks = chunks_of(t.r.len, L::C);
   const int64_t base = slot_base(p, t.n, L::C);
@@ -1162,7 +1195,7 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
     port::block_sync();
     const int64_t t0 = c * L::C;
     const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
-    recurrence_chunk<L, kLockstep>(out_c, ostride, len, sm + (L::kStages == 2 ? (c & 1) * L::kStage : 0), row0, l, s);
+    recurrence_chunk<L, kLockstep>(out_c, ostride, len, sm + (L::kStages == 2 ? (c & 1) * L::kStage : 0), row0, vtile, l, s);
     out_c += L::C * ostride;
   }
   if (kLockstep && count > 0) cluster_wait();  // the last arrival's pair

@@ -422,7 +422,7 @@ struct RecurrenceVariant
   // One operand buffer (D = 256 only): a chunk's copies are not overlapped with the one before, 1.35x
   // the chunk of two buffers where each block has a multiprocessor (D = 256, H100: recurrence 0.40 ->
   // 0.29 ms at T=4096 H=32, 128 blocks; 0.37 -> 0.31 at T=4096 H=8). With two buffers at D = 256 a
-  // multiprocessor holds one VS 64 block (119 KB) or two VS 32 ones (111 KB), and with more blocks
+  // multiprocessor held one VS 64 block (119 KB with fp32 U0; 111 KB since) or two VS 32 ones, and with more blocks
   // than multiprocessors they lost 1-6 % to one buffer (256 to 1,024 blocks at VS 64;
   // docs/performance.md v24): not considered there.
   static double cost(const KdaParams& p, const port::DeviceInfo& dev) {
@@ -558,10 +558,10 @@ struct TcVariants<256> : TcChoice<TcVariant<64, 256>, TcVariant<32, 256>> {};
 
 // The two-kernel form per head dim: the preparation layouts (whole V width; 256 or 512 threads)
 // and the recurrence layouts (V slice, operand buffers: shared memory per block):
-//   D = 64:  preparation 51 KB; recurrence VS 64 or 32, two buffers (46 KB, 38 KB)
-//   D = 128: preparation 87 KB; recurrence VS 128, 64 or 32, two buffers (86 KB, 70 KB, 62 KB)
-//   D = 256: preparation 157 KB; recurrence VS 64 or 32, one buffer (60 KB, 56 KB) or two (119 KB,
-//            111 KB; only where the blocks fit one per multiprocessor, RecurrenceVariant::cost)
+//   D = 64:  preparation 51 KB; recurrence VS 64 or 32, two buffers (37 KB, 33 KB)
+//   D = 128: preparation 87 KB; recurrence VS 128, 64 or 32, two buffers (69 KB, 61 KB, 57 KB)
+//   D = 256: preparation 157 KB; recurrence VS 64 or 32, one buffer (55 KB, 53 KB) or two (111 KB,
+//            107 KB; only where the blocks fit one per multiprocessor, RecurrenceVariant::cost)
 template <int D>
 struct Split;
 template <>
