@@ -458,6 +458,23 @@ FLASH_KDA_DEVICE void invert_T(float* T, const float* A, const float* beta, Lane
   }
 }
 
+// One warp's accumulator tile of C = 32 rows (two m16n8 row blocks, acc[mm]) and columns col0 ..
+// col0 + 7 to a [32, D] fp16 array in core-matrix order, times s. Row r = 16 mm + 8 half + g lies
+// in 8-row group 2 mm + half at row g, and columns col0 + 2t, + 1 in core matrix col0 / 8 at 2t:
+// core_offset<D>(r, c) = 8 g + 2t + (2 mm + half) 8 D + 8 col0, so one lane address and constant
+// offsets (the compiler cannot see g < 8 in core_offset). A lane's pair is one 4-byte word, and a
+// warp's 32 words of one row group fill one 128-byte core matrix (coalesced).
+template <int D>
+FLASH_KDA_DEVICE void store_tile_f16(__half* dst, const float (&acc)[2][4], float s, int col0, Lane l) {
+  __half* tile = dst + 8 * l.g + 2 * l.t + col0 * 8;
+#pragma unroll
+  for (int mm = 0; mm < 2; ++mm)
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      *reinterpret_cast<uint32_t*>(tile + (2 * mm + half) * 8 * D) =
+          pack_f16(acc[mm][2 * half] * s, acc[mm][2 * half + 1] * s);
+}
+
 // Column tiles of apply_T per warp: tile warp + step kWarps for step < kApplySteps.
 template <class L>
 constexpr int kApplySteps = (L::D / 8 + L::kWarps - 1) / L::kWarps;
@@ -507,14 +524,7 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, __
 #pragma unroll
       for (int e = 0; e < 4; ++e) mu = fmaxf(mu, fabsf(u[m][e]));
     const Pow2 f = pow2_scale(warp_max(mu));
-    // Rows 16 m + 8 half + g, columns col0 + 2t, + 1: core matrix (2 m + half, col0 / 8), at 8 g + 2t.
-    __half* tile = U0 + 8 * l.g + 2 * l.t + col0 * 8;
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-      for (int half = 0; half < 2; ++half)
-        *reinterpret_cast<uint32_t*>(tile + (2 * m + half) * 8 * L::D) =
-            pack_f16(u[m][2 * half] * f.s, u[m][2 * half + 1] * f.s);
+    store_tile_f16<L::D>(U0, u, f.s, col0, l);
     if (l.g == 0 && l.t == 0) inv_u[col0 / 8] = f.inv;
   }
 }
@@ -523,8 +533,7 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, __
 // that brings its largest magnitude into [2^14, 2^15), pow2_scale), fp16 in core-matrix order;
 // *inv = the inverse scale. Straight from registers: no pass of W through shared
 // memory, and one barrier (the chunk's maximum through red, kWarps floats) where a conversion of a
-// shared-memory W needed two. A lane's pair (c, c + 1) is one 4-byte word, and a warp's 32 words
-// of one row block fill one 128-byte core matrix (coalesced).
+// shared-memory W needed two.
 template <class L>
 FLASH_KDA_DEVICE void store_w_f16(const float (&w)[kApplySteps<L>][2][4], __half* dst, float* inv, float* red,
                                   int warp, Lane l, int tid) {
@@ -540,21 +549,11 @@ FLASH_KDA_DEVICE void store_w_f16(const float (&w)[kApplySteps<L>][2][4], __half
   if (tid % 32 == 0) red[warp] = m;
   port::block_sync();
   const Pow2 f = pow2_scale(max_of<L::kWarps>(red, tid % 32));
-  // Row r = 16 mm + 8 half + g lies in 8-row group 2 mm + half at row g, and columns col0 + 2t,
-  // + 1 in core matrix col0 / 8 at 2t: core_offset<D>(r, c) = lane_base + (2 mm + half) 8 D + col0 8,
-  // so one lane address and constant offsets (the compiler cannot see g < 8 in core_offset).
-  const int lane_base = 8 * l.g + 2 * l.t;
 #pragma unroll
   for (int step = 0; step < kApplySteps<L>; ++step) {
     const int col0 = (warp + step * L::kWarps) * 8;
     if (kTiles % L::kWarps != 0 && col0 >= L::D) break;
-    __half* tile = dst + lane_base + col0 * 8;
-#pragma unroll
-    for (int mm = 0; mm < 2; ++mm)
-#pragma unroll
-      for (int half = 0; half < 2; ++half)
-        *reinterpret_cast<uint32_t*>(tile + (2 * mm + half) * 8 * L::D) =
-            pack_f16(w[step][mm][2 * half] * f.s, w[step][mm][2 * half + 1] * f.s);
+    store_tile_f16<L::D>(dst, w[step], f.s, col0, l);
   }
   if (tid == 0) *inv = f.inv;
 }
