@@ -501,10 +501,13 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, __
     for (int m = 0; m < 2; ++m) zero(w[step][m]);
     if (kTiles % L::kWarps != 0 && col0 >= L::D) break;
     uint32_t bv[4][2], bk[4][2];
+    // (K e^γ as scale_for_state stored it, kSwizzleK: rows t + 8 kb and t + 4 + 8 kb all at t's shift)
+    const float* kp = K + l.t * L::LD + k_state_col<L::D>(l.t, col0 + l.g);
 #pragma unroll
     for (int kb = 0; kb < 4; ++kb) {
       load_b_t(bv[kb], V + kb * 8 * L::LDV + col0, L::LDV, l);
-      load_b_t(bk[kb], K + kb * 8 * L::LD + col0, L::LD, l);
+      bk[kb][0] = tf32(kp[kb * 8 * L::LD]);
+      bk[kb][1] = tf32(kp[(kb * 8 + 4) * L::LD]);
     }
     float u[2][4];
 #pragma unroll
@@ -714,7 +717,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
     // Meanwhile the other warps finish the state-side operands and their largest magnitudes: the
     // three fp16 arrays' chunk scales come from one reduction (scale_for_state's maxima, A_qk's here).
     const int rt = tid - 32, rw = rt / 32;
-    StateSideMax m = scale_for_state<L, kRest, false>(sm, rt);  // (Q e^γ, Ke go to the record as fp16)
+    StateSideMax m = scale_for_state<L, kRest, false, true>(sm, rt);  // (Q e^γ, Ke go to the record as fp16)
     float ma = 0.0f;
     for_each_quad<C, C, kRest>(rt, [&](int i, int j) {  // A_qk's written tiles (4 columns: one sub-block)
       if (j / L::BS <= i / L::BS) ma = fmaxf(ma, max_abs(ld4(sm + L::kAqk + i * L::LDA + j)));

@@ -321,6 +321,17 @@ FLASH_KDA_DEVICE void store8(float* dst, const float (&x)[8]) {
   st4(dst + 4, make_float4(x[4], x[5], x[6], x[7]));
 }
 
+// store8 with the two 16-byte halves in the other order where `swap`. Where the 8 lanes of a
+// quarter-warp store 8-float groups side by side (a row of V), their first stores fall on words 2p,
+// 4 of the 8 16-byte bank groups (2-way conflicts on both stores); with lanes 4-7 of each quarter
+// storing their second half first, each store covers all 8 (docs/performance.md v29).
+FLASH_KDA_DEVICE void store8_swapped(float* dst, const float (&x)[8], bool swap) {
+  const float4 lo = make_float4(x[0], x[1], x[2], x[3]), hi = make_float4(x[4], x[5], x[6], x[7]);
+  const int first = swap ? 4 : 0;
+  st4(dst + first, swap ? hi : lo);
+  st4(dst + (4 - first), swap ? lo : hi);
+}
+
 // Element i of a buffer of fp32 or of the input dtype, as raw bits (a 16-bit element in the low
 // half), and its value: load_as_float in two steps, so that the read can be issued early and the
 // conversion, which waits for it, placed late.
@@ -430,7 +441,7 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
     if (kVItems % L::kThreads != 0 && item >= kVItems) break;
     const int i = item / (L::VS / 8), c = (item % (L::VS / 8)) * 8;
     if (short_chunk) zero_past_end(i >= len, vx[r]);
-    store8(sm + L::kVx + i * L::LDV + c, vx[r]);
+    store8_swapped(sm + L::kVx + i * L::LDV + c, vx[r], (tid >> 2) & 1);
   }
   if (tid < L::C) sm[L::kBeta + tid] = tid < len ? fast_sigmoid(float_from_bits(b_bits, p.beta_fp32)) : 0.0f;
 
@@ -632,12 +643,27 @@ struct StateSideMax {
   float q, ke;
 };
 
+// Where K e^γ's element (i, c) lies in its row when stored for the two-kernel form's apply_T
+// (kSwizzleK): shifted by 4 (i mod 4) columns, cyclically within each aligned segment of
+// min(D, 128) columns. apply_T reads B fragments of it, lane (g, t) rows t and t + 4 at column
+// col0 + g; with the row stride of 4 (mod 32) that compute_A's ldmatrix reads need, rows t and
+// t + 1 overlapped on 4 banks (2-way conflicts, 2 % of the preparation's shared-memory wavefronts,
+// docs/performance.md v29); shifted, lane (g, t) reads bank col0 + g + 8t (mod 32).
+template <int D>
+FLASH_KDA_DEVICE int k_state_col(int i, int c) {
+  constexpr int kSeg = D < 128 ? D : 128;
+  return (c & ~(kSeg - 1)) | ((c + 4 * (i & 3)) & (kSeg - 1));
+}
+
 // kRecordsTf32: Q e^γ and Ke rounded to TF32 (the fused body's product operands); the two-kernel
 // form scales them to fp16 for its record, so it leaves them in fp32 (one rounding, not two). K e^γ
-// is apply_T's TF32 operand in both.
-template <class L, int kN = L::kThreads, bool kRecordsTf32 = true>
+// is apply_T's TF32 operand in both; kSwizzleK stores it at k_state_col's columns. (A row's
+// segments are each read and written by the lanes of one warp, for_each_quad dealing kN, a multiple
+// of 32, threads: a __syncwarp between a segment's reads and its shifted writes suffices.)
+template <class L, int kN = L::kThreads, bool kRecordsTf32 = true, bool kSwizzleK = false>
 FLASH_KDA_DEVICE StateSideMax scale_for_state(float* sm, int tid) {
   constexpr int D = L::D;
+  static_assert(!kSwizzleK || kN % 32 == 0, "whole warps: a segment's shift stays within its warp");
   StateSideMax m{0.0f, 0.0f};
   for_each_quad<L::C, D, kN>(tid, [&](int i, int c) {
     const int I = i / L::BS, o = i * L::LD + c;
@@ -647,7 +673,13 @@ FLASH_KDA_DEVICE StateSideMax scale_for_state(float* sm, int tid) {
       q = round_tf32(q);
       ke = round_tf32(ke);
     }
-    st4(sm + L::kK + o, round_tf32(ld4(sm + L::kK + o) * fb));
+    const float4 k = round_tf32(ld4(sm + L::kK + o) * fb);
+    if constexpr (kSwizzleK) {
+      __syncwarp();
+      st4(sm + L::kK + i * L::LD + k_state_col<D>(i, c), k);
+    } else {
+      st4(sm + L::kK + o, k);
+    }
     st4(sm + L::kQ + o, q);
     st4(sm + L::kKe + o, ke);
     m.q = fmaxf(m.q, max_abs(q));
