@@ -475,6 +475,18 @@ FLASH_KDA_DEVICE void store_tile_f16(__half* dst, const float (&acc)[2][4], floa
           pack_f16(acc[mm][2 * half] * s, acc[mm][2 * half + 1] * s);
 }
 
+// Where K e^γ's element (i, c) lies in its row as scale_k_for_apply stores it: shifted by 4 (i mod 4)
+// columns, cyclically within each aligned segment of min(D, 128) columns. apply_T reads B fragments
+// of it, lane (g, t) rows t and t + 4 at column col0 + g; with the row stride of 4 (mod 32) that
+// compute_A's ldmatrix reads need, rows t and t + 1 overlapped on 4 banks (2-way conflicts, 2 % of
+// the preparation's shared-memory wavefronts, docs/performance.md v29); shifted, lane (g, t) reads
+// bank col0 + g + 8t (mod 32).
+template <int D>
+FLASH_KDA_DEVICE int k_state_col(int i, int c) {
+  constexpr int kSeg = D < 128 ? D : 128;
+  return (c & ~(kSeg - 1)) | ((c + 4 * (i & 3)) & (kSeg - 1));
+}
+
 // Column tiles of apply_T per warp: tile warp + step kWarps for step < kApplySteps.
 template <class L>
 constexpr int kApplySteps = (L::D / 8 + L::kWarps - 1) / L::kWarps;
@@ -561,63 +573,121 @@ FLASH_KDA_DEVICE void store_w_f16(const float (&w)[kApplySteps<L>][2][4], __half
   if (tid == 0) *inv = f.inv;
 }
 
-// The state-side parts of the record, by threads [0, kN) (all of the preparation's): Q e^γ
-// [C, D], Klᵀ [D, C] (row c = channel c of the token-major K e^{γ_last - γ}) and A_qk [C, C] (zero
-// above its diagonal sub-blocks, which compute_A leaves unwritten), from shared memory to fp16 in
-// core-matrix order, each times its chunk scale (fq, fkl, fa: from the arrays' largest magnitudes,
-// scale_for_state's and the caller's), then the inverse scales and e^{γ_last}.
-// Work unit: eight consecutive elements of a row, one 16-byte store. The 32 units of a warp form
-// an 8-row x 4-unit tile of one array (so every branch below is warp-uniform): each 8 lanes fill
-// one 128-byte core matrix, and the shared-memory reads are conflict-free (Q, A: the 8 lanes of a
-// quarter-warp read 8 rows, 4 banks apart with row strides of 4 mod 32; Klᵀ: a warp's 32 lanes
-// read 32 consecutive channels of one token).
+// K e^{γ-γ_r} -> K e^γ (rounded to TF32: apply_T's operand), in place at k_state_col's columns, by
+// threads [0, kN). (for_each_quad deals kN, a multiple of 32, threads, so each segment of a row is
+// read and written by the lanes of one warp: a __syncwarp between the reads and the shifted writes
+// suffices.)
 template <class L, int kN>
-FLASH_KDA_DEVICE void store_state_side_f16(const float* sm, float* rec, Pow2 fq, Pow2 fkl, Pow2 fa, int tid) {
+FLASH_KDA_DEVICE void scale_k_for_apply(float* sm, int tid) {
+  constexpr int D = L::D;
+  static_assert(kN % 32 == 0, "whole warps: a segment's shift stays within its warp");
+  for_each_quad<L::C, D, kN>(tid, [&](int i, int c) {
+    const float4 k = round_tf32(ld4(sm + L::kK + i * L::LD + c) * ld4(sm + L::kEr + (i / L::BS) * D + c));
+    __syncwarp();
+    st4(sm + L::kK + i * L::LD + k_state_col<D>(i, c), k);
+  });
+}
+
+// The record's Q e^γ [C, D] and Klᵀ [D, C] (row c = channel c of K e^{γ_last - γ}), fp16 in
+// core-matrix order, in warp tiles of 32 units of 8 elements (one 16-byte store each): Q e^γ's
+// tiles, then Klᵀ's. Warps 1.. form them from scale_for_A's forms while warp 0 inverts (Q e^{γ-γ_r}
+// times e^{γ_r(I)}, K e^{γ_e-γ} times e^{γ_last-γ_e(I)}), keep them in registers (v) with their
+// largest magnitudes, and store them after the barrier that gives the chunk's scales. (Until v29,
+// scale_for_state wrote both arrays to shared memory and every warp read them back after the
+// barrier: 512 of a block's ~6,050 shared-memory wavefronts, in a preparation bound by its L1.)
+// Tile w of warp rw (of kN / 32): w = rw + k kN / 32. Q tile w: rows 8 rg + lane % 8, columns
+// 32 cg + 8 (lane / 8) .. + 7 (rg = w / (D / 32), cg = w % (D / 32)); in core-matrix order its units
+// are 4 whole core matrices side by side, so unit (w, lane) lies at half offset 256 w + 8 lane. Klᵀ
+// tile t: channel c = 32 (t % (D / 32)) + lane, tokens 8 tb .. 8 tb + 7 (tb = t / (D / 32)), at
+// core_offset<C>(c, 8 tb) = 8 C (c / 8) + 64 tb + 8 (c % 8). The shared-memory reads are
+// conflict-free (Q: the 8 lanes of a quarter-warp read 8 rows, 4 banks apart with row strides of 4
+// mod 32; Klᵀ: a warp's 32 lanes read 32 consecutive channels of one token).
+template <class L, int kN>
+struct StateSideTiles {
+  static constexpr int kQ = L::C * L::D / 256, kTiles = 2 * kQ, kWarpsHere = kN / 32;
+  static constexpr int kPer = (kTiles + kWarpsHere - 1) / kWarpsHere;
+  static_assert(kN % 32 == 0 && L::C % 32 == 0 && L::D % 32 == 0 && L::BS == 16, "whole warp tiles");
+  float v[kPer][8];
+
+  // The tiles' values and largest magnitudes (by threads [0, kN) renumbered).
+  FLASH_KDA_DEVICE StateSideMax form(const float* sm, int tid) {
+    constexpr int D = L::D;
+    const int lane = tid % 32, rw = tid / 32;
+    StateSideMax m{0.0f, 0.0f};
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int w = rw + k * kWarpsHere;
+      if (kTiles % kWarpsHere != 0 && w >= kTiles) break;  // (warp-uniform)
+      if (w < kQ) {
+        const int rg = w / (D / 32), c = 32 * (w % (D / 32)) + 8 * (lane / 8);
+        const float* e = sm + L::kQ + (lane % 8 + 8 * rg) * L::LD + c;
+        const float* f = sm + L::kEr + (rg / 2) * D + c;  // e^{γ_r(I)}, I = row / 16 = rg / 2
+        const float4 a = ld4(e) * ld4(f), b = ld4(e + 4) * ld4(f + 4);
+        v[k][0] = a.x, v[k][1] = a.y, v[k][2] = a.z, v[k][3] = a.w;
+        v[k][4] = b.x, v[k][5] = b.y, v[k][6] = b.z, v[k][7] = b.w;
+        m.q = fmaxf(m.q, fmaxf(max_abs(a), max_abs(b)));
+      } else {
+        const int t = w - kQ, tb = t / (D / 32), c = 32 * (t % (D / 32)) + lane;
+        const float* e = sm + L::kKe + 8 * tb * L::LD + c;
+        const float el = sm[L::kEl + (tb / 2) * D + c];  // e^{γ_last-γ_e(I)}, I = 8 tb / 16
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          v[k][j] = e[j * L::LD] * el;
+          m.ke = fmaxf(m.ke, fabsf(v[k][j]));
+        }
+      }
+    }
+    return m;
+  }
+
+  // Their stores, scaled by the chunk's fq and fkl (the same threads, after the barrier).
+  FLASH_KDA_DEVICE void store(__half* rec_h, Pow2 fq, Pow2 fkl, int tid) const {
+    using R = Record<L::D, L::C>;
+    constexpr int C = L::C, D = L::D;
+    const int lane = tid % 32, rw = tid / 32;
+    __half* q_dst = rec_h + 2 * R::kQ + 8 * lane;
+    __half* kl_dst = rec_h + 2 * R::kKl + (lane / 8) * 8 * C + (lane % 8) * 8;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int w = rw + k * kWarpsHere;
+      if (kTiles % kWarpsHere != 0 && w >= kTiles) break;
+      if (w < kQ) {
+        store8_f16(q_dst + 256 * w, v[k], fq.s);
+      } else {
+        const int t = w - kQ;
+        store8_f16(kl_dst + 32 * C * (t % (D / 32)) + 64 * (t / (D / 32)), v[k], fkl.s);
+      }
+    }
+  }
+};
+
+// The rest of the record's state-side part, by threads [0, kN) (all of the preparation's): A_qk
+// [C, C] (zero above its diagonal sub-blocks, which compute_A leaves unwritten) from shared memory
+// to fp16 in core-matrix order times its chunk scale fa, in warp tiles as StateSideTiles' Q (each 8
+// lanes fill one 128-byte core matrix), then e^{γ_last}, the inverse scales and the padding.
+template <class L, int kN>
+FLASH_KDA_DEVICE void store_aqk_and_tail(const float* sm, float* rec, Pow2 fq, Pow2 fkl, Pow2 fa, int tid) {
   using R = Record<L::D, L::C>;
   constexpr int C = L::C, D = L::D;
-  // warp tiles of 32 units: Q e^γ's, then Klᵀ's, then A_qk's (unsigned: the index splits are shifts)
-  constexpr unsigned kQ = C * D / 256, kKl = kQ + D * C / 256, kTiles = kKl + C * C / 256;
-  static_assert(kN % 32 == 0 && C % 32 == 0 && D % 32 == 0, "whole warp tiles");
+  constexpr unsigned kTiles = C * C / 256, kPerRow = C / 32;
+  static_assert(kN % 32 == 0 && C % 32 == 0, "whole warp tiles");
   static_assert(L::BS == 16, "A_qk's sub-blocks: two 8-row groups, two units each");
   __half* rec_h = reinterpret_cast<__half*>(rec);
   const unsigned lane = static_cast<unsigned>(tid) % 32;
-  // Addresses split into a lane part (formed once) and a tile part. Row-major tile w of COLS
-  // columns: rows 8 rg + lane % 8, units 4 cg + lane / 8 (rg = w / (COLS / 32), cg = w % (COLS / 32));
-  // in core-matrix order its 32 units are 4 whole core matrices side by side, so unit (w, lane) lies
-  // at half offset 256 w + 8 lane. Klᵀ tile t: channel c = 32 (t % (D / 32)) + lane, tokens 8 tb ..
-  // 8 tb + 7 (tb = t / (D / 32)), at core_offset<C>(c, 8 tb) = 8 C (c / 8) + 64 tb + 8 (c % 8).
-  const int lane_dst = static_cast<int>(8 * lane);
-  auto row_major = [&](auto cols, const float* src, int lds, __half* dst, unsigned w, Pow2 f, bool causal) {
-    constexpr unsigned kPerRow = decltype(cols)::value / 32;
+  for (unsigned w = static_cast<unsigned>(tid) / 32; w < kTiles; w += kN / 32) {
     const int rg = static_cast<int>(w / kPerRow), cg = static_cast<int>(w % kPerRow);
     float v[8];
-    // (A_qk: unit cb = 4 cg + lane / 8 of row r = 8 rg + lane % 8 lies above the diagonal sub-blocks
+    // (unit cb = 4 cg + lane / 8 of row r = 8 rg + lane % 8 lies above the diagonal sub-blocks
     // when its 16-column block cb / 2 is past row block r / 16 = rg / 2)
-    if (causal && (4 * cg + static_cast<int>(lane / 8)) / 2 > rg / 2) {
+    if ((4 * cg + static_cast<int>(lane / 8)) / 2 > rg / 2) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) v[j] = 0.0f;
     } else {
-      const float* e = src + (static_cast<int>(lane % 8) + 8 * rg) * lds + 8 * static_cast<int>(lane / 8) + 32 * cg;
+      const float* e = sm + L::kAqk + (static_cast<int>(lane % 8) + 8 * rg) * L::LDA + 8 * static_cast<int>(lane / 8) + 32 * cg;
       const float4 a = ld4(e), b = ld4(e + 4);
       v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
     }
-    store8_f16(dst + lane_dst + 256 * static_cast<int>(w), v, f.s);
-  };
-  const float* kl_src = sm + L::kKe + lane;
-  __half* kl_dst = rec_h + 2 * R::kKl + static_cast<int>(lane / 8) * 8 * C + static_cast<int>(lane % 8) * 8;
-  for (unsigned w = static_cast<unsigned>(tid) / 32; w < kTiles; w += kN / 32) {
-    if (w < kQ) {
-      row_major(std::integral_constant<int, D>{}, sm + L::kQ, L::LD, rec_h + 2 * R::kQ, w, fq, false);
-    } else if (w < kKl) {
-      const int cgrp = static_cast<int>((w - kQ) % (D / 32)), tb = static_cast<int>((w - kQ) / (D / 32));
-      const float* e = kl_src + 32 * cgrp + 8 * tb * L::LD;
-      float v[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = e[j * L::LD];
-      store8_f16(kl_dst + 32 * C * cgrp + 64 * tb, v, fkl.s);
-    } else {
-      row_major(std::integral_constant<int, C>{}, sm + L::kAqk, L::LDA, rec_h + 2 * R::kA, w - kKl, fa, true);
-    }
+    store8_f16(rec_h + 2 * R::kA + 8 * static_cast<int>(lane) + 256 * static_cast<int>(w), v, fa.s);
   }
   for (int c = tid; c < D; c += kN) rec[R::kEg + c] = sm[L::kEg + c];
   if (tid == 0) {
@@ -711,13 +781,16 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
   __half* rec_h = reinterpret_cast<__half*>(rec);
   constexpr int C = L::C, kRest = L::kThreads - 32, kRestWarps = kRest / 32;
   float* red = sm + L::kRed;
+  const int rt = tid - 32;   // (warps 1..: their thread index from 0)
+  StateSideTiles<L, kRest> tiles;
   if (warp == 0) {
     invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
   } else {
-    // Meanwhile the other warps finish the state-side operands and their largest magnitudes: the
-    // three fp16 arrays' chunk scales come from one reduction (scale_for_state's maxima, A_qk's here).
-    const int rt = tid - 32, rw = rt / 32;
-    StateSideMax m = scale_for_state<L, kRest, false, true>(sm, rt);  // (Q e^γ, Ke go to the record as fp16)
+    // Meanwhile the other warps form apply_T's K e^γ and the record's Q e^γ and Klᵀ (in registers),
+    // with the largest magnitudes: the three fp16 arrays' chunk scales come from one reduction.
+    const int rw = rt / 32;
+    scale_k_for_apply<L, kRest>(sm, rt);
+    StateSideMax m = tiles.form(sm, rt);
     float ma = 0.0f;
     for_each_quad<C, C, kRest>(rt, [&](int i, int j) {  // A_qk's written tiles (4 columns: one sub-block)
       if (j / L::BS <= i / L::BS) ma = fmaxf(ma, max_abs(ld4(sm + L::kAqk + i * L::LDA + j)));
@@ -739,9 +812,9 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
   // one barrier: docs/performance.md v15.)
   port::block_sync();
   const int lane = tid % 32;
-  store_state_side_f16<L, L::kThreads>(sm, rec, pow2_scale(max_of<kRestWarps>(red, lane)),
-                                       pow2_scale(max_of<kRestWarps>(red + L::kWarps, lane)),
-                                       pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane)), tid);
+  const Pow2 fq = pow2_scale(max_of<kRestWarps>(red, lane)), fkl = pow2_scale(max_of<kRestWarps>(red + L::kWarps, lane));
+  if (warp != 0) tiles.store(rec_h, fq, fkl, rt);
+  store_aqk_and_tail<L, L::kThreads>(sm, rec, fq, fkl, pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane)), tid);
   float w[kApplySteps<L>][2][4];
   apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec_h + 2 * R::kU, rec + R::kInvU, w, warp, l);
   store_w_f16<L>(w, rec_h + 2 * R::kW, rec + R::kInvW, red + 3 * L::kWarps, warp, l, tid);

@@ -643,27 +643,12 @@ struct StateSideMax {
   float q, ke;
 };
 
-// Where K e^γ's element (i, c) lies in its row when stored for the two-kernel form's apply_T
-// (kSwizzleK): shifted by 4 (i mod 4) columns, cyclically within each aligned segment of
-// min(D, 128) columns. apply_T reads B fragments of it, lane (g, t) rows t and t + 4 at column
-// col0 + g; with the row stride of 4 (mod 32) that compute_A's ldmatrix reads need, rows t and
-// t + 1 overlapped on 4 banks (2-way conflicts, 2 % of the preparation's shared-memory wavefronts,
-// docs/performance.md v29); shifted, lane (g, t) reads bank col0 + g + 8t (mod 32).
-template <int D>
-FLASH_KDA_DEVICE int k_state_col(int i, int c) {
-  constexpr int kSeg = D < 128 ? D : 128;
-  return (c & ~(kSeg - 1)) | ((c + 4 * (i & 3)) & (kSeg - 1));
-}
-
 // kRecordsTf32: Q e^γ and Ke rounded to TF32 (the fused body's product operands); the two-kernel
 // form scales them to fp16 for its record, so it leaves them in fp32 (one rounding, not two). K e^γ
-// is apply_T's TF32 operand in both; kSwizzleK stores it at k_state_col's columns. (A row's
-// segments are each read and written by the lanes of one warp, for_each_quad dealing kN, a multiple
-// of 32, threads: a __syncwarp between a segment's reads and its shifted writes suffices.)
-template <class L, int kN = L::kThreads, bool kRecordsTf32 = true, bool kSwizzleK = false>
+// is apply_T's TF32 operand in both.
+template <class L, int kN = L::kThreads, bool kRecordsTf32 = true>
 FLASH_KDA_DEVICE StateSideMax scale_for_state(float* sm, int tid) {
   constexpr int D = L::D;
-  static_assert(!kSwizzleK || kN % 32 == 0, "whole warps: a segment's shift stays within its warp");
   StateSideMax m{0.0f, 0.0f};
   for_each_quad<L::C, D, kN>(tid, [&](int i, int c) {
     const int I = i / L::BS, o = i * L::LD + c;
@@ -673,13 +658,7 @@ FLASH_KDA_DEVICE StateSideMax scale_for_state(float* sm, int tid) {
       q = round_tf32(q);
       ke = round_tf32(ke);
     }
-    const float4 k = round_tf32(ld4(sm + L::kK + o) * fb);
-    if constexpr (kSwizzleK) {
-      __syncwarp();
-      st4(sm + L::kK + i * L::LD + k_state_col<D>(i, c), k);
-    } else {
-      st4(sm + L::kK + o, k);
-    }
+    st4(sm + L::kK + o, round_tf32(ld4(sm + L::kK + o) * fb));
     st4(sm + L::kQ + o, q);
     st4(sm + L::kKe + o, ke);
     m.q = fmaxf(m.q, max_abs(q));
