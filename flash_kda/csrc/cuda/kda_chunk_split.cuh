@@ -396,66 +396,115 @@ struct PrepLayout {
   static_assert((C * D) % kThreads == 0 && C <= kThreads && D <= kThreads, "loader layout");
   static_assert(LD % 32 == 4 && LDA % 32 == 4 && LDV % 32 == 8, "bank-conflict-free fragments");
   static_assert(kK % 4 == 0 && kQ % 4 == 0 && kKe % 4 == 0 && kT % 4 == 0 && kM % 4 == 0, "16-byte rows for ldmatrix");
+  static_assert(kAkk % 4 == 0 && kBeta % 4 == 0, "invert_T's float4 loads");
 };
 
-// T = (I + diag(β) A_kk)^{-1} diag(β) for a 32-token chunk, by one warp. Lane j < 16 substitutes
-// column j of the identity through the first sub-block (T11), lane 16 + j through the second (T22);
-// then T21 = -T22 A21 T11 on the tensor cores. (A_kk is strictly lower triangular.)
+// T = (I + diag(β) A_kk)^{-1} diag(β) for a 32-token chunk, by one warp, in three levels of a
+// blocked inverse (A_kk is strictly lower triangular, so T is lower triangular and each diagonal
+// block of T is the inverse of the matching block of I + diag(β) A_kk, times diag(β)):
+//   1. the four 8 x 8 diagonal blocks by forward substitution, lane 8b + j for column j of block b
+//      (eight dependent rows, 28 FMAs a lane);
+//   2. in each 16-token sub-block, its lower-left 8 x 8 block T21 = -T22 A21 T11 (two mma each);
+//   3. the chunk's lower-left 16 x 16 block, the same product on the 16 x 16 blocks (eight mma).
+// Warp 0 runs this while the other warps do less work beside it (prep_block), so its instruction
+// count and its chain are the preparation's critical path: the one-level form (a 16-row
+// substitution, 120 FMAs a lane, then level 3) issued 373 instructions, this one about half.
+//
+// The products in levels 2 and 3 take P = A21 T11 as Pᵀ = T11ᵀ A21ᵀ, whose m16n8k8 accumulators are
+// the B fragments of T21 = -T22 P as they stand, with the k index of both products permuted inside
+// each 8-block (fragment slot t <-> k = 2t, slot t + 4 <-> k = 2t + 1): lane (g, t) holds
+// Pᵀ[g][2t], Pᵀ[g][2t + 1] = P[2t][g], P[2t + 1][g], which is B's (k, n) = (2t, g), (2t + 1, g). So P
+// never goes through shared memory, T22's A fragments are 8-byte loads, and T11's rows 2t, 2t + 1
+// fall on distinct banks (LDA = 36: bank 8t + g). Sums over k do not depend on its order.
+// T's strictly upper part is zero in the two 16 x 16 diagonal blocks (apply_T reads them whole)
+// and never read in the upper-right 16 x 16 block (apply_T's first row block stops at column 16).
 template <class L>
 FLASH_KDA_DEVICE void invert_T(float* T, const float* A, const float* beta, Lane l, int lane) {
-  constexpr int LDA = L::LDA, BS = L::BS;
-  const int base = (lane / BS) * BS, j = lane % BS;
-  float u[BS];
+  constexpr int LDA = L::LDA;
+  static_assert(L::BS == 16 && LDA % 4 == 0, "16-token sub-blocks, 16-byte rows");
+  // Level 1. Row ii of block b needs A's row 8b + ii up to column 8b + ii - 1: whole float4s of it.
+  {
+    const int b8 = lane / 8 * 8, j = lane % 8;
+    const float4 bl = ld4(beta + b8), bh = ld4(beta + b8 + 4);
+    const float bt[8] = {bl.x, bl.y, bl.z, bl.w, bh.x, bh.y, bh.z, bh.w};
+    float u[8];
 #pragma unroll
-  for (int ii = 0; ii < BS; ++ii) {
-    const int i = base + ii;
-    float acc = ii == j ? 1.0f : 0.0f;
+    for (int ii = 0; ii < 8; ++ii) {
+      const float* row = A + (b8 + ii) * LDA + b8;
+      float a[8];
 #pragma unroll
-    for (int jj = 0; jj < ii; ++jj) acc -= A[i * LDA + base + jj] * u[jj];
-    u[ii] = beta[i] * acc;
-    T[i * LDA + base + j] = round_tf32(u[ii]);
-    if (base == 0) T[i * LDA + BS + j] = 0.0f;  // T12
+      for (int q = 0; q < (ii + 3) / 4; ++q) {
+        const float4 x = ld4(row + 4 * q);
+        a[4 * q] = x.x, a[4 * q + 1] = x.y, a[4 * q + 2] = x.z, a[4 * q + 3] = x.w;
+      }
+      float acc = ii == j ? 1.0f : 0.0f;
+#pragma unroll
+      for (int jj = 0; jj < ii; ++jj) acc -= a[jj] * u[jj];
+      u[ii] = bt[ii] * acc;
+      T[(b8 + ii) * LDA + b8 + j] = round_tf32(u[ii]);
+    }
+    // The upper-right 8 x 8 block of each 16 x 16 diagonal block: 2 x 8 rows of two float4s.
+    const int r = lane / 2, c = lane % 2 * 4;                     // r < 16: sub-block r / 8, row r % 8
+    st4(T + (r / 8 * 16 + r % 8) * LDA + r / 8 * 16 + 8 + c, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
   }
   __syncwarp();
-  // P = A21 T11 (16 x 16) into T21's place, then T21 = -T22 P.
-  float pc[2][4];
+  // Level 2: sub-block s's T21 (rows 16s + 8.., columns 16s..) from its 8 x 8 blocks. Rows g + 8 of
+  // the m16 tiles are unused (their A fragments zero).
 #pragma unroll
-  for (int nt = 0; nt < 2; ++nt) {
-    zero(pc[nt]);
+  for (int s = 0; s < 2; ++s) {
+    const float* T11 = T + 16 * s * LDA + 16 * s;
+    const float* T22 = T11 + 8 * LDA + 8;
+    const float2 a21 = ld2(A + (16 * s + 8 + l.g) * LDA + 16 * s + 2 * l.t);
+    const uint32_t at[4] = {tf32(T11[2 * l.t * LDA + l.g]), 0u, tf32(T11[(2 * l.t + 1) * LDA + l.g]), 0u};
+    const uint32_t b[2] = {tf32(a21.x), tf32(a21.y)};
+    float pt[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma(pt, at, b);                                                // Pᵀ rows g: P[2t][g], P[2t+1][g]
+    const float2 t22 = ld2(T22 + l.g * LDA + 2 * l.t);
+    const uint32_t a[4] = {tf32(t22.x), 0u, tf32(t22.y), 0u};
+    const uint32_t bp[2] = {tf32(pt[0]), tf32(pt[1])};
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma(d, a, bp);
+    st8_aligned(T + (16 * s + 8 + l.g) * LDA + 16 * s + 2 * l.t, make_float2(round_tf32(-d[0]), round_tf32(-d[1])));
+  }
+  __syncwarp();
+  // Level 3: the chunk's T21 (rows 16.., columns 0..15). Pᵀ = T11ᵀ A21ᵀ: m = T11's column, n = A21's
+  // row (two tiles nt), k = T11's row (two blocks kb; rows 0..7 of T11 are zero past column 7).
+  float pt[2][4];
+  zero(pt[0]);
+  zero(pt[1]);
 #pragma unroll
-    for (int kb = 0; kb < BS; kb += 8) {
-      uint32_t a[4], b[2];
-      load_a(a, A + BS * LDA + kb, LDA, l);
-      load_b_t(b, T + kb * LDA + nt * 8, LDA, l);
-      mma(pc[nt], a, b);
+  for (int kb = 0; kb < 2; ++kb) {
+    const float* r0 = T + (8 * kb + 2 * l.t) * LDA + l.g;
+    const uint32_t at[4] = {tf32(r0[0]), kb == 0 ? 0u : tf32(r0[8]), tf32(r0[LDA]), kb == 0 ? 0u : tf32(r0[LDA + 8])};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const float2 a21 = ld2(A + (16 + 8 * nt + l.g) * LDA + 8 * kb + 2 * l.t);
+      const uint32_t b[2] = {tf32(a21.x), tf32(a21.y)};
+      mma(pt[nt], at, b);
+    }
+  }
+  // T21 = -T22 P: m = T22's row, n = P's column (tiles n2: pt's rows g, g + 8), k = P's row (blocks
+  // kb: pt[kb]; T22's rows 0..7 are zero past column 7).
+  float d[2][4];
+  zero(d[0]);
+  zero(d[1]);
+#pragma unroll
+  for (int kb = 0; kb < 2; ++kb) {
+    const float* r0 = T + (16 + l.g) * LDA + 16 + 8 * kb + 2 * l.t;
+    const float2 lo = kb == 0 ? ld2(r0) : make_float2(0.0f, 0.0f), hi = ld2(r0 + 8 * LDA);
+    const uint32_t a[4] = {tf32(lo.x), tf32(hi.x), tf32(lo.y), tf32(hi.y)};
+#pragma unroll
+    for (int n2 = 0; n2 < 2; ++n2) {
+      const uint32_t b[2] = {tf32(pt[kb][2 * n2]), tf32(pt[kb][2 * n2 + 1])};
+      mma(d[n2], a, b);
     }
   }
 #pragma unroll
-  for (int nt = 0; nt < 2; ++nt)
+  for (int n2 = 0; n2 < 2; ++n2)
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
-      T[(BS + l.g + (e >= 2 ? 8 : 0)) * LDA + nt * 8 + 2 * l.t + (e & 1)] = pc[nt][e];
-  __syncwarp();
-  uint32_t b[2][2][2];  // [nt][kb][2]: all of P before T21 is overwritten
-#pragma unroll
-  for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-    for (int kb = 0; kb < 2; ++kb) load_b_t(b[nt][kb], T + (BS + kb * 8) * LDA + nt * 8, LDA, l);
-  __syncwarp();
-#pragma unroll
-  for (int nt = 0; nt < 2; ++nt) {
-    float acc[4];
-    zero(acc);
-#pragma unroll
-    for (int kb = 0; kb < 2; ++kb) {
-      uint32_t a[4];
-      load_a(a, T + BS * LDA + BS + kb * 8, LDA, l);
-      mma(acc, a, b[nt][kb]);
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      T[(BS + l.g + (e >= 2 ? 8 : 0)) * LDA + nt * 8 + 2 * l.t + (e & 1)] = round_tf32(-acc[e]);
-  }
+    for (int h = 0; h < 2; ++h)
+      st8_aligned(T + (16 + l.g + 8 * h) * LDA + 8 * n2 + 2 * l.t,
+                  make_float2(round_tf32(-d[n2][2 * h]), round_tf32(-d[n2][2 * h + 1])));
 }
 
 // One warp's accumulator tile of C = 32 rows (two m16n8 row blocks, acc[mm]) and columns col0 ..
