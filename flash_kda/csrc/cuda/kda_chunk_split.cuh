@@ -406,9 +406,10 @@ struct PrepLayout {
 //      (eight dependent rows, 28 FMAs a lane);
 //   2. in each 16-token sub-block, its lower-left 8 x 8 block T21 = -T22 A21 T11 (two mma each);
 //   3. the chunk's lower-left 16 x 16 block, the same product on the 16 x 16 blocks (eight mma).
-// Warp 0 runs this while the other warps do less work beside it (prep_block), so its instruction
-// count and its chain are the preparation's critical path: the one-level form (a 16-row
-// substitution, 120 FMAs a lane, then level 3) issued 373 instructions, this one about half.
+// Warp 0 runs this while warps 1.. form the state-side operands (prep_block), and the block waits
+// at a barrier for the longer of the two. In v29's profile that was warp 0, by about 1.7x: the
+// one-level form (a 16-row substitution, 120 FMAs a lane, then level 3) issued 373 instructions
+// (sm_90a, D = 128), this one 200 (the preparation −4 to −6 %, docs/performance.md v30).
 //
 // The products in levels 2 and 3 take P = A21 T11 as Pᵀ = T11ᵀ A21ᵀ, whose m16n8k8 accumulators are
 // the B fragments of T21 = -T22 P as they stand, with the k index of both products permuted inside
@@ -562,7 +563,8 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, __
     for (int m = 0; m < 2; ++m) zero(w[step][m]);
     if (kTiles % L::kWarps != 0 && col0 >= L::D) break;
     uint32_t bv[4][2], bk[4][2];
-    // (K e^γ as scale_for_state stored it, kSwizzleK: rows t + 8 kb and t + 4 + 8 kb all at t's shift)
+    // (K e^γ as scale_k_for_apply stored it, at k_state_col: rows t + 8 kb and t + 4 + 8 kb are t mod 4,
+    // so all of this lane's rows have t's shift)
     const float* kp = K + l.t * L::LD + k_state_col<L::D>(l.t, col0 + l.g);
 #pragma unroll
     for (int kb = 0; kb < 4; ++kb) {
@@ -853,12 +855,13 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
       red[2 * L::kWarps + rw] = ma;
     }
   }
-  // T, the state-side arrays and their maxima visible to every warp. One block-wide barrier: the
-  // record's state-side stores come after it, by all warps, and overlap apply_T instead of the
-  // inversion. (Session 14's form had warps 1.. store them during the inversion, behind a named
-  // barrier of their own, 2-3 % faster in the preparation; compute-sanitizer's racecheck reported a
-  // hazard in 7 of 10 of its runs, on store_w_f16's reduction below, and 0 of 10 with every warp at
-  // one barrier: docs/performance.md v15.)
+  // T, K e^γ and the maxima visible to every warp. One block-wide barrier: the record's state-side
+  // stores come after it (Q e^γ and Klᵀ from warps 1..'s registers, A_qk by all warps) and overlap
+  // apply_T instead of the inversion. (Session 14's form had warps 1.. store them during the
+  // inversion, behind a named barrier of their own, 2-3 % faster in the preparation; compute-
+  // sanitizer's racecheck reported a hazard in 7 of 10 of its runs, on store_w_f16's reduction
+  // below, and 0 of 10 with every warp at one barrier: docs/performance.md v15. Session 30's
+  // wip/a-halves, with named barriers inside compute_A, drew the same kind of report: v30.)
   port::block_sync();
   const int lane = tid % 32;
   const Pow2 fq = pow2_scale(max_of<kRestWarps>(red, lane)), fkl = pow2_scale(max_of<kRestWarps>(red + L::kWarps, lane));
