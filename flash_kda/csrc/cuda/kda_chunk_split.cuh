@@ -396,66 +396,116 @@ struct PrepLayout {
   static_assert((C * D) % kThreads == 0 && C <= kThreads && D <= kThreads, "loader layout");
   static_assert(LD % 32 == 4 && LDA % 32 == 4 && LDV % 32 == 8, "bank-conflict-free fragments");
   static_assert(kK % 4 == 0 && kQ % 4 == 0 && kKe % 4 == 0 && kT % 4 == 0 && kM % 4 == 0, "16-byte rows for ldmatrix");
+  static_assert(kAkk % 4 == 0 && kBeta % 4 == 0, "invert_T's float4 loads");
 };
 
-// T = (I + diag(β) A_kk)^{-1} diag(β) for a 32-token chunk, by one warp. Lane j < 16 substitutes
-// column j of the identity through the first sub-block (T11), lane 16 + j through the second (T22);
-// then T21 = -T22 A21 T11 on the tensor cores. (A_kk is strictly lower triangular.)
+// T = (I + diag(β) A_kk)^{-1} diag(β) for a 32-token chunk, by one warp, in three levels of a
+// blocked inverse (A_kk is strictly lower triangular, so T is lower triangular and each diagonal
+// block of T is the inverse of the matching block of I + diag(β) A_kk, times diag(β)):
+//   1. the four 8 x 8 diagonal blocks by forward substitution, lane 8b + j for column j of block b
+//      (eight dependent rows, 28 FMAs a lane);
+//   2. in each 16-token sub-block, its lower-left 8 x 8 block T21 = -T22 A21 T11 (two mma each);
+//   3. the chunk's lower-left 16 x 16 block, the same product on the 16 x 16 blocks (eight mma).
+// Warp 0 runs this while warps 1.. form the state-side operands (prep_block), and the block waits
+// at a barrier for the longer of the two. In v29's profile that was warp 0, by about 1.7x: the
+// one-level form (a 16-row substitution, 120 FMAs a lane, then level 3) issued 373 instructions
+// (sm_90a, D = 128), this one 200 (the preparation −4 to −6 %, docs/performance.md v30).
+//
+// The products in levels 2 and 3 take P = A21 T11 as Pᵀ = T11ᵀ A21ᵀ, whose m16n8k8 accumulators are
+// the B fragments of T21 = -T22 P as they stand, with the k index of both products permuted inside
+// each 8-block (fragment slot t <-> k = 2t, slot t + 4 <-> k = 2t + 1): lane (g, t) holds
+// Pᵀ[g][2t], Pᵀ[g][2t + 1] = P[2t][g], P[2t + 1][g], which is B's (k, n) = (2t, g), (2t + 1, g). So P
+// never goes through shared memory, T22's A fragments are 8-byte loads, and T11's rows 2t, 2t + 1
+// fall on distinct banks (LDA = 36: bank 8t + g). Sums over k do not depend on its order.
+// T's strictly upper part is zero in the two 16 x 16 diagonal blocks (apply_T reads them whole)
+// and never read in the upper-right 16 x 16 block (apply_T's first row block stops at column 16).
 template <class L>
 FLASH_KDA_DEVICE void invert_T(float* T, const float* A, const float* beta, Lane l, int lane) {
-  constexpr int LDA = L::LDA, BS = L::BS;
-  const int base = (lane / BS) * BS, j = lane % BS;
-  float u[BS];
+  constexpr int LDA = L::LDA;
+  static_assert(L::BS == 16 && LDA % 4 == 0, "16-token sub-blocks, 16-byte rows");
+  // Level 1. Row ii of block b needs A's row 8b + ii up to column 8b + ii - 1: whole float4s of it.
+  {
+    const int b8 = lane / 8 * 8, j = lane % 8;
+    const float4 bl = ld4(beta + b8), bh = ld4(beta + b8 + 4);
+    const float bt[8] = {bl.x, bl.y, bl.z, bl.w, bh.x, bh.y, bh.z, bh.w};
+    float u[8];
 #pragma unroll
-  for (int ii = 0; ii < BS; ++ii) {
-    const int i = base + ii;
-    float acc = ii == j ? 1.0f : 0.0f;
+    for (int ii = 0; ii < 8; ++ii) {
+      const float* row = A + (b8 + ii) * LDA + b8;
+      float a[8];
 #pragma unroll
-    for (int jj = 0; jj < ii; ++jj) acc -= A[i * LDA + base + jj] * u[jj];
-    u[ii] = beta[i] * acc;
-    T[i * LDA + base + j] = round_tf32(u[ii]);
-    if (base == 0) T[i * LDA + BS + j] = 0.0f;  // T12
+      for (int q = 0; q < (ii + 3) / 4; ++q) {
+        const float4 x = ld4(row + 4 * q);
+        a[4 * q] = x.x, a[4 * q + 1] = x.y, a[4 * q + 2] = x.z, a[4 * q + 3] = x.w;
+      }
+      float acc = ii == j ? 1.0f : 0.0f;
+#pragma unroll
+      for (int jj = 0; jj < ii; ++jj) acc -= a[jj] * u[jj];
+      u[ii] = bt[ii] * acc;
+      T[(b8 + ii) * LDA + b8 + j] = round_tf32(u[ii]);
+    }
+    // The upper-right 8 x 8 block of each 16 x 16 diagonal block: 2 x 8 rows of two float4s.
+    const int r = lane / 2, c = lane % 2 * 4;                     // r < 16: sub-block r / 8, row r % 8
+    st4(T + (r / 8 * 16 + r % 8) * LDA + r / 8 * 16 + 8 + c, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
   }
   __syncwarp();
-  // P = A21 T11 (16 x 16) into T21's place, then T21 = -T22 P.
-  float pc[2][4];
+  // Level 2: sub-block s's T21 (rows 16s + 8.., columns 16s..) from its 8 x 8 blocks. Rows g + 8 of
+  // the m16 tiles are unused (their A fragments zero).
 #pragma unroll
-  for (int nt = 0; nt < 2; ++nt) {
-    zero(pc[nt]);
+  for (int s = 0; s < 2; ++s) {
+    const float* T11 = T + 16 * s * LDA + 16 * s;
+    const float* T22 = T11 + 8 * LDA + 8;
+    const float2 a21 = ld2(A + (16 * s + 8 + l.g) * LDA + 16 * s + 2 * l.t);
+    const uint32_t at[4] = {tf32(T11[2 * l.t * LDA + l.g]), 0u, tf32(T11[(2 * l.t + 1) * LDA + l.g]), 0u};
+    const uint32_t b[2] = {tf32(a21.x), tf32(a21.y)};
+    float pt[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma(pt, at, b);                                                // Pᵀ rows g: P[2t][g], P[2t+1][g]
+    const float2 t22 = ld2(T22 + l.g * LDA + 2 * l.t);
+    const uint32_t a[4] = {tf32(t22.x), 0u, tf32(t22.y), 0u};
+    const uint32_t bp[2] = {tf32(pt[0]), tf32(pt[1])};
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma(d, a, bp);
+    st8_aligned(T + (16 * s + 8 + l.g) * LDA + 16 * s + 2 * l.t, make_float2(round_tf32(-d[0]), round_tf32(-d[1])));
+  }
+  __syncwarp();
+  // Level 3: the chunk's T21 (rows 16.., columns 0..15). Pᵀ = T11ᵀ A21ᵀ: m = T11's column, n = A21's
+  // row (two tiles nt), k = T11's row (two blocks kb; rows 0..7 of T11 are zero past column 7).
+  float pt[2][4];
+  zero(pt[0]);
+  zero(pt[1]);
 #pragma unroll
-    for (int kb = 0; kb < BS; kb += 8) {
-      uint32_t a[4], b[2];
-      load_a(a, A + BS * LDA + kb, LDA, l);
-      load_b_t(b, T + kb * LDA + nt * 8, LDA, l);
-      mma(pc[nt], a, b);
+  for (int kb = 0; kb < 2; ++kb) {
+    const float* r0 = T + (8 * kb + 2 * l.t) * LDA + l.g;
+    const uint32_t at[4] = {tf32(r0[0]), kb == 0 ? 0u : tf32(r0[8]), tf32(r0[LDA]), kb == 0 ? 0u : tf32(r0[LDA + 8])};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const float2 a21 = ld2(A + (16 + 8 * nt + l.g) * LDA + 8 * kb + 2 * l.t);
+      const uint32_t b[2] = {tf32(a21.x), tf32(a21.y)};
+      mma(pt[nt], at, b);
+    }
+  }
+  // T21 = -T22 P: m = T22's row, n = P's column (tiles n2: pt's rows g, g + 8), k = P's row (blocks
+  // kb: pt[kb]; T22's rows 0..7 are zero past column 7).
+  float d[2][4];
+  zero(d[0]);
+  zero(d[1]);
+#pragma unroll
+  for (int kb = 0; kb < 2; ++kb) {
+    const float* r0 = T + (16 + l.g) * LDA + 16 + 8 * kb + 2 * l.t;
+    const float2 lo = kb == 0 ? ld2(r0) : make_float2(0.0f, 0.0f), hi = ld2(r0 + 8 * LDA);
+    const uint32_t a[4] = {tf32(lo.x), tf32(hi.x), tf32(lo.y), tf32(hi.y)};
+#pragma unroll
+    for (int n2 = 0; n2 < 2; ++n2) {
+      const uint32_t b[2] = {tf32(pt[kb][2 * n2]), tf32(pt[kb][2 * n2 + 1])};
+      mma(d[n2], a, b);
     }
   }
 #pragma unroll
-  for (int nt = 0; nt < 2; ++nt)
+  for (int n2 = 0; n2 < 2; ++n2)
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
-      T[(BS + l.g + (e >= 2 ? 8 : 0)) * LDA + nt * 8 + 2 * l.t + (e & 1)] = pc[nt][e];
-  __syncwarp();
-  uint32_t b[2][2][2];  // [nt][kb][2]: all of P before T21 is overwritten
-#pragma unroll
-  for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-    for (int kb = 0; kb < 2; ++kb) load_b_t(b[nt][kb], T + (BS + kb * 8) * LDA + nt * 8, LDA, l);
-  __syncwarp();
-#pragma unroll
-  for (int nt = 0; nt < 2; ++nt) {
-    float acc[4];
-    zero(acc);
-#pragma unroll
-    for (int kb = 0; kb < 2; ++kb) {
-      uint32_t a[4];
-      load_a(a, T + BS * LDA + BS + kb * 8, LDA, l);
-      mma(acc, a, b[nt][kb]);
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      T[(BS + l.g + (e >= 2 ? 8 : 0)) * LDA + nt * 8 + 2 * l.t + (e & 1)] = round_tf32(-acc[e]);
-  }
+    for (int h = 0; h < 2; ++h)
+      st8_aligned(T + (16 + l.g + 8 * h) * LDA + 8 * n2 + 2 * l.t,
+                  make_float2(round_tf32(-d[n2][2 * h]), round_tf32(-d[n2][2 * h + 1])));
 }
 
 // One warp's accumulator tile of C = 32 rows (two m16n8 row blocks, acc[mm]) and columns col0 ..
@@ -473,6 +523,18 @@ FLASH_KDA_DEVICE void store_tile_f16(__half* dst, const float (&acc)[2][4], floa
     for (int half = 0; half < 2; ++half)
       *reinterpret_cast<uint32_t*>(tile + (2 * mm + half) * 8 * D) =
           pack_f16(acc[mm][2 * half] * s, acc[mm][2 * half + 1] * s);
+}
+
+// Where K e^γ's element (i, c) lies in its row as scale_k_for_apply stores it: shifted by 4 (i mod 4)
+// columns, cyclically within each aligned segment of min(D, 128) columns. apply_T reads B fragments
+// of it, lane (g, t) rows t and t + 4 at column col0 + g; with the row stride of 4 (mod 32) that
+// compute_A's ldmatrix reads need, rows t and t + 1 overlapped on 4 banks (2-way conflicts, 2 % of
+// the preparation's shared-memory wavefronts, docs/performance.md v29); shifted, lane (g, t) reads
+// bank col0 + g + 8t (mod 32).
+template <int D>
+FLASH_KDA_DEVICE int k_state_col(int i, int c) {
+  constexpr int kSeg = D < 128 ? D : 128;
+  return (c & ~(kSeg - 1)) | ((c + 4 * (i & 3)) & (kSeg - 1));
 }
 
 // Column tiles of apply_T per warp: tile warp + step kWarps for step < kApplySteps.
@@ -501,10 +563,14 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, __
     for (int m = 0; m < 2; ++m) zero(w[step][m]);
     if (kTiles % L::kWarps != 0 && col0 >= L::D) break;
     uint32_t bv[4][2], bk[4][2];
+    // (K e^γ as scale_k_for_apply stored it, at k_state_col: rows t + 8 kb and t + 4 + 8 kb are t mod 4,
+    // so all of this lane's rows have t's shift)
+    const float* kp = K + l.t * L::LD + k_state_col<L::D>(l.t, col0 + l.g);
 #pragma unroll
     for (int kb = 0; kb < 4; ++kb) {
       load_b_t(bv[kb], V + kb * 8 * L::LDV + col0, L::LDV, l);
-      load_b_t(bk[kb], K + kb * 8 * L::LD + col0, L::LD, l);
+      bk[kb][0] = tf32(kp[kb * 8 * L::LD]);
+      bk[kb][1] = tf32(kp[(kb * 8 + 4) * L::LD]);
     }
     float u[2][4];
 #pragma unroll
@@ -558,63 +624,121 @@ FLASH_KDA_DEVICE void store_w_f16(const float (&w)[kApplySteps<L>][2][4], __half
   if (tid == 0) *inv = f.inv;
 }
 
-// The state-side parts of the record, by threads [0, kN) (all of the preparation's): Q e^γ
-// [C, D], Klᵀ [D, C] (row c = channel c of the token-major K e^{γ_last - γ}) and A_qk [C, C] (zero
-// above its diagonal sub-blocks, which compute_A leaves unwritten), from shared memory to fp16 in
-// core-matrix order, each times its chunk scale (fq, fkl, fa: from the arrays' largest magnitudes,
-// scale_for_state's and the caller's), then the inverse scales and e^{γ_last}.
-// Work unit: eight consecutive elements of a row, one 16-byte store. The 32 units of a warp form
-// an 8-row x 4-unit tile of one array (so every branch below is warp-uniform): each 8 lanes fill
-// one 128-byte core matrix, and the shared-memory reads are conflict-free (Q, A: the 8 lanes of a
-// quarter-warp read 8 rows, 4 banks apart with row strides of 4 mod 32; Klᵀ: a warp's 32 lanes
-// read 32 consecutive channels of one token).
+// K e^{γ-γ_r} -> K e^γ (rounded to TF32: apply_T's operand), in place at k_state_col's columns, by
+// threads [0, kN). (for_each_quad deals kN, a multiple of 32, threads, so each segment of a row is
+// read and written by the lanes of one warp: a __syncwarp between the reads and the shifted writes
+// suffices.)
 template <class L, int kN>
-FLASH_KDA_DEVICE void store_state_side_f16(const float* sm, float* rec, Pow2 fq, Pow2 fkl, Pow2 fa, int tid) {
+FLASH_KDA_DEVICE void scale_k_for_apply(float* sm, int tid) {
+  constexpr int D = L::D;
+  static_assert(kN % 32 == 0, "whole warps: a segment's shift stays within its warp");
+  for_each_quad<L::C, D, kN>(tid, [&](int i, int c) {
+    const float4 k = round_tf32(ld4(sm + L::kK + i * L::LD + c) * ld4(sm + L::kEr + (i / L::BS) * D + c));
+    __syncwarp();
+    st4(sm + L::kK + i * L::LD + k_state_col<D>(i, c), k);
+  });
+}
+
+// The record's Q e^γ [C, D] and Klᵀ [D, C] (row c = channel c of K e^{γ_last - γ}), fp16 in
+// core-matrix order, in warp tiles of 32 units of 8 elements (one 16-byte store each): Q e^γ's
+// tiles, then Klᵀ's. Warps 1.. form them from scale_for_A's forms while warp 0 inverts (Q e^{γ-γ_r}
+// times e^{γ_r(I)}, K e^{γ_e-γ} times e^{γ_last-γ_e(I)}), keep them in registers (v) with their
+// largest magnitudes, and store them after the barrier that gives the chunk's scales. (Until v29,
+// scale_for_state wrote both arrays to shared memory and every warp read them back after the
+// barrier: 512 of a block's ~6,050 shared-memory wavefronts, in a preparation bound by its L1.)
+// Tile w of warp rw (of kN / 32): w = rw + k kN / 32. Q tile w: rows 8 rg + lane % 8, columns
+// 32 cg + 8 (lane / 8) .. + 7 (rg = w / (D / 32), cg = w % (D / 32)); in core-matrix order its units
+// are 4 whole core matrices side by side, so unit (w, lane) lies at half offset 256 w + 8 lane. Klᵀ
+// tile t: channel c = 32 (t % (D / 32)) + lane, tokens 8 tb .. 8 tb + 7 (tb = t / (D / 32)), at
+// core_offset<C>(c, 8 tb) = 8 C (c / 8) + 64 tb + 8 (c % 8). The shared-memory reads are
+// conflict-free (Q: the 8 lanes of a quarter-warp read 8 rows, 4 banks apart with row strides of 4
+// mod 32; Klᵀ: a warp's 32 lanes read 32 consecutive channels of one token).
+template <class L, int kN>
+struct StateSideTiles {
+  static constexpr int kQ = L::C * L::D / 256, kTiles = 2 * kQ, kWarpsHere = kN / 32;
+  static constexpr int kPer = (kTiles + kWarpsHere - 1) / kWarpsHere;
+  static_assert(kN % 32 == 0 && L::C % 32 == 0 && L::D % 32 == 0 && L::BS == 16, "whole warp tiles");
+  float v[kPer][8];
+
+  // The tiles' values and largest magnitudes (by threads [0, kN) renumbered).
+  FLASH_KDA_DEVICE StateSideMax form(const float* sm, int tid) {
+    constexpr int D = L::D;
+    const int lane = tid % 32, rw = tid / 32;
+    StateSideMax m{0.0f, 0.0f};
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int w = rw + k * kWarpsHere;
+      if (kTiles % kWarpsHere != 0 && w >= kTiles) break;  // (warp-uniform)
+      if (w < kQ) {
+        const int rg = w / (D / 32), c = 32 * (w % (D / 32)) + 8 * (lane / 8);
+        const float* e = sm + L::kQ + (lane % 8 + 8 * rg) * L::LD + c;
+        const float* f = sm + L::kEr + (rg / 2) * D + c;  // e^{γ_r(I)}, I = row / 16 = rg / 2
+        const float4 a = ld4(e) * ld4(f), b = ld4(e + 4) * ld4(f + 4);
+        v[k][0] = a.x, v[k][1] = a.y, v[k][2] = a.z, v[k][3] = a.w;
+        v[k][4] = b.x, v[k][5] = b.y, v[k][6] = b.z, v[k][7] = b.w;
+        m.q = fmaxf(m.q, fmaxf(max_abs(a), max_abs(b)));
+      } else {
+        const int t = w - kQ, tb = t / (D / 32), c = 32 * (t % (D / 32)) + lane;
+        const float* e = sm + L::kKe + 8 * tb * L::LD + c;
+        const float el = sm[L::kEl + (tb / 2) * D + c];  // e^{γ_last-γ_e(I)}, I = 8 tb / 16
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          v[k][j] = e[j * L::LD] * el;
+          m.ke = fmaxf(m.ke, fabsf(v[k][j]));
+        }
+      }
+    }
+    return m;
+  }
+
+  // Their stores, scaled by the chunk's fq and fkl (the same threads, after the barrier).
+  FLASH_KDA_DEVICE void store(__half* rec_h, Pow2 fq, Pow2 fkl, int tid) const {
+    using R = Record<L::D, L::C>;
+    constexpr int C = L::C, D = L::D;
+    const int lane = tid % 32, rw = tid / 32;
+    __half* q_dst = rec_h + 2 * R::kQ + 8 * lane;
+    __half* kl_dst = rec_h + 2 * R::kKl + (lane / 8) * 8 * C + (lane % 8) * 8;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int w = rw + k * kWarpsHere;
+      if (kTiles % kWarpsHere != 0 && w >= kTiles) break;
+      if (w < kQ) {
+        store8_f16(q_dst + 256 * w, v[k], fq.s);
+      } else {
+        const int t = w - kQ;
+        store8_f16(kl_dst + 32 * C * (t % (D / 32)) + 64 * (t / (D / 32)), v[k], fkl.s);
+      }
+    }
+  }
+};
+
+// The rest of the record's state-side part, by threads [0, kN) (all of the preparation's): A_qk
+// [C, C] (zero above its diagonal sub-blocks, which compute_A leaves unwritten) from shared memory
+// to fp16 in core-matrix order times its chunk scale fa, in warp tiles as StateSideTiles' Q (each 8
+// lanes fill one 128-byte core matrix), then e^{γ_last}, the inverse scales and the padding.
+template <class L, int kN>
+FLASH_KDA_DEVICE void store_aqk_and_tail(const float* sm, float* rec, Pow2 fq, Pow2 fkl, Pow2 fa, int tid) {
   using R = Record<L::D, L::C>;
   constexpr int C = L::C, D = L::D;
-  // warp tiles of 32 units: Q e^γ's, then Klᵀ's, then A_qk's (unsigned: the index splits are shifts)
-  constexpr unsigned kQ = C * D / 256, kKl = kQ + D * C / 256, kTiles = kKl + C * C / 256;
-  static_assert(kN % 32 == 0 && C % 32 == 0 && D % 32 == 0, "whole warp tiles");
+  constexpr unsigned kTiles = C * C / 256, kPerRow = C / 32;
+  static_assert(kN % 32 == 0 && C % 32 == 0, "whole warp tiles");
   static_assert(L::BS == 16, "A_qk's sub-blocks: two 8-row groups, two units each");
   __half* rec_h = reinterpret_cast<__half*>(rec);
   const unsigned lane = static_cast<unsigned>(tid) % 32;
-  // Addresses split into a lane part (formed once) and a tile part. Row-major tile w of COLS
-  // columns: rows 8 rg + lane % 8, units 4 cg + lane / 8 (rg = w / (COLS / 32), cg = w % (COLS / 32));
-  // in core-matrix order its 32 units are 4 whole core matrices side by side, so unit (w, lane) lies
-  // at half offset 256 w + 8 lane. Klᵀ tile t: channel c = 32 (t % (D / 32)) + lane, tokens 8 tb ..
-  // 8 tb + 7 (tb = t / (D / 32)), at core_offset<C>(c, 8 tb) = 8 C (c / 8) + 64 tb + 8 (c % 8).
-  const int lane_dst = static_cast<int>(8 * lane);
-  auto row_major = [&](auto cols, const float* src, int lds, __half* dst, unsigned w, Pow2 f, bool causal) {
-    constexpr unsigned kPerRow = decltype(cols)::value / 32;
+  for (unsigned w = static_cast<unsigned>(tid) / 32; w < kTiles; w += kN / 32) {
     const int rg = static_cast<int>(w / kPerRow), cg = static_cast<int>(w % kPerRow);
     float v[8];
-    // (A_qk: unit cb = 4 cg + lane / 8 of row r = 8 rg + lane % 8 lies above the diagonal sub-blocks
+    // (unit cb = 4 cg + lane / 8 of row r = 8 rg + lane % 8 lies above the diagonal sub-blocks
     // when its 16-column block cb / 2 is past row block r / 16 = rg / 2)
-    if (causal && (4 * cg + static_cast<int>(lane / 8)) / 2 > rg / 2) {
+    if ((4 * cg + static_cast<int>(lane / 8)) / 2 > rg / 2) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) v[j] = 0.0f;
     } else {
-      const float* e = src + (static_cast<int>(lane % 8) + 8 * rg) * lds + 8 * static_cast<int>(lane / 8) + 32 * cg;
+      const float* e = sm + L::kAqk + (static_cast<int>(lane % 8) + 8 * rg) * L::LDA + 8 * static_cast<int>(lane / 8) + 32 * cg;
       const float4 a = ld4(e), b = ld4(e + 4);
       v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
     }
-    store8_f16(dst + lane_dst + 256 * static_cast<int>(w), v, f.s);
-  };
-  const float* kl_src = sm + L::kKe + lane;
-  __half* kl_dst = rec_h + 2 * R::kKl + static_cast<int>(lane / 8) * 8 * C + static_cast<int>(lane % 8) * 8;
-  for (unsigned w = static_cast<unsigned>(tid) / 32; w < kTiles; w += kN / 32) {
-    if (w < kQ) {
-      row_major(std::integral_constant<int, D>{}, sm + L::kQ, L::LD, rec_h + 2 * R::kQ, w, fq, false);
-    } else if (w < kKl) {
-      const int cgrp = static_cast<int>((w - kQ) % (D / 32)), tb = static_cast<int>((w - kQ) / (D / 32));
-      const float* e = kl_src + 32 * cgrp + 8 * tb * L::LD;
-      float v[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = e[j * L::LD];
-      store8_f16(kl_dst + 32 * C * cgrp + 64 * tb, v, fkl.s);
-    } else {
-      row_major(std::integral_constant<int, C>{}, sm + L::kAqk, L::LDA, rec_h + 2 * R::kA, w - kKl, fa, true);
-    }
+    store8_f16(rec_h + 2 * R::kA + 8 * static_cast<int>(lane) + 256 * static_cast<int>(w), v, fa.s);
   }
   for (int c = tid; c < D; c += kN) rec[R::kEg + c] = sm[L::kEg + c];
   if (tid == 0) {
@@ -708,13 +832,16 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
   __half* rec_h = reinterpret_cast<__half*>(rec);
   constexpr int C = L::C, kRest = L::kThreads - 32, kRestWarps = kRest / 32;
   float* red = sm + L::kRed;
+  const int rt = tid - 32;   // (warps 1..: their thread index from 0)
+  StateSideTiles<L, kRest> tiles;
   if (warp == 0) {
     invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
   } else {
-    // Meanwhile the other warps finish the state-side operands and their largest magnitudes: the
-    // three fp16 arrays' chunk scales come from one reduction (scale_for_state's maxima, A_qk's here).
-    const int rt = tid - 32, rw = rt / 32;
-    StateSideMax m = scale_for_state<L, kRest, false>(sm, rt);  // (Q e^γ, Ke go to the record as fp16)
+    // Meanwhile the other warps form apply_T's K e^γ and the record's Q e^γ and Klᵀ (in registers),
+    // with the largest magnitudes: the three fp16 arrays' chunk scales come from one reduction.
+    const int rw = rt / 32;
+    scale_k_for_apply<L, kRest>(sm, rt);
+    StateSideMax m = tiles.form(sm, rt);
     float ma = 0.0f;
     for_each_quad<C, C, kRest>(rt, [&](int i, int j) {  // A_qk's written tiles (4 columns: one sub-block)
       if (j / L::BS <= i / L::BS) ma = fmaxf(ma, max_abs(ld4(sm + L::kAqk + i * L::LDA + j)));
@@ -728,17 +855,18 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
       red[2 * L::kWarps + rw] = ma;
     }
   }
-  // T, the state-side arrays and their maxima visible to every warp. One block-wide barrier: the
-  // record's state-side stores come after it, by all warps, and overlap apply_T instead of the
-  // inversion. (Session 14's form had warps 1.. store them during the inversion, behind a named
-  // barrier of their own, 2-3 % faster in the preparation; compute-sanitizer's racecheck reported a
-  // hazard in 7 of 10 of its runs, on store_w_f16's reduction below, and 0 of 10 with every warp at
-  // one barrier: docs/performance.md v15.)
+  // T, K e^γ and the maxima visible to every warp. One block-wide barrier: the record's state-side
+  // stores come after it (Q e^γ and Klᵀ from warps 1..'s registers, A_qk by all warps) and overlap
+  // apply_T instead of the inversion. (Session 14's form had warps 1.. store them during the
+  // inversion, behind a named barrier of their own, 2-3 % faster in the preparation; compute-
+  // sanitizer's racecheck reported a hazard in 7 of 10 of its runs, on store_w_f16's reduction
+  // below, and 0 of 10 with every warp at one barrier: docs/performance.md v15. Session 30's
+  // wip/a-halves, with named barriers inside compute_A, drew the same kind of report: v30.)
   port::block_sync();
   const int lane = tid % 32;
-  store_state_side_f16<L, L::kThreads>(sm, rec, pow2_scale(max_of<kRestWarps>(red, lane)),
-                                       pow2_scale(max_of<kRestWarps>(red + L::kWarps, lane)),
-                                       pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane)), tid);
+  const Pow2 fq = pow2_scale(max_of<kRestWarps>(red, lane)), fkl = pow2_scale(max_of<kRestWarps>(red + L::kWarps, lane));
+  if (warp != 0) tiles.store(rec_h, fq, fkl, rt);
+  store_aqk_and_tail<L, L::kThreads>(sm, rec, fq, fkl, pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane)), tid);
   float w[kApplySteps<L>][2][4];
   apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec_h + 2 * R::kU, rec + R::kInvU, w, warp, l);
   store_w_f16<L>(w, rec_h + 2 * R::kW, rec + R::kInvW, red + 3 * L::kWarps, warp, l, tid);

@@ -321,6 +321,17 @@ FLASH_KDA_DEVICE void store8(float* dst, const float (&x)[8]) {
   st4(dst + 4, make_float4(x[4], x[5], x[6], x[7]));
 }
 
+// store8 with the two 16-byte halves in the other order where `swap`. Where the 8 lanes of a
+// quarter-warp store 8-float groups side by side (a row of V), their first stores fall on words 2p,
+// 4 of the 8 16-byte bank groups (2-way conflicts on both stores); with lanes 4-7 of each quarter
+// storing their second half first, each store covers all 8 (docs/performance.md v29).
+FLASH_KDA_DEVICE void store8_swapped(float* dst, const float (&x)[8], bool swap) {
+  const float4 lo = make_float4(x[0], x[1], x[2], x[3]), hi = make_float4(x[4], x[5], x[6], x[7]);
+  const int first = swap ? 4 : 0;
+  st4(dst + first, swap ? hi : lo);
+  st4(dst + (4 - first), swap ? lo : hi);
+}
+
 // Element i of a buffer of fp32 or of the input dtype, as raw bits (a 16-bit element in the low
 // half), and its value: load_as_float in two steps, so that the read can be issued early and the
 // conversion, which waits for it, placed late.
@@ -430,7 +441,7 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
     if (kVItems % L::kThreads != 0 && item >= kVItems) break;
     const int i = item / (L::VS / 8), c = (item % (L::VS / 8)) * 8;
     if (short_chunk) zero_past_end(i >= len, vx[r]);
-    store8(sm + L::kVx + i * L::LDV + c, vx[r]);
+    store8_swapped(sm + L::kVx + i * L::LDV + c, vx[r], (tid >> 2) & 1);
   }
   if (tid < L::C) sm[L::kBeta + tid] = tid < len ? fast_sigmoid(float_from_bits(b_bits, p.beta_fp32)) : 0.0f;
 
