@@ -639,6 +639,11 @@ FLASH_KDA_DEVICE void scale_k_for_apply(float* sm, int tid) {
   });
 }
 
+// Largest magnitudes of the record's Q e^γ and Klᵀ values (their fp16 chunk scales).
+struct StateSideMax {
+  float q, ke;
+};
+
 // The record's Q e^γ [C, D] and Klᵀ [D, C] (row c = channel c of K e^{γ_last - γ}), fp16 in
 // core-matrix order, in warp tiles of 32 units of 8 elements (one 16-byte store each): Q e^γ's
 // tiles, then Klᵀ's. Warps 1.. form them from scale_for_A's forms while warp 0 inverts (Q e^{γ-γ_r}

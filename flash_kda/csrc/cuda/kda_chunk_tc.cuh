@@ -634,37 +634,22 @@ FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
   }
 }
 
-// k -> k e^γ, q -> q e^γ (from the e^{γ - γ_r} forms) and Ke -> k e^{γ_last - γ}. (e^{γ_r} may
-// flush to 0 where e^γ of an earlier token would not: only for factors below 2^-126 · 2^kMaxSpan.)
-// (By threads [0, kN); the two-kernel form's preparation leaves warp 0 out.) Returns the largest
-// magnitudes of the thread's q e^γ and Ke values: the two-kernel form scales its fp16 records by
-// them, found here where the values pass through registers anyway (the fused body ignores them).
-struct StateSideMax {
-  float q, ke;
-};
-
-// kRecordsTf32: Q e^γ and Ke rounded to TF32 (the fused body's product operands); the two-kernel
-// form scales them to fp16 for its record, so it leaves them in fp32 (one rounding, not two). K e^γ
-// is apply_T's TF32 operand in both.
-template <class L, int kN = L::kThreads, bool kRecordsTf32 = true>
-FLASH_KDA_DEVICE StateSideMax scale_for_state(float* sm, int tid) {
+// k -> k e^γ, q -> q e^γ (from the e^{γ - γ_r} forms) and Ke -> k e^{γ_last - γ}, all rounded to TF32
+// (the fused body's product operands). (e^{γ_r} may flush to 0 where e^γ of an earlier token would
+// not: only for factors below 2^-126 · 2^kMaxSpan.) The two-kernel form's preparation has its own
+// forms of these (scale_k_for_apply, StateSideTiles in kda_chunk_split.cuh).
+template <class L>
+FLASH_KDA_DEVICE void scale_for_state(float* sm, int tid) {
   constexpr int D = L::D;
-  StateSideMax m{0.0f, 0.0f};
-  for_each_quad<L::C, D, kN>(tid, [&](int i, int c) {
+  for_each_quad<L::C, D, L::kThreads>(tid, [&](int i, int c) {
     const int I = i / L::BS, o = i * L::LD + c;
     const float4 fb = ld4(sm + L::kEr + I * D + c);  // e^{γ_r(I)}
-    float4 q = ld4(sm + L::kQ + o) * fb, ke = ld4(sm + L::kKe + o) * ld4(sm + L::kEl + I * D + c);
-    if (kRecordsTf32) {
-      q = round_tf32(q);
-      ke = round_tf32(ke);
-    }
+    const float4 q = round_tf32(ld4(sm + L::kQ + o) * fb);
+    const float4 ke = round_tf32(ld4(sm + L::kKe + o) * ld4(sm + L::kEl + I * D + c));
     st4(sm + L::kK + o, round_tf32(ld4(sm + L::kK + o) * fb));
     st4(sm + L::kQ + o, q);
     st4(sm + L::kKe + o, ke);
-    m.q = fmaxf(m.q, max_abs(q));
-    m.ke = fmaxf(m.ke, max_abs(ke));
   });
-  return m;
 }
 
 // ---------------------------------------------------------------------------------------------
