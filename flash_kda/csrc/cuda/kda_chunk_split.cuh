@@ -409,7 +409,7 @@ struct PrepLayout {
 // Warp 0 runs this while warps 1.. form the state-side operands (prep_block), and the block waits
 // at a barrier for the longer of the two. In v29's profile that was warp 0, by about 1.7x: the
 // one-level form (a 16-row substitution, 120 FMAs a lane, then level 3) issued 373 instructions
-// (sm_90a, D = 128), this one 200 (the preparation −4 to −6 %, docs/performance.md v30).
+// (sm_90a, D = 128), this one 200 (the preparation alone −3 to −6 %, docs/performance.md v30).
 //
 // The products in levels 2 and 3 take P = A21 T11 as Pᵀ = T11ᵀ A21ᵀ, whose m16n8k8 accumulators are
 // the B fragments of T21 = -T22 P as they stand, with the k index of both products permuted inside
