@@ -308,7 +308,8 @@ FLASH_KDA_DEVICE void load8(const void* base, Off off, bool fp32, bool vec_, flo
     const port::input_t* h = static_cast<const port::input_t*>(base) + off;
     if (vec) {
       const uint4 r = *reinterpret_cast<const uint4*>(h);
-      const uint4 u = swap ? make_uint4(r.z, r.w, r.x, r.y) : r;
+      uint4 u;
+      u.x = swap ? r.z : r.x, u.y = swap ? r.w : r.y, u.z = swap ? r.x : r.z, u.w = swap ? r.y : r.w;
       const port::input_t* e8 = reinterpret_cast<const port::input_t*>(&u);
 #pragma unroll
       for (int e = 0; e < 8; ++e) x[e] = port::to_float(e8[e]);
