@@ -289,9 +289,11 @@ FLASH_KDA_DEVICE Off token_offset_as(const TokenStrides& s, const SeqRange& r, i
 
 // Eight consecutive elements of a tensor holding the input dtype, or fp32 if `fp32`; 16-byte loads
 // if `vec` (always with kVec: the caller checked every tensor, and the scalar path is not compiled,
-// so it costs no predicated instructions).
+// so it costs no predicated instructions). `swap` (input dtype only): x holds elements 4..7, then
+// 0..3, as store8_swapped wants them; exchanged as four packed words before the conversion, where
+// eight floats exchanged at the store took eight selects.
 template <bool kVec, class Off>
-FLASH_KDA_DEVICE void load8(const void* base, Off off, bool fp32, bool vec_, float (&x)[8]) {
+FLASH_KDA_DEVICE void load8(const void* base, Off off, bool fp32, bool vec_, float (&x)[8], bool swap = false) {
   const bool vec = kVec || vec_;
   if (fp32) {
     const float* f = static_cast<const float*>(base) + off;
@@ -305,13 +307,15 @@ FLASH_KDA_DEVICE void load8(const void* base, Off off, bool fp32, bool vec_, flo
   } else {
     const port::input_t* h = static_cast<const port::input_t*>(base) + off;
     if (vec) {
-      const uint4 u = *reinterpret_cast<const uint4*>(h);
+      const uint4 r = *reinterpret_cast<const uint4*>(h);
+      uint4 u;
+      u.x = swap ? r.z : r.x, u.y = swap ? r.w : r.y, u.z = swap ? r.x : r.z, u.w = swap ? r.y : r.w;
       const port::input_t* e8 = reinterpret_cast<const port::input_t*>(&u);
 #pragma unroll
       for (int e = 0; e < 8; ++e) x[e] = port::to_float(e8[e]);
     } else {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) x[e] = port::to_float(h[e]);
+      for (int e = 0; e < 8; ++e) x[e] = port::to_float(h[e ^ (swap ? 4 : 0)]);
     }
   }
 }
@@ -321,15 +325,15 @@ FLASH_KDA_DEVICE void store8(float* dst, const float (&x)[8]) {
   st4(dst + 4, make_float4(x[4], x[5], x[6], x[7]));
 }
 
-// store8 with the two 16-byte halves in the other order where `swap`. Where the 8 lanes of a
-// quarter-warp store 8-float groups side by side (a row of V), their first stores fall on words 2p,
-// 4 of the 8 16-byte bank groups (2-way conflicts on both stores); with lanes 4-7 of each quarter
-// storing their second half first, each store covers all 8 (docs/performance.md v29).
+// store8 with the two 16-byte halves in the other order where `swap`, x as load8(..., swap) gives
+// it (elements 4..7 first there). Where the 8 lanes of a quarter-warp store 8-float groups side by
+// side (a row of V), their first stores fall on words 2p, 4 of the 8 16-byte bank groups (2-way
+// conflicts on both stores); with lanes 4-7 of each quarter storing their second half first, each
+// store covers all 8 (docs/performance.md v29).
 FLASH_KDA_DEVICE void store8_swapped(float* dst, const float (&x)[8], bool swap) {
-  const float4 lo = make_float4(x[0], x[1], x[2], x[3]), hi = make_float4(x[4], x[5], x[6], x[7]);
   const int first = swap ? 4 : 0;
-  st4(dst + first, swap ? hi : lo);
-  st4(dst + (4 - first), swap ? lo : hi);
+  st4(dst + first, make_float4(x[0], x[1], x[2], x[3]));
+  st4(dst + (4 - first), make_float4(x[4], x[5], x[6], x[7]));
 }
 
 // Element i of a buffer of fp32 or of the input dtype, as raw bits (a 16-bit element in the low
@@ -403,6 +407,7 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   const int row0 = (tid / 32) * (32 / RV) + rl.row;  // pass r: row row0 + r * kRowsPerPass
   constexpr int kRowsPerPass = L::kWarps * (32 / RV);
   const int last = len - 1;
+  const bool v_swap = (tid >> 2) & 1;  // store8_swapped's lanes 4-7 of each quarter-warp
 
   // 1. The reads.
   float qx[kPass][8], kx[kPass][8], gx[kPass][8], dtb[kPass][8], vx[kVPass][8];
@@ -429,7 +434,7 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   for (int r = 0; r < kVPass; ++r) {  // (items past kVItems, where threads outnumber them, reread the last)
     const int item = min(tid + r * L::kThreads, kVItems - 1);
     const int i = min(item / (L::VS / 8), last), c = (item % (L::VS / 8)) * 8;
-    load8<kVec>(p.v, token_offset_as<Off>(p.v_strides, t.r, t0 + i, t.h) + t.v0 + c, false, vec.v, vx[r]);
+    load8<kVec>(p.v, token_offset_as<Off>(p.v_strides, t.r, t0 + i, t.h) + t.v0 + c, false, vec.v, vx[r], v_swap);
   }
 
   // 2. Their uses. Rows past the end are zeroed just before their stores, the norms and gates having
@@ -441,13 +446,18 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
     if (kVItems % L::kThreads != 0 && item >= kVItems) break;
     const int i = item / (L::VS / 8), c = (item % (L::VS / 8)) * 8;
     if (short_chunk) zero_past_end(i >= len, vx[r]);
-    store8_swapped(sm + L::kVx + i * L::LDV + c, vx[r], (tid >> 2) & 1);
+    store8_swapped(sm + L::kVx + i * L::LDV + c, vx[r], v_swap);
   }
   if (tid < L::C) sm[L::kBeta + tid] = tid < len ? fast_sigmoid(float_from_bits(b_bits, p.beta_fp32)) : 0.0f;
 
-  const float exp_a = gate ? port::exp(a_log) : 0.0f;
+  // The gate's sigmoid argument in one product: exp2 of (g + dt_bias) times -e^{A_log} log2(e)
+  // (one rounding of the constant here instead of a second product per element).
+  const float neg_exp_a2 = gate ? -port::exp(a_log) * portable::kLog2e : 0.0f;
   const float lb2 = p.lower_bound * portable::kLog2e;
   constexpr float kMin2 = portable::kMinLogDecay;  // log2 units; only needs to stay finite
+  // With the gate, every log-decay is lb2 times a sigmoid in [0, 1], so it lies between lb2 and 0
+  // and the clamp below changes nothing unless lb2 itself is below kMin2 (NaN passes both ways).
+  const bool clamp = !gate || lb2 < kMin2;  // uniform
 #pragma unroll
   for (int r = 0; r < kPass; ++r) {
     const int i = row0 + r * kRowsPerPass, c = rl.group * 8;
@@ -473,13 +483,15 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
     // elements' exp2 / reciprocal chains)
     if (gate) {  // uniform
 #pragma unroll
-      for (int e = 0; e < 8; ++e) gx[r][e] = lb2 * fast_sigmoid(exp_a * (gx[r][e] + dtb[r][e]));
+      for (int e = 0; e < 8; ++e) gx[r][e] = lb2 * __fdividef(1.0f, 1.0f + fast_exp2((gx[r][e] + dtb[r][e]) * neg_exp_a2));
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) gx[r][e] *= portable::kLog2e;
     }
+    if (clamp) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) gx[r][e] = gx[r][e] < kMin2 ? kMin2 : gx[r][e];  // NaN passes
+      for (int e = 0; e < 8; ++e) gx[r][e] = gx[r][e] < kMin2 ? kMin2 : gx[r][e];  // NaN passes
+    }
     if (short_chunk) {
       zero_past_end(i >= len, qx[r]);
       zero_past_end(i >= len, kx[r]);
