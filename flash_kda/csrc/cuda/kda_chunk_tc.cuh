@@ -150,10 +150,11 @@ using portable::ld4;  // 16-byte shared-memory read
 FLASH_KDA_DEVICE void st4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
 FLASH_KDA_DEVICE float max_abs(float4 x) { return fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(x.z), fabsf(x.w))); }
 
-// 1 / (1 + e^{-x}); e^{-x} = inf for very negative x gives 0, as it should.
-FLASH_KDA_DEVICE float fast_sigmoid(float x) {
-  return __fdividef(1.0f, 1.0f + fast_exp2(-x * portable::kLog2e));
-}
+// 1 / (1 + 2^{-y}): the sigmoid of y / log2(e), for callers that have their argument in log2 units
+// already. 2^{-y} = inf for very negative y gives 0, as it should.
+FLASH_KDA_DEVICE float fast_sigmoid_log2(float y) { return __fdividef(1.0f, 1.0f + fast_exp2(-y)); }
+// 1 / (1 + e^{-x}).
+FLASH_KDA_DEVICE float fast_sigmoid(float x) { return fast_sigmoid_log2(x * portable::kLog2e); }
 
 // A tile whose element (m, k) is p[m * ld + k].
 FLASH_KDA_DEVICE void load_a(uint32_t (&a)[4], const float* p, int ld, Lane l) {
@@ -450,9 +451,9 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   }
   if (tid < L::C) sm[L::kBeta + tid] = tid < len ? fast_sigmoid(float_from_bits(b_bits, p.beta_fp32)) : 0.0f;
 
-  // The gate's sigmoid argument in one product: exp2 of (g + dt_bias) times -e^{A_log} log2(e)
-  // (one rounding of the constant here instead of a second product per element).
-  const float neg_exp_a2 = gate ? -port::exp(a_log) * portable::kLog2e : 0.0f;
+  // The gate's sigmoid argument in log2 units in one product per element: (g + dt_bias) times
+  // e^{A_log} log2(e), the constant rounded once here (it took a second product per element).
+  const float exp_a2 = gate ? port::exp(a_log) * portable::kLog2e : 0.0f;
   const float lb2 = p.lower_bound * portable::kLog2e;
   constexpr float kMin2 = portable::kMinLogDecay;  // log2 units; only needs to stay finite
   // With the gate, every log-decay is lb2 times a sigmoid in [0, 1], so it lies between lb2 and 0
@@ -483,7 +484,7 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
     // elements' exp2 / reciprocal chains)
     if (gate) {  // uniform
 #pragma unroll
-      for (int e = 0; e < 8; ++e) gx[r][e] = lb2 * __fdividef(1.0f, 1.0f + fast_exp2((gx[r][e] + dtb[r][e]) * neg_exp_a2));
+      for (int e = 0; e < 8; ++e) gx[r][e] = lb2 * fast_sigmoid_log2((gx[r][e] + dtb[r][e]) * exp_a2);
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) gx[r][e] *= portable::kLog2e;
