@@ -374,15 +374,15 @@ struct PrepLayout {
 
   static constexpr int kK = 0;                      // [C, LD] k -> k e^{γ-γ_r} -> k e^γ
   static constexpr int kQ = kK + C * LD;            // [C, LD] q -> q e^{γ-γ_r} -> q e^γ
-  static constexpr int kKe = kQ + C * LD;           // [C, LD] a -> γ -> k e^{γ_e-γ} -> k e^{γ_last-γ}
+  static constexpr int kKe = kQ + C * LD;           // [C, LD] a -> γ -> k e^{γ_c-γ} -> k e^{γ_last-γ}
   static constexpr int kG = kKe;
   static constexpr int kVx = kKe + C * LD;          // [C, LDV] v -> U0
   static constexpr int kAkk = kVx + C * LDV;        // [C, LDA]
   static constexpr int kAqk = kAkk + C * LDA;       // [C, LDA]
   static constexpr int kT = kAqk + C * LDA;         // [C, LDA] T = (I + diag(β) A_kk)^{-1} diag(β)
   static constexpr int kM = kT + C * LDA;           // [NPAIR, D]
-  static constexpr int kGb = kM + NPAIR * D;        // [NB + 1, D]
-  static constexpr int kGm = kGb + (NB + 1) * D;    // [NB, D]
+  static constexpr int kGc = kM + NPAIR * D;        // [NB, D]
+  static constexpr int kGm = kGc + NB * D;          // [NB, D]
   static constexpr int kEr = kGm + NB * D;          // [NB, D]
   static constexpr int kEl = kEr + NB * D;          // [NB, D]
   static constexpr int kBeta = kEl + NB * D;        // [C]
@@ -392,6 +392,9 @@ struct PrepLayout {
   static constexpr int kFloats = kRed + 4 * kWarps;
   static constexpr int kSmemBytes = kFloats * 4;
   static constexpr int kMinBlocks = kSmemBytes <= 112 * 1024 ? 2 : 1;
+  static constexpr int kScaleRows = 2;             // scale_for_A: two rows per step (kda_chunk_tc.cuh)
+  static constexpr bool kFoldLastM = true;         // the last sub-block's M in its column operand (ditto)
+  static constexpr bool kCumsumSplit = kThreads >= 2 * D_;  // cumsum_and_boundaries' split scan
   static_assert(C == 32, "invert_T handles two 16-token sub-blocks");
   static_assert((C * D) % kThreads == 0 && C <= kThreads && D <= kThreads, "loader layout");
   static_assert(LD % 32 == 4 && LDA % 32 == 4 && LDV % 32 == 8, "bank-conflict-free fragments");
@@ -647,7 +650,7 @@ struct StateSideMax {
 // The record's Q e^γ [C, D] and Klᵀ [D, C] (row c = channel c of K e^{γ_last - γ}), fp16 in
 // core-matrix order, in warp tiles of 32 units of 8 elements (one 16-byte store each): Q e^γ's
 // tiles, then Klᵀ's. Warps 1.. form them from scale_for_A's forms while warp 0 inverts (Q e^{γ-γ_r}
-// times e^{γ_r(I)}, K e^{γ_e-γ} times e^{γ_last-γ_e(I)}), keep them in registers (v) with their
+// times e^{γ_r(I)}, K e^{γ_c-γ} times e^{γ_last-γ_c(I)}), keep them in registers (v) with their
 // largest magnitudes, and store them after the barrier that gives the chunk's scales. (Until v29,
 // scale_for_state wrote both arrays to shared memory and every warp read them back after the
 // barrier: 512 of a block's ~6,050 shared-memory wavefronts, in a preparation bound by its L1.)
@@ -685,7 +688,7 @@ struct StateSideTiles {
       } else {
         const int t = w - kQ, tb = t / (D / 32), c = 32 * (t % (D / 32)) + lane;
         const float* e = sm + L::kKe + 8 * tb * L::LD + c;
-        const float el = sm[L::kEl + (tb / 2) * D + c];  // e^{γ_last-γ_e(I)}, I = 8 tb / 16
+        const float el = sm[L::kEl + (tb / 2) * D + c];  // e^{γ_last-γ_c(I)}, I = 8 tb / 16
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           v[k][j] = e[j * L::LD] * el;

@@ -25,7 +25,12 @@
 //     e^{γ_i - γ_j} = e^{γ_i - γ_r(I)} · e^{γ_e(J) - γ_j} · e^{γ_r(I) - γ_e(J)}
 // where the first factor goes into the row operand (independent of J), the second into the column
 // operand (independent of I) and the third is a per-channel vector M[I, J] folded into the column
-// operand as it is loaded. For J < I the last two are <= 1.
+// operand as it is loaded. For J < I the last two are <= 1. The column operand's reference, γ_c(J),
+// is γ_e(J) as written here, except for the last sub-block where the layout has L::kFoldLastM: only
+// its own diagonal tile reads its column operand, so the third factor goes into the operand itself
+// there (γ_c = γ_r; M[I, I] = 1 is neither stored nor loaded). A channel of that sub-block that takes
+// the fallback below keeps γ_e: its column factors would overflow, and only the state side reads its
+// column then.
 //   The reference is the middle token m(I) = 16I + 7 where the decay over each half of the
 // sub-block spans at most kMaxSpan (log2 units): then every row factor is <= 2^kMaxSpan and the
 // diagonal tile's column factors e^{γ_m - γ_j} are too. A gate with KDA's lower bound of -5
@@ -75,23 +80,30 @@ struct Layout {
 
   static constexpr int kK = 0;                      // [C, LD] k -> k e^{γ-γ_r} -> k e^γ
   static constexpr int kQ = kK + C * LD;            // [C, LD] q -> q e^{γ-γ_r} -> q e^γ
-  static constexpr int kKe = kQ + C * LD;           // [C, LD] a -> γ -> k e^{γ_e-γ} -> k e^{γ_last-γ}
+  static constexpr int kKe = kQ + C * LD;           // [C, LD] a -> γ -> k e^{γ_c-γ} -> k e^{γ_last-γ}
   static constexpr int kG = kKe;                    //         (the loaders' name for γ's array)
   static constexpr int kS = kKe + C * LD;           // [VS, LD] the block's rows of the state
   static constexpr int kVx = kS + VS * LD;          // [C, LDV] v -> v - K S0ᵀ -> U
   static constexpr int kAkk = kVx + C * LDV;        // [C, LDA]
   static constexpr int kAqk = kAkk + C * LDA;       // [C, LDA]
-  static constexpr int kM = kAqk + C * LDA;         // [NPAIR, D] e^{γ_r(I) - γ_e(J)}
-  static constexpr int kGb = kM + NPAIR * D;        // [NB + 1, D] γ at token 16m - 1 (0 for m = 0)
-  static constexpr int kGm = kGb + (NB + 1) * D;    // [NB, D] γ at the reference token (see above)
+  static constexpr int kM = kAqk + C * LDA;         // [NPAIR, D] e^{γ_r(I) - γ_e(J)} (the last pair's unused)
+  static constexpr int kGc = kM + NPAIR * D;        // [NB, D] the column operands' reference γ_c(I) (see above)
+  static constexpr int kGm = kGc + NB * D;          // [NB, D] γ at the reference token (see above)
   static constexpr int kEr = kGm + NB * D;          // [NB, D] e^{γ_r(I)}          } scale_for_state's
-  static constexpr int kEl = kEr + NB * D;          // [NB, D] e^{γ_last - γ_e(I)} } factors
+  static constexpr int kEl = kEr + NB * D;          // [NB, D] e^{γ_last - γ_c(I)} } factors
   static constexpr int kBeta = kEl + NB * D;        // [C]
   static constexpr int kEg = kBeta + C;             // [D] e^{γ_last}
   static constexpr int kFlags = kEg + D;            // [4] bit I: sub-block I takes the fallback
   static constexpr int kFloats = kFlags + 4;
   static constexpr int kSmemBytes = kFloats * 4;
   static constexpr int kMinBlocks = kSmemBytes <= 112 * 1024 && kThreads <= 256 ? 2 : 1;
+  // scale_for_A's rows per step: one; and the last sub-block's M in its column operand ("Decays in
+  // A"): no. (Either spilled 2 bytes at D = 128 with 256 threads.)
+  static constexpr int kScaleRows = 1;
+  static constexpr bool kFoldLastM = false;
+  // cumsum_and_boundaries with one thread per channel: scale_for_state reads absolute γ factors
+  // in the same phase as the sums (the preparation's layouts split the scan: PrepLayout)
+  static constexpr bool kCumsumSplit = false;
 
   // Warp tiling of the [C, VS] products (X, O): WM row blocks of 16 x WN column groups.
   static constexpr int WM = C / 16;
@@ -508,12 +520,58 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
 constexpr int kRef = 7;
 
 // One thread per channel: γ <- cumulative sum of the log-decays (in place), then from its own
-// column γ at the sub-block boundaries (Gb) and reference tokens (Gm), e^{γ_last}, the vectors M and
-// the fallback flags.
+// column the references (Gm, Gc), e^{γ_last}, the vectors M and the fallback flags.
+//
+// L::kCumsumSplit (the preparation's layouts with 2 D threads or more): one thread per channel and
+// sub-block, sub-block I on whole warps (threads [I D, I D + D)), and no thread waits for another.
+// Each scans its 16 tokens from zero, so sub-block I's γ, Gc(I) and Gm(I) are relative to γ at
+// the token before it (γ_b(I); for I = 0 that is 0, the chunk's own units). Everything up to A uses
+// them only in differences within one sub-block (scale_for_A's e^{γ - γ_r(I)} and e^{γ_c(I) - γ},
+// compute_diag_fallback, M(I, I)), or relative to γ_e(0) = γ_b(1), which is sub-block 1's zero
+// (M(1, 0) = e^{γ_r(1) - γ_e(0)}, El(0) = e^{γ_last - γ_e(0)}). The two absolute factors, e^{γ_r(1)}
+// and e^{γ_last}, are first needed after A: split_scan_absolute forms them beside compute_A's
+// units. Why: the one-thread form ran a 32-add chain on 4 of 16 warps while the other 12 waited
+// at the barrier (5.4 % of the preparation's stall samples, docs/performance.md v31); this one has
+// a 16-add chain on 8 warps and issues fewer instructions per block. (Session 31's
+// cumsum-halves put both sub-blocks of a channel in one warp and lost: its branches diverged.)
 template <class L>
 FLASH_KDA_DEVICE void cumsum_and_boundaries(float* sm, int tid) {
   constexpr int D = L::D;
   int* flags = reinterpret_cast<int*>(sm + L::kFlags);
+  if constexpr (L::kCumsumSplit) {
+    constexpr int BS = L::BS;
+    static_assert(L::NB == 2 && L::kThreads >= 2 * D && D % 32 == 0, "two sub-blocks of whole warps");
+    if (tid >= 2 * D) return;
+    const int I = tid / D, c = tid % D;  // (I uniform per warp)
+    float* col = sm + L::kG + I * BS * L::LD + c;
+    float gam[BS];
+#pragma unroll
+    for (int i = 0; i < BS; ++i) gam[i] = col[i * L::LD];
+#pragma unroll
+    for (int i = 1; i < BS; ++i) gam[i] += gam[i - 1];
+#pragma unroll
+    for (int i = 0; i < BS; ++i) col[i * L::LD] = gam[i];
+    // The reference as below, in the sub-block's units (γ_b(I) = 0).
+    const float hi = gam[BS - 1], gm = gam[kRef];
+    const bool mid = -gm <= kMaxSpan && gm - hi <= kMaxSpan;
+    const float ref = mid ? gm : 0.0f;
+    const bool fallback = !mid && -hi > kMaxSpan;
+    if (fallback) atomicOr(flags, 1 << I);
+    const bool last = L::kFoldLastM && I == 1;
+    const float gc = last && !fallback ? ref : hi;  // γ_c(I) (see "Decays in A")
+    sm[L::kGc + I * D + c] = gc;
+    sm[L::kGm + I * D + c] = ref;
+    if (!last) sm[L::kM + pair_index(I, I) * D + c] = fast_exp2(ref - hi);
+    if (I == 0) {
+      sm[L::kEr + c] = fast_exp2(ref);
+    } else {
+      sm[L::kM + pair_index(1, 0) * D + c] = fast_exp2(ref);  // e^{γ_r(1) - γ_e(0)}
+      sm[L::kEl + c] = fast_exp2(hi);                          // e^{γ_last - γ_c(0)}, γ_c(0) = γ_e(0)
+      sm[L::kEl + D + c] = fast_exp2(hi - gc);                 // e^{γ_last - γ_c(1)}
+      sm[L::kEg + c] = hi;  // γ_last in sub-block 1's units: split_scan_absolute makes it e^{γ_last}
+    }
+    return;
+  }
   for (int c = tid; c < D; c += L::kThreads) {
     float* col = sm + L::kG + c;
     float gam[L::C];
@@ -527,8 +585,6 @@ FLASH_KDA_DEVICE void cumsum_and_boundaries(float* sm, int tid) {
     gb[0] = 0.0f;
 #pragma unroll
     for (int m = 1; m <= L::NB; ++m) gb[m] = gam[m * L::BS - 1];
-#pragma unroll
-    for (int m = 0; m <= L::NB; ++m) sm[L::kGb + m * D + c] = gb[m];
     sm[L::kEg + c] = fast_exp2(gb[L::NB]);
 #pragma unroll
     for (int I = 0; I < L::NB; ++I) {
@@ -540,15 +596,35 @@ FLASH_KDA_DEVICE void cumsum_and_boundaries(float* sm, int tid) {
       const float gm = gam[I * L::BS + kRef];
       const bool mid = gb[I] - gm <= kMaxSpan && gm - gb[I + 1] <= kMaxSpan;
       const float ref = mid ? gm : gb[I];
-      if (!mid && gb[I] - gb[I + 1] > kMaxSpan) atomicOr(flags, 1 << I);
+      const bool fallback = !mid && gb[I] - gb[I + 1] > kMaxSpan;
+      if (fallback) atomicOr(flags, 1 << I);
+      const bool last = L::kFoldLastM && I == L::NB - 1;
+      const float gc = last && !fallback ? ref : gb[I + 1];  // γ_c(I) (see "Decays in A")
       sm[L::kGm + I * D + c] = ref;
+      sm[L::kGc + I * D + c] = gc;
       // scale_for_state's factors, which depend on the sub-block and channel only (per element
       // they were 16 exponentials of the same value per channel, one per row)
       sm[L::kEr + I * D + c] = fast_exp2(ref);
-      sm[L::kEl + I * D + c] = fast_exp2(gb[L::NB] - gb[I + 1]);
+      sm[L::kEl + I * D + c] = fast_exp2(gb[L::NB] - gc);
 #pragma unroll
-      for (int J = 0; J <= I; ++J) sm[L::kM + pair_index(I, J) * D + c] = fast_exp2(ref - gb[J + 1]);
+      for (int J = 0; J < (last ? I : I + 1); ++J) sm[L::kM + pair_index(I, J) * D + c] = fast_exp2(ref - gb[J + 1]);
     }
+  }
+}
+
+// kCumsumSplit's absolute factors, e^{γ_r(1)} (Er(1)) and e^{γ_last} (Eg), from Gc(0) = γ_e(0) (in the
+// chunk's units) and sub-block 1's relative Gm(1) and γ_last (which the scan left in Eg), by the
+// block's last 128 threads: called
+// after compute_A's units, where those warps have none (512 threads, D = 128) or the fewest. Their
+// readers come after the barrier that ends compute_A's phase.
+template <class L>
+FLASH_KDA_DEVICE void split_scan_absolute(float* sm, int tid) {
+  constexpr int D = L::D, kN = 128;
+  static_assert(L::kThreads >= kN, "the last 128 threads");
+  for (int c = tid - (L::kThreads - kN); c >= 0 && c < D; c += kN) {
+    const float g1 = sm[L::kGc + c];  // γ_c(0) = γ_e(0), in the chunk's units
+    sm[L::kEr + D + c] = fast_exp2(g1 + sm[L::kGm + D + c]);
+    sm[L::kEg + c] = fast_exp2(g1 + sm[L::kEg + c]);
   }
 }
 
@@ -576,20 +652,57 @@ FLASH_KDA_DEVICE void compute_diag_fallback(float* sm, int tid, int flags) {
   }
 }
 
-// k -> k e^{γ - γ_r} and q -> q e^{γ - γ_r} (row operands), γ -> k e^{γ_e - γ} (column operand).
-// Four channels per step.
+// k -> k e^{γ - γ_r} and q -> q e^{γ - γ_r} (row operands), γ -> k e^{γ_c - γ} (column operand).
+// Four channels of L::kScaleRows rows per step. Rows R p .. R p + R - 1 lie in one sub-block (R
+// divides BS), so its γ_r and γ_c are read once for them: with one row per step they took two of
+// the eight 16-byte shared-memory accesses per four elements, in a preparation bound by its L1
+// (docs/performance.md v29).
 template <class L>
 FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid) {
-  constexpr int D = L::D;
-  const float* Gb = sm + L::kGb;
-  for_each_quad<L::C, D, L::kThreads>(tid, [&](int i, int c) {
-    const int I = i / L::BS, o = i * L::LD + c;
-    const float4 g = ld4(sm + L::kKe + o), k = ld4(sm + L::kK + o);
-    const float4 fb = fast_exp2(g - ld4(sm + L::kGm + I * D + c));
-    st4(sm + L::kKe + o, k * fast_exp2(ld4(Gb + (I + 1) * D + c) - g));  // times M when loaded
-    st4(sm + L::kK + o, round_tf32(k * fb));
-    st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
+  constexpr int D = L::D, R = L::kScaleRows;
+  static_assert(L::BS % R == 0, "a step's rows within one sub-block");
+  for_each_quad<L::C / R, D, L::kThreads>(tid, [&](int p, int c) {
+    const int I = R * p / L::BS;
+    const float4 gm = ld4(sm + L::kGm + I * D + c), gc = ld4(sm + L::kGc + I * D + c);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int o = (R * p + r) * L::LD + c;
+      const float4 g = ld4(sm + L::kKe + o), k = ld4(sm + L::kK + o);
+      const float4 fb = fast_exp2(g - gm);
+      st4(sm + L::kKe + o, k * fast_exp2(gc - g));  // times M when loaded (but the last sub-block's)
+      st4(sm + L::kK + o, round_tf32(k * fb));
+      st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
+    }
   });
+}
+
+// The k-loop of one compute_A unit: acc[kb / 8 % 2] += the row operand's fragments (R) times the
+// column operand's (Ke), times M's factors if kByM. Two accumulators (even and odd k-blocks), summed
+// by the caller: the mma chain of a unit, which is the phase's latency, is half as long. (Two
+// k-blocks per step, so that which accumulator a k-block goes to never depends on the unroll factor.)
+template <int D, bool kByM>
+FLASH_KDA_DEVICE void a_unit_products(float (&acc)[2][4], unsigned R, unsigned Ke, unsigned M) {
+  static_assert(D % 16 == 0, "k-blocks in pairs");
+#pragma unroll 2
+  for (int kb2 = 0; kb2 < D; kb2 += 16) {
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int kb = kb2 + 8 * h2;
+      uint32_t a[4], b[2];
+      ldmatrix_x2(b, Ke + 4 * kb);
+      if constexpr (kByM) {
+        uint32_t m[2];
+        ldmatrix_x2(m, M + 4 * kb);
+        b[0] = tf32(__uint_as_float(b[0]) * __uint_as_float(m[0]));
+        b[1] = tf32(__uint_as_float(b[1]) * __uint_as_float(m[1]));
+      } else {
+        b[0] = tf32(__uint_as_float(b[0]));
+        b[1] = tf32(__uint_as_float(b[1]));
+      }
+      ldmatrix_x4(a, R + 4 * kb);
+      mma(acc[h2], a, b);
+    }
+  }
 }
 
 // A_kk (strictly causal) and A_qk (causal) tiles on the tensor cores. Work unit = (pair (I, J),
@@ -616,26 +729,14 @@ FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
     // M's factors for B's two registers (channels kb + t, kb + t + 4) by the same ldmatrix, every
     // row address of a matrix on the one vector (row stride 0): one instruction for two loads
     const unsigned M = frag_b_row(sm + L::kM + pr * D, 0, lane);
-    // Two accumulators (even and odd k-blocks), summed at the end: the mma chain of a unit, which
-    // is the phase's latency, is half as long. (Two k-blocks per step, so that which accumulator a
-    // k-block goes to never depends on the unroll factor.)
     float acc[2][4];
     zero(acc[0]);
     zero(acc[1]);
-    static_assert(D % 16 == 0, "k-blocks in pairs");
-#pragma unroll 2
-    for (int kb2 = 0; kb2 < D; kb2 += 16) {
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        const int kb = kb2 + 8 * h2;
-        uint32_t a[4], b[2], m[2];
-        ldmatrix_x2(b, Ke + 4 * kb);
-        ldmatrix_x2(m, M + 4 * kb);
-        b[0] = tf32(__uint_as_float(b[0]) * __uint_as_float(m[0]));
-        b[1] = tf32(__uint_as_float(b[1]) * __uint_as_float(m[1]));
-        ldmatrix_x4(a, R + 4 * kb);
-        mma(acc[h2], a, b);
-      }
+    // (the last sub-block's column operand holds its M already: no M loads in its diagonal unit)
+    if (L::kFoldLastM && pr == L::NPAIR - 1) {
+      a_unit_products<D, false>(acc, R, Ke, M);
+    } else {
+      a_unit_products<D, true>(acc, R, Ke, M);
     }
     float* out = sm + (qk ? L::kAqk : L::kAkk);
 #pragma unroll
@@ -853,6 +954,7 @@ FLASH_KDA_DEVICE void k_side_A(const KdaParams& p, const portable::Task& t, int6
   scale_for_A<L>(sm, tid);
   port::block_sync();
   compute_A<L, kAqkTf32>(sm, warp, l, flags);
+  if constexpr (L::kCumsumSplit) split_scan_absolute<L>(sm, tid);
   port::block_sync();
 }
 
