@@ -614,9 +614,8 @@ FLASH_KDA_DEVICE void cumsum_and_boundaries(float* sm, int tid) {
 
 // kCumsumSplit's absolute factors, e^{γ_r(1)} (Er(1)) and e^{γ_last} (Eg), from Gc(0) = γ_e(0) (in the
 // chunk's units) and sub-block 1's relative Gm(1) and γ_last (which the scan left in Eg), by the
-// block's last 128 threads: called
-// after compute_A's units, where those warps have none (512 threads, D = 128) or the fewest. Their
-// readers come after the barrier that ends compute_A's phase.
+// block's last 128 threads: called after compute_A's units, where those warps have none (512
+// threads, D = 128) or the fewest. Their readers come after the barrier that ends compute_A's phase.
 template <class L>
 FLASH_KDA_DEVICE void split_scan_absolute(float* sm, int tid) {
   constexpr int D = L::D, kN = 128;
