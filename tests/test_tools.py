@@ -187,3 +187,86 @@ def test_sass_loop_segments_cuts_the_longest_loop_at_its_waits():
     segs = [[a for a, _ in seg] for seg in sls.segments(body)]
     assert segs == [[0x10, 0x20], [0x30, 0x40, 0x50, 0x60], [0x70], [0x80, 0x90, 0xa0]]
     assert sls.opcode("@!P0 FADD R1, R1, 1") == "FADD"
+
+
+# kernel_times.py's rows as they come from a GPU (short() keeps the demangled name from "Layout" on)
+KT_OUTPUT = """| shape | kernel | ms per call |
+| --- | --- | ---: |
+| T=8192 H=96 | kda_prep_kernel Layout<128, 32, 512> >(flash_kda::KdaParams, flash_kda::tc::PrepGrid) | {p1} |
+| T=8192 H=96 | kda_recurrence_kernel RecurrenceLayout<128, 64, 32, 2> | 0.500 |
+| T=8192 H=96 | kda_prep_kernel PrepLayout<128, 32, 256> | 0.100 |
+| T=8192 H=96 | all | 9.999 |
+| varlen 1300,547 H=96 | kda_prep_kernel PrepLayout<128, 32, 512> | {p2} |
+| varlen 1300,547 H=96 | all | 9.999 |
+"""
+
+
+def test_ab_kernels_parses_sums_and_compares(tmp_path, capsys):
+    """tools/ab_kernels.py: the matching kernels of a shape are summed (not the 'all' row, not other
+    kernels); the sides run in turn every round; means, spreads and the change against the first side
+    come out of the rounds' figures."""
+    import ab_kernels
+
+    assert ab_kernels.parse_rows(KT_OUTPUT.format(p1="0.800", p2="0.300"), "kda_prep_kernel") == {
+        "T=8192 H=96": pytest.approx(0.900), "varlen 1300,547 H=96": pytest.approx(0.300)}
+    side_b = tmp_path / "csrc_b"
+    (side_b / "cuda").mkdir(parents=True)
+    # per side, the prep kernel's figure in rounds 1 and 2 (T=8192 / varlen)
+    figures = {"": [("0.800", "0.300"), ("0.820", "0.300")], str(side_b): [("0.700", "0.330"), ("0.700", "0.330")]}
+    calls = []
+
+    def runner(csrc, shapes, env_extra, timeout):
+        calls.append(csrc)
+        p1, p2 = figures[csrc][sum(c == csrc for c in calls) - 1]
+        return KT_OUTPUT.format(p1=p1, p2=p2)
+
+    rc = ab_kernels.main(["--side", "main=", "--side", f"b={side_b}", "--rounds", "2", "--kernel", "kda_prep_kernel", "8192:96"], runner=runner)
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert calls == ["", str(side_b), "", str(side_b)]
+    table = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in out.splitlines()
+             if line.startswith("| T=") or line.startswith("| varlen")}
+    # main T=8192: (0.900 + 0.920) / 2 = 0.910, spread 0.020; b: 0.800, change 0.800 / 0.910 - 1 = -12.1 %
+    assert "| 0.910 | 0.020 |" in table[("T=8192 H=96", "main")]
+    assert "| 0.800 | 0.000 | -12.1 % |" in table[("T=8192 H=96", "b")]
+    assert "| 0.330 | 0.000 | +10.0 % |" in table[("varlen 1300,547 H=96", "b")]
+    # by default both kernels, a table each
+    calls.clear()
+    assert ab_kernels.main(["--side", "main=", "--rounds", "1", "8192:96"], runner=runner) == 0
+    out = capsys.readouterr().out
+    prep, rec = out.split("\nkda_prep_kernel:\n")[1].split("\nkda_recurrence_kernel:\n")
+    assert "| T=8192 H=96 | main | 0.900 | 0.000 |  |" in prep
+    assert "| T=8192 H=96 | main | 0.500 | 0.000 |  |" in rec and "varlen" not in rec
+
+
+def test_ab_kernels_stops_on_a_failed_run(tmp_path, capsys):
+    import ab_kernels
+
+    def runner(csrc, shapes, env_extra, timeout):
+        raise RuntimeError("kernel_times.py exited 1:\nno GPU")
+
+    assert ab_kernels.main(["--side", "main=", "8192:96"], runner=runner) == 1
+    assert "side main, round 1: kernel_times.py exited 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a side whose folder is not a copy of flash_kda/csrc
+        ab_kernels.main(["--side", f"x={tmp_path}", "8192:96"], runner=runner)
+
+
+def test_ab_kernels_run_side_sets_the_sources(tmp_path, monkeypatch):
+    """run_side: the side's folder reaches the child as FLASH_KDA_CSRC_DIR (absolute), the package's own
+    sources as no variable at all (even if the caller's environment has one), the extra variables too;
+    a child that fails raises with its last lines."""
+    import ab_kernels
+
+    fake = tmp_path / "fake_kernel_times.py"
+    fake.write_text("import os, sys\n"
+                    "print(os.environ.get('FLASH_KDA_CSRC_DIR', '-'), os.environ.get('FLASH_KDA_CUDA_PIECES', '-'), *sys.argv[1:])\n"
+                    "sys.exit(3 if 'fail' in sys.argv else 0)\n")
+    monkeypatch.setattr(ab_kernels, "KERNEL_TIMES", fake)
+    monkeypatch.setenv("FLASH_KDA_CSRC_DIR", "/somewhere/else")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b").mkdir()
+    assert ab_kernels.run_side("b", ["8192:96"], {"FLASH_KDA_CUDA_PIECES": "1"}, 30).split() == [
+        str(tmp_path / "b"), "1", "8192:96"]
+    assert ab_kernels.run_side("", ["512:64"], {}, 30).split() == ["-", "-", "512:64"]
+    with pytest.raises(RuntimeError, match="exited 3"):
+        ab_kernels.run_side("", ["fail"], {}, 30)

@@ -134,13 +134,15 @@ if [[ " $steps " == *" ab "* ]]; then
   # e.g.
   #   mkdir -p .ab/main && git archive main flash_kda/csrc | tar -x -C .ab/main
   # and pass AB_CSRC=.ab/main/flash_kda/csrc; .ab is git-ignored: name it in the device tool's carry).
+  # Per kernel: tools/ab_kernels.py, AB_ROUNDS interleaved rounds (default 3); then whole calls.
   : "${AB_CSRC:?AB_CSRC names the other csrc copies}"
+  i=0; sides="--side this="
+  for csrc in $AB_CSRC; do sides="$sides --side other$i=$(realpath "$csrc")"; i=$(( i + 1 )); done
+  python3 tools/ab_kernels.py $sides --rounds ${AB_ROUNDS:-3} ${KERNEL_SHAPES:-8192:96 32768:32 512:64} 2>&1 | tee "$LOG/ab_kernels.txt"
   i=0
   for csrc in this $AB_CSRC; do
-    side=this; [[ $csrc == this ]] && csrc= || { csrc=$(realpath "$csrc"); side=other$i; }
-    i=$(( i + 1 ))
-    echo "== $side sources${csrc:+ ($csrc)}"
-    FLASH_KDA_CSRC_DIR=$csrc python3 tools/kernel_times.py ${KERNEL_SHAPES:-} 2>&1 | grep "^|" | tee "$LOG/ab_kernels_$side.txt"
+    side=this; [[ $csrc == this ]] && csrc= || { csrc=$(realpath "$csrc"); side=other$i; i=$(( i + 1 )); }
+    echo "== $side sources${csrc:+ ($csrc)}, whole calls"
     FLASH_KDA_CSRC_DIR=$csrc python3 tools/bench.py --no-fla 2>&1 | tee "$LOG/ab_bench_$side.txt" | grep --line-buffered -E "^\||host"
   done
 fi

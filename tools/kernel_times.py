@@ -70,6 +70,8 @@ def main() -> int:
     states = "--states" in args
     args = [a for a in args if a != "--states"]
     shapes = [parse_shape(a) for a in args or ("8192:96", "32768:32", "512:64")]
+    if not torch.cuda.is_available():
+        sys.exit("kernel_times.py: needs a CUDA GPU (torch.cuda.is_available() is False)")
     print("| shape | kernel | ms per call |\n| --- | --- | ---: |")
     for seqlens, T, H, label in shapes:
         label += " fp32 states" if states else ""
