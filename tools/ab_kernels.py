@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None, runner=run_side) -> int:
     names = [n for n, _ in a.side]
     if len(set(names)) != len(names):
         ap.error(f"side names repeat: {names}")
+    if a.rounds < 1:
+        ap.error("--rounds must be 1 or more")
     env_extra = {} if a.pieces is None else {"FLASH_KDA_CUDA_PIECES": str(a.pieces)}
     # samples[kernel][side][shape]: ms per round
     samples = {k: {n: defaultdict(list) for n in names} for k in kernels}
