@@ -10,8 +10,8 @@ drift of the GPU's clocks over the run falls on every side alike. SHAPE:H as in 
 (e.g. 8192:96, 1300,547,2048:96). --kernel (repeatable; default kda_prep_kernel and
 kda_recurrence_kernel) names part of the kernels to time. A table per --kernel gives, per shape and
 side, the mean over the rounds of the matching kernels' time per call (their sum, where several
-names match), the rounds' spread (max - min) and the change against the first side. A side's change is only worth reading where it
-is larger than the spreads.
+names match), the rounds' spread (max - min) and the change against the first side. A side's
+change is only worth reading where it is larger than the spreads.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def parse_rows(text: str, kernel: str) -> dict[str, float]:
         try:
             times[cells[0]] += float(cells[2])
         except ValueError:
-            continue  # the header
+            continue  # not a figure
     return dict(times)
 
 
