@@ -268,5 +268,6 @@ def test_ab_kernels_run_side_sets_the_sources(tmp_path, monkeypatch):
     assert ab_kernels.run_side("b", ["8192:96"], {"FLASH_KDA_CUDA_PIECES": "1"}, 30).split() == [
         str(tmp_path / "b"), "1", "8192:96"]
     assert ab_kernels.run_side("", ["512:64"], {}, 30).split() == ["-", "-", "512:64"]
+    assert ab_kernels.run_side("", [], {}, 30).split() == ["-", "-"]  # kernel_times.py's own shapes
     with pytest.raises(RuntimeError, match="exited 3"):
         ab_kernels.run_side("", ["fail"], {}, 30)

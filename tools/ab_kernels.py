@@ -1,13 +1,13 @@
 """Per-kernel A/B of kernel source trees: interleaved rounds in one run, one table.
 
     python tools/ab_kernels.py --side main= --side fold=.ab/o34/flash_kda/csrc \\
-        [--rounds 3] [--kernel kda_prep_kernel ...] [--pieces 1] [--timeout 120] SHAPE:H ...
+        [--rounds 3] [--kernel kda_prep_kernel ...] [--pieces 1] [--timeout 120] [SHAPE:H ...]
 
 Each --side is NAME=DIR: DIR is a copy of flash_kda/csrc (FLASH_KDA_CSRC_DIR), or empty for the
 package's own sources. Every round runs tools/kernel_times.py once per side, in a fresh process
 (each side builds and caches its own module on its first run), with the sides in turn, so that a
 drift of the GPU's clocks over the run falls on every side alike. SHAPE:H as in kernel_times.py
-(e.g. 8192:96, 1300,547,2048:96). --kernel (repeatable; default kda_prep_kernel and
+(e.g. 8192:96, 1300,547,2048:96; none: its default shapes). --kernel (repeatable; default kda_prep_kernel and
 kda_recurrence_kernel) names part of the kernels to time. A table per --kernel gives, per shape and
 side, the mean over the rounds of the matching kernels' time per call (their sum, where several
 names match), the rounds' spread (max - min) and the change against the first side. A side's
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None, runner=run_side) -> int:
     ap.add_argument("--kernel", action="append", help="part of the kernel names to time (repeat)")
     ap.add_argument("--pieces", default=None, help="FLASH_KDA_CUDA_PIECES for every run")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per kernel_times.py run")
-    ap.add_argument("shapes", nargs="+", metavar="SHAPE:H")
+    ap.add_argument("shapes", nargs="*", metavar="SHAPE:H", help="default: kernel_times.py's shapes")
     a = ap.parse_args(argv)
     kernels = a.kernel or ["kda_prep_kernel", "kda_recurrence_kernel"]
     names = [n for n, _ in a.side]

@@ -138,7 +138,7 @@ if [[ " $steps " == *" ab "* ]]; then
   : "${AB_CSRC:?AB_CSRC names the other csrc copies}"
   i=0; sides="--side this="
   for csrc in $AB_CSRC; do sides="$sides --side other$i=$(realpath "$csrc")"; i=$(( i + 1 )); done
-  python3 tools/ab_kernels.py $sides --rounds ${AB_ROUNDS:-3} ${KERNEL_SHAPES:-8192:96 32768:32 512:64} 2>&1 | tee "$LOG/ab_kernels.txt"
+  python3 tools/ab_kernels.py $sides --rounds ${AB_ROUNDS:-3} ${KERNEL_SHAPES:-} 2>&1 | tee "$LOG/ab_kernels.txt"
   i=0
   for csrc in this $AB_CSRC; do
     side=this; [[ $csrc == this ]] && csrc= || { csrc=$(realpath "$csrc"); side=other$i; i=$(( i + 1 )); }
