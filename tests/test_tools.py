@@ -271,3 +271,19 @@ def test_ab_kernels_run_side_sets_the_sources(tmp_path, monkeypatch):
     assert ab_kernels.run_side("", [], {}, 30).split() == ["-", "-"]  # kernel_times.py's own shapes
     with pytest.raises(RuntimeError, match="exited 3"):
         ab_kernels.run_side("", ["fail"], {}, 30)
+
+
+TOOL_SCRIPTS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "tools").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", TOOL_SCRIPTS)
+def test_tool_help(script):
+    """Every script under tools/ answers --help with its usage and exit status 0, on a machine
+    without a GPU and without touching a kernel (so a user can read how to call it anywhere)."""
+    import subprocess
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    r = subprocess.run([sys.executable, str(tools / script), "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(r.stdout.strip()) > 40 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr

@@ -109,7 +109,7 @@ def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "compare":
         return compare(sys.argv[2], sys.argv[3])
     print(__doc__)
-    return 2
+    return 0 if sys.argv[1:] in (["-h"], ["--help"]) else 2
 
 
 if __name__ == "__main__":

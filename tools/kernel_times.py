@@ -67,6 +67,9 @@ def parse_shape(arg: str) -> tuple[list[int] | None, int, int, str]:
 
 def main() -> int:
     args = sys.argv[1:]
+    if {"-h", "--help"} & set(args):
+        print(__doc__)
+        return 0
     states = "--states" in args
     args = [a for a in args if a != "--states"]
     shapes = [parse_shape(a) for a in args or ("8192:96", "32768:32", "512:64")]

@@ -16,6 +16,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import make_inputs, run_ours  # noqa: E402  (the benchmark's inputs and call)
 
+if {"-h", "--help"} & set(sys.argv[1:]):
+    print(__doc__)
+    sys.exit(0)
 shape = sys.argv[1] if len(sys.argv) > 1 else "8192"
 seqlens = [int(n) for n in shape.split(",") if n] if "," in shape else None
 T = sum(seqlens) if seqlens else int(shape)

@@ -5,9 +5,13 @@
 
 import sys
 
-import torch
+if {"-h", "--help"} & set(sys.argv[1:]):  # before importing flash_kda, which may build
+    print(__doc__)
+    sys.exit(0)
 
-import flash_kda
+import torch  # noqa: E402
+
+import flash_kda  # noqa: E402
 
 torch.manual_seed(0)
 dev = "cuda"
