@@ -519,6 +519,33 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
 // Offset of a sub-block's reference token m(I) (see "Decays in A" above).
 constexpr int kRef = 7;
 
+// A column of N log-decays (stride LD) <- its running sum, in place; the sums stay in gam.
+template <int LD, int N>
+FLASH_KDA_DEVICE void scan_column(float* col, float (&gam)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) gam[i] = col[i * LD];
+#pragma unroll
+  for (int i = 1; i < N; ++i) gam[i] += gam[i - 1];
+#pragma unroll
+  for (int i = 0; i < N; ++i) col[i * LD] = gam[i];
+}
+
+struct SubBlockRef {
+  float ref;      // γ_r(I), the sub-block's reference
+  bool fallback;  // the diagonal tile needs compute_diag_fallback
+};
+
+// A sub-block's reference from γ at the token before it (lo), at token kRef (mid) and at its last
+// token (hi): the middle token where both halves span <= kMaxSpan (largest row factor, largest
+// column factor), else the token before the sub-block, which keeps every row factor <= 1 (a middle
+// reference would make the row factors before a huge decay overflow, and inf times the zero column
+// factors of the other tiles is NaN). With that reference the diagonal tile is finite only if the
+// whole span is <= kMaxSpan; otherwise the fallback computes it.
+FLASH_KDA_DEVICE SubBlockRef sub_block_ref(float lo, float mid, float hi) {
+  const bool in_mid = lo - mid <= kMaxSpan && mid - hi <= kMaxSpan;
+  return {in_mid ? mid : lo, !in_mid && lo - hi > kMaxSpan};
+}
+
 // One thread per channel: γ <- cumulative sum of the log-decays (in place), then from its own
 // column the references (Gm, Gc), e^{γ_last}, the vectors M and the fallback flags.
 //
@@ -543,19 +570,14 @@ FLASH_KDA_DEVICE void cumsum_and_boundaries(float* sm, int tid) {
     static_assert(L::NB == 2 && L::kThreads >= 2 * D && D % 32 == 0, "two sub-blocks of whole warps");
     if (tid >= 2 * D) return;
     const int I = tid / D, c = tid % D;  // (I uniform per warp)
-    float* col = sm + L::kG + I * BS * L::LD + c;
     float gam[BS];
-#pragma unroll
-    for (int i = 0; i < BS; ++i) gam[i] = col[i * L::LD];
-#pragma unroll
-    for (int i = 1; i < BS; ++i) gam[i] += gam[i - 1];
-#pragma unroll
-    for (int i = 0; i < BS; ++i) col[i * L::LD] = gam[i];
-    // The reference as below, in the sub-block's units (γ_b(I) = 0).
-    const float hi = gam[BS - 1], gm = gam[kRef];
-    const bool mid = -gm <= kMaxSpan && gm - hi <= kMaxSpan;
-    const float ref = mid ? gm : 0.0f;
-    const bool fallback = !mid && -hi > kMaxSpan;
+    scan_column<L::LD>(sm + L::kG + I * BS * L::LD + c, gam);
+    // In the sub-block's units, γ_b(I) = 0. (Passed as -0.0f: -0.0f - x is exactly -x, so the
+    // compiler drops the subtractions; 0.0f - x differs from -x in a zero's sign and stays.)
+    const float hi = gam[BS - 1];
+    const SubBlockRef r = sub_block_ref(-0.0f, gam[kRef], hi);
+    const float ref = r.ref;
+    const bool fallback = r.fallback;
     if (fallback) atomicOr(flags, 1 << I);
     const bool last = L::kFoldLastM && I == 1;
     const float gc = last && !fallback ? ref : hi;  // γ_c(I) (see "Decays in A")
@@ -573,14 +595,8 @@ FLASH_KDA_DEVICE void cumsum_and_boundaries(float* sm, int tid) {
     return;
   }
   for (int c = tid; c < D; c += L::kThreads) {
-    float* col = sm + L::kG + c;
     float gam[L::C];
-#pragma unroll
-    for (int i = 0; i < L::C; ++i) gam[i] = col[i * L::LD];
-#pragma unroll
-    for (int i = 1; i < L::C; ++i) gam[i] += gam[i - 1];
-#pragma unroll
-    for (int i = 0; i < L::C; ++i) col[i * L::LD] = gam[i];
+    scan_column<L::LD>(sm + L::kG + c, gam);
     float gb[L::NB + 1];
     gb[0] = 0.0f;
 #pragma unroll
@@ -588,15 +604,9 @@ FLASH_KDA_DEVICE void cumsum_and_boundaries(float* sm, int tid) {
     sm[L::kEg + c] = fast_exp2(gb[L::NB]);
 #pragma unroll
     for (int I = 0; I < L::NB; ++I) {
-      // The reference: the middle token where both halves span <= kMaxSpan (largest row factor,
-      // largest column factor), else the token before the sub-block, which keeps every row factor
-      // <= 1 (a middle reference would make the row factors before a huge decay overflow, and inf
-      // times the zero column factors of the other tiles is NaN). With that reference the diagonal
-      // tile is finite only if the whole span is <= kMaxSpan; otherwise the fallback computes it.
-      const float gm = gam[I * L::BS + kRef];
-      const bool mid = gb[I] - gm <= kMaxSpan && gm - gb[I + 1] <= kMaxSpan;
-      const float ref = mid ? gm : gb[I];
-      const bool fallback = !mid && gb[I] - gb[I + 1] > kMaxSpan;
+      const SubBlockRef r = sub_block_ref(gb[I], gam[I * L::BS + kRef], gb[I + 1]);
+      const float ref = r.ref;
+      const bool fallback = r.fallback;
       if (fallback) atomicOr(flags, 1 << I);
       const bool last = L::kFoldLastM && I == L::NB - 1;
       const float gc = last && !fallback ? ref : gb[I + 1];  // γ_c(I) (see "Decays in A")
