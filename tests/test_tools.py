@@ -60,18 +60,25 @@ def test_emu_outputs_compare(tmp_path, capsys):
     assert "b: missing" in capsys.readouterr().out
 
 
-def _ncu_listing(rows):
+def _ncu_listing(rows, shared=None):
     """A small listing in the layout of `ncu --page source --print-source sass`: a dashed line
-    giving the column widths, a header whose names wrap inside them, then one row per instruction."""
+    giving the column widths, a header whose names wrap inside them, then one row per instruction.
+    shared: per row (wavefronts, excess), for the shared-memory wavefront columns of `--set full`."""
     cols = [("Address", 18), ("Source", 40), ("Warp Stall Sampling (All Samples)", 6),
             ("Warp Stall Sampling (Not-issued Samples)", 6), ("Instructions Executed", 7),
             ("stall_barrier", 6), ("stall_barrier (Not Issued)", 6), ("stall_long_sb", 6)]
+    if shared:
+        cols[5:5] = [("L1 Wavefronts Shared Excessive", 6), ("L1 Wavefronts Shared", 6),
+                     ("L1 Wavefronts Shared Ideal", 6)]
     wrapped = [[name[i:i + w] for i in range(0, len(name), w)] for name, w in cols]
     out = [" ".join("-" * w for _, w in cols)]
     for r in range(max(map(len, wrapped))):
         out.append(" ".join((c[r] if r < len(c) else "").ljust(w) for c, (_, w) in zip(wrapped, cols)))
     for k, (instr, samples, executed, barrier, long_sb) in enumerate(rows):
         cells = [f"0x{16 * k:x}", instr, samples, 0, executed, barrier, barrier, long_sb]
+        if shared:
+            wavefronts, excess = shared[k]
+            cells[5:5] = [excess, wavefronts, wavefronts - excess]
         out.append(" ".join(str(v).ljust(w) for v, (_, w) in zip(cells, cols)))
     return "\n".join(["Kernel Name        k", *out]) + "\n"
 
@@ -100,6 +107,28 @@ def test_ncu_segments_attributes_barrier_waits_to_the_barrier_before(tmp_path, c
     assert "78 stall samples" in out
     assert "after 0: 48.7" in out  # 38 of 78 samples: warps waiting at segment 0's barrier
     assert "long_sb 32.1" in out
+
+
+def test_ncu_segments_counts_shared_wavefronts_per_phase(tmp_path, capsys, monkeypatch):
+    """With `--set full`'s columns, each phase gets its shared-memory wavefronts: its share of the
+    kernel's, per block with --blocks, and the share that bank conflicts added."""
+    import ncu_segments
+
+    rows = [("LDS.128 R4, [R2]", 3, 64, 0, 0), ("STS [R2], R4", 1, 64, 0, 0),
+            ("BAR.SYNC.DEFER_BLOCKING 0x0", 0, 64, 0, 0), ("LDSM.16.M88.4 R8, [R3]", 2, 64, 1, 0),
+            ("EXIT", 0, 64, 0, 0)]
+    path = tmp_path / "sass.txt"
+    path.write_text(_ncu_listing(rows, shared=[(40, 0), (20, 10), (0, 0), (140, 7), (0, 0)]))
+    parsed = ncu_segments.parse(str(path))
+    assert [r[4] for r in parsed] == [{"shared": 40, "excess": 0}, {"shared": 20, "excess": 10},
+                                      {"shared": 0, "excess": 0}, {"shared": 140, "excess": 7},
+                                      {"shared": 0, "excess": 0}]
+    monkeypatch.setattr(sys, "argv", ["ncu_segments.py", str(path), "--blocks", "4"])
+    ncu_segments.main()
+    out = capsys.readouterr().out
+    assert "200 shared-memory wavefronts" in out
+    assert "30.0% of the kernel's, 15 a block (17% of them bank-conflict excess)" in out
+    assert "70.0% of the kernel's, 35 a block (5% of them bank-conflict excess)" in out
 
 
 def test_prep_precision_model_factors_A_like_the_direct_formula():

@@ -20,6 +20,10 @@ seven BAR.SYNC rows, about 8,700 "barrier" samples at the rows after them).
 Columns are found by the dashed line above the listing's header, whose dashes give each column's
 width; a column's name is its header cells joined (ncu wraps names inside the width). The stall
 reasons are the columns named `stall_*` that count all samples (not the "not issued" ones).
+
+Where the listing has them (`--set full`), each segment also gets its shared-memory wavefronts
+(L1 Wavefronts Shared: what the MIO path and shared-memory banks serve, one per cycle per SM) and
+how many of them bank conflicts added (Shared Excessive); `--blocks N` prints them per block.
 """
 
 import argparse
@@ -43,7 +47,8 @@ def columns(lines):
 
 
 def parse(path):
-    """Rows of (instruction, samples, executed, {stall reason: samples}) in code order."""
+    """Rows of (instruction, samples, executed, {stall reason: samples}, {"shared" / "excess":
+    wavefronts}) in code order."""
     lines = open(path).read().split("\n")
     head, cols = columns(lines)
     # (names compared without spaces: where ncu wraps a name decides whether a space survives)
@@ -52,6 +57,9 @@ def parse(path):
     i_src, i_samples, i_exec = name("Source"), name("WarpStallSampling(All"), name("InstructionsExecuted")
     stalls = [(k, key(k)[len("stall_"):]) for k in range(len(cols))
               if key(k).startswith("stall_") and "Not" not in key(k)]
+    # shared-memory wavefronts: column name -> our name (absent from reports without source counters)
+    wanted = {"L1WavefrontsShared": "shared", "L1WavefrontsSharedExcessive": "excess"}
+    mem = [(k, wanted[key(k)]) for k in range(len(cols)) if key(k) in wanted]
     rows, odd = [], 0
     for line in lines[head:]:
         if not line.startswith("0x"):
@@ -59,7 +67,8 @@ def parse(path):
         cell = [line[s:e].strip() for s, e, _ in cols]
         num = [int(v) if v.isdigit() else 0 for v in cell]
         odd += not (cell[i_samples].isdigit() and cell[i_exec].isdigit())
-        rows.append((cell[i_src], num[i_samples], num[i_exec], {r: num[k] for k, r in stalls if num[k]}))
+        rows.append((cell[i_src], num[i_samples], num[i_exec], {r: num[k] for k, r in stalls if num[k]},
+                     {m: num[k] for k, m in mem}))
     if odd:
         print(f"warning: {odd} rows do not fit the header's column widths; their counts read as 0")
     return rows
@@ -80,11 +89,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sass")
     ap.add_argument("--dump", default="", help="comma-separated segment numbers to print")
+    ap.add_argument("--blocks", type=int, default=0,
+                    help="the launch's block count, to print shared wavefronts per block")
     a = ap.parse_args()
     segs = segments(parse(a.sass))
     samples = sum(r[1] for s in segs for r in s) or 1
     executed = sum(r[2] for s in segs for r in s) or 1
-    print(f"{sum(map(len, segs))} instructions, {samples} stall samples, {executed} warp-instructions executed")
+    total_shared = sum(r[4].get("shared", 0) for s in segs for r in s) or 1
+    print(f"{sum(map(len, segs))} instructions, {samples} stall samples, {executed} warp-instructions executed"
+          + (f", {total_shared} shared-memory wavefronts" if total_shared > 1 else ""))
     waits = []
     for k, s in enumerate(segs):
         ns, ni = sum(r[1] for r in s), sum(r[2] for r in s)
@@ -102,11 +115,16 @@ def main():
         why = ", ".join(f"{w} {100 * c / samples:.1f}" for w, c in reasons.most_common(4))
         print(f"segment {k:2d}: {len(s):4d} instr, samples {100 * ns / samples:5.1f}%, "
               f"executed {100 * ni / executed:5.1f}%  ({top})" + (f"\n    stalls, % of all samples: {why}" if why else ""))
+        shared, excess = (sum(r[4].get(m, 0) for r in s) for m in ("shared", "excess"))
+        if shared:
+            per = f", {shared / a.blocks:,.0f} a block" if a.blocks else ""
+            print(f"    shared-memory wavefronts: {100 * shared / total_shared:.1f}% of the kernel's{per}"
+                  f" ({100 * excess / shared:.0f}% of them bank-conflict excess)")
     if any(c for _, c in waits):
         print("barrier waits (samples of warps waiting at the barrier that ends segment k, % of all):")
         print("    " + ", ".join(f"after {k}: {100 * c / samples:.1f}" for k, c in waits))
     for k in (int(x) for x in a.dump.split(",") if x):
-        for instr, ns, ni, _ in segs[k]:
+        for instr, ns, ni, *_ in segs[k]:
             if ni:
                 print(f"{k:2d} {ni:10d} {ns:6d}  {instr}")
 
