@@ -126,7 +126,7 @@ def test_ncu_segments_counts_shared_wavefronts_per_phase(tmp_path, capsys, monke
     monkeypatch.setattr(sys, "argv", ["ncu_segments.py", str(path), "--blocks", "4"])
     ncu_segments.main()
     out = capsys.readouterr().out
-    assert "200 shared-memory wavefronts" in out
+    assert "200 shared-memory wavefronts (8.5% of them bank-conflict excess)" in out
     assert "30.0% of the kernel's, 15 a block (17% of them bank-conflict excess)" in out
     assert "70.0% of the kernel's, 35 a block (5% of them bank-conflict excess)" in out
 
@@ -307,12 +307,13 @@ TOOL_SCRIPTS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "to
 
 @pytest.mark.parametrize("script", TOOL_SCRIPTS)
 def test_tool_help(script):
-    """Every script under tools/ answers --help with its usage and exit status 0, on a machine
-    without a GPU and without touching a kernel (so a user can read how to call it anywhere)."""
+    """Every Python script under tools/ answers --help with its usage (which names the script) and
+    exit status 0, on a machine without a GPU, so a user can read how to call it anywhere. (Scripts
+    that import flash_kda load the CPU module then: the session's cache holds it already.)"""
     import subprocess
 
     tools = Path(__file__).resolve().parents[1] / "tools"
     r = subprocess.run([sys.executable, str(tools / script), "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert len(r.stdout.strip()) > 40 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert script in r.stdout and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr

@@ -103,13 +103,16 @@ def compare(path_a: str, path_b: str) -> int:
 
 
 def main() -> int:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return 0
     if len(sys.argv) == 3 and sys.argv[1] == "save":
         save(sys.argv[2])
         return 0
     if len(sys.argv) == 4 and sys.argv[1] == "compare":
         return compare(sys.argv[2], sys.argv[3])
-    print(__doc__)
-    return 0 if sys.argv[1:] in (["-h"], ["--help"]) else 2
+    print(__doc__, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -12,11 +12,16 @@ not the call's time.
 """
 
 import sys
-from collections import defaultdict
-from pathlib import Path
 
-import torch
-from torch.profiler import ProfilerActivity, profile
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # before flash_kda builds on import
+    print(__doc__)
+    sys.exit(0)
+
+from collections import defaultdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import make_inputs, run_ours  # noqa: E402  (the benchmark's inputs and call)
@@ -67,9 +72,6 @@ def parse_shape(arg: str) -> tuple[list[int] | None, int, int, str]:
 
 def main() -> int:
     args = sys.argv[1:]
-    if {"-h", "--help"} & set(args):
-        print(__doc__)
-        return 0
     states = "--states" in args
     args = [a for a in args if a != "--states"]
     shapes = [parse_shape(a) for a in args or ("8192:96", "32768:32", "512:64")]

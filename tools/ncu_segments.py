@@ -1,7 +1,7 @@
 """Where a kernel's instructions and stalls go, phase by phase, from an Nsight Compute SASS listing.
 
     ncu -i report.ncu-rep --page source --print-source sass > sass.txt
-    python tools/ncu_segments.py sass.txt [--dump N,M]
+    python tools/ncu_segments.py sass.txt [--dump N,M] [--blocks N]
 
 Our kernels separate their phases with barriers, so cutting the SASS after each BAR.SYNC gives one
 segment per phase (in code order). For each segment: its instruction count, the warp-stall samples
@@ -92,12 +92,19 @@ def main():
     ap.add_argument("--blocks", type=int, default=0,
                     help="the launch's block count, to print shared wavefronts per block")
     a = ap.parse_args()
+    if a.blocks < 0:
+        ap.error("--blocks must be the launch's block count (a positive number)")
     segs = segments(parse(a.sass))
     samples = sum(r[1] for s in segs for r in s) or 1
     executed = sum(r[2] for s in segs for r in s) or 1
+    has_shared = any("shared" in r[4] for s in segs for r in s)
     total_shared = sum(r[4].get("shared", 0) for s in segs for r in s) or 1
+    total_excess = sum(r[4].get("excess", 0) for s in segs for r in s)
+    if a.blocks and not has_shared:
+        print("note: --blocks has no effect: this listing has no shared-memory wavefront columns (--set full)")
     print(f"{sum(map(len, segs))} instructions, {samples} stall samples, {executed} warp-instructions executed"
-          + (f", {total_shared} shared-memory wavefronts" if total_shared > 1 else ""))
+          + (f", {total_shared} shared-memory wavefronts ({100 * total_excess / total_shared:.1f}% of them"
+             " bank-conflict excess)" if has_shared else ""))
     waits = []
     for k, s in enumerate(segs):
         ns, ni = sum(r[1] for r in s), sum(r[2] for r in s)
