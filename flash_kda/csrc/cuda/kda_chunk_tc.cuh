@@ -685,12 +685,15 @@ FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid) {
   });
 }
 
-// The k-loop of one compute_A unit: acc[kb / 8 % 2] += the row operand's fragments (R) times the
-// column operand's (Ke), times M's factors if kByM. Two accumulators (even and odd k-blocks), summed
-// by the caller: the mma chain of a unit, which is the phase's latency, is half as long. (Two
-// k-blocks per step, so that which accumulator a k-block goes to never depends on the unroll factor.)
+// The k-loop of one compute_A unit: for A_kk (m = 0) and A_qk (m = 1), acc[m][kb / 8 % 2] += the
+// row operand's fragments (Rk, Rq) times the column operand's (Ke), times M's factors if kByM. The
+// column fragment, and its product with M, is loaded and formed once for both matrices. Two
+// accumulators a matrix (even and odd k-blocks), summed by the caller: the mma chain of a unit,
+// which is the phase's latency, is half as long. (Two k-blocks per step, so that which accumulator
+// a k-block goes to never depends on the unroll factor.)
 template <int D, bool kByM>
-FLASH_KDA_DEVICE void a_unit_products(float (&acc)[2][4], unsigned R, unsigned Ke, unsigned M) {
+FLASH_KDA_DEVICE void a_unit_products(float (&acc)[2][2][4], unsigned Rk, unsigned Rq, unsigned Ke,
+                                      unsigned M) {
   static_assert(D % 16 == 0, "k-blocks in pairs");
 #pragma unroll 2
   for (int kb2 = 0; kb2 < D; kb2 += 16) {
@@ -708,51 +711,61 @@ FLASH_KDA_DEVICE void a_unit_products(float (&acc)[2][4], unsigned R, unsigned K
         b[0] = tf32(__uint_as_float(b[0]));
         b[1] = tf32(__uint_as_float(b[1]));
       }
-      ldmatrix_x4(a, R + 4 * kb);
-      mma(acc[h2], a, b);
+      ldmatrix_x4(a, Rk + 4 * kb);
+      mma(acc[0][h2], a, b);
+      ldmatrix_x4(a, Rq + 4 * kb);
+      mma(acc[1][h2], a, b);
     }
   }
 }
 
 // A_kk (strictly causal) and A_qk (causal) tiles on the tensor cores. Work unit = (pair (I, J),
-// column half h, matrix): a 16 x 8 tile of A_kk or of A_qk. (One unit per tile of both matrices
-// kept 6 of the preparation's 16 warps busy and the other 10 waiting at the next barrier: 12 % of
-// its stall samples, docs/performance.md v6; the column operand is now formed twice.) Tiles above
-// the diagonal sub-blocks are never read (the products below stop at the causal edge), so they are
-// not written.
+// column half h): the 16 x 8 tiles of A_kk and A_qk at (I, J, h), which share their column operand
+// (K e^{γ_c - γ} times M), so each unit loads it once: 12 units of one tile each loaded it twice,
+// about a fifth of the phase's shared-memory wavefronts (320 of 1,524 a block, docs/performance.md
+// v35). (One unit per pair, both halves, kept 6 of the preparation's 16 warps busy and the other 10
+// waiting at the next barrier: 12 % of its stall samples, v6; 2 NPAIR units keep as many busy, but
+// two blocks now share an SM.) Tiles above the diagonal sub-blocks are never read (the products
+// below stop at the causal edge), so they are not written.
 // kAqkTf32: A_qk is stored rounded to TF32, for the fused body's products; the two-kernel form
 // scales it to fp16 for its record, where a TF32 rounding first would only round twice.
 template <class L, bool kAqkTf32 = true>
 FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
   constexpr int D = L::D;
-  for (int unit = warp; unit < 4 * L::NPAIR; unit += L::kWarps) {
-    const int pr = unit / 4, h = (unit / 2) % 2;
-    const bool qk = unit % 2 != 0;
+  for (int unit = warp; unit < 2 * L::NPAIR; unit += L::kWarps) {
+    const int pr = unit / 2, h = unit % 2;
     int I = 0;
     while (pair_index(I + 1, 0) <= pr) ++I;
     const int J = pr - pair_index(I, 0);
     if (I == J && ((flags >> I) & 1)) continue;  // done by compute_diag_fallback
     const int i0 = I * L::BS, j0 = J * L::BS + 8 * h, lane = 4 * l.g + l.t;
-    const unsigned R = frag_a_row(sm + (qk ? L::kQ : L::kK) + i0 * L::LD, L::LD, lane);
+    const unsigned Rk = frag_a_row(sm + L::kK + i0 * L::LD, L::LD, lane);
+    const unsigned Rq = frag_a_row(sm + L::kQ + i0 * L::LD, L::LD, lane);
     const unsigned Ke = frag_b_row(sm + L::kKe + j0 * L::LD, L::LD, lane);
     // M's factors for B's two registers (channels kb + t, kb + t + 4) by the same ldmatrix, every
     // row address of a matrix on the one vector (row stride 0): one instruction for two loads
     const unsigned M = frag_b_row(sm + L::kM + pr * D, 0, lane);
-    float acc[2][4];
-    zero(acc[0]);
-    zero(acc[1]);
+    float acc[2][2][4];
+    zero(acc[0][0]);
+    zero(acc[0][1]);
+    zero(acc[1][0]);
+    zero(acc[1][1]);
     // (the last sub-block's column operand holds its M already: no M loads in its diagonal unit)
     if (L::kFoldLastM && pr == L::NPAIR - 1) {
-      a_unit_products<D, false>(acc, R, Ke, M);
+      a_unit_products<D, false>(acc, Rk, Rq, Ke, M);
     } else {
-      a_unit_products<D, true>(acc, R, Ke, M);
+      a_unit_products<D, true>(acc, Rk, Rq, Ke, M);
     }
-    float* out = sm + (qk ? L::kAqk : L::kAkk);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = i0 + l.g + (e >= 2 ? 8 : 0), j = j0 + 2 * l.t + (e & 1);
-      const float a = acc[0][e] + acc[1][e];
-      out[i * L::LDA + j] = (qk ? j <= i : j < i) ? (qk && !kAqkTf32 ? a : round_tf32(a)) : 0.0f;
+    for (int m = 0; m < 2; ++m) {
+      const bool qk = m == 1;
+      float* out = sm + (qk ? L::kAqk : L::kAkk);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = i0 + l.g + (e >= 2 ? 8 : 0), j = j0 + 2 * l.t + (e & 1);
+        const float a = acc[m][0][e] + acc[m][1][e];
+        out[i * L::LDA + j] = (qk ? j <= i : j < i) ? (qk && !kAqkTf32 ? a : round_tf32(a)) : 0.0f;
+      }
     }
   }
 }
