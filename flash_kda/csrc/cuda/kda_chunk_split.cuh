@@ -528,18 +528,6 @@ FLASH_KDA_DEVICE void store_tile_f16(__half* dst, const float (&acc)[2][4], floa
           pack_f16(acc[mm][2 * half] * s, acc[mm][2 * half + 1] * s);
 }
 
-// Where K e^γ's element (i, c) lies in its row as scale_k_for_apply stores it: shifted by 4 (i mod 4)
-// columns, cyclically within each aligned segment of min(D, 128) columns. apply_T reads B fragments
-// of it, lane (g, t) rows t and t + 4 at column col0 + g; with the row stride of 4 (mod 32) that
-// compute_A's ldmatrix reads need, rows t and t + 1 overlapped on 4 banks (2-way conflicts, 2 % of
-// the preparation's shared-memory wavefronts, docs/performance.md v29); shifted, lane (g, t) reads
-// bank col0 + g + 8t (mod 32).
-template <int D>
-FLASH_KDA_DEVICE int k_state_col(int i, int c) {
-  constexpr int kSeg = D < 128 ? D : 128;
-  return (c & ~(kSeg - 1)) | ((c + 4 * (i & 3)) & (kSeg - 1));
-}
-
 // Column tiles of apply_T per warp: tile warp + step kWarps for step < kApplySteps.
 template <class L>
 constexpr int kApplySteps = (L::D / 8 + L::kWarps - 1) / L::kWarps;
@@ -553,10 +541,17 @@ constexpr int kApplySteps = (L::D / 8 + L::kWarps - 1) / L::kWarps;
 // A warp takes column tile j of both right-hand sides, so each fragment of T it loads serves
 // two products; tiles go to warps in turn, a fixed number per warp (no runtime choice of operand).
 // T is lower triangular, so row block m needs k < 16 (m + 1).
+// K e^γ is not formed: K holds scale_for_A's K e^{γ-γ_r} (TF32 already), and e^{γ_r(I)} depends on
+// the token's sub-block I and the channel only, so W = (T K e^{γ-γ_r})_{tokens of I = 0} e^{γ_r(0)} +
+// (the same over I = 1) e^{γ_r(1)}, a factor per accumulator column (Er). Row block 0 meets only
+// sub-block 0's tokens; row block 1 sums both, in two accumulators. (A pass that formed K e^γ in
+// shared memory first cost 384 of the preparation's ~4,600 shared-memory wavefronts a block,
+// docs/performance.md v36.) Lane (g, t)'s B loads, rows t, t + 4 of a k-block at column col0 + g,
+// fall 2 to a bank (row stride 4 mod 32): 8 more wavefronts a warp.
 template <class L>
-FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, __half* U0, float* inv_u,
-                              float (&w)[kApplySteps<L>][2][4], int warp, Lane l) {
-  static_assert(L::C == 32, "two row blocks of 16");
+FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, const float* Er, __half* U0,
+                              float* inv_u, float (&w)[kApplySteps<L>][2][4], int warp, Lane l) {
+  static_assert(L::C == 32 && L::BS == 16, "two row blocks of 16, one per sub-block");
   constexpr int kTiles = L::D / 8;
   const unsigned t_row = frag_a_row(T, L::LDA, 4 * l.g + l.t);
 #pragma unroll
@@ -566,16 +561,15 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, __
     for (int m = 0; m < 2; ++m) zero(w[step][m]);
     if (kTiles % L::kWarps != 0 && col0 >= L::D) break;
     uint32_t bv[4][2], bk[4][2];
-    // (K e^γ as scale_k_for_apply stored it, at k_state_col: rows t + 8 kb and t + 4 + 8 kb are t mod 4,
-    // so all of this lane's rows have t's shift)
-    const float* kp = K + l.t * L::LD + k_state_col<L::D>(l.t, col0 + l.g);
+    const float* kp = K + l.t * L::LD + col0 + l.g;
 #pragma unroll
     for (int kb = 0; kb < 4; ++kb) {
       load_b_t(bv[kb], V + kb * 8 * L::LDV + col0, L::LDV, l);
       bk[kb][0] = tf32(kp[kb * 8 * L::LD]);
       bk[kb][1] = tf32(kp[(kb * 8 + 4) * L::LD]);
     }
-    float u[2][4];
+    float u[2][4], w1[4];  // w1: row block 1 over sub-block 1's tokens (k-blocks 2, 3)
+    zero(w1);
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
       zero(u[m]);
@@ -584,8 +578,16 @@ FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, __
         uint32_t a[4];
         ldmatrix_x4(a, t_row + 4 * (m * 16 * L::LDA + kb * 8));
         mma(u[m], a, bv[kb]);
-        mma(w[step][m], a, bk[kb]);
+        mma(kb < 2 ? w[step][m] : w1, a, bk[kb]);
       }
+    }
+    // the accumulators' columns col0 + 2t, + 1 (elements e & 1)
+    const float2 e0 = ld2(Er + col0 + 2 * l.t), e1 = ld2(Er + L::D + col0 + 2 * l.t);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float f0 = e & 1 ? e0.y : e0.x, f1 = e & 1 ? e1.y : e1.x;
+      w[step][0][e] *= f0;
+      w[step][1][e] = w[step][1][e] * f0 + w1[e] * f1;
     }
     float mu = 0.0f;
 #pragma unroll
@@ -625,21 +627,6 @@ FLASH_KDA_DEVICE void store_w_f16(const float (&w)[kApplySteps<L>][2][4], __half
     store_tile_f16<L::D>(dst, w[step], f.s, col0, l);
   }
   if (tid == 0) *inv = f.inv;
-}
-
-// K e^{γ-γ_r} -> K e^γ (rounded to TF32: apply_T's operand), in place at k_state_col's columns, by
-// threads [0, kN). (for_each_quad deals kN, a multiple of 32, threads, so each segment of a row is
-// read and written by the lanes of one warp: a __syncwarp between the reads and the shifted writes
-// suffices.)
-template <class L, int kN>
-FLASH_KDA_DEVICE void scale_k_for_apply(float* sm, int tid) {
-  constexpr int D = L::D;
-  static_assert(kN % 32 == 0, "whole warps: a segment's shift stays within its warp");
-  for_each_quad<L::C, D, kN>(tid, [&](int i, int c) {
-    const float4 k = round_tf32(ld4(sm + L::kK + i * L::LD + c) * ld4(sm + L::kEr + (i / L::BS) * D + c));
-    __syncwarp();
-    st4(sm + L::kK + i * L::LD + k_state_col<D>(i, c), k);
-  });
 }
 
 // Largest magnitudes of the record's Q e^γ and Klᵀ values (their fp16 chunk scales).
@@ -845,10 +832,9 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
   if (warp == 0) {
     invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
   } else {
-    // Meanwhile the other warps form apply_T's K e^γ and the record's Q e^γ and Klᵀ (in registers),
-    // with the largest magnitudes: the three fp16 arrays' chunk scales come from one reduction.
+    // Meanwhile the other warps form the record's Q e^γ and Klᵀ (in registers), with the largest
+    // magnitudes: the three fp16 arrays' chunk scales come from one reduction.
     const int rw = rt / 32;
-    scale_k_for_apply<L, kRest>(sm, rt);
     StateSideMax m = tiles.form(sm, rt);
     float ma = 0.0f;
     for_each_quad<C, C, kRest>(rt, [&](int i, int j) {  // A_qk's written tiles (4 columns: one sub-block)
@@ -863,7 +849,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
       red[2 * L::kWarps + rw] = ma;
     }
   }
-  // T, K e^γ and the maxima visible to every warp. One block-wide barrier: the record's state-side
+  // T and the maxima visible to every warp. One block-wide barrier: the record's state-side
   // stores come after it (Q e^γ and Klᵀ from warps 1..'s registers, A_qk by all warps) and overlap
   // apply_T instead of the inversion. (Session 14's form had warps 1.. store them during the
   // inversion, behind a named barrier of their own, 2-3 % faster in the preparation; compute-
@@ -876,7 +862,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
   if (warp != 0) tiles.store(rec_h, fq, fkl, rt);
   store_aqk_and_tail<L, L::kThreads>(sm, rec, fq, fkl, pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane)), tid);
   float w[kApplySteps<L>][2][4];
-  apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, rec_h + 2 * R::kU, rec + R::kInvU, w, warp, l);
+  apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, sm + L::kEr, rec_h + 2 * R::kU, rec + R::kInvU, w, warp, l);
   store_w_f16<L>(w, rec_h + 2 * R::kW, rec + R::kInvW, red + 3 * L::kWarps, warp, l, tid);
 }
 

@@ -773,7 +773,7 @@ FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
 // k -> k e^γ, q -> q e^γ (from the e^{γ - γ_r} forms) and Ke -> k e^{γ_last - γ}, all rounded to TF32
 // (the fused body's product operands). (e^{γ_r} may flush to 0 where e^γ of an earlier token would
 // not: only for factors below 2^-126 · 2^kMaxSpan.) The two-kernel form's preparation has its own
-// forms of these (scale_k_for_apply, StateSideTiles in kda_chunk_split.cuh).
+// forms of these (StateSideTiles, and apply_T's factors, in kda_chunk_split.cuh).
 template <class L>
 FLASH_KDA_DEVICE void scale_for_state(float* sm, int tid) {
   constexpr int D = L::D;
