@@ -18,8 +18,10 @@ kda_chunk_tc.cuh):
     U0 = T V,  W = T (K e^γ)
 Modes: how the operands of A (R and B·M) and of apply_T (T, V, K e^γ) reach the tensor cores,
 as "<A's>/<apply_T's>" (one name: both); everything else as main:
-    tf32      main today: R, T, K e^γ rounded to TF32 (to nearest, ties away), B·M truncated to
-              TF32 (the kernel passes its fp32 bits), V exact (bf16 input)
+    tf32      main as of v21: R, T, K e^γ rounded to TF32 (to nearest, ties away), B·M truncated
+              to TF32 (the kernel passes its fp32 bits), V exact (bf16 input). (Since v36 the
+              kernel rounds K e^{γ-γ_r} instead and applies e^{γ_r(I)} to W's accumulators in
+              fp32, one rounding fewer; this model keeps the v21 form.)
     bf16      rounded to bf16 (8-bit mantissa, fp32's exponent range: no scales)
     fp16-row  fp16 after an exact power-of-two scale per row of the contraction (R per token i,
               B·M per token j, T per row, V and K e^γ per channel), largest magnitude in

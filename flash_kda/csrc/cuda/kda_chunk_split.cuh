@@ -372,9 +372,9 @@ struct PrepLayout {
   static constexpr int LDV = VS + 8;
   static constexpr int LDA = C + 4;
 
-  static constexpr int kK = 0;                      // [C, LD] k -> k e^{γ-γ_r} -> k e^γ
-  static constexpr int kQ = kK + C * LD;            // [C, LD] q -> q e^{γ-γ_r} -> q e^γ
-  static constexpr int kKe = kQ + C * LD;           // [C, LD] a -> γ -> k e^{γ_c-γ} -> k e^{γ_last-γ}
+  static constexpr int kK = 0;                      // [C, LD] k -> k e^{γ-γ_r} (apply_T applies e^{γ_r})
+  static constexpr int kQ = kK + C * LD;            // [C, LD] q -> q e^{γ-γ_r}
+  static constexpr int kKe = kQ + C * LD;           // [C, LD] a -> γ -> k e^{γ_c-γ}
   static constexpr int kG = kKe;
   static constexpr int kVx = kKe + C * LD;          // [C, LDV] v -> U0
   static constexpr int kAkk = kVx + C * LDV;        // [C, LDA]
