@@ -547,7 +547,7 @@ constexpr int kApplySteps = (L::D / 8 + L::kWarps - 1) / L::kWarps;
 // sub-block 0's tokens; row block 1 sums both, in two accumulators. (A pass that formed K e^γ in
 // shared memory first cost 384 of the preparation's ~4,600 shared-memory wavefronts a block,
 // docs/performance.md v36.) Lane (g, t)'s B loads, rows t, t + 4 of a k-block at column col0 + g,
-// fall 2 to a bank (row stride 4 mod 32): 8 more wavefronts a warp.
+// fall 2 to a bank (row stride 4 mod 32): 8 more wavefronts a tile.
 template <class L>
 FLASH_KDA_DEVICE void apply_T(const float* T, const float* V, const float* K, const float* Er, __half* U0,
                               float* inv_u, float (&w)[kApplySteps<L>][2][4], int warp, Lane l) {
