@@ -592,32 +592,32 @@ FLASH_KDA_DEVICE void cumsum_and_boundaries(float* sm, int tid) {
       sm[L::kEl + D + c] = fast_exp2(hi - gc);                 // e^{γ_last - γ_c(1)}
       sm[L::kEg + c] = hi;  // γ_last in sub-block 1's units: split_scan_absolute makes it e^{γ_last}
     }
-    return;
-  }
-  for (int c = tid; c < D; c += L::kThreads) {
-    float gam[L::C];
-    scan_column<L::LD>(sm + L::kG + c, gam);
-    float gb[L::NB + 1];
-    gb[0] = 0.0f;
+  } else {  // (an else, not a return above: nvcc warned that the loop was unreachable)
+    for (int c = tid; c < D; c += L::kThreads) {
+      float gam[L::C];
+      scan_column<L::LD>(sm + L::kG + c, gam);
+      float gb[L::NB + 1];
+      gb[0] = 0.0f;
 #pragma unroll
-    for (int m = 1; m <= L::NB; ++m) gb[m] = gam[m * L::BS - 1];
-    sm[L::kEg + c] = fast_exp2(gb[L::NB]);
+      for (int m = 1; m <= L::NB; ++m) gb[m] = gam[m * L::BS - 1];
+      sm[L::kEg + c] = fast_exp2(gb[L::NB]);
 #pragma unroll
-    for (int I = 0; I < L::NB; ++I) {
-      const SubBlockRef r = sub_block_ref(gb[I], gam[I * L::BS + kRef], gb[I + 1]);
-      const float ref = r.ref;
-      const bool fallback = r.fallback;
-      if (fallback) atomicOr(flags, 1 << I);
-      const bool last = L::kFoldLastM && I == L::NB - 1;
-      const float gc = last && !fallback ? ref : gb[I + 1];  // γ_c(I) (see "Decays in A")
-      sm[L::kGm + I * D + c] = ref;
-      sm[L::kGc + I * D + c] = gc;
-      // scale_for_state's factors, which depend on the sub-block and channel only (per element
-      // they were 16 exponentials of the same value per channel, one per row)
-      sm[L::kEr + I * D + c] = fast_exp2(ref);
-      sm[L::kEl + I * D + c] = fast_exp2(gb[L::NB] - gc);
+      for (int I = 0; I < L::NB; ++I) {
+        const SubBlockRef r = sub_block_ref(gb[I], gam[I * L::BS + kRef], gb[I + 1]);
+        const float ref = r.ref;
+        const bool fallback = r.fallback;
+        if (fallback) atomicOr(flags, 1 << I);
+        const bool last = L::kFoldLastM && I == L::NB - 1;
+        const float gc = last && !fallback ? ref : gb[I + 1];  // γ_c(I) (see "Decays in A")
+        sm[L::kGm + I * D + c] = ref;
+        sm[L::kGc + I * D + c] = gc;
+        // scale_for_state's factors, which depend on the sub-block and channel only (per element
+        // they were 16 exponentials of the same value per channel, one per row)
+        sm[L::kEr + I * D + c] = fast_exp2(ref);
+        sm[L::kEl + I * D + c] = fast_exp2(gb[L::NB] - gc);
 #pragma unroll
-      for (int J = 0; J < (last ? I : I + 1); ++J) sm[L::kM + pair_index(I, J) * D + c] = fast_exp2(ref - gb[J + 1]);
+        for (int J = 0; J < (last ? I : I + 1); ++J) sm[L::kM + pair_index(I, J) * D + c] = fast_exp2(ref - gb[J + 1]);
+      }
     }
   }
 }
