@@ -392,9 +392,9 @@ struct PrepLayout {
   static constexpr int kFloats = kRed + 4 * kWarps;
   static constexpr int kSmemBytes = kFloats * 4;
   static constexpr int kMinBlocks = kSmemBytes <= 112 * 1024 ? 2 : 1;
-  static constexpr int kScaleRows = 2;             // scale_for_A: two rows per step (kda_chunk_tc.cuh)
   static constexpr bool kFoldLastM = true;         // the last sub-block's M in its column operand (ditto)
   static constexpr bool kCumsumSplit = kThreads >= 2 * D_;  // cumsum_and_boundaries' split scan
+  static constexpr bool kKeepQK = true;            // load_chunk's q, k in registers to scale_for_A (QkRows)
   static_assert(C == 32, "invert_T handles two 16-token sub-blocks");
   static_assert((C * D) % kThreads == 0 && C <= kThreads && D <= kThreads, "loader layout");
   static_assert(LD % 32 == 4 && LDA % 32 == 4 && LDV % 32 == 8, "bank-conflict-free fragments");

@@ -104,6 +104,9 @@ struct Layout {
   // cumsum_and_boundaries with one thread per channel: scale_for_state reads absolute γ factors
   // in the same phase as the sums (the preparation's layouts split the scan: PrepLayout)
   static constexpr bool kCumsumSplit = false;
+  // q and k through shared memory between the loader and scale_for_A (QkRows): with C = 64, each
+  // thread's rows would hold 64 registers across the scan
+  static constexpr bool kKeepQK = false;
 
   // Warp tiling of the [C, VS] products (X, O): WM row blocks of 16 x WN column groups.
   static constexpr int WM = C / 16;
@@ -393,6 +396,31 @@ FLASH_KDA_DEVICE RowLane row_lane(int lane) {
   }
 }
 
+// A thread's rows in load_chunk: kPass rows kRowsPerPass apart from row0, channels [c, c + 8).
+template <class L>
+struct LoaderRows {
+  static constexpr int RV = L::D / 8;  // vectors per row = lanes sharing a row
+  static constexpr int kPass = L::C * RV / L::kThreads;
+  static constexpr int kRowsPerPass = L::kWarps * (32 / RV);
+  static_assert(RV <= 32 && 32 % RV == 0 && (L::C * RV) % L::kThreads == 0, "row lanes");
+  int row0, c;
+  FLASH_KDA_DEVICE explicit LoaderRows(int tid) {
+    const RowLane rl = row_lane<RV>(tid % 32);
+    row0 = (tid / 32) * (32 / RV) + rl.row;
+    c = rl.group * 8;
+  }
+  FLASH_KDA_DEVICE int row(int r) const { return row0 + r * kRowsPerPass; }
+};
+
+// The loader's normalised q and k rows, kept in registers until scale_for_A's step (L::kKeepQK):
+// they skip a store to shared memory and a load back (512 of the preparation's ~4,600 shared-memory
+// wavefronts a block at D = 128, in a kernel bound by its L1; docs/performance.md v37). Only the
+// rare fallback reads them raw from shared memory: k_side_A stores them for it.
+template <class L>
+struct QkRows {
+  float q[LoaderRows<L>::kPass][8], k[LoaderRows<L>::kPass][8];
+};
+
 // Chunk input, normalised on the way in: q <- scale · q / ||q||, k <- k / ||k|| (norms optional),
 // a <- the gate's log-decay in log2 units (clamped like the portable body), v, sigmoid(b). A thread
 // reads 8 consecutive channels of a row; the D / 8 lanes of a row (one warp or part of one, as
@@ -409,16 +437,13 @@ FLASH_KDA_DEVICE RowLane row_lane(int lane) {
 // k and v of those rows meet only zero coefficients, β = 0, and the reread row is a real one.)
 template <class L, bool kVec, class Off = int64_t>
 FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, int64_t t0, int len, VecOk vec,
-                                 float* sm, int tid) {
-  constexpr int D = L::D, RV = D / 8;        // vectors per row = lanes sharing a row
-  constexpr int kPass = L::C * RV / L::kThreads;
+                                 float* sm, int tid, QkRows<L>& keep) {
+  using Rows = LoaderRows<L>;
+  constexpr int RV = Rows::RV, kPass = Rows::kPass;
   constexpr int kVItems = L::C * L::VS / 8;  // v's 8-element items, a fixed count per thread
   constexpr int kVPass = (kVItems + L::kThreads - 1) / L::kThreads;
-  static_assert(RV <= 32 && 32 % RV == 0 && (L::C * RV) % L::kThreads == 0, "row lanes");
   const bool gate = p.A_log != nullptr;
-  const RowLane rl = row_lane<RV>(tid % 32);
-  const int row0 = (tid / 32) * (32 / RV) + rl.row;  // pass r: row row0 + r * kRowsPerPass
-  constexpr int kRowsPerPass = L::kWarps * (32 / RV);
+  const Rows rows(tid);
   const int last = len - 1;
   const bool v_swap = (tid >> 2) & 1;  // store8_swapped's lanes 4-7 of each quarter-warp
 
@@ -431,7 +456,7 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   if (tid < L::C) b_bits = load_bits(p.beta, token_offset_as<Off>(p.beta_strides, t.r, t0 + min(tid, last), t.h), p.beta_fp32);
 #pragma unroll
   for (int r = 0; r < kPass; ++r) {
-    const int i = min(row0 + r * kRowsPerPass, last), c = rl.group * 8;
+    const int i = min(rows.row(r), last), c = rows.c;
     // dt_bias straight from global memory (cached: every block of the head reads the same row)
     if (gate) {
       load8<kVec>(p.dt_bias, static_cast<Off>(t.h) * static_cast<Off>(p.dt_bias_head_stride) + c, true, vec.dtb, dtb[r]);
@@ -473,7 +498,7 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   const bool clamp = !gate || lb2 < kMin2;  // uniform
 #pragma unroll
   for (int r = 0; r < kPass; ++r) {
-    const int i = row0 + r * kRowsPerPass, c = rl.group * 8;
+    const int i = rows.row(r), c = rows.c;
     float qs = 0.0f, ks = 0.0f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
@@ -510,9 +535,27 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
       zero_past_end(i >= len, kx[r]);
       zero_past_end(i >= len, gx[r]);
     }
-    store8(sm + L::kQ + i * L::LD + c, qx[r]);
-    store8(sm + L::kK + i * L::LD + c, kx[r]);
+    if constexpr (L::kKeepQK) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) keep.q[r][e] = qx[r][e], keep.k[r][e] = kx[r][e];
+    } else {
+      store8(sm + L::kQ + i * L::LD + c, qx[r]);
+      store8(sm + L::kK + i * L::LD + c, kx[r]);
+    }
     store8(sm + L::kG + i * L::LD + c, gx[r]);
+  }
+}
+
+// q and k as load_chunk normalised them, from QkRows to their arrays (L::kKeepQK; for the
+// fallback, which reads them raw).
+template <class L>
+FLASH_KDA_DEVICE void store_qk_rows(float* sm, int tid, const QkRows<L>& keep) {
+  const LoaderRows<L> rows(tid);
+#pragma unroll
+  for (int r = 0; r < LoaderRows<L>::kPass; ++r) {
+    const int o = rows.row(r) * L::LD + rows.c;
+    store8(sm + L::kQ + o, keep.q[r]);
+    store8(sm + L::kK + o, keep.k[r]);
   }
 }
 
@@ -683,6 +726,32 @@ FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid) {
       st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
     }
   });
+}
+
+// scale_for_A for L::kKeepQK: the same products, with k and q from the loader's registers (keep)
+// and each thread on its loader rows (LoaderRows: 8 channels of a row, whose γ_r and γ_c it reads
+// once for both halves). The loader's 16-byte pattern keeps these accesses conflict-free as its
+// stores were.
+template <class L>
+FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid, const QkRows<L>& keep) {
+  constexpr int D = L::D;
+  const LoaderRows<L> rows(tid);
+#pragma unroll
+  for (int r = 0; r < LoaderRows<L>::kPass; ++r) {
+    const int i = rows.row(r), I = i / L::BS;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int c = rows.c + 4 * h, o = i * L::LD + c;
+      const float4 gm = ld4(sm + L::kGm + I * D + c), gc = ld4(sm + L::kGc + I * D + c);
+      const float4 g = ld4(sm + L::kKe + o);
+      const float4 k = make_float4(keep.k[r][4 * h], keep.k[r][4 * h + 1], keep.k[r][4 * h + 2], keep.k[r][4 * h + 3]);
+      const float4 q = make_float4(keep.q[r][4 * h], keep.q[r][4 * h + 1], keep.q[r][4 * h + 2], keep.q[r][4 * h + 3]);
+      const float4 fb = fast_exp2(g - gm);
+      st4(sm + L::kKe + o, k * fast_exp2(gc - g));  // as scale_for_A above
+      st4(sm + L::kK + o, round_tf32(k * fb));
+      st4(sm + L::kQ + o, round_tf32(q * fb));
+    }
+  }
 }
 
 // The k-loop of one compute_A unit: for A_kk (m = 0) and A_qk (m = 1), acc[m][kb / 8 % 2] += the
@@ -958,22 +1027,31 @@ FLASH_KDA_DEVICE void k_side_A(const KdaParams& p, const portable::Task& t, int6
                                float* sm, int tid, int warp, Lane l) {
   int* flags_sm = reinterpret_cast<int*>(sm + L::kFlags);
   if (tid == 0) *flags_sm = 0;
+  QkRows<L> keep;  // (L::kKeepQK: q and k, held across the scan; otherwise unused)
   if (vec.all() && vec.off32) {  // uniform across the block
-    load_chunk<L, true, int>(p, t, t0, len, vec, sm, tid);
+    load_chunk<L, true, int>(p, t, t0, len, vec, sm, tid, keep);
   } else if (vec.all()) {
-    load_chunk<L, true>(p, t, t0, len, vec, sm, tid);
+    load_chunk<L, true>(p, t, t0, len, vec, sm, tid, keep);
   } else {
-    load_chunk<L, false>(p, t, t0, len, vec, sm, tid);
+    load_chunk<L, false>(p, t, t0, len, vec, sm, tid, keep);
   }
   port::block_sync();
   cumsum_and_boundaries<L>(sm, tid);
   port::block_sync();
   const int flags = *flags_sm;  // uniform across the block
   if (flags != 0) {
+    if constexpr (L::kKeepQK) {
+      store_qk_rows<L>(sm, tid, keep);
+      port::block_sync();
+    }
     compute_diag_fallback<L>(sm, tid, flags);  // reads raw k, q, γ: before scale_for_A
     port::block_sync();
   }
-  scale_for_A<L>(sm, tid);
+  if constexpr (L::kKeepQK) {
+    scale_for_A<L>(sm, tid, keep);
+  } else {
+    scale_for_A<L>(sm, tid);
+  }
   port::block_sync();
   compute_A<L, kAqkTf32>(sm, warp, l, flags);
   if constexpr (L::kCumsumSplit) split_scan_absolute<L>(sm, tid);
