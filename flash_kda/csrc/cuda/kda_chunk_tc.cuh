@@ -97,9 +97,8 @@ struct Layout {
   static constexpr int kFloats = kFlags + 4;
   static constexpr int kSmemBytes = kFloats * 4;
   static constexpr int kMinBlocks = kSmemBytes <= 112 * 1024 && kThreads <= 256 ? 2 : 1;
-  // scale_for_A's rows per step: one; and the last sub-block's M in its column operand ("Decays in
-  // A"): no. (Either spilled 2 bytes at D = 128 with 256 threads.)
-  static constexpr int kScaleRows = 1;
+  // The last sub-block's M in its column operand ("Decays in A"): no. (It spilled 2 bytes at D = 128
+  // with 256 threads, as did scale_for_A with two rows per step.)
   static constexpr bool kFoldLastM = false;
   // cumsum_and_boundaries with one thread per channel: scale_for_state reads absolute γ factors
   // in the same phase as the sums (the preparation's layouts split the scan: PrepLayout)
@@ -704,27 +703,21 @@ FLASH_KDA_DEVICE void compute_diag_fallback(float* sm, int tid, int flags) {
   }
 }
 
-// k -> k e^{γ - γ_r} and q -> q e^{γ - γ_r} (row operands), γ -> k e^{γ_c - γ} (column operand).
-// Four channels of L::kScaleRows rows per step. Rows R p .. R p + R - 1 lie in one sub-block (R
-// divides BS), so its γ_r and γ_c are read once for them: with one row per step they took two of
-// the eight 16-byte shared-memory accesses per four elements, in a preparation bound by its L1
-// (docs/performance.md v29).
+// k -> k e^{γ - γ_r} and q -> q e^{γ - γ_r} (row operands), γ -> k e^{γ_c - γ} (column operand),
+// four channels of a row per step: the fused body's form, with q and k from shared memory. (The
+// preparation's form below takes them from the loader's registers. Until v37 it used this one with
+// two rows per step, reading a sub-block's γ_r and γ_c once for both rows: docs/performance.md v29.)
 template <class L>
 FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid) {
-  constexpr int D = L::D, R = L::kScaleRows;
-  static_assert(L::BS % R == 0, "a step's rows within one sub-block");
-  for_each_quad<L::C / R, D, L::kThreads>(tid, [&](int p, int c) {
-    const int I = R * p / L::BS;
+  constexpr int D = L::D;
+  for_each_quad<L::C, D, L::kThreads>(tid, [&](int i, int c) {
+    const int I = i / L::BS, o = i * L::LD + c;
     const float4 gm = ld4(sm + L::kGm + I * D + c), gc = ld4(sm + L::kGc + I * D + c);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int o = (R * p + r) * L::LD + c;
-      const float4 g = ld4(sm + L::kKe + o), k = ld4(sm + L::kK + o);
-      const float4 fb = fast_exp2(g - gm);
-      st4(sm + L::kKe + o, k * fast_exp2(gc - g));  // times M when loaded (but the last sub-block's)
-      st4(sm + L::kK + o, round_tf32(k * fb));
-      st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
-    }
+    const float4 g = ld4(sm + L::kKe + o), k = ld4(sm + L::kK + o);
+    const float4 fb = fast_exp2(g - gm);
+    st4(sm + L::kKe + o, k * fast_exp2(gc - g));  // times M when loaded (but the last sub-block's)
+    st4(sm + L::kK + o, round_tf32(k * fb));
+    st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
   });
 }
 
@@ -747,7 +740,7 @@ FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid, const QkRows<L>& keep) {
       const float4 k = make_float4(keep.k[r][4 * h], keep.k[r][4 * h + 1], keep.k[r][4 * h + 2], keep.k[r][4 * h + 3]);
       const float4 q = make_float4(keep.q[r][4 * h], keep.q[r][4 * h + 1], keep.q[r][4 * h + 2], keep.q[r][4 * h + 3]);
       const float4 fb = fast_exp2(g - gm);
-      st4(sm + L::kKe + o, k * fast_exp2(gc - g));  // as scale_for_A above
+      st4(sm + L::kKe + o, k * fast_exp2(gc - g));  // as in the fused form above
       st4(sm + L::kK + o, round_tf32(k * fb));
       st4(sm + L::kQ + o, round_tf32(q * fb));
     }
