@@ -706,7 +706,7 @@ FLASH_KDA_DEVICE void compute_diag_fallback(float* sm, int tid, int flags) {
 // k -> k e^{γ - γ_r} and q -> q e^{γ - γ_r} (row operands), γ -> k e^{γ_c - γ} (column operand),
 // four channels of a row per step: the fused body's form, with q and k from shared memory. (The
 // preparation's form below takes them from the loader's registers. Until v37 it used this one with
-// two rows per step, reading a sub-block's γ_r and γ_c once for both rows: docs/performance.md v29.)
+// two rows per step, reading a sub-block's γ_r and γ_c once for both rows: docs/performance.md v33.)
 template <class L>
 FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid) {
   constexpr int D = L::D;
