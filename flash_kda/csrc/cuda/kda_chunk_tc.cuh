@@ -703,46 +703,48 @@ FLASH_KDA_DEVICE void compute_diag_fallback(float* sm, int tid, int flags) {
   }
 }
 
-// k -> k e^{γ - γ_r} and q -> q e^{γ - γ_r} (row operands), γ -> k e^{γ_c - γ} (column operand),
-// four channels of a row per step: the fused body's form, with q and k from shared memory. (The
-// preparation's form below takes them from the loader's registers. Until v37 it used this one with
-// two rows per step, reading a sub-block's γ_r and γ_c once for both rows: docs/performance.md v33.)
+// scale_for_A's step on four channels (offset o in the [C, LD] arrays) of a row of sub-block I: k ->
+// k e^{γ - γ_r} and q -> q e^{γ - γ_r} (row operands, rounded to TF32), γ -> k e^{γ_c - γ} (column
+// operand; times M when compute_A loads it, but the last sub-block's). γ is read from its array, k
+// and q are given.
+template <class L>
+FLASH_KDA_DEVICE void scale_quad_for_A(float* sm, int I, int c, int o, float4 k, float4 q) {
+  const float4 gm = ld4(sm + L::kGm + I * L::D + c), gc = ld4(sm + L::kGc + I * L::D + c);
+  const float4 g = ld4(sm + L::kKe + o);
+  const float4 fb = fast_exp2(g - gm);
+  st4(sm + L::kKe + o, k * fast_exp2(gc - g));
+  st4(sm + L::kK + o, round_tf32(k * fb));
+  st4(sm + L::kQ + o, round_tf32(q * fb));
+}
+
+// scale_for_A, four channels of a row per step, with q and k from shared memory: the fused body's
+// form. (The preparation's form below takes them from the loader's registers. Until v37 it used
+// this one with two rows per step, reading a sub-block's γ_r and γ_c once for both rows:
+// docs/performance.md v33.)
 template <class L>
 FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid) {
-  constexpr int D = L::D;
-  for_each_quad<L::C, D, L::kThreads>(tid, [&](int i, int c) {
-    const int I = i / L::BS, o = i * L::LD + c;
-    const float4 gm = ld4(sm + L::kGm + I * D + c), gc = ld4(sm + L::kGc + I * D + c);
-    const float4 g = ld4(sm + L::kKe + o), k = ld4(sm + L::kK + o);
-    const float4 fb = fast_exp2(g - gm);
-    st4(sm + L::kKe + o, k * fast_exp2(gc - g));  // times M when loaded (but the last sub-block's)
-    st4(sm + L::kK + o, round_tf32(k * fb));
-    st4(sm + L::kQ + o, round_tf32(ld4(sm + L::kQ + o) * fb));
+  for_each_quad<L::C, L::D, L::kThreads>(tid, [&](int i, int c) {
+    const int o = i * L::LD + c;
+    scale_quad_for_A<L>(sm, i / L::BS, c, o, ld4(sm + L::kK + o), ld4(sm + L::kQ + o));
   });
 }
 
-// scale_for_A for L::kKeepQK: the same products, with k and q from the loader's registers (keep)
-// and each thread on its loader rows (LoaderRows: 8 channels of a row, whose γ_r and γ_c it reads
-// once for both halves). The loader's 16-byte pattern keeps these accesses conflict-free as its
-// stores were.
+// scale_for_A for L::kKeepQK: k and q from the loader's registers (keep), each thread on its loader
+// rows (LoaderRows: 8 channels of a row). The loader's 16-byte pattern keeps these accesses
+// conflict-free as its stores were.
 template <class L>
 FLASH_KDA_DEVICE void scale_for_A(float* sm, int tid, const QkRows<L>& keep) {
-  constexpr int D = L::D;
   const LoaderRows<L> rows(tid);
 #pragma unroll
   for (int r = 0; r < LoaderRows<L>::kPass; ++r) {
-    const int i = rows.row(r), I = i / L::BS;
+    const int i = rows.row(r);
+    const float(&k)[8] = keep.k[r];
+    const float(&q)[8] = keep.q[r];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int c = rows.c + 4 * h, o = i * L::LD + c;
-      const float4 gm = ld4(sm + L::kGm + I * D + c), gc = ld4(sm + L::kGc + I * D + c);
-      const float4 g = ld4(sm + L::kKe + o);
-      const float4 k = make_float4(keep.k[r][4 * h], keep.k[r][4 * h + 1], keep.k[r][4 * h + 2], keep.k[r][4 * h + 3]);
-      const float4 q = make_float4(keep.q[r][4 * h], keep.q[r][4 * h + 1], keep.q[r][4 * h + 2], keep.q[r][4 * h + 3]);
-      const float4 fb = fast_exp2(g - gm);
-      st4(sm + L::kKe + o, k * fast_exp2(gc - g));  // as in the fused form above
-      st4(sm + L::kK + o, round_tf32(k * fb));
-      st4(sm + L::kQ + o, round_tf32(q * fb));
+    for (int h = 0; h < 8; h += 4) {
+      const int c = rows.c + h;
+      scale_quad_for_A<L>(sm, i / L::BS, c, i * L::LD + c, make_float4(k[h], k[h + 1], k[h + 2], k[h + 3]),
+                          make_float4(q[h], q[h + 1], q[h + 2], q[h + 3]));
     }
   }
 }
