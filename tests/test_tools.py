@@ -60,16 +60,22 @@ def test_emu_outputs_compare(tmp_path, capsys):
     assert "b: missing" in capsys.readouterr().out
 
 
-def _ncu_listing(rows, shared=None):
+def _ncu_listing(rows, shared=None, glob=None):
     """A small listing in the layout of `ncu --page source --print-source sass`: a dashed line
     giving the column widths, a header whose names wrap inside them, then one row per instruction.
-    shared: per row (wavefronts, excess), for the shared-memory wavefront columns of `--set full`."""
+    shared: per row (wavefronts, excess), for the shared-memory wavefront columns of `--set full`.
+    glob: per row (address space, operation, L1 tag requests, L2 sectors, wasted sectors), for its
+    global-access columns."""
     cols = [("Address", 18), ("Source", 40), ("Warp Stall Sampling (All Samples)", 6),
             ("Warp Stall Sampling (Not-issued Samples)", 6), ("Instructions Executed", 7),
             ("stall_barrier", 6), ("stall_barrier (Not Issued)", 6), ("stall_long_sb", 6)]
     if shared:
         cols[5:5] = [("L1 Wavefronts Shared Excessive", 6), ("L1 Wavefronts Shared", 6),
                      ("L1 Wavefronts Shared Ideal", 6)]
+    if glob:  # (ncu's order: the operation's columns, then the tag and sector counts)
+        cols[5:5] = [("Address Space", 8), ("Access Operation", 8), ("L1 Tag Requests Global", 6),
+                     ("L2 Theoretical Sectors Global Excessive", 6), ("L2 Theoretical Sectors Global", 6),
+                     ("L2 Theoretical Sectors Global Ideal", 6)]
     wrapped = [[name[i:i + w] for i in range(0, len(name), w)] for name, w in cols]
     out = [" ".join("-" * w for _, w in cols)]
     for r in range(max(map(len, wrapped))):
@@ -79,6 +85,9 @@ def _ncu_listing(rows, shared=None):
         if shared:
             wavefronts, excess = shared[k]
             cells[5:5] = [excess, wavefronts, wavefronts - excess]
+        if glob:
+            space, op, tags, sectors, wasted = glob[k]
+            cells[5:5] = [space, op, tags, wasted, sectors, sectors - wasted]
         out.append(" ".join(str(v).ljust(w) for v, (_, w) in zip(cells, cols)))
     return "\n".join(["Kernel Name        k", *out]) + "\n"
 
@@ -129,6 +138,33 @@ def test_ncu_segments_counts_shared_wavefronts_per_phase(tmp_path, capsys, monke
     assert "200 shared-memory wavefronts (8.5% of them bank-conflict excess)" in out
     assert "30.0% of the kernel's, 15 a block (17% of them bank-conflict excess)" in out
     assert "70.0% of the kernel's, 35 a block (5% of them bank-conflict excess)" in out
+
+
+def test_ncu_segments_counts_global_lines_per_phase(tmp_path, capsys, monkeypatch):
+    """With `--set full`'s global-access columns, each phase gets its global loads and stores apart:
+    warp-instructions, L1 tag requests per instruction (the lines it touches), per block with
+    --blocks, and the share of L2 sectors wasted. Shared-memory rows do not count."""
+    import ncu_segments
+
+    rows = [("LDG.E.128 R4, desc[UR6][R2.64]", 3, 64, 0, 0), ("STS.128 [R2], R4", 1, 64, 0, 0),
+            ("BAR.SYNC.DEFER_BLOCKING 0x0", 0, 64, 0, 0), ("STG.E.128 desc[UR6][R2.64], R8", 2, 64, 0, 0),
+            ("STG.E.128 desc[UR6][R4.64], R8", 2, 32, 0, 0), ("EXIT", 0, 64, 0, 0)]
+    glob = [("Global", "Load", 256, 1024, 0), ("Shared", "Store", 0, 0, 0), ("", "", 0, 0, 0),
+            ("Global", "Store", 256, 1024, 0), ("Global", "Store", 512, 512, 128), ("", "", 0, 0, 0)]
+    path = tmp_path / "sass.txt"
+    path.write_text(_ncu_listing(rows, glob=glob))
+    parsed = ncu_segments.parse(str(path))
+    assert parsed[0][4] == {"load_executed": 64, "load_tags": 256, "load_sectors": 1024, "load_wasted": 0}
+    assert parsed[1][4] == {} and parsed[3][4]["store_tags"] == 256
+    monkeypatch.setattr(sys, "argv", ["ncu_segments.py", str(path), "--blocks", "8"])
+    ncu_segments.main()
+    out = capsys.readouterr().out
+    assert "global loads: 64 warp-instructions, 4.0 L1 tag requests each, 32 tag requests a block," \
+           " 1024 L2 sectors (0% of them wasted)" in out
+    # 768 tag requests over 96 instructions; 128 of 1,536 sectors wasted
+    assert "global stores: 96 warp-instructions, 8.0 L1 tag requests each, 96 tag requests a block," \
+           " 1536 L2 sectors (8% of them wasted)" in out
+    assert "global stores" not in out.split("segment  1")[0]
 
 
 def test_prep_precision_model_factors_A_like_the_direct_formula():

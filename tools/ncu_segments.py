@@ -23,7 +23,10 @@ reasons are the columns named `stall_*` that count all samples (not the "not iss
 
 Where the listing has them (`--set full`), each segment also gets its shared-memory wavefronts
 (L1 Wavefronts Shared: what the MIO path and shared-memory banks serve, one per cycle per SM) and
-how many of them bank conflicts added (Shared Excessive); `--blocks N` prints them per block.
+how many of them bank conflicts added (Shared Excessive); `--blocks N` prints them per block. And
+its global loads and stores apart: warp-instructions executed, L1 tag requests (about the 128-byte
+lines a warp instruction touches: 4 for 512 contiguous bytes, 16 where the same bytes lie in 32-byte
+pieces on 16 lines) and L2 sectors with the share the access pattern wasted (Global Excessive).
 """
 
 import argparse
@@ -60,6 +63,12 @@ def parse(path):
     # shared-memory wavefronts: column name -> our name (absent from reports without source counters)
     wanted = {"L1WavefrontsShared": "shared", "L1WavefrontsSharedExcessive": "excess"}
     mem = [(k, wanted[key(k)]) for k in range(len(cols)) if key(k) in wanted]
+    # global accesses: per row, "<load|store>_<what>" (what: executed, tags, sectors, wasted)
+    glob = {"L1TagRequestsGlobal": "tags", "L2TheoreticalSectorsGlobal": "sectors",
+            "L2TheoreticalSectorsGlobalExcessive": "wasted"}
+    gcols = [(k, glob[key(k)]) for k in range(len(cols)) if key(k) in glob]
+    i_space = next((k for k in range(len(cols)) if key(k) == "AddressSpace"), None)
+    i_op = next((k for k in range(len(cols)) if key(k) == "AccessOperation"), None)
     rows, odd = [], 0
     for line in lines[head:]:
         if not line.startswith("0x"):
@@ -67,8 +76,13 @@ def parse(path):
         cell = [line[s:e].strip() for s, e, _ in cols]
         num = [int(v) if v.isdigit() else 0 for v in cell]
         odd += not (cell[i_samples].isdigit() and cell[i_exec].isdigit())
-        rows.append((cell[i_src], num[i_samples], num[i_exec], {r: num[k] for k, r in stalls if num[k]},
-                     {m: num[k] for k, m in mem}))
+        m = {name: num[k] for k, name in mem}
+        if gcols and i_space is not None and i_op is not None and cell[i_space] == "Global" \
+                and cell[i_op] in ("Load", "Store"):
+            op = cell[i_op].lower()
+            m[f"{op}_executed"] = num[i_exec]
+            m.update({f"{op}_{name}": num[k] for k, name in gcols})
+        rows.append((cell[i_src], num[i_samples], num[i_exec], {r: num[k] for k, r in stalls if num[k]}, m))
     if odd:
         print(f"warning: {odd} rows do not fit the header's column widths; their counts read as 0")
     return rows
@@ -127,6 +141,13 @@ def main():
             per = f", {shared / a.blocks:,.0f} a block" if a.blocks else ""
             print(f"    shared-memory wavefronts: {100 * shared / total_shared:.1f}% of the kernel's{per}"
                   f" ({100 * excess / shared:.0f}% of them bank-conflict excess)")
+        for op in ("load", "store"):
+            n, tags, sectors, wasted = (sum(r[4].get(f"{op}_{w}", 0) for r in s)
+                                        for w in ("executed", "tags", "sectors", "wasted"))
+            if n:
+                per = f", {tags / a.blocks:,.0f} tag requests a block" if a.blocks else ""
+                print(f"    global {op}s: {n} warp-instructions, {tags / n:.1f} L1 tag requests each{per},"
+                      f" {sectors} L2 sectors ({100 * wasted / max(sectors, 1):.0f}% of them wasted)")
     if any(c for _, c in waits):
         print("barrier waits (samples of warps waiting at the barrier that ends segment k, % of all):")
         print("    " + ", ".join(f"after {k}: {100 * c / samples:.1f}" for k, c in waits))
