@@ -15,10 +15,12 @@ SPLIT_CHUNK = 32  # C: tokens per chunk of the split path (kSplitChunk)
 
 def split_scratch_bytes(num_slots: int, hv: int, head_dim: int, chunk: int = SPLIT_CHUNK) -> int:
     """Bytes for `num_slots` chunk slots of `hv` value heads of head dim D (K == V)."""
-    # Record<D, C>::kFloats (kda_chunk_split.cuh): W, Q e^γ, Klᵀ, U0 ([C, D] fp16 each) and A_qk
-    # ([C, C] fp16) at two halves per float; e^{γ_last} [D] fp32; U0's inverse scales (one per 8
-    # channels), the other four arrays' and Klᵀ's scale; padded to a whole number of 128-byte lines
-    record_floats = (4 * chunk * head_dim + chunk * chunk) // 2 + head_dim + head_dim // 8 + 5
+    # Record<D, C>::kFloats (kda_chunk_split.cuh): W, Q e^γ, Klᵀ, U0 ([C, D] fp16 each) at two
+    # halves per float; A_qk's n (n + 1) / 2 core matrices on or below the diagonal (n = C / 8; 32
+    # floats each); e^{γ_last} [D] fp32; U0's inverse scales (one per 8 channels), the other four
+    # arrays' and Klᵀ's scale; padded to a whole number of 128-byte lines
+    n = chunk // 8
+    record_floats = 4 * chunk * head_dim // 2 + 16 * n * (n + 1) + head_dim + head_dim // 8 + 5
     record_floats = -(-record_floats // 32) * 32
     return num_slots * hv * record_floats * 4
 

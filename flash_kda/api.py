@@ -16,8 +16,8 @@ def get_workspace_size(T_total: int, H: int, N: int) -> int:
 
     The scratch of the CUDA two-kernel form (the default on sm_80+), for head dim 128 (FlashKDA's
     only one), sized for the varlen slot bound ``T_total // 32 + N``, which also covers N dense
-    sequences of T_total / N tokens: one record of 35,456 bytes per 32-token chunk and head (fp16
-    operands), about 1.08x the bytes of q, k, v and g (bf16) together. A workspace of at least this many
+    sequences of T_total / N tokens: one record of 34,688 bytes per 32-token chunk and head (fp16
+    operands), about 1.06x the bytes of q, k, v and g (bf16) together. A workspace of at least this many
     bytes (on q's device, contiguous, 16-byte aligned; any dtype) passed to ``fwd`` is used
     instead of an internal allocation. For other head dims, or a workspace that is too small or unsuitable,
     ``fwd`` allocates what it needs itself (not an error; if that allocation fails, the fused

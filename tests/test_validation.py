@@ -235,19 +235,20 @@ def test_split_selection_is_parsed_like_the_launcher(monkeypatch, cuda_split_pos
 
 def test_get_workspace_size(monkeypatch, cuda_split_possible):
     # The two-kernel form (the default): Record<128, 32> of kda_chunk_split.cuh,
-    # (4*32*128 + 32*32) / 2 + 128 + 128/8 + 5 = 8853, padded to 8864 floats (128-byte lines)
-    # per slot and head (fp16 operands, fp16 U0 with a scale per 8 channels); slots T_total // 32 + N.
+    # 4*32*128 / 2 + 10*32 (A_qk's 10 core matrices on or below the diagonal) + 128 + 128/8 + 5 = 8661,
+    # padded to 8672 floats (128-byte lines) per slot and head (fp16 operands, fp16 U0 with a scale
+    # per 8 channels); slots T_total // 32 + N.
     # Plus the fp32 carry state of a call cut into pieces, N x H x 128 x 128 floats.
     monkeypatch.delenv("FLASH_KDA_CUDA_SPLIT", raising=False)
-    assert flash_kda.get_workspace_size(8192, 96, 4) == (8192 // 32 + 4) * 96 * 8864 * 4 + 4 * 96 * 16384 * 4
-    assert flash_kda.get_workspace_size(100, 8, 3) == (100 // 32 + 3) * 8 * 8864 * 4 + 3 * 8 * 16384 * 4
+    assert flash_kda.get_workspace_size(8192, 96, 4) == (8192 // 32 + 4) * 96 * 8672 * 4 + 4 * 96 * 16384 * 4
+    assert flash_kda.get_workspace_size(100, 8, 3) == (100 // 32 + 3) * 8 * 8672 * 4 + 3 * 8 * 16384 * 4
     assert flash_kda.get_workspace_size(0, 8, 0) == 0
     sizes = [flash_kda.get_workspace_size(t, h, n)
              for t, h, n in [(0, 1, 1), (31, 1, 1), (32, 1, 1), (64, 1, 1), (64, 2, 1), (64, 2, 2)]]
     assert sizes == sorted(sizes) and sizes[0] > 0
     # never below the dense slot count B * ceil(T / 32) of the same tokens
     for B, T in [(1, 1), (3, 33), (4, 2048), (7, 95)]:
-        assert flash_kda.get_workspace_size(B * T, 4, B) >= B * -(-T // 32) * 4 * 8864 * 4
+        assert flash_kda.get_workspace_size(B * T, 4, B) >= B * -(-T // 32) * 4 * 8672 * 4
     for bad in [(-1, 96, 1), (8, -1, 1), (8, 96, 1.5), (True, 96, 1)]:
         with pytest.raises(ValueError):
             flash_kda.get_workspace_size(*bad)

@@ -46,17 +46,28 @@ namespace tc {
 // scale (one per array and chunk) and Klᵀ's scale (the state update needs both), padded with zeros
 // so that every record is a whole number of 128-byte lines (the records of a chunk's heads follow
 // one another, and the recurrence copies whole core matrices: each should sit in one line).
-// 8,864 floats at D = 128 (with fp32 U0 10,912; the fp32 record was 17,536). Why U0 in fp16 keeps
+// A_qk keeps only its core matrices on or below the diagonal, packed (kAPacked): the other 6 of 16
+// are zero in every chunk (causal), and the recurrence zeroes them once in its stages instead of
+// copying them (-2.2 % of the record's bytes, written once and read once).
+// 8,672 floats at D = 128 (8,864 with A_qk whole; with fp32 U0 10,912; the fp32 record was 17,536).
+// Why U0 in fp16 keeps
 // its precision: fp16's normal range spans 29 binades, so every channel within 2^28 of its tile's
 // largest U0 keeps an 11-bit mantissa (TF32's, and the other operands'); the recurrence's error
 // model, tools/recurrence_precision_model.py, docs/performance.md v18 and v29.
+// A_qk [C, C] in core-matrix order (core_offset<C> below) without its core matrices above the
+// diagonal: 8-row group g keeps its blocks c = 0..g, which lie side by side in the full layout too,
+// so group g is one contiguous run of (g + 1) 32 floats, starting at a_group_start(g) in the packed
+// array and at 4 C g (g's offset in the full [C, C] layout) in a recurrence stage.
+FLASH_KDA_HD constexpr int a_group_start(int g) { return 16 * g * (g + 1); }  // 32 floats x blocks before g
+FLASH_KDA_HD constexpr int a_packed_floats(int C) { return a_group_start(C / 8); }
+
 template <int D, int C>
 struct Record {
   static constexpr int kW = 0;                 // [C, D] fp16: W = T (K e^γ)
   static constexpr int kQ = kW + C * D / 2;    // [C, D] fp16: Q e^γ
   static constexpr int kKl = kQ + C * D / 2;   // [D, C] fp16: (K e^{γ_last - γ})ᵀ
-  static constexpr int kA = kKl + C * D / 2;   // [C, C] fp16: A_qk (zero above the diagonal)
-  static constexpr int kU = kA + C * C / 2;    // [C, D] fp16: U0 = T V, scaled per tile of 8 channels
+  static constexpr int kA = kKl + C * D / 2;   // A_qk's core matrices (g, c), c <= g, fp16 (kAPacked)
+  static constexpr int kU = kA + a_packed_floats(C);  // [C, D] fp16: U0 = T V, scaled per tile of 8 channels
   static constexpr int kEg = kU + C * D / 2;   // [D] e^{γ_last}
   static constexpr int kInvU = kEg + D;        // [D / 8] inverse scales of U0's tiles,
   static constexpr int kInvW = kInvU + D / 8;  // inverse scales of W,
@@ -707,33 +718,26 @@ struct StateSideTiles {
   }
 };
 
-// The rest of the record's state-side part, by threads [0, kN) (all of the preparation's): A_qk
-// [C, C] (zero above its diagonal sub-blocks, which compute_A leaves unwritten) from shared memory
-// to fp16 in core-matrix order times its chunk scale fa, in warp tiles as StateSideTiles' Q (each 8
-// lanes fill one 128-byte core matrix), then e^{γ_last}, the inverse scales and the padding.
+// The rest of the record's state-side part, by threads [0, kN) (all of the preparation's): A_qk's
+// core matrices on or below the diagonal (Record, kAPacked) from shared memory to fp16 times its chunk
+// scale fa, in warp tiles as StateSideTiles' Q (warp tile w is 8-row group w; its lanes 8c .. 8c + 7
+// fill core matrix c, one 128-byte line, and lanes of matrices above the diagonal store nothing),
+// then e^{γ_last}, the inverse scales and the padding.
 template <class L, int kN>
 FLASH_KDA_DEVICE void store_aqk_and_tail(const float* sm, float* rec, Pow2 fq, Pow2 fkl, Pow2 fa, int tid) {
   using R = Record<L::D, L::C>;
   constexpr int C = L::C, D = L::D;
-  constexpr unsigned kTiles = C * C / 256, kPerRow = C / 32;
-  static_assert(kN % 32 == 0 && C % 32 == 0, "whole warp tiles");
-  static_assert(L::BS == 16, "A_qk's sub-blocks: two 8-row groups, two units each");
+  constexpr unsigned kTiles = C / 8;
+  static_assert(kN % 32 == 0 && C == 32, "a warp tile is one 8-row group of 4 core matrices");
   __half* rec_h = reinterpret_cast<__half*>(rec);
-  const unsigned lane = static_cast<unsigned>(tid) % 32;
+  const unsigned lane = static_cast<unsigned>(tid) % 32, cb = lane / 8;
   for (unsigned w = static_cast<unsigned>(tid) / 32; w < kTiles; w += kN / 32) {
-    const int rg = static_cast<int>(w / kPerRow), cg = static_cast<int>(w % kPerRow);
-    float v[8];
-    // (unit cb = 4 cg + lane / 8 of row r = 8 rg + lane % 8 lies above the diagonal sub-blocks
-    // when its 16-column block cb / 2 is past row block r / 16 = rg / 2)
-    if ((4 * cg + static_cast<int>(lane / 8)) / 2 > rg / 2) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = 0.0f;
-    } else {
-      const float* e = sm + L::kAqk + (static_cast<int>(lane % 8) + 8 * rg) * L::LDA + 8 * static_cast<int>(lane / 8) + 32 * cg;
-      const float4 a = ld4(e), b = ld4(e + 4);
-      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-    }
-    store8_f16(rec_h + 2 * R::kA + 8 * static_cast<int>(lane) + 256 * static_cast<int>(w), v, fa.s);
+    if (cb > w) continue;  // above the diagonal: zero, not stored
+    const float* e = sm + L::kAqk + static_cast<int>(lane % 8 + 8 * w) * L::LDA + 8 * static_cast<int>(cb);
+    const float4 a = ld4(e), b = ld4(e + 4);
+    const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    // (group w's core matrix cb at packed float a_group_start(w) + 32 cb, row lane % 8 at 4 (lane % 8))
+    store8_f16(rec_h + 2 * (R::kA + a_group_start(static_cast<int>(w))) + 8 * static_cast<int>(lane), v, fa.s);
   }
   for (int c = tid; c < D; c += kN) rec[R::kEg + c] = sm[L::kEg + c];
   if (tid == 0) {
@@ -909,7 +913,7 @@ struct RecurrenceLayout {
   static constexpr int kW = 0;                      // [C, D] fp16
   static constexpr int kQ = kW + C * D / 2;         // [C, D] fp16
   static constexpr int kKl = kQ + C * D / 2;        // [D, C] fp16
-  static constexpr int kA = kKl + D * C / 2;        // [C, C] fp16
+  static constexpr int kA = kKl + D * C / 2;        // [C, C] fp16, whole (the record's is packed)
   static constexpr int kU = kA + C * C / 2;         // [C, VS] fp16 U0, the slice's core matrices
   static constexpr int kEg = kU + C * VS / 2;       // e^{γ_last} [D], then the scales (Record's tail):
   static constexpr int kInvU = kEg + D;             //   U0's tiles' [D / 8] (all of the record's),
@@ -922,7 +926,7 @@ struct RecurrenceLayout {
   static constexpr int kSmemBytes = kFloats * 4;
   static constexpr int kMinBlocks = 1;
   using R = Record<D, C>;
-  static_assert(kU == R::kU, "the stage's fp16 arrays are the record's");
+  static_assert(kA == R::kA && R::kU == kA + a_packed_floats(C), "the stage's W, Q, Klᵀ are the record's");
   static_assert(R::kInvU - R::kEg == kInvU - kEg && R::kInvW - R::kEg == kSc - kEg + sW &&
                     R::kInvQ - R::kEg == kSc - kEg + sQ && R::kInvA - R::kEg == kSc - kEg + sA &&
                     R::kInvKl - R::kEg == kSc - kEg + sKl && R::kScaleKl - R::kEg == kSc - kEg + sKlScale,
@@ -938,8 +942,20 @@ template <class L>
 FLASH_KDA_DEVICE void fetch_chunk(const float* rec, int v0, float* st, int tid) {
   using R = Record<L::D, L::C>;
   constexpr int C = L::C, D = L::D, T = L::kThreads;
-  static_assert(R::kU % (D / 2) == 0, "the fp16 arrays as rows of D / 2 floats");
-  copy_tile_async<R::kU / (D / 2), D / 2, D / 2, D / 2, T>(st, rec, tid);  // every fp16 array, as is
+  static_assert(R::kA % (D / 2) == 0, "W, Q e^γ and Klᵀ as rows of D / 2 floats");
+  copy_tile_async<R::kA / (D / 2), D / 2, D / 2, D / 2, T>(st, rec, tid);  // W, Q e^γ, Klᵀ as they are
+  // A_qk's packed core matrices to their places in the whole [C, C] layout: quad i of the stage's
+  // array lies in 8-row group g = i / C, core matrix c = i / 8 % (C / 8); those with c <= g come
+  // from the record's group g, a_group_start(g) on (Record). (The quad index is the thread's, so g
+  // is its warp's where the threads cover the array in one pass; the others were zeroed once,
+  // zero_upper_a.)
+  constexpr int kAQuads = C * C / 8;
+#pragma unroll
+  for (int k = 0; k < (kAQuads + T - 1) / T; ++k) {
+    const int i = tid + k * T, g = i / C, c = i / 8 % (C / 8);
+    if ((kAQuads % T == 0 || i < kAQuads) && c <= g)
+      cp_async16(shared_address(st + L::kA + 4 * i), rec + R::kA + a_group_start(g) + 4 * (i % C));
+  }
   // U0's slice: in each of the C / 8 row blocks, its VS / 8 core matrices are contiguous
   copy_tile_async<C / 8, 4 * L::VS, 4 * D, 4 * L::VS, T>(st + L::kU, rec + R::kU + 4 * v0, tid);
   // (The tail as rows of 32 floats: as one row of kTail, 8 quads a row do not divide the threads
@@ -1251,6 +1267,18 @@ FLASH_KDA_DEVICE int longest_first(const KdaParams& p, int r, int lane) {
   return hit == 0 ? r : 31 - __clz(hit);
 }
 
+// Zeroes A_qk's core matrices above the diagonal in every stage, which fetch_chunk never writes
+// (the record leaves them out: Record). Once per block, before the first chunk's barrier (whose
+// fence_proxy_async also makes these stores visible to wgmma).
+template <class L>
+FLASH_KDA_DEVICE void zero_upper_a(float* sm, int tid) {
+  constexpr int n = L::C / 8, kQuads = L::C * L::C / 8;  // core matrices a side; float4s of [C, C] fp16
+  for (int i = tid; i < L::kStages * kQuads; i += L::kThreads) {
+    const int s = i / kQuads, f = i % kQuads, b = f / 8;  // 8 float4s a core matrix
+    if (b % n > b / n) st4(sm + s * L::kStage + L::kA + 4 * f, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+  }
+}
+
 // The block's sequence's chunks in the piece (piece_chunks; all of them for a call in one piece).
 // kLockstep: the grid was launched in clusters of a head's V slices, to be kept in step (below). A
 // template parameter, not a kernel argument: the argument's untaken branches cost 2.5 % at
@@ -1278,6 +1306,7 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
   // not wait; the records do (griddep_wait: nothing to wait for otherwise).
   float s[L::D / 8][4];
   state_rows_io<L, false>(initial_ref(p, piece, c_begin, L::D), t, row0, l, s);
+  zero_upper_a<L>(sm, tid);
   griddep_wait();
   if (c_begin < c_end) fetch_chunk<L>(rec0, t.v0, sm, tid);
   cp_async_commit();
