@@ -2,6 +2,7 @@
 """GPU benchmark: flash_kda.fwd vs fla's Triton chunk_kda, side by side, in one run.
 
     python tools/bench.py [--reps 30] [--shapes all|quick] [--only T=32768,H=96] [--no-states] [--no-fla]
+                          [--shape T:H ...]
 
 bf16, K = V = 128, gate parameters and l2norm on, each shape without states and with fp32
 initial + final state. Times are CUDA-event medians over rotating input sets (so L2 does not
@@ -118,6 +119,17 @@ class Stopped(Exception):
     """SIGTERM (e.g. `timeout`) during the timing loop: print the rows timed so far."""
 
 
+def dense_shape(arg: str):
+    """T:H -> a SHAPES entry for one dense sequence of T tokens and H heads."""
+    try:
+        T, H = (int(x) for x in arg.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{arg!r} is not T:H (two integers)") from None
+    if T < 1 or H < 1:
+        raise argparse.ArgumentTypeError(f"{arg!r}: T and H must be positive")
+    return (f"T={T} H={H}", None, T, H)
+
+
 def _stop(signum, frame):
     raise Stopped
 
@@ -130,6 +142,8 @@ def main() -> int:
                     help="comma-separated parts of shape labels: time only shapes whose label contains one")
     ap.add_argument("--no-states", action="store_true", help="skip the fp32-state rows")
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--shape", action="append", type=dense_shape, default=[], metavar="T:H",
+                    help="a dense shape (B = 1) to time instead of the issue's shapes (repeat)")
     args = ap.parse_args()
     os.environ["FLA_FLASH_KDA"] = "0"
     fla_chunk = None
@@ -144,7 +158,7 @@ def main() -> int:
           f"torch {torch.__version__}, flash_kda kernel {os.environ.get('FLASH_KDA_KERNEL', 'fast')}, "
           f"pieces {os.environ.get('FLASH_KDA_CUDA_PIECES') or 'auto (split_plan)'}")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shapes = SHAPES if args.shapes == "all" else SHAPES[:1] + SHAPES[-1:]
+    shapes = args.shape or (SHAPES if args.shapes == "all" else SHAPES[:1] + SHAPES[-1:])
     if args.only:
         parts = [x.strip() for x in args.only.split(",") if x.strip()]
         shapes = [s for s in shapes if any(x in s[0] for x in parts)]
