@@ -38,6 +38,13 @@ namespace tc {
 #define FLASH_KDA_ASSUME(x) ((void)0)
 #endif
 
+// A_qk [C, C] in core-matrix order (core_offset<C> below) without its core matrices above the
+// diagonal: 8-row group g keeps its blocks c = 0..g, which lie side by side in the full layout too,
+// so group g is one contiguous run of (g + 1) 32 floats, starting at a_group_start(g) in the packed
+// array and at 4 C g (g's offset in the full [C, C] layout) in a recurrence stage.
+FLASH_KDA_HD constexpr int a_group_start(int g) { return 16 * g * (g + 1); }  // 32 floats x blocks before g
+FLASH_KDA_HD constexpr int a_packed_floats(int C) { return a_group_start(C / 8); }
+
 // One chunk's operands for the recurrence (offsets in floats). The B operands of its fp16 products
 // come as scaled fp16 arrays in core-matrix order (core_offset below), two halves per float. U0
 // (which the recurrence subtracts from) is fp16 in the same order, with one power-of-two scale per
@@ -46,27 +53,19 @@ namespace tc {
 // scale (one per array and chunk) and Klᵀ's scale (the state update needs both), padded with zeros
 // so that every record is a whole number of 128-byte lines (the records of a chunk's heads follow
 // one another, and the recurrence copies whole core matrices: each should sit in one line).
-// A_qk keeps only its core matrices on or below the diagonal, packed (kAPacked): the other 6 of 16
-// are zero in every chunk (causal), and the recurrence zeroes them once in its stages instead of
-// copying them (-2.2 % of the record's bytes, written once and read once).
+// A_qk keeps only its core matrices on or below the diagonal, packed (a_group_start above): the other
+// 6 of 16 are zero in every chunk (causal), and the recurrence zeroes them once in its stages
+// instead of copying them (-2.2 % of the record's bytes, written once and read once).
 // 8,672 floats at D = 128 (8,864 with A_qk whole; with fp32 U0 10,912; the fp32 record was 17,536).
-// Why U0 in fp16 keeps
-// its precision: fp16's normal range spans 29 binades, so every channel within 2^28 of its tile's
-// largest U0 keeps an 11-bit mantissa (TF32's, and the other operands'); the recurrence's error
-// model, tools/recurrence_precision_model.py, docs/performance.md v18 and v29.
-// A_qk [C, C] in core-matrix order (core_offset<C> below) without its core matrices above the
-// diagonal: 8-row group g keeps its blocks c = 0..g, which lie side by side in the full layout too,
-// so group g is one contiguous run of (g + 1) 32 floats, starting at a_group_start(g) in the packed
-// array and at 4 C g (g's offset in the full [C, C] layout) in a recurrence stage.
-FLASH_KDA_HD constexpr int a_group_start(int g) { return 16 * g * (g + 1); }  // 32 floats x blocks before g
-FLASH_KDA_HD constexpr int a_packed_floats(int C) { return a_group_start(C / 8); }
-
+// Why U0 in fp16 keeps its precision: fp16's normal range spans 29 binades, so every channel within
+// 2^28 of its tile's largest U0 keeps an 11-bit mantissa (TF32's, and the other operands'); the
+// recurrence's error model, tools/recurrence_precision_model.py, docs/performance.md v18 and v29.
 template <int D, int C>
 struct Record {
   static constexpr int kW = 0;                 // [C, D] fp16: W = T (K e^γ)
   static constexpr int kQ = kW + C * D / 2;    // [C, D] fp16: Q e^γ
   static constexpr int kKl = kQ + C * D / 2;   // [D, C] fp16: (K e^{γ_last - γ})ᵀ
-  static constexpr int kA = kKl + C * D / 2;   // A_qk's core matrices (g, c), c <= g, fp16 (kAPacked)
+  static constexpr int kA = kKl + C * D / 2;   // A_qk's core matrices (g, c), c <= g, fp16, packed
   static constexpr int kU = kA + a_packed_floats(C);  // [C, D] fp16: U0 = T V, scaled per tile of 8 channels
   static constexpr int kEg = kU + C * D / 2;   // [D] e^{γ_last}
   static constexpr int kInvU = kEg + D;        // [D / 8] inverse scales of U0's tiles,
@@ -719,7 +718,7 @@ struct StateSideTiles {
 };
 
 // The rest of the record's state-side part, by threads [0, kN) (all of the preparation's): A_qk's
-// core matrices on or below the diagonal (Record, kAPacked) from shared memory to fp16 times its chunk
+// core matrices on or below the diagonal (packed: a_group_start) from shared memory to fp16 times its chunk
 // scale fa, in warp tiles as StateSideTiles' Q (warp tile w is 8-row group w; its lanes 8c .. 8c + 7
 // fill core matrix c, one 128-byte line, and lanes of matrices above the diagonal store nothing),
 // then e^{γ_last}, the inverse scales and the padding.
