@@ -874,14 +874,16 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
         red[2 * L::kWarps + warp] = ma;
       }
     });
-    const Pow2 fq = pow2_scale(max_of<L::kWarps>(red, lane)), fkl = pow2_scale(max_of<L::kWarps>(red + L::kWarps, lane));
-    if (warp == 0) {
+    if (warp == 0) {  // (the phase's longest path: it reads no scale)
       invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
-    } else if (warp < L::kUnitWarps) {
-      const Pow2 fa = pow2_scale(max_of<L::kWarps>(red + 2 * L::kWarps, lane));
-      store_aqk_and_tail<L, (L::kUnitWarps - 1) * 32>(sm, rec, fq, fkl, fa, tid - 32);
     } else {
-      tiles.store(rec_h, fq, fkl, tt);
+      const Pow2 fq = pow2_scale(max_of<L::kWarps>(red, lane)), fkl = pow2_scale(max_of<L::kWarps>(red + L::kWarps, lane));
+      if (warp < L::kUnitWarps) {
+        const Pow2 fa = pow2_scale(max_of<L::kWarps>(red + 2 * L::kWarps, lane));
+        store_aqk_and_tail<L, (L::kUnitWarps - 1) * 32>(sm, rec, fq, fkl, fa, tid - 32);
+      } else {
+        tiles.store(rec_h, fq, fkl, tt);
+      }
     }
   } else {
     k_side_A<L, false>(p, t, t0, len, g.vec, sm, tid, warp, l);  // (A_qk goes to the record as fp16)
