@@ -394,6 +394,26 @@ def test_load_paths_and_decay_fallback(form, case, monkeypatch):
     check(p, out, final, what=f"{form}, {case} (seed {s})")
 
 
+def test_fallback_tile_sets_the_aqk_scale(monkeypatch):
+    """A flagged sub-block's diagonal A_qk tile (compute_diag_fallback's, not a compute_A unit's)
+    holding the chunk's largest |A_qk| by far: the record's fp16 scale of A_qk must count it. (The
+    preparation takes that scale from the units' own maxima, and scans a flagged tile apart; left
+    out, the tile's values overflow fp16.) Raw q and k (no l2norm): |k| = 0.5, |q| = 1, the first
+    16 tokens' q times 256."""
+    s = seed()
+    p = make_problem(B=1, T=64, hqk=1, hv=1, D=128, dtype=torch.bfloat16, state=True, seed=s, gate=False,
+                     weak_decay=True)
+    q = torch.nn.functional.normalize(p["q"].float(), dim=-1)
+    q[:, :16] *= 256.0
+    p["q"] = q.to(torch.bfloat16)
+    p["k"] = (0.5 * torch.nn.functional.normalize(p["k"].float(), dim=-1)).to(torch.bfloat16)
+    g = p["g"].clone()
+    g[:, 10:12] = -1000.0  # chunk 0's first sub-block: too wide a span for the factored decays
+    p["g"] = g
+    out, final = run(p, D=128, dtype=torch.bfloat16, use_qk_l2norm=False, monkeypatch=monkeypatch)
+    check(p, out, final, what=f"fallback tile largest (seed {s})", use_qk_l2norm=False)
+
+
 @pytest.mark.parametrize("case", ["dense", "varlen"])
 def test_int64_offsets_match_int32(case, monkeypatch):
     """The preparation forms its loads' element offsets in 32 bits where every input's offsets lie

@@ -405,6 +405,10 @@ struct PrepLayout {
   static constexpr bool kFoldLastM = true;         // the last sub-block's M in its column operand (ditto)
   static constexpr bool kCumsumSplit = kThreads >= 2 * D_;  // cumsum_and_boundaries' split scan
   static constexpr bool kKeepQK = true;            // load_chunk's q, k in registers to scale_for_A (QkRows)
+  // prep_block's state-side tiles formed beside compute_A, by the warps without a unit, where they
+  // hold at most 4 tiles each (D = 128 at 512 threads; else beside the inversion, as before)
+  static constexpr int kUnitWarps = 2 * NPAIR;
+  static constexpr bool kEarlyStateSide = 4 * (kWarps - kUnitWarps) >= 2 * (C * D / 256);
   static_assert(C == 32, "invert_T handles two 16-token sub-blocks");
   static_assert((C * D) % kThreads == 0 && C <= kThreads && D <= kThreads, "loader layout");
   static_assert(LD % 32 == 4 && LDA % 32 == 4 && LDV % 32 == 8, "bank-conflict-free fragments");
@@ -665,7 +669,9 @@ struct StateSideTiles {
   static_assert(kN % 32 == 0 && L::C % 32 == 0 && L::D % 32 == 0 && L::BS == 16, "whole warp tiles");
   float v[kPer][8];
 
-  // The tiles' values and largest magnitudes (by threads [0, kN) renumbered).
+  // The tiles' values and largest magnitudes (by threads [0, kN) renumbered). kBesideA: called in
+  // compute_A's phase, before split_scan_absolute has stored e^{γ_r(1)}: formed here the same way.
+  template <bool kBesideA = false>
   FLASH_KDA_DEVICE StateSideMax form(const float* sm, int tid) {
     constexpr int D = L::D;
     const int lane = tid % 32, rw = tid / 32;
@@ -678,7 +684,17 @@ struct StateSideTiles {
         const int rg = w / (D / 32), c = 32 * (w % (D / 32)) + 8 * (lane / 8);
         const float* e = sm + L::kQ + (lane % 8 + 8 * rg) * L::LD + c;
         const float* f = sm + L::kEr + (rg / 2) * D + c;  // e^{γ_r(I)}, I = row / 16 = rg / 2
-        const float4 a = ld4(e) * ld4(f), b = ld4(e + 4) * ld4(f + 4);
+        float4 f0, f1;
+        if (kBesideA && L::kCumsumSplit && rg / 2 == 1) {  // (split_scan_absolute's formula; warp-uniform)
+          const float* gc = sm + L::kGc + c;      // γ_c(0) = γ_e(0)
+          const float* gm = sm + L::kGm + D + c;  // γ_r(1) in sub-block 1's units
+          f0 = fast_exp2(ld4(gc) + ld4(gm));
+          f1 = fast_exp2(ld4(gc + 4) + ld4(gm + 4));
+        } else {
+          f0 = ld4(f);
+          f1 = ld4(f + 4);
+        }
+        const float4 a = ld4(e) * f0, b = ld4(e + 4) * f1;
         v[k][0] = a.x, v[k][1] = a.y, v[k][2] = a.z, v[k][3] = a.w;
         v[k][4] = b.x, v[k][5] = b.y, v[k][6] = b.z, v[k][7] = b.w;
         m.q = fmaxf(m.q, fmaxf(max_abs(a), max_abs(b)));
@@ -824,46 +840,90 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
   const int warp = tid / 32;
   const Lane l{(tid % 32) / 4, tid % 4};
 
-  k_side_A<L, false>(p, t, t0, len, g.vec, sm, tid, warp, l);  // (A_qk goes to the record as fp16)
-
   float* rec = scratch + (slot * p.hv + h) * static_cast<int64_t>(R::kFloats);
   __half* rec_h = reinterpret_cast<__half*>(rec);
-  constexpr int C = L::C, kRest = L::kThreads - 32, kRestWarps = kRest / 32;
   float* red = sm + L::kRed;
-  const int rt = tid - 32;   // (warps 1..: their thread index from 0)
-  StateSideTiles<L, kRest> tiles;
-  if (warp == 0) {
-    invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
-  } else {
-    // Meanwhile the other warps form the record's Q e^γ and Klᵀ (in registers), with the largest
-    // magnitudes: the three fp16 arrays' chunk scales come from one reduction.
-    const int rw = rt / 32;
-    StateSideMax m = tiles.form(sm, rt);
-    float ma = 0.0f;
-    for_each_quad<C, C, kRest>(rt, [&](int i, int j) {  // A_qk's written tiles (4 columns: one sub-block)
-      if (j / L::BS <= i / L::BS) ma = fmaxf(ma, max_abs(ld4(sm + L::kAqk + i * L::LDA + j)));
-    });
-    m.q = warp_max(m.q);
-    m.ke = warp_max(m.ke);
-    ma = warp_max(ma);
-    if (tid % 32 == 0) {
-      red[rw] = m.q;
-      red[L::kWarps + rw] = m.ke;
-      red[2 * L::kWarps + rw] = ma;
-    }
-  }
-  // T and the maxima visible to every warp. One block-wide barrier: the record's state-side
-  // stores come after it (Q e^γ and Klᵀ from warps 1..'s registers, A_qk by all warps) and overlap
-  // apply_T instead of the inversion. (Session 14's form had warps 1.. store them during the
-  // inversion, behind a named barrier of their own, 2-3 % faster in the preparation; compute-
-  // sanitizer's racecheck reported a hazard in 7 of 10 of its runs, on store_w_f16's reduction
-  // below, and 0 of 10 with every warp at one barrier: docs/performance.md v15. Session 30's
-  // wip/a-halves, with named barriers inside compute_A, drew the same kind of report: v30.)
-  port::block_sync();
   const int lane = tid % 32;
-  const Pow2 fq = pow2_scale(max_of<kRestWarps>(red, lane)), fkl = pow2_scale(max_of<kRestWarps>(red + L::kWarps, lane));
-  if (warp != 0) tiles.store(rec_h, fq, fkl, rt);
-  store_aqk_and_tail<L, L::kThreads>(sm, rec, fq, fkl, pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane)), tid);
+  if constexpr (L::kEarlyStateSide) {
+    // The warps without a compute_A unit form the record's Q e^γ and Klᵀ (in registers) beside the
+    // units, and every warp leaves its largest magnitudes of them and of A_qk in red; after the
+    // phase's barrier the stores overlap warp 0's inversion, and only apply_T follows it. (Formed
+    // beside the inversion, with the maxima after it, the stores ran after the inversion's barrier,
+    // in the same phase as apply_T: docs/performance.md v40.)
+    constexpr int kTileThreads = (L::kWarps - L::kUnitWarps) * 32;
+    const int tt = tid - L::kUnitWarps * 32;  // (tile warps: their thread index from 0)
+    StateSideTiles<L, kTileThreads> tiles;
+    k_side_A<L, false>(p, t, t0, len, g.vec, sm, tid, warp, l, [&](int flags, float ma) {
+      StateSideMax m{0.0f, 0.0f};
+      if (warp >= L::kUnitWarps) {
+        m = tiles.template form<true>(sm, tt);
+        // a flagged sub-block's diagonal A_qk tile is compute_diag_fallback's (before this phase),
+        // not a unit's
+        if (flags != 0) {
+          for_each_quad<L::C, L::C, kTileThreads>(tt, [&](int i, int j) {
+            if (i / L::BS == j / L::BS && ((flags >> (i / L::BS)) & 1)) ma = fmaxf(ma, max_abs(ld4(sm + L::kAqk + i * L::LDA + j)));
+          });
+        }
+      }
+      m.q = warp_max(m.q);
+      m.ke = warp_max(m.ke);
+      ma = warp_max(ma);
+      if (lane == 0) {
+        red[warp] = m.q;
+        red[L::kWarps + warp] = m.ke;
+        red[2 * L::kWarps + warp] = ma;
+      }
+    });
+    if (warp == 0) {  // (the phase's longest path: it reads no scale)
+      invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
+    } else {
+      const Pow2 fq = pow2_scale(max_of<L::kWarps>(red, lane)), fkl = pow2_scale(max_of<L::kWarps>(red + L::kWarps, lane));
+      if (warp < L::kUnitWarps) {
+        const Pow2 fa = pow2_scale(max_of<L::kWarps>(red + 2 * L::kWarps, lane));
+        store_aqk_and_tail<L, (L::kUnitWarps - 1) * 32>(sm, rec, fq, fkl, fa, tid - 32);
+      } else {
+        tiles.store(rec_h, fq, fkl, tt);
+      }
+    }
+  } else {
+    k_side_A<L, false>(p, t, t0, len, g.vec, sm, tid, warp, l);  // (A_qk goes to the record as fp16)
+    constexpr int C = L::C, kRest = L::kThreads - 32, kRestWarps = kRest / 32;
+    const int rt = tid - 32;   // (warps 1..: their thread index from 0)
+    StateSideTiles<L, kRest> tiles;
+    if (warp == 0) {
+      invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
+    } else {
+      // Meanwhile the other warps form the record's Q e^γ and Klᵀ (in registers), with the largest
+      // magnitudes: the three fp16 arrays' chunk scales come from one reduction.
+      const int rw = rt / 32;
+      StateSideMax m = tiles.form(sm, rt);
+      float ma = 0.0f;
+      for_each_quad<C, C, kRest>(rt, [&](int i, int j) {  // A_qk's written tiles (4 columns: one sub-block)
+        if (j / L::BS <= i / L::BS) ma = fmaxf(ma, max_abs(ld4(sm + L::kAqk + i * L::LDA + j)));
+      });
+      m.q = warp_max(m.q);
+      m.ke = warp_max(m.ke);
+      ma = warp_max(ma);
+      if (lane == 0) {
+        red[rw] = m.q;
+        red[L::kWarps + rw] = m.ke;
+        red[2 * L::kWarps + rw] = ma;
+      }
+    }
+    // T and the maxima visible to every warp. One block-wide barrier: the record's state-side
+    // stores come after it (Q e^γ and Klᵀ from warps 1..'s registers, A_qk by all warps) and overlap
+    // apply_T instead of the inversion. (Session 14's form had warps 1.. store them during the
+    // inversion, behind a named barrier of their own, 2-3 % faster in the preparation; compute-
+    // sanitizer's racecheck reported a hazard in 7 of 10 of its runs, on store_w_f16's reduction
+    // below, and 0 of 10 with every warp at one barrier: docs/performance.md v15. Session 30's
+    // wip/a-halves, with named barriers inside compute_A, drew the same kind of report: v30.)
+    port::block_sync();
+    const Pow2 fq = pow2_scale(max_of<kRestWarps>(red, lane)), fkl = pow2_scale(max_of<kRestWarps>(red + L::kWarps, lane));
+    if (warp != 0) tiles.store(rec_h, fq, fkl, rt);
+    store_aqk_and_tail<L, L::kThreads>(sm, rec, fq, fkl, pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane)), tid);
+  }
+  // (early state side: T visible to every warp, and the stores' reads of A_qk done before apply_T)
+  if constexpr (L::kEarlyStateSide) port::block_sync();
   float w[kApplySteps<L>][2][4];
   apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, sm + L::kEr, rec_h + 2 * R::kU, rec + R::kInvU, w, warp, l);
   store_w_f16<L>(w, rec_h + 2 * R::kW, rec + R::kInvW, red + 3 * L::kWarps, warp, l, tid);

@@ -157,6 +157,9 @@ FLASH_KDA_DEVICE float4 fast_exp2(float4 x) {  // (fast_exp2(float): ptx.cuh)
 FLASH_KDA_DEVICE float4 operator-(float4 a, float4 b) {
   return make_float4(a.x - b.x, a.y - b.y, a.z - b.z, a.w - b.w);
 }
+FLASH_KDA_DEVICE float4 operator+(float4 a, float4 b) {
+  return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
 FLASH_KDA_DEVICE float4 operator*(float4 a, float4 b) {
   return make_float4(a.x * b.x, a.y * b.y, a.z * b.z, a.w * b.w);
 }
@@ -793,9 +796,13 @@ FLASH_KDA_DEVICE void a_unit_products(float (&acc)[2][2][4], unsigned Rk, unsign
 // below stop at the causal edge), so they are not written.
 // kAqkTf32: A_qk is stored rounded to TF32, for the fused body's products; the two-kernel form
 // scales it to fp16 for its record, where a TF32 rounding first would only round twice.
+// Returns the largest magnitude of the A_qk values the thread stored (0 for a thread of no unit):
+// the preparation's fp16 scale of A_qk, without a pass over the stored tiles. (Units run on warps
+// [0, 2 NPAIR), one each where the block has that many warps.)
 template <class L, bool kAqkTf32 = true>
-FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
+FLASH_KDA_DEVICE float compute_A(float* sm, int warp, Lane l, int flags) {
   constexpr int D = L::D;
+  float aqk_max = 0.0f;
   for (int unit = warp; unit < 2 * L::NPAIR; unit += L::kWarps) {
     const int pr = unit / 2, h = unit % 2;
     int I = 0;
@@ -828,10 +835,13 @@ FLASH_KDA_DEVICE void compute_A(float* sm, int warp, Lane l, int flags) {
       for (int e = 0; e < 4; ++e) {
         const int i = i0 + l.g + (e >= 2 ? 8 : 0), j = j0 + 2 * l.t + (e & 1);
         const float a = acc[m][0][e] + acc[m][1][e];
-        out[i * L::LDA + j] = (qk ? j <= i : j < i) ? (qk && !kAqkTf32 ? a : round_tf32(a)) : 0.0f;
+        const float v = (qk ? j <= i : j < i) ? (qk && !kAqkTf32 ? a : round_tf32(a)) : 0.0f;
+        out[i * L::LDA + j] = v;
+        if (qk) aqk_max = fmaxf(aqk_max, fabsf(v));
       }
     }
   }
+  return aqk_max;
 }
 
 // k -> k e^γ, q -> q e^γ (from the e^{γ - γ_r} forms) and Ke -> k e^{γ_last - γ}, all rounded to TF32
@@ -1014,12 +1024,20 @@ FLASH_KDA_DEVICE void update_state(float* sm, int warp, Lane l) {
 // ---------------------------------------------------------------------------------------------
 // The whole block: every chunk of its sequence, then the final state.
 // ---------------------------------------------------------------------------------------------
+// k_side_A's hook in compute_A's phase: nothing (the fused body's).
+struct NoWorkBesideA {
+  FLASH_KDA_DEVICE void operator()(int /*flags*/, float /*aqk_max*/) const {}
+};
+
 // The K-side phases of a chunk up to A (loads, norms, gate, decays, A_kk, A_qk), shared by
 // run_block and the two-kernel form's preparation (kda_chunk_split.cuh); ends with every thread
 // past a barrier. Call it with every thread past a barrier since the arrays' last use.
-template <class L, bool kAqkTf32 = true>
+// beside(flags, aqk_max) runs in every thread after its compute_A units, before the barrier that
+// ends their phase (aqk_max: compute_A's return): work for the warps that have no unit. It may read
+// every array but A_kk, A_qk (being written), Er's second row and Eg (split_scan_absolute's).
+template <class L, bool kAqkTf32 = true, class Beside = NoWorkBesideA>
 FLASH_KDA_DEVICE void k_side_A(const KdaParams& p, const portable::Task& t, int64_t t0, int len, VecOk vec,
-                               float* sm, int tid, int warp, Lane l) {
+                               float* sm, int tid, int warp, Lane l, Beside&& beside = Beside{}) {
   int* flags_sm = reinterpret_cast<int*>(sm + L::kFlags);
   if (tid == 0) *flags_sm = 0;
   QkRows<L> keep;  // (L::kKeepQK: q and k, held across the scan; otherwise unused)
@@ -1048,8 +1066,9 @@ FLASH_KDA_DEVICE void k_side_A(const KdaParams& p, const portable::Task& t, int6
     scale_for_A<L>(sm, tid);
   }
   port::block_sync();
-  compute_A<L, kAqkTf32>(sm, warp, l, flags);
+  const float aqk_max = compute_A<L, kAqkTf32>(sm, warp, l, flags);
   if constexpr (L::kCumsumSplit) split_scan_absolute<L>(sm, tid);
+  beside(flags, aqk_max);
   port::block_sync();
 }
 
