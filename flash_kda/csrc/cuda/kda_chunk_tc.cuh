@@ -328,9 +328,10 @@ FLASH_KDA_DEVICE void load8(const void* base, Off off, bool fp32, bool vec_, flo
       const uint4 r = *reinterpret_cast<const uint4*>(h);
       uint4 u;
       u.x = swap ? r.z : r.x, u.y = swap ? r.w : r.y, u.z = swap ? r.x : r.z, u.w = swap ? r.y : r.w;
-      const port::input_t* e8 = reinterpret_cast<const port::input_t*>(&u);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) x[e] = port::to_float(e8[e]);
+      port::to_float2(u.x, x[0], x[1]);
+      port::to_float2(u.y, x[2], x[3]);
+      port::to_float2(u.z, x[4], x[5]);
+      port::to_float2(u.w, x[6], x[7]);
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) x[e] = port::to_float(h[e ^ (swap ? 4 : 0)]);
