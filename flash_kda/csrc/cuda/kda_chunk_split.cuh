@@ -1007,17 +1007,24 @@ FLASH_KDA_DEVICE void fetch_chunk(const float* rec, int v0, float* st, int tid) 
   // array lies in 8-row group g = i / C, core matrix c = i / 8 % (C / 8); those with c <= g come
   // from the record's group g, a_group_start(g) on (Record). (The quad index is the thread's, so g
   // is its warp's where the threads cover the array in one pass; the others were zeroed once,
-  // zero_upper_a.) Both addresses as offsets from rec + 4 tid and st + 4 tid, which the copy above
-  // forms too: the form with its own per-quad addresses held more registers across the chunk loop,
-  // and the D = 256 VS 32 recurrence spilled 32-48 bytes (none now; 16 before the packing).
+  // zero_upper_a.) At D = 256 both addresses are offsets from rec + 4 tid and st + 4 tid, which the
+  // copy above forms too: with their own per-quad addresses, held across the chunk loop, the D = 256
+  // VS 32 recurrence spilled 32-48 bytes (none this way; 16 before the packing). At D = 128 the
+  // per-quad form measured 0.9-1.6 % faster (docs/performance.md v40), with the same registers.
   constexpr int kAQuads = C * C / 8;
+  constexpr bool kFromCopyBases = D >= 256;
   const float* src = rec + 4 * tid;
   const unsigned dst = shared_address(st + 4 * tid);
 #pragma unroll
   for (int k = 0; k < (kAQuads + T - 1) / T; ++k) {
     const int i = tid + k * T, g = i / C, c = i / 8 % (C / 8);
-    if ((kAQuads % T == 0 || i < kAQuads) && c <= g)
-      cp_async16(dst + 4 * (L::kA + 4 * k * T), src + (R::kA + 4 * k * T) + (a_group_start(g) - 4 * C * g));
+    if ((kAQuads % T == 0 || i < kAQuads) && c <= g) {
+      if constexpr (kFromCopyBases) {
+        cp_async16(dst + 4 * (L::kA + 4 * k * T), src + (R::kA + 4 * k * T) + (a_group_start(g) - 4 * C * g));
+      } else {
+        cp_async16(shared_address(st + L::kA + 4 * i), rec + R::kA + a_group_start(g) + 4 * (i % C));
+      }
+    }
   }
   // U0's slice: in each of the C / 8 row blocks, its VS / 8 core matrices are contiguous
   copy_tile_async<C / 8, 4 * L::VS, 4 * D, 4 * L::VS, T>(st + L::kU, rec + R::kU + 4 * v0, tid);
