@@ -733,6 +733,20 @@ struct StateSideTiles {
   }
 };
 
+// The warp's largest magnitudes of Q e^γ, Klᵀ (m) and A_qk (ma), each over its lanes, to column
+// `slot` of red's first three rows (kWarps floats each), whence the chunk's fp16 scales come.
+template <class L>
+FLASH_KDA_DEVICE void put_warp_maxima(float* red, int slot, StateSideMax m, float ma, int lane) {
+  m.q = warp_max(m.q);
+  m.ke = warp_max(m.ke);
+  ma = warp_max(ma);
+  if (lane == 0) {
+    red[slot] = m.q;
+    red[L::kWarps + slot] = m.ke;
+    red[2 * L::kWarps + slot] = ma;
+  }
+}
+
 // The rest of the record's state-side part, by threads [0, kN) (all of the preparation's): A_qk's
 // core matrices on or below the diagonal (packed: a_group_start) from shared memory to fp16 times its chunk
 // scale fa, in warp tiles as StateSideTiles' Q (warp tile w is 8-row group w; its lanes 8c .. 8c + 7
@@ -865,14 +879,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
           });
         }
       }
-      m.q = warp_max(m.q);
-      m.ke = warp_max(m.ke);
-      ma = warp_max(ma);
-      if (lane == 0) {
-        red[warp] = m.q;
-        red[L::kWarps + warp] = m.ke;
-        red[2 * L::kWarps + warp] = ma;
-      }
+      put_warp_maxima<L>(red, warp, m, ma, lane);
     });
     if (warp == 0) {  // (the phase's longest path: it reads no scale)
       invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
@@ -901,14 +908,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
       for_each_quad<C, C, kRest>(rt, [&](int i, int j) {  // A_qk's written tiles (4 columns: one sub-block)
         if (j / L::BS <= i / L::BS) ma = fmaxf(ma, max_abs(ld4(sm + L::kAqk + i * L::LDA + j)));
       });
-      m.q = warp_max(m.q);
-      m.ke = warp_max(m.ke);
-      ma = warp_max(ma);
-      if (lane == 0) {
-        red[rw] = m.q;
-        red[L::kWarps + rw] = m.ke;
-        red[2 * L::kWarps + rw] = ma;
-      }
+      put_warp_maxima<L>(red, rw, m, ma, lane);
     }
     // T and the maxima visible to every warp. One block-wide barrier: the record's state-side
     // stores come after it (Q e^γ and Klᵀ from warps 1..'s registers, A_qk by all warps) and overlap
