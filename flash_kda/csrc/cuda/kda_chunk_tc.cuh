@@ -1035,7 +1035,8 @@ struct NoWorkBesideA {
 // past a barrier. Call it with every thread past a barrier since the arrays' last use.
 // beside(flags, aqk_max) runs in every thread after its compute_A units, before the barrier that
 // ends their phase (aqk_max: compute_A's return): work for the warps that have no unit. It may read
-// every array but A_kk, A_qk (being written), Er's second row and Eg (split_scan_absolute's).
+// every array but the A_kk and A_qk tiles that units write (a flagged sub-block's diagonal tiles,
+// compute_diag_fallback's, are done), Er's second row and Eg (split_scan_absolute's).
 template <class L, bool kAqkTf32 = true, class Beside = NoWorkBesideA>
 FLASH_KDA_DEVICE void k_side_A(const KdaParams& p, const portable::Task& t, int64_t t0, int len, VecOk vec,
                                float* sm, int tid, int warp, Lane l, Beside&& beside = Beside{}) {
