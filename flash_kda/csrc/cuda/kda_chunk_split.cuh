@@ -892,6 +892,7 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
         tiles.store(rec_h, fq, fkl, tt);
       }
     }
+    port::block_sync();  // T visible to every warp, and the stores' reads of A_qk done before apply_T
   } else {
     k_side_A<L, false>(p, t, t0, len, g.vec, sm, tid, warp, l);  // (A_qk goes to the record as fp16)
     constexpr int C = L::C, kRest = L::kThreads - 32, kRestWarps = kRest / 32;
@@ -922,8 +923,6 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
     if (warp != 0) tiles.store(rec_h, fq, fkl, rt);
     store_aqk_and_tail<L, L::kThreads>(sm, rec, fq, fkl, pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane)), tid);
   }
-  // (early state side: T visible to every warp, and the stores' reads of A_qk done before apply_T)
-  if constexpr (L::kEarlyStateSide) port::block_sync();
   float w[kApplySteps<L>][2][4];
   apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, sm + L::kEr, rec_h + 2 * R::kU, rec + R::kInvU, w, warp, l);
   store_w_f16<L>(w, rec_h + 2 * R::kW, rec + R::kInvW, red + 3 * L::kWarps, warp, l, tid);
