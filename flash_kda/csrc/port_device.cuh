@@ -37,7 +37,7 @@ FLASH_KDA_DEVICE void to_float2(uint32_t w, float& lo, float& hi) {
   lo = __uint_as_float(w << 16);
   hi = __uint_as_float(w & 0xffff0000u);
 #else
-  fp16_t h[2];
+  input_t h[2];
   memcpy(h, &w, sizeof(h));  // (the two halves as the input type, without type punning)
   lo = to_float(h[0]);
   hi = to_float(h[1]);
