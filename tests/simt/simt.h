@@ -123,6 +123,18 @@ struct Block {
   std::vector<Copies> copies;
   enum : char { kInFlight = 1, kUnfenced = 2 };
   std::map<uint32_t, char> slot_state;
+  // mbarriers (by shared address) and bulk copies: a phase completes once `pending` arrivals and the
+  // announced bytes (tx) have all come; phase counts the completed ones. A bulk copy's 16-byte slots
+  // remember the barrier and the phase that was open at issue; a thread may let wgmma read them only
+  // once its own wait on that barrier has seen that phase complete (seen: per thread, per barrier).
+  struct Mbar {
+    int expected = 0, pending = 0;
+    int64_t tx = 0;
+    uint64_t phase = 0;
+  };
+  std::map<uint32_t, Mbar> mbars;
+  std::map<uint32_t, std::pair<uint32_t, uint64_t>> bulk_slots;
+  std::vector<std::map<uint32_t, uint64_t>> mbar_seen;
   std::function<void(int)> body;  // body(tid)
   uint64_t progress = 0;          // barriers opened + threads finished (deadlock detection)
   std::string error;              // the first exception a thread threw (the block stops there)
@@ -226,6 +238,7 @@ inline void run_block(int threads, int smem_bytes, float fill, const std::functi
   b.wgmma_pending.resize(threads);
   b.wgmma_groups.resize(threads);
   b.copies.resize(threads);
+  b.mbar_seen.resize(threads);
   b.body = body;
   Block* saved = block();
   block() = &b;
@@ -494,11 +507,20 @@ inline void wgmma_f16(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t des
     const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3fffu) << 4;
     for (int n = 0; n < N; ++n)
       for (int kh = 0; kh < 2; ++kh) {
-        auto it = b->slot_state.find((start + (n / 8) * sbo + kh * lbo + (n % 8) * 16) / 16);
+        const uint32_t slot = (start + (n / 8) * sbo + kh * lbo + (n % 8) * 16) / 16;
+        auto it = b->slot_state.find(slot);
         if (it != b->slot_state.end()) {
           throw std::runtime_error(it->second == simt::Block::kInFlight
                                        ? "simt: wgmma reads shared memory whose cp.async has not completed"
                                        : "simt: wgmma reads cp.async data not fenced (fence_proxy_async)");
+        }
+        auto bulk = b->bulk_slots.find(slot);
+        if (bulk != b->bulk_slots.end()) {
+          const auto& seen = b->mbar_seen[simt::tid()];
+          auto at = seen.find(bulk->second.first);
+          if (at == seen.end() || at->second <= bulk->second.second) {
+            throw std::runtime_error("simt: wgmma reads a bulk copy's data before waiting for its barrier phase");
+          }
         }
       }
   }
@@ -607,6 +629,62 @@ inline void cp_async_wait() {
     }
     c.committed.erase(c.committed.begin());
   }
+}
+
+
+// mbarriers and bulk copies (ptx.cuh): the copy lands at issue; its bytes count towards the phase
+// open on its barrier. Misuse the GPU would not report is an error here: a barrier outside the
+// block's shared memory, a copy not 16-byte aligned or past it, more bytes landed than announced.
+inline simt::Block::Mbar& mbar_at(unsigned bar) {
+  simt::Block* b = simt::block();
+  if (bar % 8 != 0 || bar + 8 > b->smem_bytes) throw std::runtime_error("simt: mbarrier outside shared memory or unaligned");
+  auto it = b->mbars.find(bar);
+  if (it == b->mbars.end()) throw std::runtime_error("simt: mbarrier used before mbar_init");
+  return it->second;
+}
+inline void mbar_complete_if_done(simt::Block::Mbar& m) {
+  if (m.tx < 0) throw std::runtime_error("simt: a bulk copy landed more bytes than its barrier was told to expect");
+  if (m.pending == 0 && m.tx == 0) {
+    ++m.phase;
+    m.pending = m.expected;
+    ++simt::block()->progress;
+  }
+}
+inline void mbar_init(unsigned bar, unsigned arrivals) {
+  simt::Block* b = simt::block();
+  if (bar % 8 != 0 || bar + 8 > b->smem_bytes) throw std::runtime_error("simt: mbarrier outside shared memory or unaligned");
+  simt::Block::Mbar m;
+  m.expected = m.pending = static_cast<int>(arrivals);
+  b->mbars[bar] = m;
+}
+inline void fence_mbar_init() {}
+inline void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+  simt::Block::Mbar& m = mbar_at(bar);
+  m.tx += bytes;
+  --m.pending;
+  mbar_complete_if_done(m);
+}
+inline void bulk_copy_g2s(unsigned dst, const float* src, unsigned bytes, unsigned bar) {
+  simt::Block* b = simt::block();
+  if (dst % 16 != 0 || bytes % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0 || bytes == 0) {
+    throw std::runtime_error("simt: bulk copy not in whole 16-byte units");
+  }
+  if (dst + bytes > b->smem_bytes) throw std::runtime_error("simt: bulk copy past the block's shared memory");
+  simt::Block::Mbar& m = mbar_at(bar);
+  memcpy(b->smem + dst, src, bytes);
+  for (unsigned slot = dst / 16; slot < (dst + bytes) / 16; ++slot) {
+    b->bulk_slots[slot] = {bar, m.phase};
+    b->slot_state.erase(slot);
+  }
+  m.tx -= bytes;
+  mbar_complete_if_done(m);
+}
+// Waits (yielding to the other threads) until the barrier's phase of this parity has completed,
+// i.e. until the open phase has the other parity; the thread has then seen every phase before it.
+inline void mbar_wait(unsigned bar, unsigned parity) {
+  while (mbar_at(bar).phase % 2 == parity) simt::yield();
+  uint64_t& seen = simt::block()->mbar_seen[simt::tid()][bar];
+  seen = std::max(seen, mbar_at(bar).phase);
 }
 
 }  // namespace tc

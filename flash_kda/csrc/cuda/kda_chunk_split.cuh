@@ -981,7 +981,10 @@ struct RecurrenceLayout {
   // aligned (a second stage 32 bytes off its line made the recurrence 12 % slower, v10).
   static constexpr int kStage = (kEg + Record<D, C>::kTail + 31) / 32 * 32;
   static constexpr int kFloats = kStages * kStage;
-  static constexpr int kSmemBytes = kFloats * 4;
+  // After the stages, one 8-byte mbarrier per stage, for the bulk copies (recurrence_block's kBulk;
+  // reserved in every pass, so that the host's launch size does not depend on the device pass).
+  static constexpr int kBars = kFloats;
+  static constexpr int kSmemBytes = (kFloats + 2 * kStages) * 4;
   static constexpr int kMinBlocks = 1;
   using R = Record<D, C>;
   static_assert(kA == R::kA && R::kU == kA + a_packed_floats(C), "the stage's W, Q, Klᵀ are the record's");
@@ -1031,6 +1034,62 @@ FLASH_KDA_DEVICE void fetch_chunk(const float* rec, int v0, float* st, int tid) 
   // and the copy took copy_tile_async's general loop, a division and a branch per quad, v28.)
   static_assert(R::kTail % 32 == 0, "the tail in whole rows of 32 floats");
   copy_tile_async<R::kTail / 32, 32, 32, 32, T>(st + L::kEg, rec + R::kEg, tid);
+}
+
+// fetch_chunk's copies as bulk copies (ptx.cuh): each part of the record that is contiguous in both
+// places is one copy (W, Q e^γ and Klᵀ; A_qk's C / 8 row groups; U0's C / 8 row blocks of the slice;
+// the tail: ten at C = 32), all reported to the stage's barrier `bar`, whose phase completes when
+// the whole record has landed. Part j is issued by lane 0 of warp j % kWarps (kWarp here), which first arrives on
+// the barrier (kWarps arrivals a phase) announcing its parts' bytes, so the bytes announced never
+// fall behind the bytes landed. Spread over the warps because a warp that lags holds the
+// warpgroup's next wgmma (v28). fetch_chunk instead has every thread issue ~17 16-byte copies and
+// form their addresses: on the GPU those were ~16 % of the recurrence's stall samples at T=32768
+// H=32, a third of them at registers waiting for a queued copy to read its address (docs/performance.md v43).
+template <class L, int kWarp>
+FLASH_KDA_DEVICE void fetch_chunk_parts(const float* rec, int v0, float* st, unsigned bar) {
+  using R = Record<L::D, L::C>;
+  constexpr int C = L::C, D = L::D, VS = L::VS, kParts = 2 + 2 * (C / 8);
+  static_assert(kParts >= L::kWarps, "every warp issues a part (the barrier expects kWarps arrivals)");
+  const unsigned s = shared_address(st);
+  // Part j: its shared byte address, its source and its length in bytes
+  auto part = [&](int j, unsigned& dst, const float*& src) -> unsigned {
+    if (j == 0) {  // W, Q e^γ, Klᵀ as they are
+      dst = s, src = rec;
+      return R::kA * 4;
+    }
+    if (j <= C / 8) {  // A_qk's row group g: its g + 1 core matrices, the first 8 (g + 1) quads of the
+      const int g = j - 1;  // stage's rows g C .. (fetch_chunk's quads with c <= g), packed in the record
+      dst = s + 4 * (L::kA + 4 * C * g), src = rec + R::kA + a_group_start(g);
+      return 128 * (g + 1);
+    }
+    if (j <= C / 4) {  // U0's row block r: the slice's VS / 8 core matrices, 4 VS floats
+      const int r = j - 1 - C / 8;
+      dst = s + 4 * (L::kU + r * 4 * VS), src = rec + R::kU + 4 * v0 + r * 4 * D;
+      return 16 * VS;
+    }
+    dst = s + 4 * L::kEg, src = rec + R::kEg;  // the tail
+    return R::kTail * 4;
+  };
+  unsigned bytes = 0, dst;
+  const float* src;
+#pragma unroll
+  for (int j = kWarp; j < kParts; j += L::kWarps) bytes += part(j, dst, src);
+  mbar_arrive_expect_tx(bar, bytes);
+#pragma unroll
+  for (int j = kWarp; j < kParts; j += L::kWarps) {
+    const unsigned n = part(j, dst, src);
+    bulk_copy_g2s(dst, src, n, bar);
+  }
+}
+// Lane 0 of warp `warp` issues its parts; the warp index made a template argument, so that each warp's
+// parts are constants (as a runtime test per part, every warp stepped through all ten, predicated).
+template <class L, int kWarp = 0>
+FLASH_KDA_DEVICE void fetch_chunk_bulk(const float* rec, int v0, float* st, unsigned bar, int warp) {
+  if (warp == kWarp) {
+    fetch_chunk_parts<L, kWarp>(rec, v0, st, bar);
+  } else if constexpr (kWarp + 1 < L::kWarps) {
+    fetch_chunk_bulk<L, kWarp + 1>(rec, v0, st, bar, warp);
+  }
 }
 
 // Where a block's state comes from or goes: the user's states, or a piece's carry (fp32).
@@ -1375,10 +1434,30 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
   // not wait; the records do (griddep_wait: nothing to wait for otherwise).
   float s[L::D / 8][4];
   state_rows_io<L, false>(initial_ref(p, piece, c_begin, L::D), t, row0, l, s);
+  // kBulk: each stage's record arrives by fetch_chunk_bulk (issued by each warp's lane 0) and is
+  // waited for on the stage's mbarrier; otherwise every thread copies its share (fetch_chunk,
+  // cp.async groups).
+  constexpr bool kBulk = L::kWgmmaShape && kArchHasWgmma && L::kStages == 2;
+  const unsigned bars = shared_address(sm + L::kBars);
+  if constexpr (kBulk) {
+    if (tid == 0) {
+      mbar_init(bars, L::kWarps);  // one arrival per warp (fetch_chunk_bulk)
+      mbar_init(bars + 8, L::kWarps);
+      fence_mbar_init();
+    }
+  }
   zero_upper_a<L>(sm, tid);
+  if constexpr (kBulk) {
+    fence_proxy_async();  // the zeros, visible to wgmma (the loop has no fence of its own)
+    port::block_sync();   // and the barriers' initialisation to every thread
+  }
   griddep_wait();
-  if (c_begin < c_end) fetch_chunk<L>(rec0, t.v0, sm, tid);
-  cp_async_commit();
+  if constexpr (kBulk) {
+    if (c_begin < c_end && tid % 32 == 0) fetch_chunk_bulk<L>(rec0, t.v0, sm, bars, tid / 32);
+  } else {
+    if (c_begin < c_end) fetch_chunk<L>(rec0, t.v0, sm, tid);
+    cp_async_commit();
+  }
   // From here on the stretch is the sequence: its chunk c is the sequence's chunk c_begin + c, so the
   // loop is the one-piece loop (a stretch starting at an odd chunk still starts in stage 0).
   t.r.start += c_begin * L::C;
@@ -1399,7 +1478,15 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
     // few percent where each block has a multiprocessor to itself: hence a choice, not always on.)
     if (kLockstep && c > 0) cluster_wait();
     port::block_sync();  // every warp is done with chunk c - 1's buffer
-    if (L::kStages == 2) {
+    if constexpr (kBulk) {
+      // Chunk c + 1 into the other stage; chunk c's record (issued a chunk ago) waited for on its
+      // stage's barrier, whose phase (c / 2) % 2 it completes: one barrier per stage, one phase
+      // per use. No second block barrier: the wait itself makes the record visible to every thread.
+      const int nxt = static_cast<int>((c + 1) & 1);
+      if (tid % 32 == 0 && c + 1 < count) fetch_chunk_bulk<L>(rec0 + next, t.v0, sm + nxt * L::kStage, bars + 8 * nxt, tid / 32);
+      if (kLockstep) cluster_arrive_relaxed();
+      mbar_wait(bars + 8 * static_cast<unsigned>(c & 1), static_cast<unsigned>((c >> 1) & 1));
+    } else if (L::kStages == 2) {
       if (c + 1 < count) fetch_chunk<L>(rec0 + next, t.v0, sm + ((c + 1) & 1) * L::kStage, tid);
       if (kLockstep) cluster_arrive_relaxed();
       cp_async_commit();   // possibly empty: one group per chunk keeps the count exact
@@ -1410,8 +1497,10 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
       cp_async_commit();
       cp_async_wait<0>();
     }
-    if constexpr (L::kWgmmaShape) fence_proxy_async();  // the copies, visible to wgmma's reads
-    port::block_sync();
+    if constexpr (!kBulk) {
+      if constexpr (L::kWgmmaShape) fence_proxy_async();  // the copies, visible to wgmma's reads
+      port::block_sync();
+    }
     const int64_t t0 = c * L::C;
     const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
     recurrence_chunk<L, kLockstep>(out_c, ostride, len, sm + (L::kStages == 2 ? (c & 1) * L::kStage : 0), row0, vtile, l, s);

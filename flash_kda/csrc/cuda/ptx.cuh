@@ -237,6 +237,52 @@ FLASH_KDA_DEVICE void fence_proxy_async() {
 #endif
 }
 
+// ---- Bulk copies and their barriers (sm_90; used only where FLASH_KDA_HAS_WGMMA) -------------------
+// cp.async.bulk moves a contiguous run of global memory (16-byte aligned, a multiple of 16 bytes)
+// into shared memory as one instruction of one thread, through the async proxy, and reports the bytes
+// it wrote to an mbarrier (an 8-byte object in shared memory). An mbarrier phase completes once its
+// expected arrivals have arrived and the bytes announced by mbar_arrive_expect_tx have all landed;
+// threads wait for a phase by its parity (phase k has parity k % 2). Data that a wait has seen land
+// is visible to the waiting thread and to its wgmma without fence_proxy_async (both read it as it
+// was written). The recurrence's stages use one barrier each (kda_chunk_split.cuh, recurrence_block).
+FLASH_KDA_DEVICE void mbar_init(unsigned bar, unsigned arrivals) {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(arrivals) : "memory");
+#endif
+}
+// Makes mbar_init's stores visible to the async proxy (the copies' completions); a barrier after it
+// makes them visible to the block's other threads.
+FLASH_KDA_DEVICE void fence_mbar_init() {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+// One arrival on `bar`, announcing `bytes` more to land in the current phase.
+FLASH_KDA_DEVICE void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+// dst: a shared-space byte address of this block (valid as a shared::cluster address of itself).
+FLASH_KDA_DEVICE void bulk_copy_g2s(unsigned dst, const float* src, unsigned bytes, unsigned bar) {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+#endif
+}
+// Returns once the phase of `bar` with this parity has completed.
+FLASH_KDA_DEVICE void mbar_wait(unsigned bar, unsigned parity) {
+#if FLASH_KDA_HAS_WGMMA
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "again:\n"  // (a label inside braces is local to them: every inlined copy has its own)
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra again;\n"
+      "}\n" ::"r"(bar), "r"(parity) : "memory");
+#endif
+}
+
 // D (64 x N) += A (64 x 16, registers) B (16 x N, shared memory at desc); N = 32, 64 or 128.
 // kAccumulate = false: D = A B, D's old values neither read nor needed (wgmma's scale-d = 0), so
 // a product's first k-block needs no zeroed accumulators (48 register moves a chunk in the
