@@ -1436,8 +1436,13 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
   state_rows_io<L, false>(initial_ref(p, piece, c_begin, L::D), t, row0, l, s);
   // kBulk: each stage's record arrives by fetch_chunk_bulk (issued by each warp's lane 0) and is
   // waited for on the stage's mbarrier; otherwise every thread copies its share (fetch_chunk,
-  // cp.async groups).
-  constexpr bool kBulk = L::kWgmmaShape && kArchHasWgmma && L::kStages == 2;
+  // cp.async groups). Only in the in-step kernel: on the H100 (docs/performance.md v43, per kernel,
+  // three rounds) the in-step recurrence took 5.6 % less time this way at T=8192 H=96 (0.9 % on
+  // varlen 6 seqs), but the plain one 4.6 % more at T=32768 H=32 and 1.7 % more at T=8192 H=64. Its
+  // profile shows the copies' issue (an elected-lane loop per copy, 'wait' stalls) costing about what
+  // the 16-byte copies did, and the wait on the barrier adding ~2 % of the samples; why the two
+  // kernels part ways is not known.
+  constexpr bool kBulk = kLockstep && L::kWgmmaShape && kArchHasWgmma && L::kStages == 2;
   const unsigned bars = shared_address(sm + L::kBars);
   if constexpr (kBulk) {
     if (tid == 0) {
