@@ -635,15 +635,22 @@ inline void cp_async_wait() {
 // mbarriers and bulk copies (ptx.cuh): the copy lands at issue; its bytes count towards the phase
 // open on its barrier. Misuse the GPU would not report is an error here: a barrier outside the
 // block's shared memory, a copy not 16-byte aligned or past it, more bytes landed than announced.
+inline void check_mbar_address(unsigned bar) {
+  if (bar % 8 != 0 || bar + 8 > simt::block()->smem_bytes) {
+    throw std::runtime_error("simt: mbarrier outside shared memory or unaligned");
+  }
+}
 inline simt::Block::Mbar& mbar_at(unsigned bar) {
   simt::Block* b = simt::block();
-  if (bar % 8 != 0 || bar + 8 > b->smem_bytes) throw std::runtime_error("simt: mbarrier outside shared memory or unaligned");
+  check_mbar_address(bar);
   auto it = b->mbars.find(bar);
   if (it == b->mbars.end()) throw std::runtime_error("simt: mbarrier used before mbar_init");
   return it->second;
 }
 inline void mbar_complete_if_done(simt::Block::Mbar& m) {
-  if (m.tx < 0) throw std::runtime_error("simt: a bulk copy landed more bytes than its barrier was told to expect");
+  if (m.tx < 0) {
+    throw std::runtime_error("simt: a bulk copy landed more bytes than its barrier was told to expect");
+  }
   if (m.pending == 0 && m.tx == 0) {
     ++m.phase;
     m.pending = m.expected;
@@ -651,11 +658,10 @@ inline void mbar_complete_if_done(simt::Block::Mbar& m) {
   }
 }
 inline void mbar_init(unsigned bar, unsigned arrivals) {
-  simt::Block* b = simt::block();
-  if (bar % 8 != 0 || bar + 8 > b->smem_bytes) throw std::runtime_error("simt: mbarrier outside shared memory or unaligned");
+  check_mbar_address(bar);
   simt::Block::Mbar m;
   m.expected = m.pending = static_cast<int>(arrivals);
-  b->mbars[bar] = m;
+  simt::block()->mbars[bar] = m;
 }
 inline void fence_mbar_init() {}
 inline void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {

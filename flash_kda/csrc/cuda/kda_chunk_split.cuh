@@ -1039,12 +1039,13 @@ FLASH_KDA_DEVICE void fetch_chunk(const float* rec, int v0, float* st, int tid) 
 // fetch_chunk's copies as bulk copies (ptx.cuh): each part of the record that is contiguous in both
 // places is one copy (W, Q e^γ and Klᵀ; A_qk's C / 8 row groups; U0's C / 8 row blocks of the slice;
 // the tail: ten at C = 32), all reported to the stage's barrier `bar`, whose phase completes when
-// the whole record has landed. Part j is issued by lane 0 of warp j % kWarps (kWarp here), which first arrives on
-// the barrier (kWarps arrivals a phase) announcing its parts' bytes, so the bytes announced never
-// fall behind the bytes landed. Spread over the warps because a warp that lags holds the
-// warpgroup's next wgmma (v28). fetch_chunk instead has every thread issue ~17 16-byte copies and
-// form their addresses: on the GPU those were ~16 % of the recurrence's stall samples at T=32768
-// H=32, a third of them at registers waiting for a queued copy to read its address (docs/performance.md v43).
+// the whole record has landed. Part j is issued by lane 0 of warp j % kWarps (kWarp here), which
+// first arrives on the barrier (kWarps arrivals a phase) announcing its parts' bytes, so the bytes
+// announced never fall behind the bytes landed. Spread over the warps because a warp that lags
+// holds the warpgroup's next wgmma (v28). fetch_chunk instead has every thread issue ~17 16-byte
+// copies and form their addresses: on the GPU those were ~16 % of the recurrence's stall samples at
+// T=32768 H=32, a third of them at registers waiting for a queued copy to read its address
+// (docs/performance.md v43).
 template <class L, int kWarp>
 FLASH_KDA_DEVICE void fetch_chunk_parts(const float* rec, int v0, float* st, unsigned bar) {
   using R = Record<L::D, L::C>;
@@ -1081,8 +1082,9 @@ FLASH_KDA_DEVICE void fetch_chunk_parts(const float* rec, int v0, float* st, uns
     bulk_copy_g2s(dst, src, n, bar);
   }
 }
-// Lane 0 of warp `warp` issues its parts; the warp index made a template argument, so that each warp's
-// parts are constants (as a runtime test per part, every warp stepped through all ten, predicated).
+// Lane 0 of warp `warp` issues its parts; the warp index made a template argument, so that each
+// warp's parts are constants (as a runtime test per part, every warp stepped through all ten,
+// predicated).
 template <class L, int kWarp = 0>
 FLASH_KDA_DEVICE void fetch_chunk_bulk(const float* rec, int v0, float* st, unsigned bar, int warp) {
   if (warp == kWarp) {
@@ -1488,7 +1490,8 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
       // stage's barrier, whose phase (c / 2) % 2 it completes: one barrier per stage, one phase
       // per use. No second block barrier: the wait itself makes the record visible to every thread.
       const int nxt = static_cast<int>((c + 1) & 1);
-      if (tid % 32 == 0 && c + 1 < count) fetch_chunk_bulk<L>(rec0 + next, t.v0, sm + nxt * L::kStage, bars + 8 * nxt, tid / 32);
+      if (tid % 32 == 0 && c + 1 < count)
+        fetch_chunk_bulk<L>(rec0 + next, t.v0, sm + nxt * L::kStage, bars + 8 * nxt, tid / 32);
       if (kLockstep) cluster_arrive_relaxed();
       mbar_wait(bars + 8 * static_cast<unsigned>(c & 1), static_cast<unsigned>((c >> 1) & 1));
     } else if (L::kStages == 2) {
