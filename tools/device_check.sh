@@ -87,11 +87,15 @@ if has layouts; then
 fi
 pack
 if has sanitize; then
-  for cfg in ${SANITIZE:-fast,1 fast,0 portable,1}; do
-    IFS=, read -r k sp <<< "$cfg"; set -- $k $sp
+  # kernel,split[,cluster]: cluster 1 forces the recurrence's V slices into clusters kept in step
+  # (FLASH_KDA_CUDA_CLUSTER=1): the small grids here would otherwise run only the plain recurrence,
+  # and the in-step one has code of its own (its records come by bulk copies and mbarriers).
+  for cfg in ${SANITIZE:-fast,1 fast,1,1 fast,0 portable,1}; do
+    IFS=, read -r k sp cl <<< "$cfg"; cl=${cl:-}
+    name="${k}_split${sp}${cl:+_cluster$cl}"
     for tool in memcheck racecheck; do
-      FLASH_KDA_KERNEL=$1 FLASH_KDA_CUDA_SPLIT=$2 compute-sanitizer --tool $tool --error-exitcode 3 python3 tools/sanitize_case.py > "$LOG/sanitize_${tool}_$1_split$2.txt" 2>&1
-      echo "compute-sanitizer $tool ($1, split=$2): exit $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG/sanitize_${tool}_$1_split$2.txt" | tail -1)"
+      FLASH_KDA_KERNEL=$k FLASH_KDA_CUDA_SPLIT=$sp FLASH_KDA_CUDA_CLUSTER=$cl compute-sanitizer --tool $tool --error-exitcode 3 python3 tools/sanitize_case.py > "$LOG/sanitize_${tool}_$name.txt" 2>&1
+      echo "compute-sanitizer $tool ($k, split=$sp${cl:+, cluster=$cl}): exit $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG/sanitize_${tool}_$name.txt" | tail -1)"
     done
   done
 fi
