@@ -1,7 +1,7 @@
 """Scratch size of the CUDA two-kernel path, as the C++ side computes it.
 
 Must match ``Record<D, C>`` / ``num_slots`` / ``split_scratch_bytes`` / ``carry_bytes`` in
-csrc/cuda/kda_chunk_split.cuh (and the chunk kSplitChunk in csrc/cuda/kda_cuda.cu): one Record
+csrc/cuda/kda_split_records.cuh (and the chunk kSplitChunk in csrc/cuda/kda_cuda.cu): one Record
 per (slot, value head), a slot per chunk of C tokens.
 """
 
@@ -15,7 +15,7 @@ SPLIT_CHUNK = 32  # C: tokens per chunk of the split path (kSplitChunk)
 
 def split_scratch_bytes(num_slots: int, hv: int, head_dim: int, chunk: int = SPLIT_CHUNK) -> int:
     """Bytes for `num_slots` chunk slots of `hv` value heads of head dim D (K == V)."""
-    # Record<D, C>::kFloats (kda_chunk_split.cuh): W, Q e^γ, Klᵀ, U0 ([C, D] fp16 each) at two
+    # Record<D, C>::kFloats (kda_split_records.cuh): W, Q e^γ, Klᵀ, U0 ([C, D] fp16 each) at two
     # halves per float; A_qk's n (n + 1) / 2 core matrices on or below the diagonal (n = C / 8; 32
     # floats each); e^{γ_last} [D] fp32; U0's inverse scales (one per 8 channels), the other four
     # arrays' and Klᵀ's scale; padded to a whole number of 128-byte lines
@@ -33,7 +33,7 @@ def varlen_slots(total_tokens: int, num_seqs: int, chunk: int = SPLIT_CHUNK) -> 
 
 def carry_bytes(num_seqs: int, hv: int, head_dim: int) -> int:
     """The fp32 state [N, hv, D, D] that a call cut into pieces carries from one stretch of chunks to
-    the next (``carry_bytes`` in kda_chunk_split.cuh); placed after the records."""
+    the next (``carry_bytes`` in kda_split_records.cuh); placed after the records."""
     return num_seqs * hv * head_dim * head_dim * 4
 
 

@@ -53,7 +53,7 @@ def test_workspace_formula_matches_the_record(tmp_path, head_dim):
     record_bytes = split_scratch_bytes(1, 1, head_dim)
     src = tmp_path / "record_size.cu"
     src.write_text(
-        '#include "cuda/kda_chunk_split.cuh"\n'
+        '#include "cuda/kda_split_records.cuh"\n'
         f"static_assert(flash_kda::tc::Record<{head_dim}, {SPLIT_CHUNK}>::kFloats * 4 == {record_bytes},\n"
         '              "flash_kda/_workspace.py disagrees with Record");\n')
     cmd = [NVCC, "-std=c++17", "-DFLASH_KDA_BACKEND_CUDA", f"-DFLASH_KDA_HEAD_DIM={head_dim}",

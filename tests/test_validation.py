@@ -234,7 +234,7 @@ def test_split_selection_is_parsed_like_the_launcher(monkeypatch, cuda_split_pos
 
 
 def test_get_workspace_size(monkeypatch, cuda_split_possible):
-    # The two-kernel form (the default): Record<128, 32> of kda_chunk_split.cuh,
+    # The two-kernel form (the default): Record<128, 32> of kda_split_records.cuh,
     # 4*32*128 / 2 + 10*32 (A_qk's 10 core matrices on or below the diagonal) + 128 + 128/8 + 5 = 8661,
     # padded to 8672 floats (128-byte lines) per slot and head (fp16 operands, fp16 U0 with a scale
     # per 8 channels); slots T_total // 32 + N.

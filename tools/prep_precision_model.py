@@ -3,7 +3,7 @@
 
     python tools/prep_precision_model.py [--T 1024 --H 2 --seed 0 --modes tf32,bf16,fp16-row]
 
-Why this model exists (docs/performance.md v21). The preparation kernel (kda_chunk_split.cuh,
+Why this model exists (docs/performance.md v21). The preparation kernel (kda_split_prep.cuh,
 prep_block) keeps a chunk's K, Q, K e^γ and V in fp32 shared memory, 89 KB a block, so an SM holds
 two blocks, and it runs its products on TF32 operands. A preparation that staged those arrays in 16
 bits would need about half the shared memory, so twice the blocks per SM to hide its latencies. This

@@ -3,7 +3,7 @@
 
     python tools/recurrence_precision_model.py [--T 2048 --H 4 --seed 0]
 
-The CUDA two-kernel form (flash_kda/csrc/cuda/kda_chunk_split.cuh) runs, per 32-token chunk,
+The CUDA two-kernel form (flash_kda/csrc/cuda/kda_split_recurrence.cuh) runs, per 32-token chunk,
 
     U = U0 - W S0ᵀ,   O = (Q e^γ) S0ᵀ + A_qk U,   S = S0 diag(e^{γ_last}) + Uᵀ Kl
 

@@ -4,7 +4,7 @@
 // are compared with a plain matrix product: this is what says the emulator's model of wgmma — the
 // register fragments of A and D, the descriptor's address arithmetic — is the hardware's, for the
 // forms the recurrence uses. The shared-memory layout of B is written here from the PTX ISA's
-// description (K-major core matrices, no swizzle), independently of kda_chunk_split.cuh.
+// description (K-major core matrices, no swizzle), independently of kda_split_recurrence.cuh.
 //
 // Operands as raw fp16 bits: A [64, 16] and Bt [N, 16] (B transposed: row n holds B's column n)
 // row-major; D [64, N] fp32 row-major, accumulated into.

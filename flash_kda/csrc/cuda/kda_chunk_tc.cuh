@@ -848,7 +848,7 @@ FLASH_KDA_DEVICE float compute_A(float* sm, int warp, Lane l, int flags) {
 // k -> k e^γ, q -> q e^γ (from the e^{γ - γ_r} forms) and Ke -> k e^{γ_last - γ}, all rounded to TF32
 // (the fused body's product operands). (e^{γ_r} may flush to 0 where e^γ of an earlier token would
 // not: only for factors below 2^-126 · 2^kMaxSpan.) The two-kernel form's preparation has its own
-// forms of these (StateSideTiles, and apply_T's factors, in kda_chunk_split.cuh).
+// forms of these (StateSideTiles, and apply_T's factors, in kda_split_prep.cuh).
 template <class L>
 FLASH_KDA_DEVICE void scale_for_state(float* sm, int tid) {
   constexpr int D = L::D;
@@ -1031,7 +1031,7 @@ struct NoWorkBesideA {
 };
 
 // The K-side phases of a chunk up to A (loads, norms, gate, decays, A_kk, A_qk), shared by
-// run_block and the two-kernel form's preparation (kda_chunk_split.cuh); ends with every thread
+// run_block and the two-kernel form's preparation (kda_split_prep.cuh); ends with every thread
 // past a barrier. Call it with every thread past a barrier since the arrays' last use.
 // beside(flags, aqk_max) runs in every thread after its compute_A units, before the barrier that
 // ends their phase (aqk_max: compute_A's return): work for the warps that have no unit. It may read

@@ -138,7 +138,7 @@ FLASH_KDA_DEVICE void griddep_launch_dependents() {
 }
 // The cluster's split barrier (sm_90+): every thread of every block of the cluster arrives, then
 // waits for all the others' arrivals. The recurrence uses it only to keep the blocks of one head's
-// V slices in step (kda_chunk_split.cuh, recurrence_block), so the arrival is relaxed: it orders no
+// V slices in step (kda_split_recurrence.cuh, recurrence_block), so the arrival is relaxed: it orders no
 // memory. A grid launched without cluster dimensions runs as clusters of one block, where the pair
 // is a block-wide barrier. Nothing before sm_90.
 FLASH_KDA_DEVICE void cluster_arrive_relaxed() {
@@ -167,7 +167,7 @@ FLASH_KDA_DEVICE void cp_async_wait() {
 //     (n / 8) * SBO + (k / 8) * LBO + (n % 8) * 16 + (k % 8) * 2
 // from the descriptor's start address: 8 x 8 blocks of 128 contiguous bytes. Our arrays put the
 // two k-halves of a 16-wide k-block next to each other (LBO = 128) and the 8-row groups one after
-// another (SBO = 16 * the row length in elements): see core_offset in kda_chunk_split.cuh.
+// another (SBO = 16 * the row length in elements): see core_offset in kda_split_fp16.cuh.
 //
 // Protocol (PTX ISA, wgmma): wgmma_fence() before the first wgmma that reads registers written by
 // other instructions; wgmma_commit() closes a group; wgmma_wait<N>() returns when at most N groups
@@ -244,7 +244,7 @@ FLASH_KDA_DEVICE void fence_proxy_async() {
 // expected arrivals have arrived and the bytes announced by mbar_arrive_expect_tx have all landed;
 // threads wait for a phase by its parity (phase k has parity k % 2). Data that a wait has seen land
 // is visible to the waiting thread and to its wgmma without fence_proxy_async (both read it as it
-// was written). The recurrence's stages use one barrier each (kda_chunk_split.cuh, recurrence_block).
+// was written). The recurrence's stages use one barrier each (kda_split_recurrence.cuh, recurrence_block).
 FLASH_KDA_DEVICE void mbar_init(unsigned bar, unsigned arrivals) {
 #if FLASH_KDA_HAS_WGMMA
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(arrivals) : "memory");
