@@ -254,6 +254,34 @@ def test_sass_loop_segments_cuts_the_longest_loop_at_its_waits():
     assert sls.opcode("@!P0 FADD R1, R1, 1") == "FADD"
 
 
+def test_sass_loop_segments_skips_an_mbarrier_retry_stub():
+    """tools/sass_loop_segments.py: an mbarrier wait's retry loop, placed after the function's EXIT
+    and branching back into the chunk loop, spans more than the loop but is not it; the wait
+    (SYNCS.PHASECHK) starts a segment."""
+    import sass_loop_segments as sls
+    import sass_path_count as spc
+
+    listing = """
+        Function : _Z3recv
+        /*0000*/                   MOV R1, RZ ;
+        /*0010*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0020*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R25+UR10+0xf500], R24 ;
+        /*0030*/              @!P0 BRA 0x90 ;
+        /*0040*/                   FMUL R2, R2, R3 ;
+        /*0050*/               @P1 BRA 0x10 ;
+        /*0060*/               @P2 EXIT ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x80 ;
+        /*0090*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R25+UR10+0xf500], R24 ;
+        /*00a0*/              @!P0 BRA 0x90 ;
+        /*00b0*/                   BRA 0x40 ;
+    """
+    body = sls.main_loop(spc.kernel_listing(listing, r"_Z3rec"))
+    assert [a for a, _ in body] == list(range(0x10, 0x60, 0x10))  # not 0x40..0xb0, the stub's way back
+    segs = [[a for a, _ in seg] for seg in sls.segments(body)]
+    assert segs == [[0x10], [0x20, 0x30, 0x40, 0x50]]
+
+
 # kernel_times.py's rows as they come from a GPU (short() keeps the demangled name from "Layout" on)
 KT_OUTPUT = """| shape | kernel | ms per call |
 | --- | --- | ---: |

@@ -22,7 +22,8 @@ from collections import Counter
 
 from sass_path_count import BRANCH, kernel_listing
 
-WAIT = re.compile(r"BAR\.SYNC|WARPGROUP\.DEPBAR|(?<![A-Z])DEPBAR|LDGDEPBAR")
+# (SYNCS.PHASECHK: an mbarrier wait, the bulk copies' in the in-step recurrence)
+WAIT = re.compile(r"BAR\.SYNC|WARPGROUP\.DEPBAR|(?<![A-Z])DEPBAR|LDGDEPBAR|SYNCS\.PHASECHK")
 
 
 def opcode(text: str) -> str:
@@ -31,12 +32,16 @@ def opcode(text: str) -> str:
 
 
 def main_loop(listing: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """The instructions of the longest backward branch's range (empty if the function has no loop)."""
+    """The instructions of the longest backward branch's range (empty if the function has no loop).
+    A range that holds an unconditional EXIT is no loop: ptxas places an mbarrier wait's retry
+    loop after the function's end, and its branch back into the chunk loop spans the EXIT."""
+    exits = [addr for addr, text in listing if text.split()[0] == "EXIT"]
     loops = []
     for addr, text in listing:
         m = BRANCH.match(text)
-        if m and int(m.group(2), 16) < addr:
-            loops.append((int(m.group(2), 16), addr))
+        target = int(m.group(2), 16) if m else addr
+        if target < addr and not any(target <= e <= addr for e in exits):
+            loops.append((target, addr))
     if not loops:
         return []
     lo, hi = max(loops, key=lambda r: r[1] - r[0])
