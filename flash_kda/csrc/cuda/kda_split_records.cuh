@@ -56,7 +56,7 @@ struct Record {
 
 FLASH_KDA_HD int64_t chunks_of(int64_t len, int C) { return (len + C - 1) / C; }
 
-// A varlen sequence n's first slot from its first token (the rule of the comment at the top; the
+// A varlen sequence n's first slot from its first token (the rule in kda_chunk_split.cuh's header; the
 // slot search, varlen_slot, applies it to the boundaries it has loaded).
 FLASH_KDA_HD int64_t varlen_slot_base(int64_t start, int n, int C) { return start / C + n; }
 
