@@ -631,7 +631,6 @@ inline void cp_async_wait() {
   }
 }
 
-
 // mbarriers and bulk copies (ptx.cuh): the copy lands at issue; its bytes count towards the phase
 // open on its barrier. Misuse the GPU would not report is an error here: a barrier outside the
 // block's shared memory, a copy not 16-byte aligned or past it, more bytes landed than announced.
