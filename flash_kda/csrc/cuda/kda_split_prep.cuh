@@ -457,7 +457,8 @@ FLASH_KDA_DEVICE bool varlen_slot(const KdaParams& p, int64_t slot, int C, int l
     const int64_t a = load ? cu_boundary(p, m) : 0;
     // (boundary num_seqs is loaded as the last sequence's end, never taken as an answer: with a
     // malformed cu_seqlens whose slot bases decrease it could claim slots the old search gave n - 1)
-    const unsigned below = __ballot_sync(0xffffffffu, load && m <= hi && m < p.num_seqs && varlen_slot_base(a, m, C) <= slot);
+    const unsigned below =
+        __ballot_sync(0xffffffffu, load && m <= hi && m < p.num_seqs && varlen_slot_base(a, m, C) <= slot);
     const int k = below == 0 ? 0 : 31 - __clz(below);  // the last candidate at or below the slot
     if (last) {
       // lane k + 1 <= hi - lo + 1 <= 31 loaded boundary n + 1 whenever n < num_seqs
@@ -532,7 +533,8 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
         // not a unit's
         if (flags != 0) {
           for_each_quad<L::C, L::C, kTileThreads>(tt, [&](int i, int j) {
-            if (i / L::BS == j / L::BS && ((flags >> (i / L::BS)) & 1)) ma = fmaxf(ma, max_abs(ld4(sm + L::kAqk + i * L::LDA + j)));
+            if (i / L::BS == j / L::BS && ((flags >> (i / L::BS)) & 1))
+              ma = fmaxf(ma, max_abs(ld4(sm + L::kAqk + i * L::LDA + j)));
           });
         }
       }
@@ -541,7 +543,8 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
     if (warp == 0) {  // (the phase's longest path: it reads no scale)
       invert_T<L>(sm + L::kT, sm + L::kAkk, sm + L::kBeta, l, tid);
     } else {
-      const Pow2 fq = pow2_scale(max_of<L::kWarps>(red, lane)), fkl = pow2_scale(max_of<L::kWarps>(red + L::kWarps, lane));
+      const Pow2 fq = pow2_scale(max_of<L::kWarps>(red, lane));
+      const Pow2 fkl = pow2_scale(max_of<L::kWarps>(red + L::kWarps, lane));
       if (warp < L::kUnitWarps) {
         const Pow2 fa = pow2_scale(max_of<L::kWarps>(red + 2 * L::kWarps, lane));
         store_aqk_and_tail<L, (L::kUnitWarps - 1) * 32>(sm, rec, fq, fkl, fa, tid - 32);
@@ -576,9 +579,11 @@ FLASH_KDA_DEVICE void prep_block(const KdaParams& p, const PrepGrid& g, float* s
     // below, and 0 of 10 with every warp at one barrier: docs/performance.md v15. Session 30's
     // wip/a-halves, with named barriers inside compute_A, drew the same kind of report: v30.)
     port::block_sync();
-    const Pow2 fq = pow2_scale(max_of<kRestWarps>(red, lane)), fkl = pow2_scale(max_of<kRestWarps>(red + L::kWarps, lane));
+    const Pow2 fq = pow2_scale(max_of<kRestWarps>(red, lane));
+    const Pow2 fkl = pow2_scale(max_of<kRestWarps>(red + L::kWarps, lane));
     if (warp != 0) tiles.store(rec_h, fq, fkl, rt);
-    store_aqk_and_tail<L, L::kThreads>(sm, rec, fq, fkl, pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane)), tid);
+    const Pow2 fa = pow2_scale(max_of<kRestWarps>(red + 2 * L::kWarps, lane));
+    store_aqk_and_tail<L, L::kThreads>(sm, rec, fq, fkl, fa, tid);
   }
   float w[kApplySteps<L>][2][4];
   apply_T<L>(sm + L::kT, sm + L::kVx, sm + L::kK, sm + L::kEr, rec_h + 2 * R::kU, rec + R::kInvU, w, warp, l);

@@ -583,7 +583,8 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
   int64_t next = 0;  // offset of chunk c + 1's record from rec0 (a step per chunk, no multiply)
   // The output of chunk c's first token in this lane's first row, a step per chunk
   const int64_t ostride = p.out_strides.token;
-  port::input_t* out_c = static_cast<port::input_t*>(p.out) + token_offset(p.out_strides, t.r, 0, t.h) + t.v0 + row0 + l.g;
+  port::input_t* out_c =
+      static_cast<port::input_t*>(p.out) + token_offset(p.out_strides, t.r, 0, t.h) + t.v0 + row0 + l.g;
   for (int64_t c = 0; c < count; ++c) {
     next += rec_step;
     // kLockstep: the blocks of a cluster (the head's V slices, kda_cuda.cu, RecurrenceVariant) stay
@@ -621,7 +622,8 @@ FLASH_KDA_DEVICE void recurrence_block(const KdaParams& p, const Piece& piece, c
     }
     const int64_t t0 = c * L::C;
     const int len = static_cast<int>(t.r.len - t0 < L::C ? t.r.len - t0 : L::C);
-    recurrence_chunk<L, kLockstep>(out_c, ostride, len, sm + (L::kStages == 2 ? (c & 1) * L::kStage : 0), row0, vtile, l, s);
+    const float* stage = sm + (L::kStages == 2 ? (c & 1) * L::kStage : 0);
+    recurrence_chunk<L, kLockstep>(out_c, ostride, len, stage, row0, vtile, l, s);
     out_c += L::C * ostride;
   }
   if (kLockstep && count > 0) cluster_wait();  // the last arrival's pair
