@@ -122,5 +122,17 @@ FLASH_KDA_DEVICE void store8_f16(__half* dst, const float (&v)[8], float s) {
   st16_global(dst, h);
 }
 
+// The two accumulator rows a lane holds (g and g + 8) over NT tiles, times f0 and f1 respectively.
+template <int NT>
+FLASH_KDA_DEVICE void scale_rows(float (&x)[NT][4], float f0, float f1) {
+#pragma unroll
+  for (int it = 0; it < NT; ++it) {
+    x[it][0] *= f0;
+    x[it][1] *= f0;
+    x[it][2] *= f1;
+    x[it][3] *= f1;
+  }
+}
+
 }  // namespace tc
 }  // namespace flash_kda

@@ -417,13 +417,7 @@ FLASH_KDA_DEVICE void recurrence_chunk(port::input_t* out, int64_t ostride, int 
   // (powers of two: exact), then the mma, then times 1 / (u_v k).
   const float uk0 = u0.s * sc[L::sKlScale], uk1 = u1.s * sc[L::sKlScale];
   if constexpr (kWgmma && kDecayBeside) {
-#pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
-      s[nt][0] *= uk0;
-      s[nt][1] *= uk0;
-      s[nt][2] *= uk1;
-      s[nt][3] *= uk1;
-    }
+    scale_rows(s, uk0, uk1);
   } else {
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
@@ -453,14 +447,7 @@ FLASH_KDA_DEVICE void recurrence_chunk(port::input_t* out, int64_t ostride, int 
       for (int jb = 0; jb <= it / 2; ++jb) mma16(o2[it], ua[jb], ld_frag(A + it * 8 * C + lane_at, jb));
   }
   // S back from U's and Klᵀ's units: one factor per row.
-  const float ui0 = u0.inv * sc[L::sKl], ui1 = u1.inv * sc[L::sKl];
-#pragma unroll
-  for (int nt = 0; nt < D / 8; ++nt) {
-    s[nt][0] *= ui0;
-    s[nt][1] *= ui0;
-    s[nt][2] *= ui1;
-    s[nt][3] *= ui1;
-  }
+  scale_rows(s, u0.inv * sc[L::sKl], u1.inv * sc[L::sKl]);
   if constexpr (kWgmma) {
     wgmma_wait<0>();
     wgmma_fence_operand(o2);
