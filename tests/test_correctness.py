@@ -47,7 +47,8 @@ def check(p, out, final, seed, *, use_qk_l2norm=True, scale=None, lower_bound=-5
     e_out = rel_l2(out, ref_out)
     e_st = rel_l2(final, ref_final) if final is not None else float("nan")
     # One line per case (pytest -s, or -rP) so that the figures can be recorded.
-    print(f"[{out.device.type}] {what}: out rel-L2 {e_out:.2e}, final_state ({None if final is None else final.dtype}) {e_st:.2e}")
+    final_dtype = None if final is None else final.dtype
+    print(f"[{out.device.type}] {what}: out rel-L2 {e_out:.2e}, final_state ({final_dtype}) {e_st:.2e}")
     assert e_out <= OUT_TOL[dtype], f"{what} out rel-L2 {e_out:.3e} > {OUT_TOL[dtype]} (seed {seed})"
     if final is not None:
         tol = STATE_TOL_FP32[dtype] if final.dtype == torch.float32 else STATE_TOL_LOWP[dtype]

@@ -313,7 +313,8 @@ def test_ab_kernels_parses_sums_and_compares(tmp_path, capsys):
         p1, p2 = figures[csrc][sum(c == csrc for c in calls) - 1]
         return KT_OUTPUT.format(p1=p1, p2=p2)
 
-    rc = ab_kernels.main(["--side", "main=", "--side", f"b={side_b}", "--rounds", "2", "--kernel", "kda_prep_kernel", "8192:96"], runner=runner)
+    argv = ["--side", "main=", "--side", f"b={side_b}", "--rounds", "2", "--kernel", "kda_prep_kernel", "8192:96"]
+    rc = ab_kernels.main(argv, runner=runner)
     out = capsys.readouterr().out
     assert rc == 0
     assert calls == ["", str(side_b), "", str(side_b)]
@@ -352,7 +353,8 @@ def test_ab_kernels_run_side_sets_the_sources(tmp_path, monkeypatch):
 
     fake = tmp_path / "fake_kernel_times.py"
     fake.write_text("import os, sys\n"
-                    "print(os.environ.get('FLASH_KDA_CSRC_DIR', '-'), os.environ.get('FLASH_KDA_CUDA_PIECES', '-'), *sys.argv[1:])\n"
+                    "env = os.environ.get\n"
+                    "print(env('FLASH_KDA_CSRC_DIR', '-'), env('FLASH_KDA_CUDA_PIECES', '-'), *sys.argv[1:])\n"
                     "sys.exit(3 if 'fail' in sys.argv else 0)\n")
     monkeypatch.setattr(ab_kernels, "KERNEL_TIMES", fake)
     monkeypatch.setenv("FLASH_KDA_CSRC_DIR", "/somewhere/else")

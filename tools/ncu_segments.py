@@ -134,8 +134,9 @@ def main():
             ops[opcode(r[0])] += r[2]
         top = ", ".join(f"{o} {100 * c // max(ni, 1)}%" for o, c in ops.most_common(6))
         why = ", ".join(f"{w} {100 * c / samples:.1f}" for w, c in reasons.most_common(4))
+        stalls = f"\n    stalls, % of all samples: {why}" if why else ""
         print(f"segment {k:2d}: {len(s):4d} instr, samples {100 * ns / samples:5.1f}%, "
-              f"executed {100 * ni / executed:5.1f}%  ({top})" + (f"\n    stalls, % of all samples: {why}" if why else ""))
+              f"executed {100 * ni / executed:5.1f}%  ({top})" + stalls)
         shared, excess = (sum(r[4].get(m, 0) for r in s) for m in ("shared", "excess"))
         if shared:
             per = f", {shared / a.blocks:,.0f} a block" if a.blocks else ""

@@ -266,7 +266,10 @@ FLASH_KDA_HD bool offsets_fit_int32(const KdaParams& p) {
   const int64_t m[] = {max_token_offset(p.q_strides, b, t, p.hqk, d), max_token_offset(p.k_strides, b, t, p.hqk, d),
                        max_token_offset(p.v_strides, b, t, p.hv, d), max_token_offset(p.g_strides, b, t, p.hv, d),
                        max_token_offset(p.beta_strides, b, t, p.hv, 1),
-                       p.dt_bias == nullptr ? 0 : (p.dt_bias_head_stride < 0 ? -1 : (p.hv - 1) * p.dt_bias_head_stride + d - 1)};
+                       // dt_bias's last element read (a negative head stride: -1, out of range)
+                       p.dt_bias == nullptr        ? 0
+                       : p.dt_bias_head_stride < 0 ? -1
+                                                   : (p.hv - 1) * p.dt_bias_head_stride + d - 1};
   for (const int64_t x : m) {
     if (x < 0 || x > INT32_MAX) return false;
   }
@@ -298,8 +301,8 @@ FLASH_KDA_HD VecOk vec_ok(const KdaParams& p) {
 template <class Off>
 FLASH_KDA_DEVICE Off token_offset_as(const TokenStrides& s, const SeqRange& r, int64_t t, int h) {
   if constexpr (sizeof(Off) == 4) {
-    return static_cast<int>(r.batch) * static_cast<int>(s.batch) + static_cast<int>(r.start + t) * static_cast<int>(s.token) +
-           h * static_cast<int>(s.head);
+    return static_cast<int>(r.batch) * static_cast<int>(s.batch) +
+           static_cast<int>(r.start + t) * static_cast<int>(s.token) + h * static_cast<int>(s.head);
   } else {
     return token_offset(s, r, t, h);
   }
@@ -456,13 +459,16 @@ FLASH_KDA_DEVICE void load_chunk(const KdaParams& p, const portable::Task& t, in
   // b as raw bits, converted in part 2: a conversion here would wait for the read and hold back
   // every read issued after it
   uint32_t b_bits = 0;
-  if (tid < L::C) b_bits = load_bits(p.beta, token_offset_as<Off>(p.beta_strides, t.r, t0 + min(tid, last), t.h), p.beta_fp32);
+  if (tid < L::C) {
+    b_bits = load_bits(p.beta, token_offset_as<Off>(p.beta_strides, t.r, t0 + min(tid, last), t.h), p.beta_fp32);
+  }
 #pragma unroll
   for (int r = 0; r < kPass; ++r) {
     const int i = min(rows.row(r), last), c = rows.c;
     // dt_bias straight from global memory (cached: every block of the head reads the same row)
     if (gate) {
-      load8<kVec>(p.dt_bias, static_cast<Off>(t.h) * static_cast<Off>(p.dt_bias_head_stride) + c, true, vec.dtb, dtb[r]);
+      load8<kVec>(p.dt_bias, static_cast<Off>(t.h) * static_cast<Off>(p.dt_bias_head_stride) + c, true, vec.dtb,
+                  dtb[r]);
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) dtb[r][e] = 0.0f;

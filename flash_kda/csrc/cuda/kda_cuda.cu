@@ -96,8 +96,9 @@ __global__ void FLASH_KDA_RECURRENCE_BOUNDS(L) kda_recurrence_kernel(const KdaPa
   __trap();
 #else
   extern __shared__ float4 smem_f4[];
-  tc::recurrence_block<L, kLockstep>(p, piece, static_cast<const float*>(p.workspace), reinterpret_cast<float*>(smem_f4),
-                          static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x));
+  tc::recurrence_block<L, kLockstep>(p, piece, static_cast<const float*>(p.workspace),
+                                     reinterpret_cast<float*>(smem_f4), static_cast<int>(blockIdx.x),
+                                     static_cast<int>(threadIdx.x));
 #endif
 }
 #endif

@@ -57,7 +57,9 @@ constexpr size_t kMaxSideStreams = 64;
 // its lazily created handles: c10::cuda::CUDAStreamCaptureModeGuard).
 struct RelaxedCaptureMode {
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  RelaxedCaptureMode() { port::check(cudaThreadExchangeStreamCaptureMode(&mode), "cudaThreadExchangeStreamCaptureMode"); }
+  RelaxedCaptureMode() {
+    port::check(cudaThreadExchangeStreamCaptureMode(&mode), "cudaThreadExchangeStreamCaptureMode");
+  }
   ~RelaxedCaptureMode() { (void)cudaThreadExchangeStreamCaptureMode(&mode); }
   RelaxedCaptureMode(const RelaxedCaptureMode&) = delete;
   RelaxedCaptureMode& operator=(const RelaxedCaptureMode&) = delete;

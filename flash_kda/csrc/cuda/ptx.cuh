@@ -98,7 +98,10 @@ FLASH_KDA_DEVICE void ldmatrix_x4(uint32_t (&r)[4], unsigned addr) {
                : "memory");
 }
 FLASH_KDA_DEVICE void ldmatrix_x2(uint32_t (&r)[2], unsigned addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(addr) : "memory");
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(addr)
+               : "memory");
 }
 
 // m16n8k16, fp16 operands, fp32 accumulators (PTX ISA fragments; g = lane / 4, t = lane % 4):
