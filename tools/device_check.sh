@@ -62,7 +62,7 @@ if has tests; then
   fla_test=tests/test_fla_compat.py; [[ -z "${NO_FLA:-}" ]] || fla_test=
   # (test_wgmma: one wgmma on the GPU against the emulator's model of it, sm_90 only)
   python3 -m pytest tests/test_wgmma.py -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_wgmma.txt" | tail -4
-  python3 -m pytest tests/test_correctness.py $fla_test -k "cuda or fla" -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_fast.txt" | tail -15
+  python3 -m pytest tests/test_correctness.py tests/test_properties.py $fla_test -k "cuda or fla" -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_fast.txt" | tail -15
   # The fused form (FLASH_KDA_CUDA_SPLIT=0) on the whole GPU suite, the caller-workspace test included.
   FLASH_KDA_CUDA_SPLIT=0 python3 -m pytest tests/test_correctness.py -k cuda -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_fused.txt" | tail -3
   [[ -n "${FAST_ONLY:-}" ]] || FLASH_KDA_KERNEL=portable python3 -m pytest tests/test_correctness.py -k cuda -q -ra -p no:cacheprovider 2>&1 | tee "$LOG/tests_portable.txt" | tail -8

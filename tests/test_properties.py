@@ -1,0 +1,215 @@
+"""Property tests: problems drawn by hypothesis from every option at once, against the float64
+reference.
+
+test_correctness.py checks each option on its own (varlen, grouped heads, states, strided views,
+fp32 gates, no gate, no l2norm ...). Here hypothesis combines them: a varlen batch with empty
+sequences, grouped heads, an fp16 state and padded views in one call, and so on. Each example
+checks what every kernel test checks (relative L2 against the float64 token-by-token reference
+within the stated tolerances, outputs poisoned with NaN first) and also that the caller's inputs
+are bit-for-bit unchanged. Where the example fits the FlashKDA surface (gate on, l2norm on), `fwd`
+must write exactly what `chunk_kda` returned.
+
+The tensors' values come from a seed that hypothesis draws, so a failure prints everything needed
+to replay it. The head dims are those the other tests build (64, 128), so in a full run no new
+kernel is compiled.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install '.[test]' brings it)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import flash_kda  # noqa: E402
+from conftest import DEVICES  # noqa: E402
+from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison, reference_of, rel_l2,
+                         snapshot, unchanged)  # noqa: E402
+
+ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GPU_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def lengths(least):
+    """Token counts up to 70, with the chunk edges of both backends (CPU 16 tokens, CUDA 32) drawn
+    as often as the rest: left to themselves, hypothesis's integers favour the smallest values."""
+    edges = [n for n in (15, 16, 17, 31, 32, 33, 47, 63, 64, 65) if n >= least]
+    return st.one_of(st.integers(least, 70), st.sampled_from(edges))
+
+
+@st.composite
+def problems(draw, dtypes):
+    """Keyword arguments for make_problem plus the call's own options."""
+    dtype = draw(st.sampled_from(dtypes))
+    varlen = draw(st.booleans())
+    hqk = draw(st.integers(1, 2))
+    case = dict(
+        dtype=dtype,
+        D=draw(st.sampled_from([64, 128])),
+        hqk=hqk,
+        hv=hqk * draw(st.integers(1, 2)),  # grouped value heads
+        gate=draw(st.booleans()),
+        weak_decay=draw(st.booleans()),
+        state=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+    if varlen:  # empty sequences allowed, at least one token in all
+        case["seqlens"] = draw(st.lists(lengths(0), min_size=1, max_size=4).filter(lambda s: sum(s) > 0))
+    else:
+        case["B"] = draw(st.integers(1, 2))
+        case["T"] = draw(lengths(1))
+    if case["state"] and dtype != torch.float32:
+        case["state_dtype"] = draw(st.sampled_from([torch.float32, dtype]))
+    options = dict(
+        l2norm=draw(st.booleans()),
+        scale=draw(st.one_of(st.none(), st.floats(0.05, 1.0))),
+        lower_bound=draw(st.sampled_from([-5.0, -1.0, -12.0])),
+        fp32_gates=dtype != torch.float32 and draw(st.booleans()),  # g and beta in fp32 beside 16-bit q, k, v
+        padded=draw(st.booleans()),  # q, k, v, g as views into buffers with spare heads
+    )
+    return case, options
+
+
+def padded_view(t: torch.Tensor, spare: int = 3) -> torch.Tensor:
+    """t's values in a view whose head axis (the one before the last) is padded by `spare` heads: only
+    the last dim stays contiguous."""
+    shape = list(t.shape)
+    shape[-2] += spare
+    big = torch.randn(shape, device=t.device).to(t.dtype)
+    view = big.narrow(-2, 1, t.shape[-2])
+    view.copy_(t)
+    return view
+
+
+def run_case(device, case, options):
+    p = make_problem(device=device, **case)
+    dtype = case["dtype"]
+    if options["fp32_gates"]:
+        p = dict(p, g=p["g"].float(), beta=p["beta"].float())
+    if not options["l2norm"]:  # |k|² ~ 1 keeps the delta rule stable without normalisation (|k|² ~ D diverges)
+        p = dict(p, q=p["q"] / case["D"] ** 0.5, k=p["k"] / case["D"] ** 0.5)
+    if options["padded"]:
+        p = dict(p, **{n: padded_view(p[n]) for n in ("q", "k", "v", "g")})
+    lower_bound = options["lower_bound"]
+    ref_out, ref_final = reference_of(p, scale=options["scale"], use_qk_l2norm=options["l2norm"],
+                                      lower_bound=lower_bound)
+    before = snapshot(p)
+    out = poison(torch.empty(p["v"].shape, dtype=p["v"].dtype, device=device))
+    res = flash_kda.chunk_kda(
+        p["q"], p["k"], p["v"], p["g"], p["beta"], scale=options["scale"], initial_state=p["initial_state"],
+        output_final_state=True, cu_seqlens=p["cu_seqlens"], A_log=p["A_log"], dt_bias=p["dt_bias"],
+        lower_bound=lower_bound, use_qk_l2norm_in_kernel=options["l2norm"], output=out)
+    got, final = res
+    assert got.data_ptr() == out.data_ptr()
+    assert unchanged(before, p) == [], "chunk_kda changed an input"
+
+    e_out = rel_l2(out, ref_out)
+    assert e_out <= OUT_TOL[dtype], f"out rel-L2 {e_out:.3e} > {OUT_TOL[dtype]}"
+    tol = STATE_TOL_FP32[dtype] if final.dtype == torch.float32 else STATE_TOL_LOWP[dtype]
+    e_state = rel_l2(final, ref_final)
+    assert e_state <= tol, f"final_state ({final.dtype}) rel-L2 {e_state:.3e} > {tol}"
+
+    if case["gate"] and options["l2norm"]:  # the FlashKDA surface: same bits as chunk_kda
+        out2 = poison(torch.empty_like(out))
+        final2 = poison(torch.empty_like(final))
+        scale = options["scale"] if options["scale"] is not None else case["D"] ** -0.5
+        cu = None if p["cu_seqlens"] is None else p["cu_seqlens"].to(torch.int64)
+        ret = flash_kda.fwd(p["q"], p["k"], p["v"], p["g"], p["beta"], scale, out2, p["A_log"], p["dt_bias"],
+                            lower_bound, initial_state=p["initial_state"], final_state=final2, cu_seqlens=cu)
+        assert ret is None
+        assert torch.equal(out2, out) and torch.equal(final2, final), "fwd and chunk_kda differ"
+        assert unchanged(before, p) == [], "fwd changed an input"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_combined_options_match_the_reference(device):
+    dtypes = ALL_DTYPES if device == "cpu" else GPU_DTYPES
+
+    # (function_scoped_fixture: none is used inside; deadline: the first examples may load kernels)
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(problems(dtypes))
+    def check(drawn):
+        case, options = drawn
+        run_case(device, case, options)
+
+    check()
+
+
+@st.composite
+def offsets(draw):
+    """(total tokens S, a cu_seqlens value list): valid ones (0, cut points, S) and corrupted ones
+    (any integers, a huge or negative boundary, two boundaries swapped)."""
+    S = draw(lengths(1))
+    cuts = sorted(draw(st.lists(st.integers(0, S), min_size=0, max_size=3)))
+    values = [0, *cuts, S]
+    how = draw(st.sampled_from(["valid", "any", "huge", "swap"]))
+    if how == "any":
+        values = draw(st.lists(st.integers(-3, S + 3), min_size=2, max_size=5))
+    elif how == "huge":
+        i = draw(st.integers(0, len(values) - 1))
+        values[i] = draw(st.sampled_from([-2**40, -2**31, -1, S + 1, 2**31 - 1, 2**31, 2**40]))
+    elif how == "swap" and len(values) > 2:
+        i = draw(st.integers(0, len(values) - 2))
+        values[i], values[i + 1] = values[i + 1], values[i]
+    return S, values
+
+
+def well_formed(values, S) -> bool:
+    return values[0] == 0 and values[-1] == S and all(a <= b for a, b in zip(values, values[1:]))
+
+
+def call_entry(entry, p, cu, out, final):
+    if entry == "chunk_kda":
+        flash_kda.chunk_kda(p["q"], p["k"], p["v"], p["g"], p["beta"], initial_state=p["initial_state"],
+                            output_final_state=True, cu_seqlens=cu, A_log=p["A_log"], dt_bias=p["dt_bias"],
+                            output=out, final_state=final)
+    else:
+        flash_kda.fwd(p["q"], p["k"], p["v"], p["g"], p["beta"], 64 ** -0.5, out, p["A_log"], p["dt_bias"], -5.0,
+                      initial_state=p["initial_state"], final_state=final, cu_seqlens=cu)
+
+
+def refused_untouched(entry, p, cu, out, final):
+    """The call raises ValueError and leaves every tensor, out and final_state included, as it was."""
+    tensors = dict(p, cu=cu, out=out, final=final)
+    before = snapshot(tensors)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        call_entry(entry, p, cu, out, final)
+    assert unchanged(before, tensors) == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", ["chunk_kda", "fwd"])
+def test_any_cu_seqlens_is_refused_or_correct(device, entry):
+    """Whatever integers cu_seqlens holds: a ValueError with nothing written, or (well formed) the
+    reference's result. Then the same tensor, changed in place to end one token late, is refused
+    too: on a GPU the last device cu_seqlens that passed is remembered (a read waits for the
+    stream), and an in-place write must make the next call read it again."""
+
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(offsets(), st.integers(0, 2**31 - 1))
+    def check(drawn, seed):
+        S, values = drawn
+        fits32 = all(-2**31 <= x < 2**31 for x in values)
+        cu = torch.tensor(values, dtype=torch.int32 if fits32 else torch.int64, device=device)
+        N = len(values) - 1
+        p = make_problem(seqlens=[S], hqk=1, hv=2, D=64, dtype=torch.bfloat16, device=device, state=True,
+                         seed=seed)  # S tokens; cu (below) cuts them into N sequences
+        p["initial_state"] = p["initial_state"].expand(N, -1, -1, -1).contiguous()
+        p["cu_seqlens"] = cu
+        out = torch.full_like(p["v"], 7.0)
+        final = torch.full_like(p["initial_state"], 3.0)
+        if not well_formed(values, S):
+            refused_untouched(entry, p, cu, out, final)
+            return
+        poison(out), poison(final)
+        call_entry(entry, p, cu, out, final)
+        ref_out, ref_final = reference_of(p)
+        assert rel_l2(out, ref_out) <= OUT_TOL[torch.bfloat16]
+        assert rel_l2(final, ref_final) <= STATE_TOL_FP32[torch.bfloat16]
+        cu[-1] += 1  # an in-place write: one token past the end
+        refused_untouched(entry, p, cu, out, final)
+
+    check()
