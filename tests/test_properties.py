@@ -25,6 +25,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import flash_kda  # noqa: E402
 from conftest import DEVICES  # noqa: E402
+from drawn_problems import build, lengths, problems  # noqa: E402
 from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison, reference_of, rel_l2,
                          snapshot, unchanged)  # noqa: E402
 
@@ -32,66 +33,9 @@ ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GPU_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def lengths(least):
-    """Token counts up to 70, with the chunk edges of both backends (CPU 16 tokens, CUDA 32) drawn
-    as often as the rest: left to themselves, hypothesis's integers favour the smallest values."""
-    edges = [n for n in (15, 16, 17, 31, 32, 33, 47, 63, 64, 65) if n >= least]
-    return st.one_of(st.integers(least, 70), st.sampled_from(edges))
-
-
-@st.composite
-def problems(draw, dtypes):
-    """Keyword arguments for make_problem plus the call's own options."""
-    dtype = draw(st.sampled_from(dtypes))
-    varlen = draw(st.booleans())
-    hqk = draw(st.integers(1, 2))
-    case = dict(
-        dtype=dtype,
-        D=draw(st.sampled_from([64, 128])),
-        hqk=hqk,
-        hv=hqk * draw(st.integers(1, 2)),  # grouped value heads
-        gate=draw(st.booleans()),
-        weak_decay=draw(st.booleans()),
-        state=draw(st.booleans()),
-        seed=draw(st.integers(0, 2**31 - 1)),
-    )
-    if varlen:  # empty sequences allowed, at least one token in all
-        case["seqlens"] = draw(st.lists(lengths(0), min_size=1, max_size=4).filter(lambda s: sum(s) > 0))
-    else:
-        case["B"] = draw(st.integers(1, 2))
-        case["T"] = draw(lengths(1))
-    if case["state"] and dtype != torch.float32:
-        case["state_dtype"] = draw(st.sampled_from([torch.float32, dtype]))
-    options = dict(
-        l2norm=draw(st.booleans()),
-        scale=draw(st.one_of(st.none(), st.floats(0.05, 1.0))),
-        lower_bound=draw(st.sampled_from([-5.0, -1.0, -12.0])),
-        fp32_gates=dtype != torch.float32 and draw(st.booleans()),  # g and beta in fp32 beside 16-bit q, k, v
-        padded=draw(st.booleans()),  # q, k, v, g as views into buffers with spare heads
-    )
-    return case, options
-
-
-def padded_view(t: torch.Tensor, spare: int = 3) -> torch.Tensor:
-    """t's values in a view whose head axis (the one before the last) is padded by `spare` heads: only
-    the last dim stays contiguous."""
-    shape = list(t.shape)
-    shape[-2] += spare
-    big = torch.randn(shape, device=t.device).to(t.dtype)
-    view = big.narrow(-2, 1, t.shape[-2])
-    view.copy_(t)
-    return view
-
-
 def run_case(device, case, options):
-    p = make_problem(device=device, **case)
+    p = build(device, case, options)
     dtype = case["dtype"]
-    if options["fp32_gates"]:
-        p = dict(p, g=p["g"].float(), beta=p["beta"].float())
-    if not options["l2norm"]:  # |k|² ~ 1 keeps the delta rule stable without normalisation (|k|² ~ D diverges)
-        p = dict(p, q=p["q"] / case["D"] ** 0.5, k=p["k"] / case["D"] ** 0.5)
-    if options["padded"]:
-        p = dict(p, **{n: padded_view(p[n]) for n in ("q", "k", "v", "g")})
     lower_bound = options["lower_bound"]
     ref_out, ref_final = reference_of(p, scale=options["scale"], use_qk_l2norm=options["l2norm"],
                                       lower_bound=lower_bound)

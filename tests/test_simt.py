@@ -444,3 +444,31 @@ def test_nan_stays_in_its_row_and_sequence(monkeypatch):
     out, final = run(p, D=64, dtype=torch.bfloat16, monkeypatch=monkeypatch)
     assert torch.isfinite(out[0]).all() and torch.isfinite(final[0]).all(), "NaN leaked across batch"
     assert torch.isnan(out[1, 5:, 0, 3]).all() and torch.isnan(final[1]).any()
+
+
+def test_drawn_problems_in_every_layout(monkeypatch):
+    """Problems drawn by hypothesis (tests/drawn_problems.py: every option at once, token counts at
+    the chunk edges) on layouts drawn from LAYOUTS at D = 64 and 128: the combinations the
+    parametrised tests above leave out, e.g. a varlen batch with empty sequences, grouped heads and
+    an fp16 state on the mma16 recurrence. Each layout's settings apply to its example alone."""
+    pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install '.[test]' brings it)")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from drawn_problems import build, problems
+
+    @settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(problems((torch.bfloat16, torch.float16), call_options=False),
+           st.sampled_from([c for c in LAYOUTS if c[0] <= 128]))
+    def check_one(drawn, layout_case):
+        case, options = drawn
+        D, layout = layout_case
+        case = dict(case, D=D)
+        p = build("cpu", case, options)
+        state_dtype = case.get("state_dtype", torch.float32)
+        with monkeypatch.context() as m:
+            out, final = run(p, D=D, dtype=case["dtype"], layout=layout, state_dtype=state_dtype,
+                             use_qk_l2norm=options["l2norm"], monkeypatch=m)
+        check(p, out, final, what=f"{case} {options} D={D} {layout}", use_qk_l2norm=options["l2norm"])
+
+    check_one()
