@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from kda_testing import make_problem
+from kda_testing import UNPAIRED_STATE_LAYOUTS, make_problem
 
 
 def lengths(least):
@@ -17,18 +17,25 @@ def lengths(least):
     return st.one_of(st.integers(least, 70), st.sampled_from(edges))
 
 
+# Where the final state goes (test_properties.run_case): returned by chunk_kda, into a tensor the
+# caller gives, into the initial state itself, not asked for; with an fp32 initial state also both
+# states in one of the layouts whose elements cannot move in pairs (kda_testing.UNPAIRED_STATE_LAYOUTS).
+FINAL_MODES = ("returned", "given", "in-place", "dropped")
+
+
 @st.composite
 def problems(draw, dtypes, head_dims=(64, 128), call_options=True):
     """(case, options): keyword arguments for make_problem, and the call's own options. Without
-    call_options, scale stays None (D^-1/2) and lower_bound -5 (what the emulator's runner passes)."""
+    call_options, scale stays None (D^-1/2), lower_bound -5 (what the emulator's runner passes), and
+    the final state is returned in a fresh tensor."""
     dtype = draw(st.sampled_from(dtypes))
     varlen = draw(st.booleans())
-    hqk = draw(st.integers(1, 2))
+    hqk = draw(st.integers(1, 3))
     case = dict(
         dtype=dtype,
         D=draw(st.sampled_from(head_dims)),
         hqk=hqk,
-        hv=hqk * draw(st.integers(1, 2)),  # grouped value heads
+        hv=hqk * draw(st.integers(1, 3)),  # grouped value heads
         gate=draw(st.booleans()),
         weak_decay=draw(st.booleans()),
         state=draw(st.booleans()),
@@ -37,7 +44,7 @@ def problems(draw, dtypes, head_dims=(64, 128), call_options=True):
     if varlen:  # empty sequences allowed, at least one token in all
         case["seqlens"] = draw(st.lists(lengths(0), min_size=1, max_size=4).filter(lambda s: sum(s) > 0))
     else:
-        case["B"] = draw(st.integers(1, 2))
+        case["B"] = draw(st.integers(1, 3))
         case["T"] = draw(lengths(1))
     if case["state"] and dtype != torch.float32:
         case["state_dtype"] = draw(st.sampled_from([torch.float32, dtype]))
@@ -47,7 +54,18 @@ def problems(draw, dtypes, head_dims=(64, 128), call_options=True):
         lower_bound=draw(st.sampled_from([-5.0, -1.0, -12.0])) if call_options else -5.0,
         fp32_gates=dtype != torch.float32 and draw(st.booleans()),  # g and beta in fp32 beside 16-bit q, k, v
         padded=draw(st.booleans()),  # q, k, v, g as views into buffers with spare heads
+        cu_int64=varlen and draw(st.booleans()),
+        final="returned",
     )
+    if call_options:
+        modes = FINAL_MODES if case["state"] else tuple(m for m in FINAL_MODES if m != "in-place")
+        if case["state"] and case.get("state_dtype", torch.float32) == torch.float32:
+            # (an odd head or sequence stride needs two heads or sequences to be one)
+            n = case["B"] if "B" in case else len(case["seqlens"])
+            unused = {"odd-head-stride"} if case["hv"] == 1 else set()
+            unused |= {"odd-seq-stride"} if n == 1 else set()
+            modes += tuple(f"unpaired {layout}" for layout in UNPAIRED_STATE_LAYOUTS if layout not in unused)
+        options["final"] = draw(st.sampled_from(modes))
     return case, options
 
 
@@ -71,4 +89,6 @@ def build(device, case, options) -> dict:
         p = dict(p, q=p["q"] / case["D"] ** 0.5, k=p["k"] / case["D"] ** 0.5)
     if options["padded"]:
         p = dict(p, **{n: padded_view(p[n]) for n in ("q", "k", "v", "g")})
+    if options["cu_int64"]:
+        p = dict(p, cu_seqlens=p["cu_seqlens"].to(torch.int64))
     return p

@@ -6,12 +6,14 @@ fp32 gates, no gate, no l2norm ...). Here hypothesis combines them: a varlen bat
 sequences, grouped heads, an fp16 state and padded views in one call, and so on. Each example
 checks what every kernel test checks (relative L2 against the float64 token-by-token reference
 within the stated tolerances, outputs poisoned with NaN first) and also that the caller's inputs
-are bit-for-bit unchanged. Where the example fits the FlashKDA surface (gate on, l2norm on), `fwd`
-must write exactly what `chunk_kda` returned.
+are bit-for-bit unchanged. The final state is returned, written into a tensor the caller gives,
+written over the initial state, not asked for, or (fp32) read and written in layouts whose elements
+cannot move in pairs. Where the example fits the FlashKDA surface (gate on, l2norm on), `fwd` must
+write exactly what `chunk_kda` returned.
 
 The tensors' values come from a seed that hypothesis draws, so a failure prints everything needed
-to replay it. The head dims are those the other tests build (64, 128), so in a full run no new
-kernel is compiled.
+to replay it. The head dims are those the other tests build (64, 128, 256), so in a full run no
+new kernel is compiled.
 """
 
 from __future__ import annotations
@@ -27,10 +29,31 @@ import flash_kda  # noqa: E402
 from conftest import DEVICES  # noqa: E402
 from drawn_problems import build, lengths, problems  # noqa: E402
 from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison, reference_of, rel_l2,
-                         snapshot, unchanged)  # noqa: E402
+                         snapshot, unchanged, unpaired_state)  # noqa: E402
 
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GPU_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def final_destination(p, case, mode, device):
+    """(p with the initial state as `mode` lays it out, the final_state argument, output_final_state)
+    for a FINAL_MODES mode or "unpaired <layout>" (tests/drawn_problems.py)."""
+    h0 = p["initial_state"]
+    N = case["B"] if "B" in case else len(case["seqlens"])
+    shape = (N, case["hv"], case["D"], case["D"])
+    if mode == "returned":
+        return p, None, True
+    if mode == "dropped":
+        return p, None, False
+    if mode == "given":
+        dtype = torch.float32 if h0 is None else h0.dtype
+        return p, poison(torch.empty(shape, dtype=dtype, device=device)), True
+    if mode == "in-place":
+        return p, h0, True
+    layout = mode.split(" ", 1)[1]  # "unpaired <layout>": both states laid out so
+    initial = unpaired_state(shape, layout, device)
+    initial.copy_(h0)
+    return dict(p, initial_state=initial), unpaired_state(shape, layout, device, fill=poison), True
 
 
 def run_case(device, case, options):
@@ -39,32 +62,42 @@ def run_case(device, case, options):
     lower_bound = options["lower_bound"]
     ref_out, ref_final = reference_of(p, scale=options["scale"], use_qk_l2norm=options["l2norm"],
                                       lower_bound=lower_bound)
+    p, final_arg, want_final = final_destination(p, case, options["final"], device)
+    in_place = options["final"] == "in-place"
     before = snapshot(p)
+    inputs = {k: v for k, v in before.items() if not (in_place and k == "initial_state")}
     out = poison(torch.empty(p["v"].shape, dtype=p["v"].dtype, device=device))
     res = flash_kda.chunk_kda(
         p["q"], p["k"], p["v"], p["g"], p["beta"], scale=options["scale"], initial_state=p["initial_state"],
-        output_final_state=True, cu_seqlens=p["cu_seqlens"], A_log=p["A_log"], dt_bias=p["dt_bias"],
-        lower_bound=lower_bound, use_qk_l2norm_in_kernel=options["l2norm"], output=out)
-    got, final = res
+        output_final_state=want_final, cu_seqlens=p["cu_seqlens"], A_log=p["A_log"], dt_bias=p["dt_bias"],
+        lower_bound=lower_bound, use_qk_l2norm_in_kernel=options["l2norm"], output=out, final_state=final_arg)
+    got, final = res if want_final else (res, None)
     assert got.data_ptr() == out.data_ptr()
-    assert unchanged(before, p) == [], "chunk_kda changed an input"
+    if final_arg is not None:
+        assert final.data_ptr() == final_arg.data_ptr(), "final_state not written where it was given"
+    assert unchanged(inputs, p) == [], "chunk_kda changed an input"
 
     e_out = rel_l2(out, ref_out)
     assert e_out <= OUT_TOL[dtype], f"out rel-L2 {e_out:.3e} > {OUT_TOL[dtype]}"
-    tol = STATE_TOL_FP32[dtype] if final.dtype == torch.float32 else STATE_TOL_LOWP[dtype]
-    e_state = rel_l2(final, ref_final)
-    assert e_state <= tol, f"final_state ({final.dtype}) rel-L2 {e_state:.3e} > {tol}"
+    if final is not None:
+        tol = STATE_TOL_FP32[dtype] if final.dtype == torch.float32 else STATE_TOL_LOWP[dtype]
+        e_state = rel_l2(final, ref_final)
+        assert e_state <= tol, f"final_state ({final.dtype}) rel-L2 {e_state:.3e} > {tol}"
 
     if case["gate"] and options["l2norm"]:  # the FlashKDA surface: same bits as chunk_kda
+        if in_place:  # chunk_kda's result aside, the initial state back
+            final = final.clone()
+            p["initial_state"].copy_(before["initial_state"])
         out2 = poison(torch.empty_like(out))
-        final2 = poison(torch.empty_like(final))
+        final2 = None if final is None else p["initial_state"] if in_place else poison(torch.empty_like(final))
         scale = options["scale"] if options["scale"] is not None else case["D"] ** -0.5
-        cu = None if p["cu_seqlens"] is None else p["cu_seqlens"].to(torch.int64)
         ret = flash_kda.fwd(p["q"], p["k"], p["v"], p["g"], p["beta"], scale, out2, p["A_log"], p["dt_bias"],
-                            lower_bound, initial_state=p["initial_state"], final_state=final2, cu_seqlens=cu)
+                            lower_bound, initial_state=p["initial_state"], final_state=final2,
+                            cu_seqlens=p["cu_seqlens"])
         assert ret is None
-        assert torch.equal(out2, out) and torch.equal(final2, final), "fwd and chunk_kda differ"
-        assert unchanged(before, p) == [], "fwd changed an input"
+        assert torch.equal(out2, out), "fwd and chunk_kda differ (out)"
+        assert final is None or torch.equal(final2, final), "fwd and chunk_kda differ (final state)"
+        assert unchanged(inputs, p) == [], "fwd changed an input"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -74,7 +107,7 @@ def test_combined_options_match_the_reference(device):
     # (function_scoped_fixture: none is used inside; deadline: the first examples may load kernels)
     @settings(max_examples=150, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(problems(dtypes))
+    @given(problems(dtypes, head_dims=(64, 128, 256)))
     def check(drawn):
         case, options = drawn
         run_case(device, case, options)
