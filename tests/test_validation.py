@@ -302,3 +302,48 @@ def test_mixed_devices_rejected():
     p = good()
     with pytest.raises(ValueError, match="put all tensors on one device"):
         call_chunk(p, A_log=p["A_log"].to("meta"))
+
+
+def test_two_faults_at_once_are_refused_and_touch_nothing():
+    """Every ordered pair of CASES' faults in one call (bf16 inputs, as CASES are written), through
+    chunk_kda and fwd (1,922 calls, ~2 s): each raises TypeError or ValueError and changes no
+    tensor. Where the two faults set different arguments, the message is one of the two faults'
+    own; where they set the same one (the second's value wins), a third mismatch may be the one
+    named, e.g. k of one fault beside q of the other. The binding checks first and Python explains
+    after, so a fault that only one of them saw, or one let through to the kernel, would show here
+    as no error, another kind of exception, an unexpected message or a write."""
+    import itertools
+
+    by_name = {c[0]: c for c in CASES}
+    fwd_by_name = {c[0]: c for c in FWD_CASES}
+    call_chunk(good())  # the kernel loaded: both entry points try the compiled op first
+    wrong = []
+    for names in itertools.permutations(sorted(by_name), 2):
+        for entry in ("chunk_kda", "fwd"):
+            if entry == "fwd" and "flag-not-bool" in names:
+                continue  # (fwd has no such flag)
+            p = good()
+            parts = [by_name[n][1](p) for n in names]
+            over = {k: v for part in parts for k, v in part.items()}
+            disjoint = not set(parts[0]) & set(parts[1])
+            expected = [(fwd_by_name if entry == "fwd" else by_name)[n][2:] for n in names]
+            tensors = dict(p, **{k: v for k, v in over.items() if isinstance(v, torch.Tensor)})
+            before = snapshot(tensors)
+            try:
+                if entry == "fwd":
+                    if "output" in over:
+                        over["out"] = over.pop("output")
+                    call_fwd(p, **over)
+                    wrong.append((names, entry, "no error"))
+                else:
+                    positional = {k: over.pop(k) for k in ("q", "k", "v", "g", "beta") if k in over}
+                    call_chunk(dict(p, **positional), **over)
+                    wrong.append((names, entry, "no error"))
+            except (TypeError, ValueError) as e:
+                if disjoint and not any(isinstance(e, exc) and text in str(e) for exc, text in expected):
+                    wrong.append((names, entry, f"{type(e).__name__}: {e}"))
+            except Exception as e:  # noqa: BLE001 (any other kind is the finding)
+                wrong.append((names, entry, f"{type(e).__name__}: {e}"))
+            if unchanged(before, tensors):
+                wrong.append((names, entry, f"changed {unchanged(before, tensors)}"))
+    assert wrong == [], f"{len(wrong)} of the pairs: {wrong[:10]}"
