@@ -26,8 +26,8 @@ FINAL_MODES = ("returned", "given", "in-place", "dropped")
 @st.composite
 def problems(draw, dtypes, head_dims=(64, 128), call_options=True):
     """(case, options): keyword arguments for make_problem, and the call's own options. Without
-    call_options, scale stays None (D^-1/2), lower_bound -5 (what the emulator's runner passes), and
-    the final state is returned in a fresh tensor."""
+    call_options, scale stays None (D^-1/2), lower_bound -5 and varlen inputs [S, H, D] (what the
+    emulator's runner passes), and the final state is returned in a fresh tensor."""
     dtype = draw(st.sampled_from(dtypes))
     varlen = draw(st.booleans())
     hqk = draw(st.integers(1, 3))
@@ -55,6 +55,7 @@ def problems(draw, dtypes, head_dims=(64, 128), call_options=True):
         fp32_gates=dtype != torch.float32 and draw(st.booleans()),  # g and beta in fp32 beside 16-bit q, k, v
         padded=draw(st.booleans()),  # q, k, v, g as views into buffers with spare heads
         cu_int64=varlen and draw(st.booleans()),
+        batched=varlen and call_options and draw(st.booleans()),  # varlen inputs as [1, S, H, D], not [S, H, D]
         final="returned",
     )
     if call_options:
@@ -71,10 +72,10 @@ def problems(draw, dtypes, head_dims=(64, 128), call_options=True):
 
 def padded_view(t: torch.Tensor, spare: int = 3) -> torch.Tensor:
     """t's values in a view whose head axis (the one before the last) is padded by `spare` heads: only
-    the last dim stays contiguous."""
+    the last dim stays contiguous. The padding is NaN, so that a read of it shows in the results."""
     shape = list(t.shape)
     shape[-2] += spare
-    big = torch.randn(shape, device=t.device).to(t.dtype)
+    big = torch.full(shape, float("nan"), dtype=t.dtype, device=t.device)
     view = big.narrow(-2, 1, t.shape[-2])
     view.copy_(t)
     return view
@@ -91,4 +92,6 @@ def build(device, case, options) -> dict:
         p = dict(p, **{n: padded_view(p[n]) for n in ("q", "k", "v", "g")})
     if options["cu_int64"]:
         p = dict(p, cu_seqlens=p["cu_seqlens"].to(torch.int64))
+    if options["batched"]:
+        p = dict(p, **{n: p[n].unsqueeze(0) for n in ("q", "k", "v", "g", "beta")})
     return p

@@ -35,25 +35,42 @@ ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GPU_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def unpaired(shape, layout, device, h0=None):
+    """A state in `layout` (kda_testing.UNPAIRED_STATE_LAYOUTS) whose whole buffer is NaN but for
+    h0's values in the view, if given."""
+    t = unpaired_state(shape, layout, device, fill=poison)
+    if h0 is not None:
+        t.copy_(h0)
+    return t
+
+
+def spares_intact(view) -> bool:
+    """The elements of view's buffer outside the view are all still NaN, and the view holds none:
+    nothing written beside an unpaired state, every element of it written."""
+    base = view._base
+    return int(torch.isnan(base).sum()) == base.numel() - view.numel() and not bool(torch.isnan(view).any())
+
+
 def final_destination(p, case, mode, device):
     """(p with the initial state as `mode` lays it out, the final_state argument, output_final_state)
     for a FINAL_MODES mode or "unpaired <layout>" (tests/drawn_problems.py)."""
     h0 = p["initial_state"]
-    N = case["B"] if "B" in case else len(case["seqlens"])
-    shape = (N, case["hv"], case["D"], case["D"])
     if mode == "returned":
         return p, None, True
     if mode == "dropped":
         return p, None, False
     if mode == "given":
         dtype = torch.float32 if h0 is None else h0.dtype
-        return p, poison(torch.empty(shape, dtype=dtype, device=device)), True
+        return p, poison(torch.empty(state_shape(case), dtype=dtype, device=device)), True
     if mode == "in-place":
         return p, h0, True
     layout = mode.split(" ", 1)[1]  # "unpaired <layout>": both states laid out so
-    initial = unpaired_state(shape, layout, device)
-    initial.copy_(h0)
-    return dict(p, initial_state=initial), unpaired_state(shape, layout, device, fill=poison), True
+    initial = unpaired(state_shape(case), layout, device, h0)
+    return dict(p, initial_state=initial), unpaired(state_shape(case), layout, device), True
+
+
+def state_shape(case):
+    return (case["B"] if "B" in case else len(case["seqlens"]), case["hv"], case["D"], case["D"])
 
 
 def run_case(device, case, options):
@@ -64,6 +81,7 @@ def run_case(device, case, options):
                                       lower_bound=lower_bound)
     p, final_arg, want_final = final_destination(p, case, options["final"], device)
     in_place = options["final"] == "in-place"
+    layout = options["final"].split(" ", 1)[1] if options["final"].startswith("unpaired") else None
     before = snapshot(p)
     inputs = {k: v for k, v in before.items() if not (in_place and k == "initial_state")}
     out = poison(torch.empty(p["v"].shape, dtype=p["v"].dtype, device=device))
@@ -73,9 +91,15 @@ def run_case(device, case, options):
         lower_bound=lower_bound, use_qk_l2norm_in_kernel=options["l2norm"], output=out, final_state=final_arg)
     got, final = res if want_final else (res, None)
     assert got.data_ptr() == out.data_ptr()
+    assert unchanged(inputs, p) == [], "chunk_kda changed an input"
+    if final is not None:
+        h0 = p["initial_state"]
+        want_dtype = final_arg.dtype if final_arg is not None else torch.float32 if h0 is None else h0.dtype
+        assert final.dtype == want_dtype and tuple(final.shape) == state_shape(case), (final.dtype, final.shape)
     if final_arg is not None:
         assert final.data_ptr() == final_arg.data_ptr(), "final_state not written where it was given"
-    assert unchanged(inputs, p) == [], "chunk_kda changed an input"
+    if layout is not None:
+        assert spares_intact(p["initial_state"]) and spares_intact(final), "beside an unpaired state"
 
     e_out = rel_l2(out, ref_out)
     assert e_out <= OUT_TOL[dtype], f"out rel-L2 {e_out:.3e} > {OUT_TOL[dtype]}"
@@ -89,7 +113,14 @@ def run_case(device, case, options):
             final = final.clone()
             p["initial_state"].copy_(before["initial_state"])
         out2 = poison(torch.empty_like(out))
-        final2 = None if final is None else p["initial_state"] if in_place else poison(torch.empty_like(final))
+        if final is None:
+            final2 = None
+        elif in_place:
+            final2 = p["initial_state"]
+        elif layout is not None:
+            final2 = unpaired(state_shape(case), layout, device)
+        else:
+            final2 = poison(torch.empty_like(final))
         scale = options["scale"] if options["scale"] is not None else case["D"] ** -0.5
         ret = flash_kda.fwd(p["q"], p["k"], p["v"], p["g"], p["beta"], scale, out2, p["A_log"], p["dt_bias"],
                             lower_bound, initial_state=p["initial_state"], final_state=final2,
@@ -98,13 +129,15 @@ def run_case(device, case, options):
         assert torch.equal(out2, out), "fwd and chunk_kda differ (out)"
         assert final is None or torch.equal(final2, final), "fwd and chunk_kda differ (final state)"
         assert unchanged(inputs, p) == [], "fwd changed an input"
+        if layout is not None:
+            assert spares_intact(final2), "fwd wrote beside an unpaired final state"
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_combined_options_match_the_reference(device):
     dtypes = ALL_DTYPES if device == "cpu" else GPU_DTYPES
 
-    # (function_scoped_fixture: none is used inside; deadline: the first examples may load kernels)
+    # (deadline: the first examples may load kernels)
     @settings(max_examples=150, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(problems(dtypes, head_dims=(64, 128, 256)))
@@ -166,8 +199,8 @@ def test_any_cu_seqlens_is_refused_or_correct(device, entry):
     stream), and an in-place write must make the next call read it again."""
 
     @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(offsets(), st.integers(0, 2**31 - 1))
-    def check(drawn, seed):
+    @given(offsets(), st.integers(0, 2**31 - 1), st.booleans())
+    def check(drawn, seed, batched):
         S, values = drawn
         fits32 = all(-2**31 <= x < 2**31 for x in values)
         cu = torch.tensor(values, dtype=torch.int32 if fits32 else torch.int64, device=device)
@@ -176,6 +209,8 @@ def test_any_cu_seqlens_is_refused_or_correct(device, entry):
                          seed=seed)  # S tokens; cu (below) cuts them into N sequences
         p["initial_state"] = p["initial_state"].expand(N, -1, -1, -1).contiguous()
         p["cu_seqlens"] = cu
+        if batched:  # [1, S, H, D], the layout fwd's unchecked path takes
+            p.update({n: p[n].unsqueeze(0) for n in ("q", "k", "v", "g", "beta")})
         out = torch.full_like(p["v"], 7.0)
         final = torch.full_like(p["initial_state"], 3.0)
         if not well_formed(values, S):
