@@ -84,9 +84,9 @@ def make_problem(*, B=1, T=64, hqk=2, hv=2, D=64, dtype=torch.float32, device="c
 UNPAIRED_STATE_LAYOUTS = ("odd-row-stride", "odd-head-stride", "odd-seq-stride", "off-8-bytes")
 
 
-def unpaired_state(shape, layout: str, device, fill=lambda t: t) -> torch.Tensor:
+def unpaired_state(shape, layout: str, device, fill=lambda t: t, values=None) -> torch.Tensor:
     """An fp32 [N, H, V, K] view laid out as `layout` (UNPAIRED_STATE_LAYOUTS), its whole buffer
-    passed through `fill` first (e.g. poison)."""
+    passed through `fill` first (e.g. poison), then `values` (if given) copied into the view."""
     N, H, V, K = shape
     f32 = dict(dtype=torch.float32, device=device)
     if layout == "odd-row-stride":
@@ -101,6 +101,8 @@ def unpaired_state(shape, layout: str, device, fill=lambda t: t) -> torch.Tensor
         raise ValueError(layout)
     odd = [st for st in t.stride()[:3] if st % 2 == 1]
     assert (odd or t.data_ptr() % 8 != 0) and t.stride(3) == 1, (layout, t.stride())
+    if values is not None:
+        t.copy_(values)
     return t
 
 

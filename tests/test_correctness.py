@@ -194,8 +194,7 @@ def test_fp32_states_that_cannot_move_in_pairs(device, layout):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     p = make_problem(seqlens=[40, 75], hqk=2, hv=4, D=128, dtype=dtype, device=device, state=True, seed=seed)
     h0 = p["initial_state"]
-    initial = unpaired_state(h0.shape, layout, device)
-    initial.copy_(h0)
+    initial = unpaired_state(h0.shape, layout, device, values=h0)
     final = unpaired_state(h0.shape, layout, device, fill=poison)
     out, got = run_chunk(dict(p, initial_state=initial), final_state=final)
     assert got.data_ptr() == final.data_ptr()

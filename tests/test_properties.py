@@ -35,15 +35,6 @@ ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GPU_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def unpaired(shape, layout, device, h0=None):
-    """A state in `layout` (kda_testing.UNPAIRED_STATE_LAYOUTS) whose whole buffer is NaN but for
-    h0's values in the view, if given."""
-    t = unpaired_state(shape, layout, device, fill=poison)
-    if h0 is not None:
-        t.copy_(h0)
-    return t
-
-
 def spares_intact(view) -> bool:
     """The elements of view's buffer outside the view are all still NaN, and the view holds none:
     nothing written beside an unpaired state, every element of it written."""
@@ -65,8 +56,8 @@ def final_destination(p, case, mode, device):
     if mode == "in-place":
         return p, h0, True
     layout = mode.split(" ", 1)[1]  # "unpaired <layout>": both states laid out so
-    initial = unpaired(state_shape(case), layout, device, h0)
-    return dict(p, initial_state=initial), unpaired(state_shape(case), layout, device), True
+    initial = unpaired_state(state_shape(case), layout, device, fill=poison, values=h0)
+    return dict(p, initial_state=initial), unpaired_state(state_shape(case), layout, device, fill=poison), True
 
 
 def state_shape(case):
@@ -118,7 +109,7 @@ def run_case(device, case, options):
         elif in_place:
             final2 = p["initial_state"]
         elif layout is not None:
-            final2 = unpaired(state_shape(case), layout, device)
+            final2 = unpaired_state(state_shape(case), layout, device, fill=poison)
         else:
             final2 = poison(torch.empty_like(final))
         scale = options["scale"] if options["scale"] is not None else case["D"] ** -0.5

@@ -277,8 +277,7 @@ def test_fp32_state_layouts(layout, monkeypatch):
     if layout == "contiguous":
         final = poison(torch.empty_like(h0))
     else:
-        initial = unpaired_state(h0.shape, layout, "cpu")
-        initial.copy_(h0)
+        initial = unpaired_state(h0.shape, layout, "cpu", values=h0)
         p = dict(p, initial_state=initial)
         final = unpaired_state(h0.shape, layout, "cpu", fill=poison)
     out, got = run(p, D=128, dtype=torch.bfloat16, layout={"FORM": "split", "VS": 64}, final=final,

@@ -35,6 +35,18 @@ def call_fwd(p, **over):
     return flash_kda.fwd(**args)
 
 
+def call_broken(entry, p, over):
+    """`entry` ("chunk_kda" or "fwd") on problem p with CASES' overrides `over` (chunk_kda's
+    argument names; fwd calls the output `out`)."""
+    over = dict(over)
+    if entry == "fwd":
+        if "output" in over:
+            over["out"] = over.pop("output")
+        return call_fwd(p, **over)
+    positional = {k: over.pop(k) for k in ("q", "k", "v", "g", "beta") if k in over}
+    return call_chunk(dict(p, **positional), **over)
+
+
 # (id, how to break a good problem -> kwargs override, expected exception, text in the message)
 CASES = [
     ("q-not-tensor", lambda p: dict(q=[1, 2]), TypeError, "q must be a torch.Tensor"),
@@ -100,12 +112,10 @@ def test_fwd_rejects_and_touches_nothing(case, entry, monkeypatch):
     name, breaker, exc, text = case
     p = good()
     over = breaker(p)
-    if "output" in over:
-        over["out"] = over.pop("output")
     tensors = dict(p, **{k: v for k, v in over.items() if isinstance(v, torch.Tensor)})
     before = snapshot(tensors)
     with pytest.raises(exc) as info:
-        call_fwd(p, **over)
+        call_broken("fwd", p, over)
     assert text in str(info.value), f"message {str(info.value)!r} should mention {text!r}"
     assert unchanged(before, tensors) == []
 
@@ -126,10 +136,8 @@ def test_chunk_kda_rejects_and_touches_nothing(case):
     over = breaker(p)
     tensors = dict(p, **{k: v for k, v in over.items() if isinstance(v, torch.Tensor)})
     before = snapshot(tensors)
-    positional = {k: over.pop(k) for k in ("q", "k", "v", "g", "beta") if k in over}
-    q = dict(p, **positional)
     with pytest.raises(exc) as info:
-        call_chunk(q, **over)
+        call_broken("chunk_kda", p, over)
     assert text in str(info.value), f"message {str(info.value)!r} should mention {text!r}"
     assert unchanged(before, tensors) == []
 
@@ -330,15 +338,8 @@ def test_two_faults_at_once_are_refused_and_touch_nothing():
             tensors = dict(p, **{k: v for k, v in over.items() if isinstance(v, torch.Tensor)})
             before = snapshot(tensors)
             try:
-                if entry == "fwd":
-                    if "output" in over:
-                        over["out"] = over.pop("output")
-                    call_fwd(p, **over)
-                    wrong.append((names, entry, "no error"))
-                else:
-                    positional = {k: over.pop(k) for k in ("q", "k", "v", "g", "beta") if k in over}
-                    call_chunk(dict(p, **positional), **over)
-                    wrong.append((names, entry, "no error"))
+                call_broken(entry, p, over)
+                wrong.append((names, entry, "no error"))
             except (TypeError, ValueError) as e:
                 if disjoint and not any(isinstance(e, exc) and text in str(e) for exc, text in expected):
                     wrong.append((names, entry, f"{type(e).__name__}: {e}"))
