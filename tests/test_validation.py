@@ -47,6 +47,7 @@ def call_broken(entry, p, over):
     return call_chunk(dict(p, **positional), **over)
 
 
+SCALE_TEXT = "scale must be a float, finite in fp32"
 # (id, how to break a good problem -> kwargs override, expected exception, text in the message)
 CASES = [
     ("q-not-tensor", lambda p: dict(q=[1, 2]), TypeError, "q must be a torch.Tensor"),
@@ -70,13 +71,14 @@ CASES = [
                               output=torch.cat([p["out"], p["out"]], -1)), ValueError, "K == V"),
     ("last-dim-strided", lambda p: dict(q=torch.cat([p["q"], p["q"]], -1)[..., ::2]),
      ValueError, "q: the last dimension must be contiguous"),
-    ("scale-nan", lambda p: dict(scale=float("nan")), TypeError, "scale"),
-    ("scale-str", lambda p: dict(scale="0.1"), TypeError, "scale"),
-    ("lower-bound-inf", lambda p: dict(lower_bound=float("inf")), TypeError, "lower_bound"),
-    ("scale-beyond-fp32", lambda p: dict(scale=1e39), TypeError, "scale"),
+    ("scale-nan", lambda p: dict(scale=float("nan")), TypeError, SCALE_TEXT),
+    ("scale-str", lambda p: dict(scale="0.1"), TypeError, SCALE_TEXT),
+    ("lower-bound-inf", lambda p: dict(lower_bound=float("inf")), TypeError,
+     "lower_bound must be a float, finite in fp32"),
+    ("scale-beyond-fp32", lambda p: dict(scale=1e39), TypeError, SCALE_TEXT),
     ("A_log-alone", lambda p: dict(dt_bias=None), ValueError, "come together"),
     ("A_log-shape", lambda p: dict(A_log=p["A_log"][:2]), ValueError, "A_log must be [Hv]"),
-    ("A_log-dtype", lambda p: dict(A_log=p["A_log"].bfloat16()), TypeError, "float32"),
+    ("A_log-dtype", lambda p: dict(A_log=p["A_log"].bfloat16()), TypeError, "A_log and dt_bias must be float32"),
     ("dt_bias-shape", lambda p: dict(dt_bias=p["dt_bias"].reshape(-1)), ValueError, "dt_bias must be"),
     ("state-shape", lambda p: dict(initial_state=p["initial_state"][:1]), ValueError, "initial_state must have shape"),
     ("state-dtype", lambda p: dict(initial_state=p["initial_state"].double()), TypeError,
