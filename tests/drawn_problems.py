@@ -10,6 +10,11 @@ from hypothesis import strategies as st
 from kda_testing import UNPAIRED_STATE_LAYOUTS, make_problem
 
 
+def state_shape(case):
+    """[N, Hv, V, K] of a drawn case's states (N: its batch or its number of sequences)."""
+    return (case["B"] if "B" in case else len(case["seqlens"]), case["hv"], case["D"], case["D"])
+
+
 def lengths(least):
     """Token counts up to 70, with the chunk edges of both backends (CPU 16 tokens, CUDA 32) drawn
     as often as the rest: left to themselves, hypothesis's integers favour the smallest values."""
@@ -62,9 +67,8 @@ def problems(draw, dtypes, head_dims=(64, 128), call_options=True):
         modes = FINAL_MODES if case["state"] else tuple(m for m in FINAL_MODES if m != "in-place")
         if case["state"] and case.get("state_dtype", torch.float32) == torch.float32:
             # (an odd head or sequence stride needs two heads or sequences to be one)
-            n = case["B"] if "B" in case else len(case["seqlens"])
             unused = {"odd-head-stride"} if case["hv"] == 1 else set()
-            unused |= {"odd-seq-stride"} if n == 1 else set()
+            unused |= {"odd-seq-stride"} if state_shape(case)[0] == 1 else set()
             modes += tuple(f"unpaired {layout}" for layout in UNPAIRED_STATE_LAYOUTS if layout not in unused)
         options["final"] = draw(st.sampled_from(modes))
     return case, options

@@ -27,7 +27,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import flash_kda  # noqa: E402
 from conftest import DEVICES  # noqa: E402
-from drawn_problems import build, lengths, problems  # noqa: E402
+from drawn_problems import build, lengths, problems, state_shape  # noqa: E402
 from kda_testing import (OUT_TOL, STATE_TOL_FP32, STATE_TOL_LOWP, make_problem, poison, reference_of, rel_l2,
                          snapshot, unchanged, unpaired_state)  # noqa: E402
 
@@ -58,10 +58,6 @@ def final_destination(p, case, mode, device):
     layout = mode.split(" ", 1)[1]  # "unpaired <layout>": both states laid out so
     initial = unpaired_state(state_shape(case), layout, device, fill=poison, values=h0)
     return dict(p, initial_state=initial), unpaired_state(state_shape(case), layout, device, fill=poison), True
-
-
-def state_shape(case):
-    return (case["B"] if "B" in case else len(case["seqlens"]), case["hv"], case["D"], case["D"])
 
 
 def run_case(device, case, options):

@@ -347,6 +347,7 @@ def test_two_faults_at_once_are_refused_and_touch_nothing():
                     wrong.append((names, entry, f"{type(e).__name__}: {e}"))
             except Exception as e:  # noqa: BLE001 (any other kind is the finding)
                 wrong.append((names, entry, f"{type(e).__name__}: {e}"))
-            if unchanged(before, tensors):
-                wrong.append((names, entry, f"changed {unchanged(before, tensors)}"))
+            changed = unchanged(before, tensors)
+            if changed:
+                wrong.append((names, entry, f"changed {changed}"))
     assert wrong == [], f"{len(wrong)} of the pairs: {wrong[:10]}"
